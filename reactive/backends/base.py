@@ -1,0 +1,143 @@
+"""The small interface between the runtime and a message/state backend.
+
+The runtime sees only this: a key-value store with revisions and compare-and-set,
+watches with an initial replay, publishing (deduplicated where a stream captures
+the subject), core subscriptions and durable consumers with ack / nak / term.
+Backends know nothing of workflows or rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Literal, Protocol
+
+import msgspec
+
+__all__ = ["Backend", "InboundMessage", "KVEntry", "Operation"]
+
+Operation = Literal["PUT", "DEL", "PURGE"]
+
+
+class KVEntry(msgspec.Struct, frozen=True):
+    """One revision of one key. ``value`` is empty for deletes and purges."""
+
+    bucket: str
+    key: str
+    value: bytes
+    revision: int
+    operation: Operation = "PUT"
+
+
+class InboundMessage(Protocol):
+    """A message handed to the runtime by a subscription or a durable consumer.
+
+    For core NATS subscriptions the acknowledgement methods do nothing.
+    """
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def num_delivered(self) -> int:
+        """How many times this message has been delivered (1 on first delivery)."""
+        ...
+
+    @property
+    def stream(self) -> str | None: ...
+
+    @property
+    def sequence(self) -> int | None:
+        """The stream sequence, for messages from a stream."""
+        ...
+
+    async def ack(self) -> None: ...
+
+    async def nak(self, delay: float) -> None:
+        """Ask for redelivery after ``delay`` seconds (never immediately)."""
+        ...
+
+    async def term(self) -> None:
+        """Never redeliver this message."""
+        ...
+
+    async def in_progress(self) -> None: ...
+
+
+class Backend(Protocol):
+    """What the runtime needs from NATS JetStream, or from its in-memory twin."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ensure_bucket(self, bucket: str) -> None:
+        """Create the KV bucket if it does not exist."""
+        ...
+
+    async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
+        """The latest revision of ``key``, or None when absent, deleted or purged."""
+        ...
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
+        """Write ``key`` only if it does not exist (or is deleted); raise ConflictError otherwise."""
+        ...
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
+        """Write ``key`` only if its latest revision is ``revision``; raise ConflictError otherwise."""
+        ...
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int: ...
+
+    async def kv_delete(self, bucket: str, key: str) -> None: ...
+
+    async def kv_keys(self, bucket: str, pattern: str = ">") -> list[str]:
+        """Keys (not deleted) that match a NATS wildcard pattern."""
+        ...
+
+    def kv_watch(
+        self, bucket: str, pattern: str = ">"
+    ) -> AbstractAsyncContextManager[AsyncIterator[KVEntry]]:
+        """Every key's latest value, then every change, for as long as the context is open.
+
+        The backend supervises the watch: if it is lost it is re-created with
+        backoff and replays again, so consumers must treat entries as
+        at-least-once.
+        """
+        ...
+
+    async def ensure_stream(self, name: str, subjects: list[str]) -> None:
+        """Create the stream if it does not exist; add missing subjects if it does."""
+        ...
+
+    async def publish(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        msg_id: str | None = None,
+    ) -> None:
+        """Publish; where a stream captures ``subject`` wait for its ack, deduplicated by ``msg_id``."""
+        ...
+
+    def subscribe(
+        self, subject: str, *, queue: str | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[InboundMessage]]:
+        """A core NATS subscription (at-most-once), in a queue group when ``queue`` is given."""
+        ...
+
+    def consume(
+        self, stream: str, durable: str, filter_subject: str, *, ack_wait: float = 30.0
+    ) -> AbstractAsyncContextManager[AsyncIterator[InboundMessage]]:
+        """A durable consumer on ``stream``, shared by every process using the same ``durable`` name.
+
+        The backend supervises the fetch loop and recreates it after a server restart.
+        """
+        ...

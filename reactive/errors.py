@@ -1,0 +1,56 @@
+"""The exception tree: one base error, a few specific ones."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "ConflictError",
+    "DecodeError",
+    "DefinitionError",
+    "InvalidExecutionId",
+    "NotFoundError",
+    "ReactiveError",
+    "TransientBackendError",
+]
+
+
+class ReactiveError(Exception):
+    """Base of every error this package raises."""
+
+
+class DefinitionError(ReactiveError, TypeError):
+    """A workflow class cannot work; raised when the class is created, with every reason."""
+
+    def __init__(self, class_name: str, reasons: list[str]) -> None:
+        self.class_name = class_name
+        self.reasons = list(reasons)
+        if len(reasons) == 1:
+            text = f"Invalid workflow class {class_name}: {reasons[0]}"
+        else:
+            lines = "\n".join(f"  - {r}" for r in reasons)
+            text = f"Invalid workflow class {class_name} for {len(reasons)} reasons:\n{lines}"
+        super().__init__(text)
+
+
+class InvalidExecutionId(ReactiveError, ValueError):
+    """An execution id that is not NATS-token-safe (letters, digits, '-' and '_')."""
+
+
+class DecodeError(ReactiveError, ValueError):
+    """A message or state value that cannot be decoded into its declared type."""
+
+
+class BackendError(ReactiveError):
+    """The state store or the message transport failed."""
+
+
+class TransientBackendError(BackendError):
+    """A failure worth retrying: the server is unreachable, a request timed out."""
+
+
+class ConflictError(BackendError):
+    """A compare-and-set lost: the key is not at the expected revision."""
+
+
+class NotFoundError(BackendError):
+    """A bucket, key or stream that does not exist."""
