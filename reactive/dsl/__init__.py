@@ -1,0 +1,1 @@
+"""The workflow DSL: Workflow classes, @rule, conditions, state types. Knows nothing of NATS."""

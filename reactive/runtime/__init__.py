@@ -1,0 +1,1 @@
+"""The runtime: engine, registry, timers, codecs, metrics. Sees compiled definitions, not decorators."""

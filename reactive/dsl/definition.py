@@ -1,0 +1,101 @@
+"""Compiled definitions: what the runtime sees. Built once, when a workflow class is created."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from reactive.dsl.context import RuleContext
+from reactive.dsl.state import ExecutionState
+
+__all__ = ["ActionType", "RuleDef", "TriggerMode", "WorkflowDef"]
+
+
+class TriggerMode(str, enum.Enum):
+    """Which reactive primitive(s) trigger a rule."""
+
+    STATE = "kv"
+    MESSAGE = "message"
+    MESSAGE_AND_STATE = "message+state"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ActionType(str, enum.Enum):
+    """What happens when a rule fires."""
+
+    PUBLISH = "publish"
+    PUBLISH_ASYNC = "publish_async"
+    MUTATE = "mutate"
+    COMPLETE = "complete"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RuleDef:
+    """One compiled rule."""
+
+    id: str
+    workflow_id: str
+    index: int
+    method_name: str
+    mode: TriggerMode
+    action: ActionType
+    writes_state: bool
+    condition: Callable[[RuleContext[Any, Any]], bool]
+    condition_description: str
+    bucket: str = ""
+    pattern: str = ""
+    subject: str = ""
+    stream: str | None = None
+    state_key: Callable[[Any], str] | None = None
+    message_type: Any = None
+    publish_subject: str = ""
+    mutator: Callable[[RuleContext[Any, Any]], None] | None = None
+    result_type: Any = None
+    result_handler_name: str | None = None
+    cooldown: float = 0.0
+    max_firings: int = 0
+    on_deletes: bool = False
+
+    @property
+    def has_limits(self) -> bool:
+        return self.cooldown > 0 or self.max_firings > 0
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class WorkflowDef:
+    """One compiled workflow."""
+
+    id: str
+    cls: type[Any]
+    state_type: type[ExecutionState]
+    bucket: str
+    rules: tuple[RuleDef, ...]
+    description: str = ""
+    timeout: float | None = None
+    max_iterations: int = 0
+    task_timeout: float = 300.0
+    on_task_timeout: str = "fail"
+    on_complete: str = ""
+    on_fail: str = ""
+    on_escalate: str = ""
+    max_timeline: int = 200
+    rules_by_id: dict[str, RuleDef] = field(default_factory=dict)
+
+    def key(self, execution_id: str) -> str:
+        """The KV key of an execution's state."""
+        return f"{self.id}.{execution_id}"
+
+    def execution_id_for(self, key: str) -> str:
+        prefix = self.id + "."
+        return key[len(prefix) :] if key.startswith(prefix) else key
+
+    @property
+    def has_async(self) -> bool:
+        return any(r.action is ActionType.PUBLISH_ASYNC for r in self.rules)

@@ -1,0 +1,168 @@
+"""The ``@rule`` decorator. It only tags the method; the workflow class pass compiles."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any, Generic, TypeVar, overload
+
+from reactive.dsl.context import RuleContext
+
+__all__ = ["RuleMethod", "RuleOptions", "rule"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+H = TypeVar("H", bound=Callable[..., Any])
+
+ConditionArg = Callable[[RuleContext[Any, Any]], bool] | Sequence[Callable[[RuleContext[Any, Any]], bool]]
+
+_UNSET: Any = object()
+
+
+class RuleOptions:
+    """The decorator's arguments, as given; checked by the class pass."""
+
+    __slots__ = (
+        "bucket",
+        "complete",
+        "cooldown",
+        "id",
+        "max_firings",
+        "message",
+        "mutate",
+        "on_deletes",
+        "on_subject",
+        "publish",
+        "publish_async",
+        "state_key",
+        "stream",
+        "watch_kv",
+        "when",
+        "when_any",
+    )
+
+    def __init__(self, **kwargs: Any) -> None:
+        for name in self.__slots__:
+            setattr(self, name, kwargs.get(name))
+
+
+class RuleMethod(Generic[F]):
+    """A method tagged by ``@rule``. Use ``@method.on_result`` to attach an async result handler."""
+
+    def __init__(self, fn: F, options: RuleOptions) -> None:
+        self.fn = fn
+        self.options = options
+        self.name = fn.__name__
+        self.result_handler: Callable[..., Any] | None = None
+        self.result_type: Any = _UNSET
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> RuleMethod[F]: ...
+    @overload
+    def __get__(self, obj: object, owner: type) -> F: ...
+    def __get__(self, obj: object | None, owner: type) -> Any:
+        if obj is None:
+            return self
+        return self.fn.__get__(obj, owner)
+
+    @overload
+    def on_result(self, handler_or_type: H, /) -> H: ...
+    @overload
+    def on_result(self, handler_or_type: type[Any], /) -> Callable[[H], H]: ...
+    def on_result(self, handler_or_type: Any, /) -> Any:
+        """Register the handler for this async rule's callback result.
+
+        ``@rule_method.on_result`` takes the result type from the handler's
+        ``result`` annotation; ``@rule_method.on_result(ResultType)`` names it.
+        """
+        if isinstance(handler_or_type, type):
+            result_type = handler_or_type
+
+            def deco(handler: H) -> H:
+                self.result_type = result_type
+                self.result_handler = handler
+                return handler
+
+            return deco
+        self.result_handler = handler_or_type
+        return handler_or_type
+
+    def __repr__(self) -> str:
+        return f"<rule {self.name}>"
+
+
+def rule(
+    *,
+    id: str | None = None,
+    watch_kv: str | bool | None = None,
+    bucket: str | None = None,
+    on_subject: str | None = None,
+    stream: str | None = None,
+    state_key: Callable[[Any], str] | None = None,
+    message: type[Any] | None = None,
+    when: ConditionArg | None = None,
+    when_any: Sequence[Callable[[RuleContext[Any, Any]], bool]] | None = None,
+    publish: str | None = None,
+    publish_async: str | None = None,
+    mutate: bool | Callable[[RuleContext[Any, Any]], None] = False,
+    complete: bool = False,
+    cooldown: float | str | timedelta | None = None,
+    max_firings: int | None = None,
+    on_deletes: bool = False,
+) -> Callable[[F], RuleMethod[F]]:
+    """Declare a rule on a workflow method.
+
+    Trigger (one of):
+      * ``watch_kv="pattern"`` (or ``True`` for ``"<workflow_id>.*"``): a change of a
+        matching key in the workflow's bucket, or in ``bucket=``; the value is the state.
+      * ``on_subject="subject"``: a message; with ``stream=`` it is consumed durably
+        from that JetStream stream, otherwise over core NATS (at-most-once).
+      * ``on_subject`` with ``state_key=lambda msg: execution_id``: message + state; a
+        missing execution is started.
+
+    Conditions: ``when=`` one condition or a list (all must pass); ``when_any=`` a
+    list (one must pass).
+
+    Action (one of):
+      * ``publish="subject"``: the method returns the payload; with ``mutate=True``
+        its changes to ``ctx.state`` are written too.
+      * ``publish_async="subject"``: the method returns the request payload; the
+        execution waits for the result, handled by ``@method.on_result``.
+      * ``mutate=True`` (or a mutator callable run before the method): the method
+        changes ``ctx.state``.
+      * ``complete=True``: the execution completes after the method's changes;
+        with ``publish=`` the method's return value is published as the event.
+
+    Limits: ``cooldown`` (seconds or '30s'), ``max_firings`` per execution.
+    """
+    options = RuleOptions(
+        id=id,
+        watch_kv=watch_kv,
+        bucket=bucket,
+        on_subject=on_subject,
+        stream=stream,
+        state_key=state_key,
+        message=message,
+        when=when,
+        when_any=when_any,
+        publish=publish,
+        publish_async=publish_async,
+        mutate=mutate,
+        complete=complete,
+        cooldown=cooldown,
+        max_firings=max_firings,
+        on_deletes=on_deletes,
+    )
+
+    def decorate(fn: F) -> RuleMethod[F]:
+        if isinstance(fn, RuleMethod):
+            raise TypeError(f"{fn.name}: @rule applied twice")
+        if not callable(fn):
+            raise TypeError(f"@rule decorates a method, not {fn!r}")
+        return RuleMethod(fn, options)
+
+    return decorate

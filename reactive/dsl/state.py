@@ -1,0 +1,270 @@
+"""Execution state: the base every workflow state type subclasses, and the lifecycle events."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import ClassVar
+
+import msgspec
+
+__all__ = [
+    "CallbackFields",
+    "ExecutionState",
+    "Firing",
+    "OutboxMessage",
+    "Status",
+    "TimelineEntry",
+    "WorkflowCompletionEvent",
+    "WorkflowEscalationEvent",
+    "WorkflowFailureEvent",
+    "is_terminal_status",
+]
+
+
+class Status(str, enum.Enum):
+    """The overall status of an execution. The last four are terminal."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    WAITING = "waiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ESCALATED = "escalated"
+    TIMED_OUT = "timed_out"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.ESCALATED, Status.TIMED_OUT})
+
+
+def is_terminal_status(status: Status) -> bool:
+    """Whether no rule may fire any more for an execution with this status."""
+    return status in _TERMINAL
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class TimelineEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One rule firing (or lifecycle change) in an execution's history."""
+
+    timestamp: datetime
+    rule_id: str
+    trigger_mode: str = ""  # "kv", "message", "message+state", "callback", "timer"
+    trigger_info: str = ""  # the KV key or the subject that triggered
+    action: str = ""
+    phase: str = msgspec.field(default="", name="phase_after")
+    iteration: int = 0
+
+
+class Firing(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How often and when a rule last fired for one execution: cooldown and max firings."""
+
+    count: int = 0
+    last_at: float = 0.0
+    last_trigger: str = ""
+
+
+class OutboxMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A publish decided by a committed state write, delivered after the write."""
+
+    subject: str
+    data: bytes
+    msg_id: str
+    headers: dict[str, str] = {}
+
+
+class ExecutionState(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The state of one workflow execution; workflow state types subclass it.
+
+    Subclass fields need defaults: a new execution starts from ``YourState()``.
+    The fields after ``timeline`` are the engine's bookkeeping.
+    """
+
+    id: str = ""
+    workflow_id: str = ""
+    phase: str = ""
+    iteration: int = 0
+    status: Status = Status.PENDING
+    error: str = ""
+    pending_task_id: str = ""
+    pending_rule_id: str = ""
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    completed_at: datetime | None = None
+    deadline: datetime | None = None
+    timeline: list[TimelineEntry] = []
+    # Engine bookkeeping, written in the same compare-and-set as everything else.
+    task_deadline: datetime | None = None
+    pending_since: datetime | None = None
+    firings: dict[str, Firing] = {}
+    outbox: list[OutboxMessage] = []
+    outbox_id: str = ""
+    owner: str = ""
+
+    __reactive_bookkeeping__: ClassVar[frozenset[str]] = frozenset(
+        {"task_deadline", "pending_since", "firings", "outbox", "outbox_id", "owner"}
+    )
+
+    # --- reading -----------------------------------------------------------------
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in _TERMINAL
+
+    @property
+    def is_waiting(self) -> bool:
+        return self.status is Status.WAITING
+
+    def can_proceed(self) -> bool:
+        """Not terminal and not waiting for a callback."""
+        return self.status not in _TERMINAL and self.status is not Status.WAITING
+
+    def is_expired(self, now: float) -> bool:
+        """Whether the deadline has passed at ``now`` (seconds since the epoch)."""
+        return self.deadline is not None and self.deadline.timestamp() <= now
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def initialize(
+        self, execution_id: str, workflow_id: str, now: float, timeout: float | None = None
+    ) -> None:
+        """Start the execution: id, workflow, status running, created time, deadline."""
+        self.id = execution_id
+        self.workflow_id = workflow_id
+        self.status = Status.RUNNING
+        self.created_at = self.updated_at = _utc(now)
+        self.deadline = _utc(now + timeout) if timeout else None
+
+    def set_deadline(self, deadline: datetime) -> None:
+        self.deadline = deadline
+
+    def complete(self, phase: str | None = None) -> None:
+        """Mark completed (optionally in a final phase)."""
+        if phase is not None:
+            self.phase = phase
+        self.status = Status.COMPLETED
+        self.clear_pending_task()
+
+    def fail(self, error: str) -> None:
+        """Mark failed with ``error``."""
+        self.status = Status.FAILED
+        self.error = error
+        self.clear_pending_task()
+
+    def escalate(self, reason: str) -> None:
+        """Mark escalated; the reason is kept in ``error``."""
+        self.status = Status.ESCALATED
+        self.error = reason
+        self.clear_pending_task()
+
+    def time_out(self) -> None:
+        """Mark timed out."""
+        self.status = Status.TIMED_OUT
+        self.error = self.error or "execution timed out"
+        self.clear_pending_task()
+
+    def set_status(self, status: Status) -> None:
+        self.status = status
+
+    def set_phase(
+        self,
+        phase: str,
+        *,
+        rule_id: str = "",
+        trigger_mode: str = "",
+        trigger_info: str = "",
+        action: str = "",
+        now: float | None = None,
+    ) -> None:
+        """Set the phase and record it in the timeline."""
+        self.phase = phase
+        ts = _utc(now) if now is not None else datetime.now(UTC)
+        self.timeline.append(
+            TimelineEntry(
+                timestamp=ts,
+                rule_id=rule_id,
+                trigger_mode=trigger_mode,
+                trigger_info=trigger_info,
+                action=action,
+                phase=phase,
+                iteration=self.iteration,
+            )
+        )
+
+    def record_timeline(self, entry: TimelineEntry) -> None:
+        self.timeline.append(entry)
+
+    # --- iteration, errors, pending tasks -------------------------------------------
+
+    def increment_iteration(self) -> int:
+        self.iteration += 1
+        return self.iteration
+
+    def set_iteration(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def set_error(self, error: str) -> None:
+        self.error = error
+
+    def clear_error(self) -> None:
+        self.error = ""
+
+    def set_pending_task(self, task_id: str, rule_id: str) -> None:
+        self.pending_task_id = task_id
+        self.pending_rule_id = rule_id
+        self.status = Status.WAITING
+
+    def clear_pending_task(self) -> None:
+        if self.status is Status.WAITING:
+            self.status = Status.RUNNING
+        self.pending_task_id = ""
+        self.pending_rule_id = ""
+        self.task_deadline = None
+        self.pending_since = None
+
+
+class CallbackFields(msgspec.Struct, kw_only=True):
+    """Injected into async task payloads that declare these fields (any of them)."""
+
+    task_id: str = ""
+    callback_subject: str = ""
+    execution_id: str = ""
+
+
+class WorkflowCompletionEvent(msgspec.Struct, kw_only=True):
+    """Published on ``on_complete`` when an execution completes."""
+
+    execution_id: str
+    workflow_id: str
+    status: str
+    phase: str = msgspec.field(name="final_phase")
+    completed_at: datetime
+
+
+class WorkflowFailureEvent(msgspec.Struct, kw_only=True):
+    """Published on ``on_fail`` when an execution fails or times out."""
+
+    execution_id: str
+    workflow_id: str
+    phase: str
+    error: str
+    failed_at: datetime
+
+
+class WorkflowEscalationEvent(msgspec.Struct, kw_only=True):
+    """Published on ``on_escalate`` when an execution is escalated."""
+
+    execution_id: str
+    workflow_id: str
+    phase: str
+    reason: str
+    escalated_at: datetime

@@ -1,0 +1,1228 @@
+"""The engine: triggers feed events to per-key workers, which evaluate rules and dispatch actions.
+
+Data flows one way: trigger (KV watch, subject, callback, timer) -> context ->
+evaluation -> dispatch -> state write (compare-and-set) -> publish (outbox).
+
+Guarantees, and where each comes from:
+
+* Every transition is one compare-and-set of the execution's state; a loser
+  drops its work and evaluates the newer revision that beat it.
+* A publish decided by a transition travels in the state's outbox, written in
+  the same compare-and-set, and is published after the write. A delivery marker
+  in the meta bucket says it went out; another process (or this one after a
+  restart) delivers an outbox whose marker is missing once ``outbox_grace`` has
+  passed. Every message carries a deterministic ``Nats-Msg-Id``, so a stream
+  that captures the subject drops a repeat.
+* A rule that fires without writing state claims its firing in the meta bucket
+  by compare-and-set, keyed by the revision (or message) that triggered it: it
+  fires once per revision, whatever the number of processes.
+* Cooldowns and max firings are counted in the state (rules that write it) or
+  in the meta bucket (rules that do not): durable and shared.
+* Deadlines and task timeouts are in the state; timers are rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from reactive.backends.base import Backend, InboundMessage, KVEntry
+from reactive.dsl.context import RuleContext
+from reactive.dsl.definition import ActionType, RuleDef, TriggerMode, WorkflowDef
+from reactive.dsl.state import (
+    ExecutionState,
+    Firing,
+    OutboxMessage,
+    Status,
+    TimelineEntry,
+    WorkflowCompletionEvent,
+    WorkflowEscalationEvent,
+    WorkflowFailureEvent,
+)
+from reactive.dsl.workflow import Workflow
+from reactive.errors import (
+    BackendError,
+    ConflictError,
+    DecodeError,
+    InvalidExecutionId,
+    ReactiveError,
+    TransientBackendError,
+)
+from reactive.runtime.clock import Clock, SystemClock
+from reactive.runtime.codecs import decode, encode, encode_json, inject_callback_fields
+from reactive.runtime.metrics import METRICS, EngineMetrics
+from reactive.runtime.patterns import validate_execution_id
+from reactive.runtime.registry import BoundWorkflow, Registry, Subscription
+from reactive.runtime.timers import Timers
+
+__all__ = ["Engine", "FiringRecord"]
+
+log = logging.getLogger("reactive")
+S = TypeVar("S", bound=ExecutionState)
+
+_TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.ESCALATED, Status.TIMED_OUT})
+
+
+class FiringRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Firings of a rule that does not write state, kept in the meta bucket."""
+
+    count: int = 0
+    last_at: float = 0.0
+    last_trigger: str = ""
+    pending: list[OutboxMessage] = []
+    pending_owner: str = ""
+    pending_at: float = 0.0
+
+
+class _Envelope(msgspec.Struct):
+    """The fields of a callback the engine reads besides the typed result."""
+
+    task_id: str = ""
+    error: str = ""
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+# Work items for the per-key workers.
+_KV = 0
+_MSG = 1
+_CALLBACK = 2
+_TIMER = 3
+
+
+class Engine:
+    """Runs workflows against a backend.
+
+    ``async with Engine(backend, [PlanReview]) as engine: ...`` starts the
+    triggers; leaving the block stops them, letting in-flight work finish or
+    leaving it for redelivery.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        workflows: Iterable[type[Workflow] | Workflow] = (),
+        *,
+        clock: Clock | None = None,
+        meta_bucket: str = "REACTIVE_META",
+        callback_stream: str = "REACTIVE_CALLBACKS",
+        callback_prefix: str = "reactive.callback",
+        workers: int = 32,
+        conflict_retries: int = 20,
+        outbox_grace: float = 5.0,
+        max_deliver: int = 20,
+        metrics: EngineMetrics | None = None,
+        instance_id: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.clock: Clock = clock or SystemClock()
+        self.registry = Registry()
+        self.meta_bucket = meta_bucket
+        self.callback_stream = callback_stream
+        self.callback_prefix = callback_prefix
+        self.conflict_retries = conflict_retries
+        self.outbox_grace = outbox_grace
+        self.max_deliver = max_deliver
+        self.metrics = metrics or METRICS
+        self.instance_id = instance_id or uuid.uuid4().hex[:12]
+        self._n_workers = max(1, workers)
+        self._senders: list[MemoryObjectSendStream[tuple[Any, ...]]] = []
+        self._receivers: list[MemoryObjectReceiveStream[tuple[Any, ...]]] = []
+        self._tg: TaskGroup | None = None
+        self._stack: AsyncExitStack | None = None
+        self._inflight = 0
+        self._latest: dict[tuple[str, str], int] = {}
+        self._delivered: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._watch_scopes: dict[str, anyio.CancelScope] = {}
+        self._sub_started: set[tuple[str, str, str | None]] = set()
+        self._callbacks_started: set[str] = set()
+        self._retries: dict[Hashable, int] = {}
+        self._ready_count = 0
+        self._expected_ready = 0
+        self.timers = Timers(self.clock, self._on_timer)
+        self.running = False
+        for wf in workflows:
+            self.registry.add(wf)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start the backend (if needed), the workers, the timers and every trigger."""
+        if self.running:
+            return
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await self.backend.start()
+            await self.backend.ensure_bucket(self.meta_bucket)
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            self._tg = tg
+            self._stack = stack
+            for _ in range(self._n_workers):
+                send, recv = anyio.create_memory_object_stream[tuple[Any, ...]](1024)
+                self._senders.append(send)
+                self._receivers.append(recv)
+                tg.start_soon(self._worker, recv)
+            tg.start_soon(self.timers.run)
+            self.running = True
+            for bound in list(self.registry.workflows.values()):
+                await self._start_triggers(bound)
+        except BaseException:
+            await stack.__aexit__(None, None, None)
+            self._tg = None
+            raise
+
+    async def stop(self) -> None:
+        """Stop every trigger and worker. Unacknowledged messages are redelivered later."""
+        if not self.running:
+            return
+        self.running = False
+        stack, self._stack = self._stack, None
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+        if stack is not None:
+            await stack.__aexit__(None, None, None)
+        self._tg = None
+        self._senders.clear()
+        self._receivers.clear()
+        self._watch_scopes.clear()
+        self._sub_started.clear()
+        self._callbacks_started.clear()
+
+    @property
+    def idle(self) -> bool:
+        """No event is queued or being processed."""
+        return self._inflight == 0
+
+    @property
+    def ready(self) -> bool:
+        """Running, and every trigger has been set up."""
+        return self.running and self._ready_count >= self._expected_ready
+
+    async def register(self, workflow: type[Workflow] | Workflow) -> WorkflowDef:
+        """Register a workflow; if the engine runs, its triggers start now."""
+        bound = self.registry.add(workflow)
+        if self.running:
+            await self._start_triggers(bound)
+        return bound.definition
+
+    # ------------------------------------------------------------------ public helpers
+
+    async def start_execution(
+        self,
+        workflow: type[Workflow] | Workflow | str,
+        execution_id: str,
+        state: ExecutionState | None = None,
+    ) -> ExecutionState:
+        """Create an execution with ``state`` (or an empty one), started now. Raises ConflictError if it exists."""
+        bound = self.registry.get(workflow)
+        d = bound.definition
+        validate_execution_id(execution_id)
+        st = state if state is not None else d.state_type()
+        if not isinstance(st, d.state_type):
+            raise TypeError(f"state for {d.id} must be a {d.state_type.__name__}, not {type(st).__name__}")
+        now = self.clock.now()
+        st.initialize(execution_id, d.id, now, d.timeout)
+        st.owner = self.instance_id
+        await self.backend.ensure_bucket(d.bucket)
+        await self.backend.kv_create(d.bucket, d.key(execution_id), encode_json(st))
+        self.metrics.executions_created.labels(d.id).inc()
+        log.info("execution started workflow=%s execution=%s", d.id, execution_id)
+        return st
+
+    async def get(self, workflow: type[Workflow] | Workflow | str, execution_id: str) -> Any:
+        """The current state of an execution, or None."""
+        d = self.registry.get(workflow).definition
+        entry = await self.backend.kv_get(d.bucket, d.key(validate_execution_id(execution_id)))
+        if entry is None:
+            return None
+        return decode(d.state_type, entry.value)
+
+    async def executions(self, workflow: type[Workflow] | Workflow | str) -> list[Any]:
+        """Every execution of a workflow (decodable ones), ordered by key."""
+        d = self.registry.get(workflow).definition
+        out = []
+        for key in await self.backend.kv_keys(d.bucket, f"{d.id}.*"):
+            entry = await self.backend.kv_get(d.bucket, key)
+            if entry is None:
+                continue
+            with contextlib.suppress(DecodeError):
+                out.append(decode(d.state_type, entry.value))
+        return out
+
+    async def wait_for(
+        self,
+        workflow: type[Workflow] | Workflow | str,
+        execution_id: str,
+        predicate: Callable[[Any], bool] | None = None,
+        *,
+        timeout: float = 30.0,
+    ) -> Any:
+        """Wait until the execution satisfies ``predicate`` (default: terminal) and return its state."""
+        d = self.registry.get(workflow).definition
+        key = d.key(validate_execution_id(execution_id))
+        pred = predicate or (lambda s: s.status in _TERMINAL)
+        with anyio.fail_after(timeout):
+            async with self.backend.kv_watch(d.bucket, key) as entries:
+                async for entry in entries:
+                    if entry.operation != "PUT":
+                        continue
+                    st = decode(d.state_type, entry.value)
+                    if pred(st):
+                        return st
+        raise ReactiveError(f"watch of {key} ended")  # pragma: no cover
+
+    async def publish(self, subject: str, payload: Any, *, msg_id: str | None = None) -> None:
+        """Publish a payload (a struct, dict, bytes or str) as the engine does."""
+        await self.backend.publish(subject, encode(payload), msg_id=msg_id)
+
+    # ------------------------------------------------------------------ triggers
+
+    async def _start_triggers(self, bound: BoundWorkflow) -> None:
+        assert self._tg is not None
+        d = bound.definition
+        await self.backend.ensure_bucket(d.bucket)
+        for r in d.rules:
+            if r.bucket:
+                await self.backend.ensure_bucket(r.bucket)
+        for r in d.rules:
+            if r.mode is TriggerMode.STATE:
+                self._restart_watch(r.bucket)
+        for key, sub in self.registry.subscriptions.items():
+            if sub.bound is bound and key not in self._sub_started:
+                self._sub_started.add(key)
+                if sub.stream:
+                    await self.backend.ensure_stream(sub.stream, [sub.subject])
+                self._expected_ready += 1
+                self._tg.start_soon(self._run_subscription, sub)
+        if d.has_async and d.id not in self._callbacks_started:
+            self._callbacks_started.add(d.id)
+            await self.backend.ensure_stream(self.callback_stream, [f"{self.callback_prefix}.>"])
+            self._expected_ready += 1
+            self._tg.start_soon(self._run_callbacks, bound)
+
+    def _restart_watch(self, bucket: str) -> None:
+        """One watcher per bucket; re-created (replaying every key) when rules are added."""
+        assert self._tg is not None
+        old = self._watch_scopes.pop(bucket, None)
+        if old is not None:
+            old.cancel()
+        else:
+            self._expected_ready += 1
+        scope = anyio.CancelScope()
+        self._watch_scopes[bucket] = scope
+        self._tg.start_soon(self._run_watch, bucket, scope)
+
+    async def _run_watch(self, bucket: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            backoff = 0.1
+            first = True
+            while True:
+                try:
+                    async with self.backend.kv_watch(bucket, ">") as entries:
+                        if first:
+                            self._ready_count += 1
+                            first = False
+                        backoff = 0.1
+                        async for entry in entries:
+                            if entry.operation == "PUT" or self.registry.has_kv_rules(bucket, entry.key):
+                                await self._enqueue_kv(entry)
+                except BackendError as e:
+                    log.warning("watch of bucket %s failed (%s); retrying in %.1fs", bucket, e, backoff)
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+
+    async def _enqueue_kv(self, entry: KVEntry) -> None:
+        if not self.registry.has_kv_rules(entry.bucket, entry.key):
+            return
+        k = (entry.bucket, entry.key)
+        if self._latest.get(k, -1) < entry.revision:
+            self._latest[k] = entry.revision
+        await self._enqueue(entry.key, (_KV, entry))
+
+    async def _enqueue(self, shard_key: str, item: tuple[Any, ...]) -> None:
+        self._inflight += 1
+        try:
+            await self._senders[hash(shard_key) % len(self._senders)].send(item)
+        except BaseException:
+            self._inflight -= 1
+            raise
+
+    def _on_timer(self, target: Hashable) -> None:
+        wf_id, bucket, key = target  # type: ignore[misc]
+        if not self._senders:
+            return
+        self._inflight += 1
+        try:
+            self._senders[hash(key) % len(self._senders)].send_nowait((_TIMER, wf_id, bucket, key))
+        except anyio.WouldBlock:
+            self._inflight -= 1
+            # The worker is saturated: try again shortly rather than block the timer loop.
+            self.timers.schedule(self.clock.now() + 0.05, target)
+
+    async def _run_subscription(self, sub: Subscription) -> None:
+        first = True
+        backoff = 0.1
+        while True:
+            try:
+                if sub.stream:
+                    cm = self.backend.consume(sub.stream, sub.durable, sub.subject)
+                else:
+                    cm = self.backend.subscribe(sub.subject, queue=sub.queue)
+                async with cm as messages:
+                    if first:
+                        self._ready_count += 1
+                        first = False
+                    backoff = 0.1
+                    async for msg in messages:
+                        await self._route_message(sub, msg)
+            except BackendError as e:
+                log.warning("subscription to %s failed (%s); retrying in %.1fs", sub.subject, e, backoff)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _route_message(self, sub: Subscription, msg: InboundMessage) -> None:
+        d = sub.bound.definition
+        if msg.num_delivered > 1:
+            self.metrics.redeliveries.labels(d.id).inc()
+        decoded: dict[Any, Any] = {}
+        try:
+            for r in sub.rules:
+                if r.message_type not in decoded:
+                    decoded[r.message_type] = decode(r.message_type, msg.data)
+        except DecodeError as e:
+            self.metrics.poison_messages.labels(d.id, "message").inc()
+            log.warning("terminating undecodable message on %s for %s: %s", msg.subject, d.id, e)
+            await self._settle(msg, "term")
+            return
+        shard = msg.subject
+        keyed: dict[str, str] = {}
+        for r in sub.rules:
+            if r.state_key is not None:
+                try:
+                    exec_id = validate_execution_id(r.state_key(decoded[r.message_type]))
+                except InvalidExecutionId as e:
+                    self.metrics.invalid_ids.labels(d.id).inc()
+                    log.warning("terminating message on %s for %s: %s", msg.subject, d.id, e)
+                    await self._settle(msg, "term")
+                    return
+                except Exception as e:
+                    self.metrics.poison_messages.labels(d.id, "state_key").inc()
+                    log.warning("terminating message on %s: state_key of %s.%s failed: %r", msg.subject, d.id, r.id, e)
+                    await self._settle(msg, "term")
+                    return
+                keyed[r.id] = exec_id
+                shard = d.key(exec_id)
+        await self._enqueue(shard, (_MSG, sub, msg, decoded, keyed))
+
+    async def _run_callbacks(self, bound: BoundWorkflow) -> None:
+        d = bound.definition
+        durable = f"reactive_cb_{d.id}".replace("-", "_")
+        prefix = f"{self.callback_prefix}.{d.id}."
+        first = True
+        backoff = 0.1
+        while True:
+            try:
+                async with self.backend.consume(self.callback_stream, durable, prefix + ">") as messages:
+                    if first:
+                        self._ready_count += 1
+                        first = False
+                    backoff = 0.1
+                    async for msg in messages:
+                        exec_id = msg.subject[len(prefix) :]
+                        try:
+                            validate_execution_id(exec_id)
+                        except InvalidExecutionId as e:
+                            self.metrics.invalid_ids.labels(d.id).inc()
+                            log.warning("terminating callback on %s: %s", msg.subject, e)
+                            await self._settle(msg, "term")
+                            continue
+                        await self._enqueue(d.key(exec_id), (_CALLBACK, bound, msg, exec_id))
+            except BackendError as e:
+                log.warning("callback consumer for %s failed (%s); retrying in %.1fs", d.id, e, backoff)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _settle(self, msg: InboundMessage, how: str, delay: float = 0.0) -> None:
+        try:
+            if how == "ack":
+                await msg.ack()
+            elif how == "term":
+                await msg.term()
+            else:
+                await msg.nak(delay)
+        except Exception as e:  # the message will be redelivered; nothing is lost
+            log.warning("could not %s message on %s: %s", how, msg.subject, e)
+
+    # ------------------------------------------------------------------ workers
+
+    async def _worker(self, recv: MemoryObjectReceiveStream[tuple[Any, ...]]) -> None:
+        async for item in recv:
+            try:
+                await self._process(item)
+            except Exception:
+                log.exception("unexpected error processing %r", item[0])
+            finally:
+                self._inflight -= 1
+
+    async def _process(self, item: tuple[Any, ...]) -> None:
+        kind = item[0]
+        if kind == _KV:
+            entry: KVEntry = item[1]
+            k = (entry.bucket, entry.key)
+            latest = self._latest.get(k, entry.revision)
+            if entry.revision < latest:
+                return  # a newer revision of this key is queued behind us
+            if latest == entry.revision:
+                self._latest.pop(k, None)
+            for bound, rules in self.registry.match_kv(entry.bucket, entry.key):
+                await self._guard_kv(bound, entry.bucket, entry.key, self._evaluate_kv(bound, rules, entry, "kv"))
+        elif kind == _TIMER:
+            _, wf_id, bucket, key = item
+            bound = self.registry.workflows.get(wf_id)
+            if bound is None:
+                return
+
+            async def timer_eval() -> None:
+                entry = await self.backend.kv_get(bucket, key)
+                if entry is None:
+                    return
+                rules = [r for b, rs in self.registry.match_kv(bucket, key) if b is bound for r in rs]
+                await self._evaluate_kv(bound, rules, entry, "timer")
+
+            await self._guard_kv(bound, bucket, key, timer_eval())
+        elif kind == _MSG:
+            await self._handle_message(*item[1:])
+        elif kind == _CALLBACK:
+            await self._handle_callback(*item[1:])
+
+    async def _guard_kv(self, bound: BoundWorkflow, bucket: str, key: str, work: Awaitable[None]) -> None:
+        """Run KV-side work; on a transient failure, evaluate the key again later with backoff."""
+        target = (bound.definition.id, bucket, key)
+        try:
+            await work
+            self._retries.pop(target, None)
+        except TransientBackendError as e:
+            n = self._retries.get(target, 0)
+            self._retries[target] = n + 1
+            delay = min(0.1 * 2**n, 10.0)
+            log.warning("transient failure on %s/%s (%s); retrying in %.1fs", bucket, key, e, delay)
+            self.timers.schedule(self.clock.now() + delay, target)
+
+    # ------------------------------------------------------------------ evaluation: KV
+
+    async def _evaluate_kv(self, bound: BoundWorkflow, rules: list[RuleDef], entry: KVEntry, mode: str) -> None:
+        d = bound.definition
+        if entry.operation != "PUT":
+            for r in rules:
+                if r.on_deletes:
+                    ctx: RuleContext[Any, Any] = RuleContext(
+                        state=None, message=None, workflow_id=d.id, execution_id=d.execution_id_for(entry.key),
+                        key=entry.key, bucket=entry.bucket, revision=entry.revision, trigger_mode=mode,
+                        now=self.clock.now(), rule_id=r.id,
+                    )
+                    if self._check(bound, r, ctx):
+                        await self._fire_nonwriting(bound, r, ctx, f"r{entry.revision}")
+            return
+        try:
+            state = decode(d.state_type, entry.value)
+        except DecodeError as e:
+            self.metrics.state_decode_errors.labels(d.id).inc()
+            log.warning("leaving undecodable state %s/%s rev %d: %s", entry.bucket, entry.key, entry.revision, e)
+            return
+        await self._evaluate_state(bound, rules, entry.bucket, entry.key, entry.revision, entry.value, state, mode)
+
+    async def _evaluate_state(
+        self,
+        bound: BoundWorkflow,
+        rules: list[RuleDef],
+        bucket: str,
+        key: str,
+        revision: int,
+        raw: bytes,
+        state: ExecutionState,
+        mode: str,
+    ) -> None:
+        d = bound.definition
+        now = self.clock.now()
+        target = (d.id, bucket, key)
+        exec_id = d.execution_id_for(key)
+        if state.outbox and not await self._outbox_settled(bucket, key, state, now, target):
+            return
+        needs_init = False
+        if state.status is Status.PENDING:
+            state.initialize(state.id or exec_id, d.id, now, d.timeout)
+            needs_init = d.timeout is not None
+        if state.status in _TERMINAL:
+            return
+        try:
+            if await self._enforce_deadlines(bound, bucket, key, revision, state, now, target):
+                return
+        except ConflictError:
+            return  # a newer revision beat us; the watch brings it
+        writer: RuleDef | None = None
+        others: list[RuleDef] = []
+        ctx: RuleContext[Any, Any] = RuleContext(
+            state=state, message=None, workflow_id=d.id, execution_id=state.id or exec_id, key=key,
+            bucket=bucket, revision=revision, trigger_mode=mode, now=now,
+        )
+        trigger = f"r{revision}"
+        for r in rules:
+            if r.on_deletes:
+                continue
+            if r.writes_state:
+                if writer is not None:
+                    continue
+                if r.action is ActionType.PUBLISH_ASYNC and state.status is Status.WAITING:
+                    continue
+            ctx.rule_id = r.id
+            if not self._check(bound, r, ctx):
+                continue
+            if r.writes_state:
+                if self._limited(r, state.firings.get(r.id), trigger, now, target):
+                    continue
+                writer = r
+            else:
+                others.append(r)
+        try:
+            if writer is not None:
+                base = decode(d.state_type, raw)
+                if base.status is Status.PENDING:
+                    base.initialize(base.id or exec_id, d.id, now, d.timeout)
+                await self._fire_writing(bound, writer, bucket, key, revision, base, None, mode, key, trigger)
+            elif needs_init:
+                state.updated_at = _utc(now)
+                state.owner = self.instance_id
+                await self._write(d, bucket, key, revision, state)
+        except ConflictError:
+            pass  # a newer revision beat us; the watch brings it, and it is evaluated then
+        for r in others:
+            ctx.rule_id = r.id
+            await self._fire_nonwriting(bound, r, ctx, trigger)
+
+    def _check(self, bound: BoundWorkflow, r: RuleDef, ctx: RuleContext[Any, Any]) -> bool:
+        try:
+            fired = bool(r.condition(ctx))
+        except Exception as e:
+            self.metrics.dispatch_errors.labels(bound.definition.id, r.id).inc()
+            log.warning("condition of %s.%s raised %r; treated as false", bound.definition.id, r.id, e)
+            fired = False
+        self.metrics.rule_evaluations.labels(bound.definition.id, r.id, "true" if fired else "false").inc()
+        return fired
+
+    def _limited(
+        self, r: RuleDef, firing: Firing | FiringRecord | None, trigger: str, now: float, target: Hashable | None
+    ) -> bool:
+        """Whether cooldown, max firings or an earlier firing for this trigger hold the rule back."""
+        if firing is None:
+            return False
+        if firing.last_trigger == trigger:
+            return True
+        if r.max_firings and firing.count >= r.max_firings:
+            return True
+        if r.cooldown and now - firing.last_at < r.cooldown:
+            if target is not None:
+                self.timers.schedule(firing.last_at + r.cooldown, target)
+            return True
+        return False
+
+    async def _enforce_deadlines(
+        self,
+        bound: BoundWorkflow,
+        bucket: str,
+        key: str,
+        revision: int,
+        state: ExecutionState,
+        now: float,
+        target: Hashable,
+    ) -> bool:
+        """Time out or fail an overdue execution (True if it did); schedule the next deadline."""
+        d = bound.definition
+        if state.deadline is not None:
+            deadline = state.deadline.timestamp()
+            if now >= deadline:
+                state.time_out()
+                self._terminal_bookkeeping(d, state, None, now, "timer", "deadline", "timeout")
+                await self._write(d, bucket, key, revision, state)
+                return True
+            self.timers.schedule(deadline, target)
+        if state.status is Status.WAITING and state.task_deadline is not None:
+            task_deadline = state.task_deadline.timestamp()
+            if now >= task_deadline:
+                rule_id, task_id = state.pending_rule_id, state.pending_task_id
+                reason = f"task {task_id} of rule {rule_id} got no callback within {d.task_timeout:g}s"
+                if d.on_task_timeout == "escalate":
+                    state.escalate(reason)
+                else:
+                    state.fail(reason)
+                self.metrics.pending_callbacks.labels(d.id).dec()
+                self.metrics.callbacks_received.labels(d.id, rule_id, "timeout").inc()
+                self._terminal_bookkeeping(d, state, None, now, "timer", "task_timeout", "task_timeout")
+                await self._write(d, bucket, key, revision, state)
+                return True
+            self.timers.schedule(task_deadline, target)
+        return False
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _call(self, bound: BoundWorkflow, r: RuleDef, ctx: RuleContext[Any, Any]) -> Any:
+        if r.mutator is not None:
+            r.mutator(ctx)
+        return bound.methods[r.id](ctx)
+
+    async def _fire_writing(
+        self,
+        bound: BoundWorkflow,
+        r: RuleDef,
+        bucket: str,
+        key: str,
+        revision: int,
+        work: ExecutionState,
+        message: Any,
+        mode: str,
+        info: str,
+        trigger: str,
+    ) -> None:
+        """Apply a state-writing rule to ``work`` (a fresh copy) and commit it with one compare-and-set."""
+        d = bound.definition
+        now = self.clock.now()
+        started = anyio.current_time()
+        exec_id = work.id or d.execution_id_for(key)
+        ctx: RuleContext[Any, Any] = RuleContext(
+            state=work, message=message, workflow_id=d.id, execution_id=exec_id, key=key, bucket=bucket,
+            revision=revision, trigger_mode=mode, now=now, rule_id=r.id, subject=info if mode != "kv" else "",
+        )
+        was_terminal = work.status in _TERMINAL
+        outbox: list[OutboxMessage] = []
+        try:
+            payload = self._call(bound, r, ctx)
+        except Exception as e:
+            self.metrics.dispatch_errors.labels(d.id, r.id).inc()
+            log.warning("rule %s.%s raised %r: failing execution %s", d.id, r.id, e, exec_id)
+            work.fail(f"rule {r.id} raised {type(e).__name__}: {e}")
+            payload = None
+            r_action = "error"
+        else:
+            r_action = r.action.value
+            if r.action is ActionType.PUBLISH:
+                outbox.append(self._outbox_msg(r.publish_subject, encode(payload), d, exec_id, revision, len(outbox), r.id))
+            elif r.action is ActionType.PUBLISH_ASYNC and work.status not in _TERMINAL:
+                task_id = f"{exec_id}-{r.id}-{revision}"
+                callback_subject = f"{self.callback_prefix}.{d.id}.{exec_id}"
+                payload = inject_callback_fields(payload, task_id, callback_subject, exec_id)
+                work.set_pending_task(task_id, r.id)
+                work.task_deadline = _utc(now + d.task_timeout)
+                work.pending_since = _utc(now)
+                msg = self._outbox_msg(r.publish_subject, encode(payload), d, exec_id, revision, len(outbox), r.id)
+                msg.headers = {
+                    "Reactive-Task-Id": task_id,
+                    "Reactive-Callback-Subject": callback_subject,
+                    "Reactive-Execution-Id": exec_id,
+                }
+                outbox.append(msg)
+            elif r.action is ActionType.COMPLETE:
+                if work.status not in _TERMINAL:
+                    work.complete()
+                if r.publish_subject:
+                    data = encode(payload) if payload is not None else encode_json(self._completion_event(d, work, now))
+                    outbox.append(self._outbox_msg(r.publish_subject, data, d, exec_id, revision, len(outbox), r.id))
+        if d.max_iterations and work.iteration > d.max_iterations and work.status not in _TERMINAL:
+            limit = d.max_iterations
+            base = work
+            # The transition that would pass the limit does not happen: escalate from where it was.
+            work = decode(d.state_type, encode_json(base))
+            work.iteration = limit
+            work.escalate(f"max iterations ({limit}) exceeded by rule {r.id}")
+            outbox = []
+            r_action = "escalate"
+        firing = work.firings.get(r.id) or Firing()
+        firing.count += 1
+        firing.last_at = now
+        firing.last_trigger = trigger
+        work.firings[r.id] = firing
+        work.timeline.append(
+            TimelineEntry(
+                timestamp=_utc(now), rule_id=r.id, trigger_mode=mode, trigger_info=info, action=r_action,
+                phase=work.phase, iteration=work.iteration,
+            )
+        )
+        if not was_terminal and work.status in _TERMINAL:
+            reason = "max_iterations" if r_action == "escalate" else ("rule_error" if r_action == "error" else "rule")
+            self._terminal_bookkeeping(d, work, outbox, now, None, None, reason)
+        else:
+            work.outbox = outbox
+        work.outbox_id = f"{d.id}:{exec_id}:{revision}" if work.outbox else ""
+        work.updated_at = _utc(now)
+        work.owner = self.instance_id
+        if d.max_timeline and len(work.timeline) > d.max_timeline:
+            del work.timeline[: len(work.timeline) - d.max_timeline]
+        await self._commit(d, bucket, key, revision, work)
+        self.metrics.action_dispatches.labels(d.id, r.id, r.action.value).inc()
+        if revision == 0:
+            self.metrics.executions_created.labels(d.id).inc()
+        if work.status is Status.WAITING and r.action is ActionType.PUBLISH_ASYNC:
+            self.metrics.pending_callbacks.labels(d.id).inc()
+        self.metrics.rule_duration.labels(d.id, r.id).observe(anyio.current_time() - started)
+        log.info(
+            "transition workflow=%s execution=%s rule=%s action=%s phase=%s status=%s",
+            d.id, exec_id, r.id, r_action, work.phase, work.status.value,
+        )
+
+    def _outbox_msg(
+        self, subject: str, data: bytes, d: WorkflowDef, exec_id: str, revision: int, index: int, tag: str
+    ) -> OutboxMessage:
+        return OutboxMessage(subject=subject, data=data, msg_id=f"{d.id}:{exec_id}:{revision}:{index}:{tag}")
+
+    def _completion_event(self, d: WorkflowDef, st: ExecutionState, now: float) -> WorkflowCompletionEvent:
+        return WorkflowCompletionEvent(
+            execution_id=st.id, workflow_id=d.id, status=st.status.value, phase=st.phase, completed_at=_utc(now)
+        )
+
+    def _terminal_bookkeeping(
+        self,
+        d: WorkflowDef,
+        st: ExecutionState,
+        outbox: list[OutboxMessage] | None,
+        now: float,
+        mode: str | None,
+        rule_id: str | None,
+        reason: str,
+    ) -> None:
+        """Set the outbox of a write that makes the execution terminal: its lifecycle event, its metrics."""
+        out = list(outbox or [])
+        st.completed_at = _utc(now)
+        st.updated_at = _utc(now)
+        st.owner = self.instance_id
+        duration = now - st.created_at.timestamp() if st.created_at else 0.0
+        subject = ""
+        event: Any = None
+        if st.status is Status.COMPLETED:
+            subject, event = d.on_complete, self._completion_event(d, st, now)
+            self.metrics.executions_completed.labels(d.id).inc()
+        elif st.status is Status.ESCALATED:
+            subject = d.on_escalate
+            event = WorkflowEscalationEvent(
+                execution_id=st.id, workflow_id=d.id, phase=st.phase, reason=st.error, escalated_at=_utc(now)
+            )
+            self.metrics.executions_escalated.labels(d.id, reason).inc()
+        else:
+            subject = d.on_fail
+            event = WorkflowFailureEvent(
+                execution_id=st.id, workflow_id=d.id, phase=st.phase, error=st.error, failed_at=_utc(now)
+            )
+            if st.status is Status.TIMED_OUT:
+                self.metrics.executions_timed_out.labels(d.id).inc()
+            else:
+                self.metrics.executions_failed.labels(d.id, reason).inc()
+        self.metrics.execution_duration.labels(d.id, st.status.value).observe(max(duration, 0.0))
+        if subject:
+            out.append(
+                OutboxMessage(subject=subject, data=encode_json(event), msg_id=f"{d.id}:{st.id}:{st.status.value}")
+            )
+        if rule_id is not None:
+            st.timeline.append(
+                TimelineEntry(
+                    timestamp=_utc(now), rule_id=rule_id, trigger_mode=mode or "", action=st.status.value,
+                    phase=st.phase, iteration=st.iteration,
+                )
+            )
+        st.outbox = out
+        st.outbox_id = f"{d.id}:{st.id}:{st.status.value}" if out else ""
+        log.info("execution %s workflow=%s execution=%s reason=%s", st.status.value, d.id, st.id, st.error or reason)
+
+    async def _write(self, d: WorkflowDef, bucket: str, key: str, revision: int, st: ExecutionState) -> None:
+        """Commit a lifecycle write (timeout, task timeout, start) made by the engine itself."""
+        if st.outbox and not st.outbox_id:
+            st.outbox_id = f"{d.id}:{st.id}:{revision}"
+        await self._commit(d, bucket, key, revision, st)
+
+    async def _commit(self, d: WorkflowDef, bucket: str, key: str, revision: int, st: ExecutionState) -> int:
+        """Compare-and-set the state, then deliver its outbox. Raises ConflictError if it lost."""
+        data = encode_json(st)
+        try:
+            if revision == 0:
+                new_rev = await self.backend.kv_create(bucket, key, data)
+            else:
+                new_rev = await self.backend.kv_update(bucket, key, data, revision)
+        except ConflictError:
+            self.metrics.cas_conflicts.labels(d.id).inc()
+            raise
+        if st.outbox:
+            await self._flush(bucket, key, st)
+        return new_rev
+
+    # ------------------------------------------------------------------ outbox
+
+    async def _flush(self, bucket: str, key: str, st: ExecutionState) -> None:
+        for m in st.outbox:
+            await self.backend.publish(m.subject, m.data, headers=m.headers or None, msg_id=m.msg_id)
+        await self.backend.kv_put(self.meta_bucket, f"out.{bucket}.{key}", st.outbox_id.encode())
+        self._mark_delivered(bucket, key, st.outbox_id)
+
+    def _mark_delivered(self, bucket: str, key: str, outbox_id: str) -> None:
+        k = (bucket, key)
+        self._delivered[k] = outbox_id
+        self._delivered.move_to_end(k)
+        if len(self._delivered) > 10_000:
+            self._delivered.popitem(last=False)
+
+    async def _outbox_settled(
+        self, bucket: str, key: str, st: ExecutionState, now: float, target: Hashable
+    ) -> bool:
+        """Whether the outbox of this revision has gone out (delivering it if its writer is gone)."""
+        if self._delivered.get((bucket, key)) == st.outbox_id:
+            return True
+        marker = await self.backend.kv_get(self.meta_bucket, f"out.{bucket}.{key}")
+        if marker is not None and marker.value.decode() == st.outbox_id:
+            self._mark_delivered(bucket, key, st.outbox_id)
+            return True
+        written = st.updated_at.timestamp() if st.updated_at else 0.0
+        if st.owner != self.instance_id and now < written + self.outbox_grace:
+            # Its writer is probably delivering it now; look again when the grace is over.
+            self.timers.schedule(written + self.outbox_grace, target)
+            return False
+        log.info("delivering outbox %s of %s/%s left by %s", st.outbox_id, bucket, key, st.owner or "?")
+        await self._flush(bucket, key, st)
+        return True
+
+    # ------------------------------------------------------------------ rules that do not write state
+
+    async def _fire_nonwriting(
+        self, bound: BoundWorkflow, r: RuleDef, ctx: RuleContext[Any, Any], trigger: str
+    ) -> None:
+        d = bound.definition
+        exec_part = f"{ctx.bucket}.{ctx.key}" if ctx.key else "_"
+        msg_id = f"{d.id}:{r.id}:{exec_part}:{trigger}"
+        claim = r.mode is TriggerMode.STATE or r.has_limits or (r.mode is TriggerMode.MESSAGE_AND_STATE and not trigger.startswith("c"))
+        if not claim:
+            payload = self._safe_build(bound, r, ctx)
+            if payload is not _FAILED:
+                await self.backend.publish(r.publish_subject, encode(payload), msg_id=msg_id)
+                self.metrics.action_dispatches.labels(d.id, r.id, r.action.value).inc()
+            return
+        meta_key = f"fire.{d.id}.{r.id}.{exec_part}"
+        target = (d.id, ctx.bucket, ctx.key) if ctx.key else None
+        for _ in range(self.conflict_retries):
+            entry = await self.backend.kv_get(self.meta_bucket, meta_key)
+            rec = FiringRecord()
+            if entry is not None:
+                try:
+                    rec = decode(FiringRecord, entry.value)
+                except DecodeError:
+                    rec = FiringRecord()
+            rev = entry.revision if entry is not None else 0
+            now = self.clock.now()
+            if rec.pending:
+                if rec.pending_owner != self.instance_id and now < rec.pending_at + self.outbox_grace:
+                    if target is not None:
+                        self.timers.schedule(rec.pending_at + self.outbox_grace, target)
+                    return
+                try:
+                    for m in rec.pending:
+                        await self.backend.publish(m.subject, m.data, headers=m.headers or None, msg_id=m.msg_id)
+                    rec.pending = []
+                    await self.backend.kv_update(self.meta_bucket, meta_key, encode_json(rec), rev)
+                except ConflictError:
+                    self.metrics.cas_conflicts.labels(d.id).inc()
+                continue
+            if self._limited(r, rec, trigger, now, target):
+                return
+            payload = self._safe_build(bound, r, ctx)
+            if payload is _FAILED:
+                return
+            m = OutboxMessage(subject=r.publish_subject, data=encode(payload), msg_id=msg_id)
+            rec.count += 1
+            rec.last_at = now
+            rec.last_trigger = trigger
+            rec.pending = [m]
+            rec.pending_owner = self.instance_id
+            rec.pending_at = now
+            try:
+                if rev == 0:
+                    claimed = await self.backend.kv_create(self.meta_bucket, meta_key, encode_json(rec))
+                else:
+                    claimed = await self.backend.kv_update(self.meta_bucket, meta_key, encode_json(rec), rev)
+            except ConflictError:
+                self.metrics.cas_conflicts.labels(d.id).inc()
+                continue
+            await self.backend.publish(m.subject, m.data, msg_id=m.msg_id)
+            self.metrics.action_dispatches.labels(d.id, r.id, r.action.value).inc()
+            rec.pending = []
+            with contextlib.suppress(ConflictError):
+                await self.backend.kv_update(self.meta_bucket, meta_key, encode_json(rec), claimed)
+            log.info("fired workflow=%s rule=%s key=%s trigger=%s action=publish", d.id, r.id, ctx.key or "-", trigger)
+            return
+        log.warning("gave up claiming %s after %d conflicts", meta_key, self.conflict_retries)
+
+    def _safe_build(self, bound: BoundWorkflow, r: RuleDef, ctx: RuleContext[Any, Any]) -> Any:
+        try:
+            return self._call(bound, r, ctx)
+        except Exception as e:
+            self.metrics.dispatch_errors.labels(bound.definition.id, r.id).inc()
+            log.warning("rule %s.%s raised %r; nothing published", bound.definition.id, r.id, e)
+            return _FAILED
+
+    # ------------------------------------------------------------------ messages
+
+    async def _handle_message(
+        self, sub: Subscription, msg: InboundMessage, decoded: dict[Any, Any], keyed: dict[str, str]
+    ) -> None:
+        d = sub.bound.definition
+        trigger = f"m{msg.stream}:{msg.sequence}" if msg.stream else f"c{uuid.uuid4().hex}"
+        try:
+            # Message-only rules: every one whose conditions pass fires.
+            for r in sub.rules:
+                if r.mode is TriggerMode.MESSAGE:
+                    ctx: RuleContext[Any, Any] = RuleContext(
+                        state=None, message=decoded[r.message_type], workflow_id=d.id, subject=msg.subject,
+                        trigger_mode="message", now=self.clock.now(), rule_id=r.id,
+                    )
+                    if self._check(sub.bound, r, ctx):
+                        await self._fire_nonwriting(sub.bound, r, ctx, trigger)
+            by_key: dict[str, list[RuleDef]] = {}
+            for r in sub.rules:
+                if r.mode is TriggerMode.MESSAGE_AND_STATE:
+                    by_key.setdefault(keyed[r.id], []).append(r)
+            for exec_id, rules in by_key.items():
+                await self._message_with_state(sub.bound, rules, exec_id, msg, decoded, trigger)
+        except TransientBackendError as e:
+            delay = min(0.2 * 2 ** max(msg.num_delivered - 1, 0), 30.0)
+            log.warning("transient failure handling %s (%s); redelivery in %.1fs", msg.subject, e, delay)
+            await self._settle(msg, "nak", delay)
+            return
+        except DecodeError as e:
+            self.metrics.state_decode_errors.labels(d.id).inc()
+            log.warning("terminating message on %s: the execution's state cannot be decoded: %s", msg.subject, e)
+            await self._settle(msg, "term")
+            return
+        except Exception:
+            log.exception("error handling message on %s", msg.subject)
+            if msg.num_delivered >= self.max_deliver:
+                await self._settle(msg, "term")
+            else:
+                await self._settle(msg, "nak", min(0.5 * msg.num_delivered, 30.0))
+            return
+        await self._settle(msg, "ack")
+
+    async def _message_with_state(
+        self,
+        bound: BoundWorkflow,
+        rules: list[RuleDef],
+        exec_id: str,
+        msg: InboundMessage,
+        decoded: dict[Any, Any],
+        trigger: str,
+    ) -> None:
+        d = bound.definition
+        key = d.key(exec_id)
+        bucket = d.bucket
+        target = (d.id, bucket, key)
+        for _ in range(self.conflict_retries):
+            now = self.clock.now()
+            entry = await self.backend.kv_get(bucket, key)
+            if entry is None:
+                revision, raw = 0, b""
+                state = d.state_type()
+                state.initialize(exec_id, d.id, now, d.timeout)
+            else:
+                revision, raw = entry.revision, entry.value
+                state = decode(d.state_type, raw)
+                if state.outbox and not await self._outbox_settled(bucket, key, state, now, target):
+                    raise TransientBackendError(f"{key}: an earlier outbox is still being delivered")
+                if state.status is Status.PENDING:
+                    state.initialize(state.id or exec_id, d.id, now, d.timeout)
+            if state.status in _TERMINAL:
+                return
+            try:
+                if entry is not None and await self._enforce_deadlines(bound, bucket, key, revision, state, now, target):
+                    return
+                writer: RuleDef | None = None
+                others: list[RuleDef] = []
+                for r in rules:
+                    if r.writes_state and writer is not None:
+                        continue
+                    if r.action is ActionType.PUBLISH_ASYNC and state.status is Status.WAITING:
+                        continue
+                    ctx: RuleContext[Any, Any] = RuleContext(
+                        state=state, message=decoded[r.message_type], workflow_id=d.id, execution_id=exec_id,
+                        key=key, bucket=bucket, revision=revision, subject=msg.subject,
+                        trigger_mode="message+state", now=now, rule_id=r.id,
+                    )
+                    if not self._check(bound, r, ctx):
+                        continue
+                    if r.writes_state:
+                        if self._limited(r, state.firings.get(r.id), trigger, now, None):
+                            continue
+                        writer = r
+                    else:
+                        others.append(r)
+                if writer is not None:
+                    if entry is None:
+                        work = d.state_type()
+                        work.initialize(exec_id, d.id, now, d.timeout)
+                    else:
+                        work = decode(d.state_type, raw)
+                        if work.status is Status.PENDING:
+                            work.initialize(work.id or exec_id, d.id, now, d.timeout)
+                    await self._fire_writing(
+                        bound, writer, bucket, key, revision, work, decoded[writer.message_type],
+                        "message+state", msg.subject, trigger,
+                    )
+                for r in others:
+                    ctx = RuleContext(
+                        state=state, message=decoded[r.message_type], workflow_id=d.id, execution_id=exec_id,
+                        key=key, bucket=bucket, revision=revision, subject=msg.subject,
+                        trigger_mode="message+state", now=now, rule_id=r.id,
+                    )
+                    await self._fire_nonwriting(bound, r, ctx, trigger)
+                return
+            except ConflictError:
+                continue
+        raise TransientBackendError(f"{key}: lost {self.conflict_retries} compare-and-sets in a row")
+
+    # ------------------------------------------------------------------ callbacks
+
+    async def _handle_callback(self, bound: BoundWorkflow, msg: InboundMessage, exec_id: str) -> None:
+        d = bound.definition
+        key = d.key(exec_id)
+        bucket = d.bucket
+        try:
+            env = decode(_Envelope, msg.data)
+        except DecodeError as e:
+            self.metrics.poison_messages.labels(d.id, "callback").inc()
+            log.warning("terminating undecodable callback on %s: %s", msg.subject, e)
+            await self._settle(msg, "term")
+            return
+        if not env.task_id:
+            env.task_id = msg.headers.get("Reactive-Task-Id", "")
+        try:
+            outcome = await self._apply_callback(bound, bucket, key, exec_id, env, msg)
+        except TransientBackendError as e:
+            delay = min(0.2 * 2 ** max(msg.num_delivered - 1, 0), 30.0)
+            log.warning("transient failure handling callback %s (%s); redelivery in %.1fs", msg.subject, e, delay)
+            await self._settle(msg, "nak", delay)
+            return
+        except Exception:
+            log.exception("error handling callback on %s", msg.subject)
+            await self._settle(msg, "term" if msg.num_delivered >= self.max_deliver else "nak", 1.0)
+            return
+        await self._settle(msg, "term" if outcome == "poison" else "ack")
+
+    async def _apply_callback(
+        self, bound: BoundWorkflow, bucket: str, key: str, exec_id: str, env: _Envelope, msg: InboundMessage
+    ) -> str:
+        d = bound.definition
+        target = (d.id, bucket, key)
+        for _ in range(self.conflict_retries):
+            now = self.clock.now()
+            entry = await self.backend.kv_get(bucket, key)
+            if entry is None:
+                self.metrics.callbacks_received.labels(d.id, "", "unknown").inc()
+                log.info("ignoring callback for unknown execution %s", key)
+                return "stale"
+            state = decode(d.state_type, entry.value)
+            if state.outbox and not await self._outbox_settled(bucket, key, state, now, target):
+                raise TransientBackendError(f"{key}: an earlier outbox is still being delivered")
+            if (
+                state.status is not Status.WAITING
+                or not env.task_id
+                or state.pending_task_id != env.task_id
+            ):
+                self.metrics.callbacks_received.labels(d.id, state.pending_rule_id, "stale").inc()
+                log.info("ignoring stale or duplicate callback task=%s for %s", env.task_id, key)
+                return "stale"
+            rule_id = state.pending_rule_id
+            r = d.rules_by_id.get(rule_id)
+            if r is None:
+                state.fail(f"callback for unknown rule {rule_id!r}")
+                self._terminal_bookkeeping(d, state, None, now, "callback", rule_id, "callback_error")
+                try:
+                    await self._write(d, bucket, key, entry.revision, state)
+                except ConflictError:
+                    continue
+                return "done"
+            latency = now - state.pending_since.timestamp() if state.pending_since else 0.0
+            work = state
+            was_terminal = False
+            action = "callback"
+            outbox: list[OutboxMessage] = []
+            if env.error:
+                work.fail(f"task {env.task_id} of rule {rule_id} failed: {env.error}")
+                status = "error"
+            else:
+                try:
+                    result = decode(r.result_type, msg.data)
+                except DecodeError as e:
+                    self.metrics.poison_messages.labels(d.id, "callback").inc()
+                    log.warning("terminating undecodable callback on %s: %s", msg.subject, e)
+                    return "poison"
+                work.clear_pending_task()
+                ctx: RuleContext[Any, Any] = RuleContext(
+                    state=work, message=None, workflow_id=d.id, execution_id=exec_id, key=key, bucket=bucket,
+                    revision=entry.revision, subject=msg.subject, trigger_mode="callback", now=now, rule_id=r.id,
+                )
+                try:
+                    bound.handlers[r.id](ctx, result)
+                except Exception as e:
+                    self.metrics.dispatch_errors.labels(d.id, r.id).inc()
+                    work = decode(d.state_type, entry.value)
+                    work.fail(f"result handler of {r.id} raised {type(e).__name__}: {e}")
+                    action = "error"
+                status = "ok"
+                if d.max_iterations and work.iteration > d.max_iterations and work.status not in _TERMINAL:
+                    work = decode(d.state_type, entry.value)
+                    work.iteration = d.max_iterations
+                    work.escalate(f"max iterations ({d.max_iterations}) exceeded by result of {r.id}")
+                    action = "escalate"
+            work.timeline.append(
+                TimelineEntry(
+                    timestamp=_utc(now), rule_id=r.id, trigger_mode="callback", trigger_info=msg.subject,
+                    action=action if not env.error else "callback_error", phase=work.phase, iteration=work.iteration,
+                )
+            )
+            if not was_terminal and work.status in _TERMINAL:
+                reason = {"escalate": "max_iterations", "error": "rule_error"}.get(action, "callback_error" if env.error else "rule")
+                self._terminal_bookkeeping(d, work, outbox, now, None, None, reason)
+            else:
+                work.outbox = outbox
+                work.updated_at = _utc(now)
+                work.owner = self.instance_id
+            work.outbox_id = f"{d.id}:{exec_id}:{entry.revision}" if work.outbox else ""
+            if d.max_timeline and len(work.timeline) > d.max_timeline:
+                del work.timeline[: len(work.timeline) - d.max_timeline]
+            try:
+                await self._commit(d, bucket, key, entry.revision, work)
+            except ConflictError:
+                continue
+            self.metrics.callbacks_received.labels(d.id, r.id, status).inc()
+            self.metrics.callback_latency.labels(d.id, r.id).observe(max(latency, 0.0))
+            self.metrics.pending_callbacks.labels(d.id).dec()
+            log.info(
+                "transition workflow=%s execution=%s rule=%s action=%s phase=%s status=%s",
+                d.id, exec_id, r.id, action, work.phase, work.status.value,
+            )
+            return "done"
+        raise TransientBackendError(f"{key}: lost {self.conflict_retries} compare-and-sets in a row")
+
+
+_FAILED: Any = object()

@@ -1,0 +1,117 @@
+"""The registry: workflows, their bound methods, and the indexes that route events to rules."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from reactive.dsl.definition import RuleDef, TriggerMode, WorkflowDef
+from reactive.dsl.workflow import Workflow, definition_of
+from reactive.errors import ReactiveError
+from reactive.runtime.patterns import PatternIndex
+
+__all__ = ["BoundWorkflow", "Registry", "Subscription"]
+
+
+@dataclass(eq=False)
+class BoundWorkflow:
+    """A definition with the instance whose methods its rules call."""
+
+    definition: WorkflowDef
+    instance: Any
+    methods: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    handlers: dict[str, Callable[..., Any]] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Subscription:
+    """The message rules of one workflow on one subject (and stream)."""
+
+    bound: BoundWorkflow
+    subject: str
+    stream: str | None
+    rules: list[RuleDef]
+
+    @property
+    def durable(self) -> str:
+        digest = hashlib.sha1(self.subject.encode()).hexdigest()[:10]
+        return f"reactive_{self.bound.definition.id}_{digest}".replace("-", "_")
+
+    @property
+    def queue(self) -> str:
+        return f"reactive.{self.bound.definition.id}"
+
+
+class Registry:
+    """Registered workflows and the indexes the runtime routes with."""
+
+    def __init__(self) -> None:
+        self.workflows: dict[str, BoundWorkflow] = {}
+        self._kv: dict[str, PatternIndex[tuple[BoundWorkflow, RuleDef]]] = {}
+        self.subscriptions: dict[tuple[str, str, str | None], Subscription] = {}
+
+    def add(self, workflow: type[Workflow] | Workflow) -> BoundWorkflow:
+        definition = definition_of(workflow)
+        if definition.id in self.workflows:
+            raise ReactiveError(f"workflow {definition.id!r} is already registered")
+        instance = workflow() if isinstance(workflow, type) else workflow
+        bound = BoundWorkflow(definition, instance)
+        for r in definition.rules:
+            bound.methods[r.id] = getattr(instance, r.method_name)
+            if r.result_handler_name:
+                bound.handlers[r.id] = getattr(instance, r.result_handler_name)
+        self.workflows[definition.id] = bound
+        for r in definition.rules:
+            if r.mode is TriggerMode.STATE:
+                self._kv.setdefault(r.bucket, PatternIndex()).add(r.pattern, (bound, r))
+            else:
+                key = (definition.id, r.subject, r.stream)
+                sub = self.subscriptions.get(key)
+                if sub is None:
+                    sub = self.subscriptions[key] = Subscription(bound, r.subject, r.stream, [])
+                sub.rules.append(r)
+        return bound
+
+    def get(self, workflow: str | type[Workflow] | Workflow) -> BoundWorkflow:
+        wf_id = workflow if isinstance(workflow, str) else definition_of(workflow).id
+        try:
+            return self.workflows[wf_id]
+        except KeyError:
+            raise ReactiveError(f"workflow {wf_id!r} is not registered") from None
+
+    @property
+    def watched_buckets(self) -> list[str]:
+        return list(self._kv)
+
+    def state_buckets(self) -> set[str]:
+        buckets = {b.definition.bucket for b in self.workflows.values()}
+        buckets.update(self._kv)
+        return buckets
+
+    def match_kv(self, bucket: str, key: str) -> list[tuple[BoundWorkflow, list[RuleDef]]]:
+        """The workflows with rules watching ``key``, each with those rules in definition order."""
+        index = self._kv.get(bucket)
+        if index is None:
+            return []
+        hits = index.match(key)
+        if not hits:
+            return []
+        if len(hits) == 1:
+            return [(hits[0][0], [hits[0][1]])]
+        grouped: dict[int, tuple[BoundWorkflow, list[RuleDef]]] = {}
+        for bound, r in hits:
+            entry = grouped.get(id(bound))
+            if entry is None:
+                grouped[id(bound)] = (bound, [r])
+            else:
+                entry[1].append(r)
+        out = list(grouped.values())
+        for _, rules in out:
+            rules.sort(key=lambda r: r.index)
+        return out
+
+    def has_kv_rules(self, bucket: str, key: str) -> bool:
+        index = self._kv.get(bucket)
+        return index is not None and bool(index.match(key))
