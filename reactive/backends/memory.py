@@ -561,6 +561,21 @@ class MemoryBackend:
         if bucket not in self._buckets:
             self._buckets[bucket] = _Bucket(bucket)
 
+    def peek(self, bucket: str, key: str) -> KVEntry | None:
+        """``kv_get`` without awaiting, for test assertions; None for a missing bucket too."""
+        b = self._buckets.get(bucket)
+        entry = b.latest.get(key) if b is not None else None
+        return entry if entry is not None and entry.operation == "PUT" else None
+
+    def peek_keys(self, bucket: str, pattern: str = ">") -> list[str]:
+        """``kv_keys`` without awaiting, for test assertions; [] for a missing bucket."""
+        b = self._buckets.get(bucket)
+        if b is None:
+            return []
+        return sorted(
+            k for k, e in b.latest.items() if e.operation == "PUT" and matches_pattern(k, pattern)
+        )
+
     async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
         b = self._bucket(bucket)
         _check_key(key)
