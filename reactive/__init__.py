@@ -6,6 +6,8 @@ NATS KV, written by compare-and-set.
 
 from __future__ import annotations
 
+import msgspec as _msgspec
+
 from reactive.backends.memory import MemoryBackend
 from reactive.backends.nats import NatsBackend
 from reactive.backends.server import NatsServer
@@ -75,9 +77,13 @@ __all__ = [
 
 __version__ = "0.1.0"
 
+# Show public names as reactive.X in tracebacks and docs (httpx's habit). msgspec
+# structs keep their module: msgspec resolves their annotations there.
 for _name in __all__:
     _obj = globals()[_name]
-    if isinstance(_obj, type) or callable(_obj):
+    if (isinstance(_obj, type) and not issubclass(_obj, _msgspec.Struct)) or (
+        callable(_obj) and not isinstance(_obj, type)
+    ):
         try:
             _obj.__module__ = "reactive"
         except (AttributeError, TypeError):
