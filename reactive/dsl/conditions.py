@@ -41,7 +41,7 @@ class Condition:
 
     def __init__(self, fn: ConditionFunc, description: str | None = None) -> None:
         self.fn = fn
-        self.description = description or getattr(fn, "__name__", repr(fn))
+        self.description: str = description or str(getattr(fn, "__name__", repr(fn)))
 
     def __call__(self, ctx: RuleContext[Any, Any]) -> bool:
         return bool(self.fn(ctx))
@@ -68,7 +68,7 @@ class Condition:
 def _describe(c: ConditionFunc) -> str:
     if isinstance(c, Condition):
         return c.description
-    return getattr(c, "__name__", repr(c))
+    return str(getattr(c, "__name__", repr(c)))
 
 
 def as_condition(c: ConditionFunc) -> Condition:
@@ -120,7 +120,9 @@ def not_(c: ConditionFunc) -> Condition:
     return Condition(lambda ctx: not c(ctx), f"~{_describe(c)}")
 
 
-def _flatten(conditions: Iterable[ConditionFunc | Sequence[ConditionFunc]]) -> Iterable[ConditionFunc]:
+def _flatten(
+    conditions: Iterable[ConditionFunc | Sequence[ConditionFunc]],
+) -> Iterable[ConditionFunc]:
     for c in conditions:
         if isinstance(c, list | tuple):
             yield from _flatten(c)

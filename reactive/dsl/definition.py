@@ -13,27 +13,21 @@ from reactive.dsl.state import ExecutionState
 __all__ = ["ActionType", "RuleDef", "TriggerMode", "WorkflowDef"]
 
 
-class TriggerMode(str, enum.Enum):
+class TriggerMode(enum.StrEnum):
     """Which reactive primitive(s) trigger a rule."""
 
     STATE = "kv"
     MESSAGE = "message"
     MESSAGE_AND_STATE = "message+state"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ActionType(str, enum.Enum):
+class ActionType(enum.StrEnum):
     """What happens when a rule fires."""
 
     PUBLISH = "publish"
     PUBLISH_ASYNC = "publish_async"
     MUTATE = "mutate"
     COMPLETE = "complete"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -36,4 +36,6 @@ def parse_duration(value: Duration) -> float:
             return float(text)
         except ValueError:
             pass
-    raise ValueError(f"not a duration: {value!r} (use seconds, a timedelta, or e.g. '30s', '10m', '1h')")
+    raise ValueError(
+        f"not a duration: {value!r} (use seconds, a timedelta, or e.g. '30s', '10m', '1h')"
+    )

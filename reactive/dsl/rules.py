@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, TypeVar, overload
 
@@ -13,36 +14,33 @@ __all__ = ["RuleMethod", "RuleOptions", "rule"]
 F = TypeVar("F", bound=Callable[..., Any])
 H = TypeVar("H", bound=Callable[..., Any])
 
-ConditionArg = Callable[[RuleContext[Any, Any]], bool] | Sequence[Callable[[RuleContext[Any, Any]], bool]]
+ConditionArg = (
+    Callable[[RuleContext[Any, Any]], bool] | Sequence[Callable[[RuleContext[Any, Any]], bool]]
+)
 
 _UNSET: Any = object()
 
 
+@dataclass(frozen=True, slots=True)
 class RuleOptions:
     """The decorator's arguments, as given; checked by the class pass."""
 
-    __slots__ = (
-        "bucket",
-        "complete",
-        "cooldown",
-        "id",
-        "max_firings",
-        "message",
-        "mutate",
-        "on_deletes",
-        "on_subject",
-        "publish",
-        "publish_async",
-        "state_key",
-        "stream",
-        "watch_kv",
-        "when",
-        "when_any",
-    )
-
-    def __init__(self, **kwargs: Any) -> None:
-        for name in self.__slots__:
-            setattr(self, name, kwargs.get(name))
+    id: str | None = None
+    watch_kv: str | bool | None = None
+    bucket: str | None = None
+    on_subject: str | None = None
+    stream: str | None = None
+    state_key: Callable[[Any], str] | None = None
+    message: Any = None
+    when: Any = None
+    when_any: Any = None
+    publish: str | None = None
+    publish_async: str | None = None
+    mutate: bool | Callable[[RuleContext[Any, Any]], None] = False
+    complete: bool = False
+    cooldown: float | str | timedelta | None = None
+    max_firings: int | None = None
+    on_deletes: bool = False
 
 
 class RuleMethod(Generic[F]):

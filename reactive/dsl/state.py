@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """The overall status of an execution. The last four are terminal."""
 
     PENDING = "pending"
@@ -32,9 +32,6 @@ class Status(str, enum.Enum):
     FAILED = "failed"
     ESCALATED = "escalated"
     TIMED_OUT = "timed_out"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def is_terminal(self) -> bool:

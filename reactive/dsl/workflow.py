@@ -105,10 +105,14 @@ def definition_of(workflow: type[Workflow] | Workflow) -> WorkflowDef:
     return d
 
 
-def _option(cls: type, namespace: dict[str, Any], options: dict[str, Any], name: str, default: Any) -> Any:
+def _option(
+    cls: type, namespace: dict[str, Any], options: dict[str, Any], name: str, default: Any
+) -> Any:
     if name in options:
         return options[name]
-    if name in namespace and not callable(namespace[name]) or name == "state" and name in namespace:
+    if (name in namespace and not callable(namespace[name])) or (
+        name == "state" and name in namespace
+    ):
         return namespace[name]
     for base in cls.__mro__[1:]:
         d = base.__dict__.get("__reactive__")
@@ -237,9 +241,7 @@ def _compile(
     rules: list[RuleDef] = []
     seen_ids: dict[str, str] = {}
     for index, (attr, method) in enumerate(methods.items()):
-        rd = _compile_rule(
-            wf_id, bucket, state_type, index, attr, method, localns, reasons
-        )
+        rd = _compile_rule(wf_id, bucket, state_type, index, attr, method, localns, reasons)
         if rd is None:
             continue
         if rd.id in seen_ids:
@@ -309,14 +311,18 @@ def _compile_rule(
         if problem:
             bad(problem)
     if pattern and subject:
-        bad("watch_kv and on_subject are two triggers; use on_subject with state_key for message + state")
+        bad(
+            "watch_kv and on_subject are two triggers; use on_subject with state_key for message + state"
+        )
     if not pattern and not subject:
         bad("no trigger: give watch_kv=... or on_subject=...")
     if o.state_key is not None and not subject:
         bad("state_key needs on_subject")
     if o.state_key is not None and not callable(o.state_key):
         bad("state_key must be a callable msg -> execution id")
-    if o.stream is not None and (not subject or not isinstance(o.stream, str) or not _BUCKET_RE.match(o.stream)):
+    if o.stream is not None and (
+        not subject or not isinstance(o.stream, str) or not _BUCKET_RE.match(o.stream)
+    ):
         bad("stream needs on_subject and a valid stream name (letters, digits, '-' and '_')")
     if o.bucket is not None and not pattern:
         bad("bucket applies to watch_kv rules")
@@ -346,7 +352,16 @@ def _compile_rule(
                 problem = validate_subject(value, wildcards=False)
                 if problem:
                     bad(f"{opt}: {problem}")
-    chosen = [n for n, v in (("publish", has_publish), ("publish_async", has_async), ("mutate", has_mutate), ("complete", has_complete)) if v]
+    chosen = [
+        n
+        for n, v in (
+            ("publish", has_publish),
+            ("publish_async", has_async),
+            ("mutate", has_mutate),
+            ("complete", has_complete),
+        )
+        if v
+    ]
     allowed_pairs = ({"publish", "mutate"}, {"publish", "complete"})
     if not chosen:
         bad("no action: give publish=, publish_async=, mutate=True or complete=True")
@@ -374,7 +389,9 @@ def _compile_rule(
     message_type = o.message if o.message is not None else ctx_message
     if subject:
         if message_type is _UNSET or message_type is None:
-            bad("cannot tell the message type: annotate ctx as RuleContext[State, Message] or pass message=")
+            bad(
+                "cannot tell the message type: annotate ctx as RuleContext[State, Message] or pass message="
+            )
             message_type = None
         else:
             problem = _decodable(message_type)
@@ -388,7 +405,9 @@ def _compile_rule(
         and mode is not TriggerMode.MESSAGE
         and not issubclass(state_type, ctx_state)
     ):
-        bad(f"ctx is annotated with state {ctx_state.__name__}, but the workflow state is {state_type.__name__}")
+        bad(
+            f"ctx is annotated with state {ctx_state.__name__}, but the workflow state is {state_type.__name__}"
+        )
 
     result_type: Any = None
     handler_name: str | None = None
@@ -402,7 +421,9 @@ def _compile_rule(
             if result_type is _UNSET:
                 result_type = _param_hint(handler, _resolve_hints(handler, localns), 2)
             if result_type is _UNSET:
-                bad("cannot tell the result type: annotate the handler's result parameter or use @<rule>.on_result(Type)")
+                bad(
+                    "cannot tell the result type: annotate the handler's result parameter or use @<rule>.on_result(Type)"
+                )
                 result_type = None
             else:
                 problem = _decodable(result_type)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+import typing
+from collections.abc import Hashable
+from functools import cache
 from typing import Any
 
 import msgspec
@@ -15,7 +17,7 @@ _encoder = msgspec.json.Encoder()
 encode_json = _encoder.encode
 
 
-@lru_cache(maxsize=None)
+@cache
 def decoder_for(tp: Any) -> msgspec.json.Decoder[Any]:
     return msgspec.json.Decoder(tp)
 
@@ -45,20 +47,26 @@ def encode(payload: Any) -> bytes:
 _CALLBACK_FIELDS = ("task_id", "callback_subject", "execution_id")
 
 
-@lru_cache(maxsize=None)
-def callback_fields_of(tp: type) -> tuple[str, ...]:
+@cache
+def callback_fields_of(tp: Any) -> tuple[str, ...]:
     """Which callback fields a payload struct type declares."""
     if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
         return tuple(f for f in _CALLBACK_FIELDS if f in tp.__struct_fields__)
     return ()
 
 
-def inject_callback_fields(payload: Any, task_id: str, callback_subject: str, execution_id: str) -> Any:
+def inject_callback_fields(
+    payload: Any, task_id: str, callback_subject: str, execution_id: str
+) -> Any:
     """Set the callback fields that ``payload`` declares (a struct or a dict)."""
-    values = {"task_id": task_id, "callback_subject": callback_subject, "execution_id": execution_id}
+    values = {
+        "task_id": task_id,
+        "callback_subject": callback_subject,
+        "execution_id": execution_id,
+    }
     if isinstance(payload, dict):
         return {**payload, **values}
-    fields = callback_fields_of(type(payload))
+    fields = callback_fields_of(typing.cast(Hashable, type(payload)))
     if fields:
         return msgspec.structs.replace(payload, **{f: values[f] for f in fields})
     return payload

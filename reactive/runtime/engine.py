@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import typing
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable
@@ -240,7 +241,9 @@ class Engine:
         validate_execution_id(execution_id)
         st = state if state is not None else d.state_type()
         if not isinstance(st, d.state_type):
-            raise TypeError(f"state for {d.id} must be a {d.state_type.__name__}, not {type(st).__name__}")
+            raise TypeError(
+                f"state for {d.id} must be a {d.state_type.__name__}, not {type(st).__name__}"
+            )
         now = self.clock.now()
         st.initialize(execution_id, d.id, now, d.timeout)
         st.owner = self.instance_id
@@ -345,10 +348,14 @@ class Engine:
                             first = False
                         backoff = 0.1
                         async for entry in entries:
-                            if entry.operation == "PUT" or self.registry.has_kv_rules(bucket, entry.key):
+                            if entry.operation == "PUT" or self.registry.has_kv_rules(
+                                bucket, entry.key
+                            ):
                                 await self._enqueue_kv(entry)
                 except BackendError as e:
-                    log.warning("watch of bucket %s failed (%s); retrying in %.1fs", bucket, e, backoff)
+                    log.warning(
+                        "watch of bucket %s failed (%s); retrying in %.1fs", bucket, e, backoff
+                    )
                     await anyio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
 
@@ -369,7 +376,7 @@ class Engine:
             raise
 
     def _on_timer(self, target: Hashable) -> None:
-        wf_id, bucket, key = target  # type: ignore[misc]
+        wf_id, bucket, key = typing.cast(tuple[str, str, str], target)
         if not self._senders:
             return
         self._inflight += 1
@@ -397,7 +404,9 @@ class Engine:
                     async for msg in messages:
                         await self._route_message(sub, msg)
             except BackendError as e:
-                log.warning("subscription to %s failed (%s); retrying in %.1fs", sub.subject, e, backoff)
+                log.warning(
+                    "subscription to %s failed (%s); retrying in %.1fs", sub.subject, e, backoff
+                )
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -428,7 +437,13 @@ class Engine:
                     return
                 except Exception as e:
                     self.metrics.poison_messages.labels(d.id, "state_key").inc()
-                    log.warning("terminating message on %s: state_key of %s.%s failed: %r", msg.subject, d.id, r.id, e)
+                    log.warning(
+                        "terminating message on %s: state_key of %s.%s failed: %r",
+                        msg.subject,
+                        d.id,
+                        r.id,
+                        e,
+                    )
                     await self._settle(msg, "term")
                     return
                 keyed[r.id] = exec_id
@@ -443,7 +458,9 @@ class Engine:
         backoff = 0.1
         while True:
             try:
-                async with self.backend.consume(self.callback_stream, durable, prefix + ">") as messages:
+                async with self.backend.consume(
+                    self.callback_stream, durable, prefix + ">"
+                ) as messages:
                     if first:
                         self._ready_count += 1
                         first = False
@@ -459,7 +476,9 @@ class Engine:
                             continue
                         await self._enqueue(d.key(exec_id), (_CALLBACK, bound, msg, exec_id))
             except BackendError as e:
-                log.warning("callback consumer for %s failed (%s); retrying in %.1fs", d.id, e, backoff)
+                log.warning(
+                    "callback consumer for %s failed (%s); retrying in %.1fs", d.id, e, backoff
+                )
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -496,18 +515,23 @@ class Engine:
             if latest == entry.revision:
                 self._latest.pop(k, None)
             for bound, rules in self.registry.match_kv(entry.bucket, entry.key):
-                await self._guard_kv(bound, entry.bucket, entry.key, self._evaluate_kv(bound, rules, entry, "kv"))
+                await self._guard_kv(
+                    bound, entry.bucket, entry.key, self._evaluate_kv(bound, rules, entry, "kv")
+                )
         elif kind == _TIMER:
             _, wf_id, bucket, key = item
-            bound = self.registry.workflows.get(wf_id)
-            if bound is None:
+            found = self.registry.workflows.get(wf_id)
+            if found is None:
                 return
+            bound = found
 
             async def timer_eval() -> None:
                 entry = await self.backend.kv_get(bucket, key)
                 if entry is None:
                     return
-                rules = [r for b, rs in self.registry.match_kv(bucket, key) if b is bound for r in rs]
+                rules = [
+                    r for b, rs in self.registry.match_kv(bucket, key) if b is bound for r in rs
+                ]
                 await self._evaluate_kv(bound, rules, entry, "timer")
 
             await self._guard_kv(bound, bucket, key, timer_eval())
@@ -516,7 +540,9 @@ class Engine:
         elif kind == _CALLBACK:
             await self._handle_callback(*item[1:])
 
-    async def _guard_kv(self, bound: BoundWorkflow, bucket: str, key: str, work: Awaitable[None]) -> None:
+    async def _guard_kv(
+        self, bound: BoundWorkflow, bucket: str, key: str, work: Awaitable[None]
+    ) -> None:
         """Run KV-side work; on a transient failure, evaluate the key again later with backoff."""
         target = (bound.definition.id, bucket, key)
         try:
@@ -531,15 +557,24 @@ class Engine:
 
     # ------------------------------------------------------------------ evaluation: KV
 
-    async def _evaluate_kv(self, bound: BoundWorkflow, rules: list[RuleDef], entry: KVEntry, mode: str) -> None:
+    async def _evaluate_kv(
+        self, bound: BoundWorkflow, rules: list[RuleDef], entry: KVEntry, mode: str
+    ) -> None:
         d = bound.definition
         if entry.operation != "PUT":
             for r in rules:
                 if r.on_deletes:
                     ctx: RuleContext[Any, Any] = RuleContext(
-                        state=None, message=None, workflow_id=d.id, execution_id=d.execution_id_for(entry.key),
-                        key=entry.key, bucket=entry.bucket, revision=entry.revision, trigger_mode=mode,
-                        now=self.clock.now(), rule_id=r.id,
+                        state=None,
+                        message=None,
+                        workflow_id=d.id,
+                        execution_id=d.execution_id_for(entry.key),
+                        key=entry.key,
+                        bucket=entry.bucket,
+                        revision=entry.revision,
+                        trigger_mode=mode,
+                        now=self.clock.now(),
+                        rule_id=r.id,
                     )
                     if self._check(bound, r, ctx):
                         await self._fire_nonwriting(bound, r, ctx, f"r{entry.revision}")
@@ -548,9 +583,17 @@ class Engine:
             state = decode(d.state_type, entry.value)
         except DecodeError as e:
             self.metrics.state_decode_errors.labels(d.id).inc()
-            log.warning("leaving undecodable state %s/%s rev %d: %s", entry.bucket, entry.key, entry.revision, e)
+            log.warning(
+                "leaving undecodable state %s/%s rev %d: %s",
+                entry.bucket,
+                entry.key,
+                entry.revision,
+                e,
+            )
             return
-        await self._evaluate_state(bound, rules, entry.bucket, entry.key, entry.revision, entry.value, state, mode)
+        await self._evaluate_state(
+            bound, rules, entry.bucket, entry.key, entry.revision, entry.value, state, mode
+        )
 
     async def _evaluate_state(
         self,
@@ -583,8 +626,15 @@ class Engine:
         writer: RuleDef | None = None
         others: list[RuleDef] = []
         ctx: RuleContext[Any, Any] = RuleContext(
-            state=state, message=None, workflow_id=d.id, execution_id=state.id or exec_id, key=key,
-            bucket=bucket, revision=revision, trigger_mode=mode, now=now,
+            state=state,
+            message=None,
+            workflow_id=d.id,
+            execution_id=state.id or exec_id,
+            key=key,
+            bucket=bucket,
+            revision=revision,
+            trigger_mode=mode,
+            now=now,
         )
         trigger = f"r{revision}"
         for r in rules:
@@ -609,7 +659,9 @@ class Engine:
                 base = decode(d.state_type, raw)
                 if base.status is Status.PENDING:
                     base.initialize(base.id or exec_id, d.id, now, d.timeout)
-                await self._fire_writing(bound, writer, bucket, key, revision, base, None, mode, key, trigger)
+                await self._fire_writing(
+                    bound, writer, bucket, key, revision, base, None, mode, key, trigger
+                )
             elif needs_init:
                 state.updated_at = _utc(now)
                 state.owner = self.instance_id
@@ -625,13 +677,22 @@ class Engine:
             fired = bool(r.condition(ctx))
         except Exception as e:
             self.metrics.dispatch_errors.labels(bound.definition.id, r.id).inc()
-            log.warning("condition of %s.%s raised %r; treated as false", bound.definition.id, r.id, e)
+            log.warning(
+                "condition of %s.%s raised %r; treated as false", bound.definition.id, r.id, e
+            )
             fired = False
-        self.metrics.rule_evaluations.labels(bound.definition.id, r.id, "true" if fired else "false").inc()
+        self.metrics.rule_evaluations.labels(
+            bound.definition.id, r.id, "true" if fired else "false"
+        ).inc()
         return fired
 
     def _limited(
-        self, r: RuleDef, firing: Firing | FiringRecord | None, trigger: str, now: float, target: Hashable | None
+        self,
+        r: RuleDef,
+        firing: Firing | FiringRecord | None,
+        trigger: str,
+        now: float,
+        target: Hashable | None,
     ) -> bool:
         """Whether cooldown, max firings or an earlier firing for this trigger hold the rule back."""
         if firing is None:
@@ -670,14 +731,18 @@ class Engine:
             task_deadline = state.task_deadline.timestamp()
             if now >= task_deadline:
                 rule_id, task_id = state.pending_rule_id, state.pending_task_id
-                reason = f"task {task_id} of rule {rule_id} got no callback within {d.task_timeout:g}s"
+                reason = (
+                    f"task {task_id} of rule {rule_id} got no callback within {d.task_timeout:g}s"
+                )
                 if d.on_task_timeout == "escalate":
                     state.escalate(reason)
                 else:
                     state.fail(reason)
                 self.metrics.pending_callbacks.labels(d.id).dec()
                 self.metrics.callbacks_received.labels(d.id, rule_id, "timeout").inc()
-                self._terminal_bookkeeping(d, state, None, now, "timer", "task_timeout", "task_timeout")
+                self._terminal_bookkeeping(
+                    d, state, None, now, "timer", "task_timeout", "task_timeout"
+                )
                 await self._write(d, bucket, key, revision, state)
                 return True
             self.timers.schedule(task_deadline, target)
@@ -709,8 +774,17 @@ class Engine:
         started = anyio.current_time()
         exec_id = work.id or d.execution_id_for(key)
         ctx: RuleContext[Any, Any] = RuleContext(
-            state=work, message=message, workflow_id=d.id, execution_id=exec_id, key=key, bucket=bucket,
-            revision=revision, trigger_mode=mode, now=now, rule_id=r.id, subject=info if mode != "kv" else "",
+            state=work,
+            message=message,
+            workflow_id=d.id,
+            execution_id=exec_id,
+            key=key,
+            bucket=bucket,
+            revision=revision,
+            trigger_mode=mode,
+            now=now,
+            rule_id=r.id,
+            subject=info if mode != "kv" else "",
         )
         was_terminal = work.status in _TERMINAL
         outbox: list[OutboxMessage] = []
@@ -725,7 +799,11 @@ class Engine:
         else:
             r_action = r.action.value
             if r.action is ActionType.PUBLISH:
-                outbox.append(self._outbox_msg(r.publish_subject, encode(payload), d, exec_id, revision, len(outbox), r.id))
+                outbox.append(
+                    self._outbox_msg(
+                        r.publish_subject, encode(payload), d, exec_id, revision, len(outbox), r.id
+                    )
+                )
             elif r.action is ActionType.PUBLISH_ASYNC and work.status not in _TERMINAL:
                 task_id = f"{exec_id}-{r.id}-{revision}"
                 callback_subject = f"{self.callback_prefix}.{d.id}.{exec_id}"
@@ -733,7 +811,9 @@ class Engine:
                 work.set_pending_task(task_id, r.id)
                 work.task_deadline = _utc(now + d.task_timeout)
                 work.pending_since = _utc(now)
-                msg = self._outbox_msg(r.publish_subject, encode(payload), d, exec_id, revision, len(outbox), r.id)
+                msg = self._outbox_msg(
+                    r.publish_subject, encode(payload), d, exec_id, revision, len(outbox), r.id
+                )
                 msg.headers = {
                     "Reactive-Task-Id": task_id,
                     "Reactive-Callback-Subject": callback_subject,
@@ -744,8 +824,16 @@ class Engine:
                 if work.status not in _TERMINAL:
                     work.complete()
                 if r.publish_subject:
-                    data = encode(payload) if payload is not None else encode_json(self._completion_event(d, work, now))
-                    outbox.append(self._outbox_msg(r.publish_subject, data, d, exec_id, revision, len(outbox), r.id))
+                    data = (
+                        encode(payload)
+                        if payload is not None
+                        else encode_json(self._completion_event(d, work, now))
+                    )
+                    outbox.append(
+                        self._outbox_msg(
+                            r.publish_subject, data, d, exec_id, revision, len(outbox), r.id
+                        )
+                    )
         if d.max_iterations and work.iteration > d.max_iterations and work.status not in _TERMINAL:
             limit = d.max_iterations
             base = work
@@ -762,12 +850,21 @@ class Engine:
         work.firings[r.id] = firing
         work.timeline.append(
             TimelineEntry(
-                timestamp=_utc(now), rule_id=r.id, trigger_mode=mode, trigger_info=info, action=r_action,
-                phase=work.phase, iteration=work.iteration,
+                timestamp=_utc(now),
+                rule_id=r.id,
+                trigger_mode=mode,
+                trigger_info=info,
+                action=r_action,
+                phase=work.phase,
+                iteration=work.iteration,
             )
         )
         if not was_terminal and work.status in _TERMINAL:
-            reason = "max_iterations" if r_action == "escalate" else ("rule_error" if r_action == "error" else "rule")
+            reason = (
+                "max_iterations"
+                if r_action == "escalate"
+                else ("rule_error" if r_action == "error" else "rule")
+            )
             self._terminal_bookkeeping(d, work, outbox, now, None, None, reason)
         else:
             work.outbox = outbox
@@ -785,17 +882,37 @@ class Engine:
         self.metrics.rule_duration.labels(d.id, r.id).observe(anyio.current_time() - started)
         log.info(
             "transition workflow=%s execution=%s rule=%s action=%s phase=%s status=%s",
-            d.id, exec_id, r.id, r_action, work.phase, work.status.value,
+            d.id,
+            exec_id,
+            r.id,
+            r_action,
+            work.phase,
+            work.status.value,
         )
 
     def _outbox_msg(
-        self, subject: str, data: bytes, d: WorkflowDef, exec_id: str, revision: int, index: int, tag: str
+        self,
+        subject: str,
+        data: bytes,
+        d: WorkflowDef,
+        exec_id: str,
+        revision: int,
+        index: int,
+        tag: str,
     ) -> OutboxMessage:
-        return OutboxMessage(subject=subject, data=data, msg_id=f"{d.id}:{exec_id}:{revision}:{index}:{tag}")
+        return OutboxMessage(
+            subject=subject, data=data, msg_id=f"{d.id}:{exec_id}:{revision}:{index}:{tag}"
+        )
 
-    def _completion_event(self, d: WorkflowDef, st: ExecutionState, now: float) -> WorkflowCompletionEvent:
+    def _completion_event(
+        self, d: WorkflowDef, st: ExecutionState, now: float
+    ) -> WorkflowCompletionEvent:
         return WorkflowCompletionEvent(
-            execution_id=st.id, workflow_id=d.id, status=st.status.value, phase=st.phase, completed_at=_utc(now)
+            execution_id=st.id,
+            workflow_id=d.id,
+            status=st.status.value,
+            phase=st.phase,
+            completed_at=_utc(now),
         )
 
     def _terminal_bookkeeping(
@@ -822,13 +939,21 @@ class Engine:
         elif st.status is Status.ESCALATED:
             subject = d.on_escalate
             event = WorkflowEscalationEvent(
-                execution_id=st.id, workflow_id=d.id, phase=st.phase, reason=st.error, escalated_at=_utc(now)
+                execution_id=st.id,
+                workflow_id=d.id,
+                phase=st.phase,
+                reason=st.error,
+                escalated_at=_utc(now),
             )
             self.metrics.executions_escalated.labels(d.id, reason).inc()
         else:
             subject = d.on_fail
             event = WorkflowFailureEvent(
-                execution_id=st.id, workflow_id=d.id, phase=st.phase, error=st.error, failed_at=_utc(now)
+                execution_id=st.id,
+                workflow_id=d.id,
+                phase=st.phase,
+                error=st.error,
+                failed_at=_utc(now),
             )
             if st.status is Status.TIMED_OUT:
                 self.metrics.executions_timed_out.labels(d.id).inc()
@@ -837,26 +962,44 @@ class Engine:
         self.metrics.execution_duration.labels(d.id, st.status.value).observe(max(duration, 0.0))
         if subject:
             out.append(
-                OutboxMessage(subject=subject, data=encode_json(event), msg_id=f"{d.id}:{st.id}:{st.status.value}")
+                OutboxMessage(
+                    subject=subject,
+                    data=encode_json(event),
+                    msg_id=f"{d.id}:{st.id}:{st.status.value}",
+                )
             )
         if rule_id is not None:
             st.timeline.append(
                 TimelineEntry(
-                    timestamp=_utc(now), rule_id=rule_id, trigger_mode=mode or "", action=st.status.value,
-                    phase=st.phase, iteration=st.iteration,
+                    timestamp=_utc(now),
+                    rule_id=rule_id,
+                    trigger_mode=mode or "",
+                    action=st.status.value,
+                    phase=st.phase,
+                    iteration=st.iteration,
                 )
             )
         st.outbox = out
         st.outbox_id = f"{d.id}:{st.id}:{st.status.value}" if out else ""
-        log.info("execution %s workflow=%s execution=%s reason=%s", st.status.value, d.id, st.id, st.error or reason)
+        log.info(
+            "execution %s workflow=%s execution=%s reason=%s",
+            st.status.value,
+            d.id,
+            st.id,
+            st.error or reason,
+        )
 
-    async def _write(self, d: WorkflowDef, bucket: str, key: str, revision: int, st: ExecutionState) -> None:
+    async def _write(
+        self, d: WorkflowDef, bucket: str, key: str, revision: int, st: ExecutionState
+    ) -> None:
         """Commit a lifecycle write (timeout, task timeout, start) made by the engine itself."""
         if st.outbox and not st.outbox_id:
             st.outbox_id = f"{d.id}:{st.id}:{revision}"
         await self._commit(d, bucket, key, revision, st)
 
-    async def _commit(self, d: WorkflowDef, bucket: str, key: str, revision: int, st: ExecutionState) -> int:
+    async def _commit(
+        self, d: WorkflowDef, bucket: str, key: str, revision: int, st: ExecutionState
+    ) -> int:
         """Compare-and-set the state, then deliver its outbox. Raises ConflictError if it lost."""
         data = encode_json(st)
         try:
@@ -875,7 +1018,9 @@ class Engine:
 
     async def _flush(self, bucket: str, key: str, st: ExecutionState) -> None:
         for m in st.outbox:
-            await self.backend.publish(m.subject, m.data, headers=m.headers or None, msg_id=m.msg_id)
+            await self.backend.publish(
+                m.subject, m.data, headers=m.headers or None, msg_id=m.msg_id
+            )
         await self.backend.kv_put(self.meta_bucket, f"out.{bucket}.{key}", st.outbox_id.encode())
         self._mark_delivered(bucket, key, st.outbox_id)
 
@@ -901,7 +1046,9 @@ class Engine:
             # Its writer is probably delivering it now; look again when the grace is over.
             self.timers.schedule(written + self.outbox_grace, target)
             return False
-        log.info("delivering outbox %s of %s/%s left by %s", st.outbox_id, bucket, key, st.owner or "?")
+        log.info(
+            "delivering outbox %s of %s/%s left by %s", st.outbox_id, bucket, key, st.owner or "?"
+        )
         await self._flush(bucket, key, st)
         return True
 
@@ -913,7 +1060,11 @@ class Engine:
         d = bound.definition
         exec_part = f"{ctx.bucket}.{ctx.key}" if ctx.key else "_"
         msg_id = f"{d.id}:{r.id}:{exec_part}:{trigger}"
-        claim = r.mode is TriggerMode.STATE or r.has_limits or (r.mode is TriggerMode.MESSAGE_AND_STATE and not trigger.startswith("c"))
+        claim = (
+            r.mode is TriggerMode.STATE
+            or r.has_limits
+            or (r.mode is TriggerMode.MESSAGE_AND_STATE and not trigger.startswith("c"))
+        )
         if not claim:
             payload = self._safe_build(bound, r, ctx)
             if payload is not _FAILED:
@@ -933,13 +1084,18 @@ class Engine:
             rev = entry.revision if entry is not None else 0
             now = self.clock.now()
             if rec.pending:
-                if rec.pending_owner != self.instance_id and now < rec.pending_at + self.outbox_grace:
+                if (
+                    rec.pending_owner != self.instance_id
+                    and now < rec.pending_at + self.outbox_grace
+                ):
                     if target is not None:
                         self.timers.schedule(rec.pending_at + self.outbox_grace, target)
                     return
                 try:
                     for m in rec.pending:
-                        await self.backend.publish(m.subject, m.data, headers=m.headers or None, msg_id=m.msg_id)
+                        await self.backend.publish(
+                            m.subject, m.data, headers=m.headers or None, msg_id=m.msg_id
+                        )
                     rec.pending = []
                     await self.backend.kv_update(self.meta_bucket, meta_key, encode_json(rec), rev)
                 except ConflictError:
@@ -959,9 +1115,13 @@ class Engine:
             rec.pending_at = now
             try:
                 if rev == 0:
-                    claimed = await self.backend.kv_create(self.meta_bucket, meta_key, encode_json(rec))
+                    claimed = await self.backend.kv_create(
+                        self.meta_bucket, meta_key, encode_json(rec)
+                    )
                 else:
-                    claimed = await self.backend.kv_update(self.meta_bucket, meta_key, encode_json(rec), rev)
+                    claimed = await self.backend.kv_update(
+                        self.meta_bucket, meta_key, encode_json(rec), rev
+                    )
             except ConflictError:
                 self.metrics.cas_conflicts.labels(d.id).inc()
                 continue
@@ -970,7 +1130,13 @@ class Engine:
             rec.pending = []
             with contextlib.suppress(ConflictError):
                 await self.backend.kv_update(self.meta_bucket, meta_key, encode_json(rec), claimed)
-            log.info("fired workflow=%s rule=%s key=%s trigger=%s action=publish", d.id, r.id, ctx.key or "-", trigger)
+            log.info(
+                "fired workflow=%s rule=%s key=%s trigger=%s action=publish",
+                d.id,
+                r.id,
+                ctx.key or "-",
+                trigger,
+            )
             return
         log.warning("gave up claiming %s after %d conflicts", meta_key, self.conflict_retries)
 
@@ -994,8 +1160,13 @@ class Engine:
             for r in sub.rules:
                 if r.mode is TriggerMode.MESSAGE:
                     ctx: RuleContext[Any, Any] = RuleContext(
-                        state=None, message=decoded[r.message_type], workflow_id=d.id, subject=msg.subject,
-                        trigger_mode="message", now=self.clock.now(), rule_id=r.id,
+                        state=None,
+                        message=decoded[r.message_type],
+                        workflow_id=d.id,
+                        subject=msg.subject,
+                        trigger_mode="message",
+                        now=self.clock.now(),
+                        rule_id=r.id,
                     )
                     if self._check(sub.bound, r, ctx):
                         await self._fire_nonwriting(sub.bound, r, ctx, trigger)
@@ -1007,12 +1178,18 @@ class Engine:
                 await self._message_with_state(sub.bound, rules, exec_id, msg, decoded, trigger)
         except TransientBackendError as e:
             delay = min(0.2 * 2 ** max(msg.num_delivered - 1, 0), 30.0)
-            log.warning("transient failure handling %s (%s); redelivery in %.1fs", msg.subject, e, delay)
+            log.warning(
+                "transient failure handling %s (%s); redelivery in %.1fs", msg.subject, e, delay
+            )
             await self._settle(msg, "nak", delay)
             return
         except DecodeError as e:
             self.metrics.state_decode_errors.labels(d.id).inc()
-            log.warning("terminating message on %s: the execution's state cannot be decoded: %s", msg.subject, e)
+            log.warning(
+                "terminating message on %s: the execution's state cannot be decoded: %s",
+                msg.subject,
+                e,
+            )
             await self._settle(msg, "term")
             return
         except Exception:
@@ -1048,13 +1225,17 @@ class Engine:
                 revision, raw = entry.revision, entry.value
                 state = decode(d.state_type, raw)
                 if state.outbox and not await self._outbox_settled(bucket, key, state, now, target):
-                    raise TransientBackendError(f"{key}: an earlier outbox is still being delivered")
+                    raise TransientBackendError(
+                        f"{key}: an earlier outbox is still being delivered"
+                    )
                 if state.status is Status.PENDING:
                     state.initialize(state.id or exec_id, d.id, now, d.timeout)
             if state.status in _TERMINAL:
                 return
             try:
-                if entry is not None and await self._enforce_deadlines(bound, bucket, key, revision, state, now, target):
+                if entry is not None and await self._enforce_deadlines(
+                    bound, bucket, key, revision, state, now, target
+                ):
                     return
                 writer: RuleDef | None = None
                 others: list[RuleDef] = []
@@ -1064,9 +1245,17 @@ class Engine:
                     if r.action is ActionType.PUBLISH_ASYNC and state.status is Status.WAITING:
                         continue
                     ctx: RuleContext[Any, Any] = RuleContext(
-                        state=state, message=decoded[r.message_type], workflow_id=d.id, execution_id=exec_id,
-                        key=key, bucket=bucket, revision=revision, subject=msg.subject,
-                        trigger_mode="message+state", now=now, rule_id=r.id,
+                        state=state,
+                        message=decoded[r.message_type],
+                        workflow_id=d.id,
+                        execution_id=exec_id,
+                        key=key,
+                        bucket=bucket,
+                        revision=revision,
+                        subject=msg.subject,
+                        trigger_mode="message+state",
+                        now=now,
+                        rule_id=r.id,
                     )
                     if not self._check(bound, r, ctx):
                         continue
@@ -1085,24 +1274,44 @@ class Engine:
                         if work.status is Status.PENDING:
                             work.initialize(work.id or exec_id, d.id, now, d.timeout)
                     await self._fire_writing(
-                        bound, writer, bucket, key, revision, work, decoded[writer.message_type],
-                        "message+state", msg.subject, trigger,
+                        bound,
+                        writer,
+                        bucket,
+                        key,
+                        revision,
+                        work,
+                        decoded[writer.message_type],
+                        "message+state",
+                        msg.subject,
+                        trigger,
                     )
                 for r in others:
                     ctx = RuleContext(
-                        state=state, message=decoded[r.message_type], workflow_id=d.id, execution_id=exec_id,
-                        key=key, bucket=bucket, revision=revision, subject=msg.subject,
-                        trigger_mode="message+state", now=now, rule_id=r.id,
+                        state=state,
+                        message=decoded[r.message_type],
+                        workflow_id=d.id,
+                        execution_id=exec_id,
+                        key=key,
+                        bucket=bucket,
+                        revision=revision,
+                        subject=msg.subject,
+                        trigger_mode="message+state",
+                        now=now,
+                        rule_id=r.id,
                     )
                     await self._fire_nonwriting(bound, r, ctx, trigger)
                 return
             except ConflictError:
                 continue
-        raise TransientBackendError(f"{key}: lost {self.conflict_retries} compare-and-sets in a row")
+        raise TransientBackendError(
+            f"{key}: lost {self.conflict_retries} compare-and-sets in a row"
+        )
 
     # ------------------------------------------------------------------ callbacks
 
-    async def _handle_callback(self, bound: BoundWorkflow, msg: InboundMessage, exec_id: str) -> None:
+    async def _handle_callback(
+        self, bound: BoundWorkflow, msg: InboundMessage, exec_id: str
+    ) -> None:
         d = bound.definition
         key = d.key(exec_id)
         bucket = d.bucket
@@ -1119,7 +1328,12 @@ class Engine:
             outcome = await self._apply_callback(bound, bucket, key, exec_id, env, msg)
         except TransientBackendError as e:
             delay = min(0.2 * 2 ** max(msg.num_delivered - 1, 0), 30.0)
-            log.warning("transient failure handling callback %s (%s); redelivery in %.1fs", msg.subject, e, delay)
+            log.warning(
+                "transient failure handling callback %s (%s); redelivery in %.1fs",
+                msg.subject,
+                e,
+                delay,
+            )
             await self._settle(msg, "nak", delay)
             return
         except Exception:
@@ -1129,7 +1343,13 @@ class Engine:
         await self._settle(msg, "term" if outcome == "poison" else "ack")
 
     async def _apply_callback(
-        self, bound: BoundWorkflow, bucket: str, key: str, exec_id: str, env: _Envelope, msg: InboundMessage
+        self,
+        bound: BoundWorkflow,
+        bucket: str,
+        key: str,
+        exec_id: str,
+        env: _Envelope,
+        msg: InboundMessage,
     ) -> str:
         d = bound.definition
         target = (d.id, bucket, key)
@@ -1155,7 +1375,9 @@ class Engine:
             r = d.rules_by_id.get(rule_id)
             if r is None:
                 state.fail(f"callback for unknown rule {rule_id!r}")
-                self._terminal_bookkeeping(d, state, None, now, "callback", rule_id, "callback_error")
+                self._terminal_bookkeeping(
+                    d, state, None, now, "callback", rule_id, "callback_error"
+                )
                 try:
                     await self._write(d, bucket, key, entry.revision, state)
                 except ConflictError:
@@ -1178,8 +1400,17 @@ class Engine:
                     return "poison"
                 work.clear_pending_task()
                 ctx: RuleContext[Any, Any] = RuleContext(
-                    state=work, message=None, workflow_id=d.id, execution_id=exec_id, key=key, bucket=bucket,
-                    revision=entry.revision, subject=msg.subject, trigger_mode="callback", now=now, rule_id=r.id,
+                    state=work,
+                    message=None,
+                    workflow_id=d.id,
+                    execution_id=exec_id,
+                    key=key,
+                    bucket=bucket,
+                    revision=entry.revision,
+                    subject=msg.subject,
+                    trigger_mode="callback",
+                    now=now,
+                    rule_id=r.id,
                 )
                 try:
                     bound.handlers[r.id](ctx, result)
@@ -1189,19 +1420,32 @@ class Engine:
                     work.fail(f"result handler of {r.id} raised {type(e).__name__}: {e}")
                     action = "error"
                 status = "ok"
-                if d.max_iterations and work.iteration > d.max_iterations and work.status not in _TERMINAL:
+                if (
+                    d.max_iterations
+                    and work.iteration > d.max_iterations
+                    and work.status not in _TERMINAL
+                ):
                     work = decode(d.state_type, entry.value)
                     work.iteration = d.max_iterations
-                    work.escalate(f"max iterations ({d.max_iterations}) exceeded by result of {r.id}")
+                    work.escalate(
+                        f"max iterations ({d.max_iterations}) exceeded by result of {r.id}"
+                    )
                     action = "escalate"
             work.timeline.append(
                 TimelineEntry(
-                    timestamp=_utc(now), rule_id=r.id, trigger_mode="callback", trigger_info=msg.subject,
-                    action=action if not env.error else "callback_error", phase=work.phase, iteration=work.iteration,
+                    timestamp=_utc(now),
+                    rule_id=r.id,
+                    trigger_mode="callback",
+                    trigger_info=msg.subject,
+                    action=action if not env.error else "callback_error",
+                    phase=work.phase,
+                    iteration=work.iteration,
                 )
             )
             if not was_terminal and work.status in _TERMINAL:
-                reason = {"escalate": "max_iterations", "error": "rule_error"}.get(action, "callback_error" if env.error else "rule")
+                reason = {"escalate": "max_iterations", "error": "rule_error"}.get(
+                    action, "callback_error" if env.error else "rule"
+                )
                 self._terminal_bookkeeping(d, work, outbox, now, None, None, reason)
             else:
                 work.outbox = outbox
@@ -1219,10 +1463,17 @@ class Engine:
             self.metrics.pending_callbacks.labels(d.id).dec()
             log.info(
                 "transition workflow=%s execution=%s rule=%s action=%s phase=%s status=%s",
-                d.id, exec_id, r.id, action, work.phase, work.status.value,
+                d.id,
+                exec_id,
+                r.id,
+                action,
+                work.phase,
+                work.status.value,
             )
             return "done"
-        raise TransientBackendError(f"{key}: lost {self.conflict_retries} compare-and-sets in a row")
+        raise TransientBackendError(
+            f"{key}: lost {self.conflict_retries} compare-and-sets in a row"
+        )
 
 
 _FAILED: Any = object()

@@ -17,10 +17,16 @@ class EngineMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         r = registry
         self.rule_evaluations = Counter(
-            "reactive_rule_evaluations", "Rule evaluations", ["workflow", "rule", "fired"], registry=r
+            "reactive_rule_evaluations",
+            "Rule evaluations",
+            ["workflow", "rule", "fired"],
+            registry=r,
         )
         self.action_dispatches = Counter(
-            "reactive_action_dispatches", "Actions dispatched", ["workflow", "rule", "action"], registry=r
+            "reactive_action_dispatches",
+            "Actions dispatched",
+            ["workflow", "rule", "action"],
+            registry=r,
         )
         self.executions_created = Counter(
             "reactive_executions_created", "Executions started", ["workflow"], registry=r
@@ -32,7 +38,10 @@ class EngineMetrics:
             "reactive_executions_failed", "Executions failed", ["workflow", "reason"], registry=r
         )
         self.executions_escalated = Counter(
-            "reactive_executions_escalated", "Executions escalated", ["workflow", "reason"], registry=r
+            "reactive_executions_escalated",
+            "Executions escalated",
+            ["workflow", "reason"],
+            registry=r,
         )
         self.executions_timed_out = Counter(
             "reactive_executions_timed_out", "Executions timed out", ["workflow"], registry=r
@@ -45,7 +54,10 @@ class EngineMetrics:
             registry=r,
         )
         self.callbacks_received = Counter(
-            "reactive_callbacks_received", "Async callbacks received", ["workflow", "rule", "status"], registry=r
+            "reactive_callbacks_received",
+            "Async callbacks received",
+            ["workflow", "rule", "status"],
+            registry=r,
         )
         self.callback_latency = Histogram(
             "reactive_callback_latency_seconds",
@@ -55,7 +67,10 @@ class EngineMetrics:
             registry=r,
         )
         self.pending_callbacks = Gauge(
-            "reactive_pending_callbacks", "Async tasks parked by this process awaiting a callback", ["workflow"], registry=r
+            "reactive_pending_callbacks",
+            "Async tasks parked by this process awaiting a callback",
+            ["workflow"],
+            registry=r,
         )
         self.rule_duration = Histogram(
             "reactive_rule_duration_seconds",
@@ -65,10 +80,16 @@ class EngineMetrics:
             registry=r,
         )
         self.poison_messages = Counter(
-            "reactive_poison_messages", "Messages that could not be decoded, terminated", ["workflow", "kind"], registry=r
+            "reactive_poison_messages",
+            "Messages that could not be decoded, terminated",
+            ["workflow", "kind"],
+            registry=r,
         )
         self.state_decode_errors = Counter(
-            "reactive_state_decode_errors", "State values that could not be decoded", ["workflow"], registry=r
+            "reactive_state_decode_errors",
+            "State values that could not be decoded",
+            ["workflow"],
+            registry=r,
         )
         self.cas_conflicts = Counter(
             "reactive_cas_conflicts", "Compare-and-set writes that lost", ["workflow"], registry=r
@@ -77,10 +98,16 @@ class EngineMetrics:
             "reactive_redeliveries", "Messages seen more than once", ["workflow"], registry=r
         )
         self.dispatch_errors = Counter(
-            "reactive_dispatch_errors", "Errors while evaluating or dispatching", ["workflow", "rule"], registry=r
+            "reactive_dispatch_errors",
+            "Errors while evaluating or dispatching",
+            ["workflow", "rule"],
+            registry=r,
         )
         self.invalid_ids = Counter(
-            "reactive_invalid_execution_ids", "Messages refused for an invalid execution id", ["workflow"], registry=r
+            "reactive_invalid_execution_ids",
+            "Messages refused for an invalid execution id",
+            ["workflow"],
+            registry=r,
         )
 
 

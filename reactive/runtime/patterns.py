@@ -42,7 +42,9 @@ def validate_execution_id(execution_id: object) -> str:
     return execution_id
 
 
-def _validate(pattern: str, token_re: re.Pattern[str], what: str, allow_wildcards: bool) -> str | None:
+def _validate(
+    pattern: str, token_re: re.Pattern[str], what: str, allow_wildcards: bool
+) -> str | None:
     if not isinstance(pattern, str) or not pattern:
         return f"{what} must be a non-empty string, got {pattern!r}"
     tokens = pattern.split(".")

@@ -97,7 +97,12 @@ class TestEngine:
             quiet = 0
             while quiet < 8:
                 await anyio.sleep(0)
-                if self.engine.idle and self.backend.idle() and self._responders_busy == 0 and self.engine.ready:
+                if (
+                    self.engine.idle
+                    and self.backend.idle()
+                    and self._responders_busy == 0
+                    and self.engine.ready
+                ):
                     quiet += 1
                 else:
                     quiet = 0
@@ -126,7 +131,10 @@ class TestEngine:
         return st
 
     async def trigger_kv(
-        self, workflow: WorkflowRef, execution_id: str, state: ExecutionState | bytes | dict[str, Any]
+        self,
+        workflow: WorkflowRef,
+        execution_id: str,
+        state: ExecutionState | bytes | dict[str, Any],
     ) -> int:
         """Write an execution's state directly (as an outside writer would) and settle. Returns the revision."""
         d = self.engine.registry.get(workflow).definition
@@ -142,7 +150,12 @@ class TestEngine:
         return rev
 
     async def trigger_message(
-        self, subject: str, payload: Any, *, msg_id: str | None = None, headers: dict[str, str] | None = None
+        self,
+        subject: str,
+        payload: Any,
+        *,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Publish a message (a struct, dict, bytes or str) and settle."""
         await self.backend.publish(subject, encode(payload), msg_id=msg_id, headers=headers)
@@ -198,7 +211,9 @@ class TestEngine:
                 try:
                     request = msgspec.json.decode(msg.data)
                     task_id = msg.headers.get("Reactive-Task-Id") or request.get("task_id", "")
-                    callback_subject = msg.headers.get("Reactive-Callback-Subject") or request.get("callback_subject")
+                    callback_subject = msg.headers.get("Reactive-Callback-Subject") or request.get(
+                        "callback_subject"
+                    )
                     body: dict[str, Any]
                     try:
                         result = handler(request)
@@ -206,7 +221,11 @@ class TestEngine:
                             result = await result
                         if result is None:
                             continue
-                        body = msgspec.to_builtins(result) if not isinstance(result, dict) else dict(result)
+                        body = (
+                            msgspec.to_builtins(result)
+                            if not isinstance(result, dict)
+                            else dict(result)
+                        )
                         body.setdefault("task_id", task_id)
                     except Exception as e:
                         body = {"task_id": task_id, "error": f"{type(e).__name__}: {e}"}
@@ -243,7 +262,13 @@ class TestEngine:
         for m in self.backend.published:
             if m.duplicate or not matches_pattern(m.subject, subject):
                 continue
-            out.append(decode(type, m.data) if type is not None else msgspec.json.decode(m.data) if m.data else None)
+            out.append(
+                decode(type, m.data)
+                if type is not None
+                else msgspec.json.decode(m.data)
+                if m.data
+                else None
+            )
         return out
 
     def published_messages(self, subject: str = ">") -> list[PublishedMessage]:
@@ -260,7 +285,9 @@ class TestEngine:
 
     def assert_phase(self, workflow: WorkflowRef, execution_id: str, phase: str) -> None:
         st = self._must(workflow, execution_id)
-        assert st.phase == phase, f"{execution_id}: phase is {st.phase!r}, expected {phase!r} (status {st.status.value})"
+        assert st.phase == phase, (
+            f"{execution_id}: phase is {st.phase!r}, expected {phase!r} (status {st.status.value})"
+        )
 
     def assert_status(self, workflow: WorkflowRef, execution_id: str, status: Status | str) -> None:
         st = self._must(workflow, execution_id)
@@ -272,11 +299,17 @@ class TestEngine:
 
     def assert_iteration(self, workflow: WorkflowRef, execution_id: str, iteration: int) -> None:
         st = self._must(workflow, execution_id)
-        assert st.iteration == iteration, f"{execution_id}: iteration is {st.iteration}, expected {iteration}"
+        assert st.iteration == iteration, (
+            f"{execution_id}: iteration is {st.iteration}, expected {iteration}"
+        )
 
-    def assert_state(self, workflow: WorkflowRef, execution_id: str, check: Callable[[Any], bool]) -> None:
+    def assert_state(
+        self, workflow: WorkflowRef, execution_id: str, check: Callable[[Any], bool]
+    ) -> None:
         st = self._must(workflow, execution_id)
-        assert check(st), f"{execution_id}: state does not satisfy {getattr(check, '__name__', check)}: {st!r}"
+        assert check(st), (
+            f"{execution_id}: state does not satisfy {getattr(check, '__name__', check)}: {st!r}"
+        )
 
     def assert_no_execution(self, workflow: WorkflowRef, execution_id: str) -> None:
         assert self.state(workflow, execution_id) is None, f"{execution_id} exists"
@@ -291,7 +324,9 @@ class TestEngine:
         if count is None:
             assert msgs, f"nothing published on {subject!r}; published: {self._subjects()}"
         else:
-            assert len(msgs) == count, f"{len(msgs)} published on {subject!r}, expected {count}; published: {self._subjects()}"
+            assert len(msgs) == count, (
+                f"{len(msgs)} published on {subject!r}, expected {count}; published: {self._subjects()}"
+            )
         return msgs
 
     def assert_not_published(self, subject: str) -> None:
@@ -300,9 +335,13 @@ class TestEngine:
 
     def assert_payload(self, subject: str, expected: Any, *, index: int = -1) -> None:
         """Assert the ``index``-th payload on ``subject`` (default the last) equals ``expected``."""
-        msgs = self.published(subject, type(expected) if isinstance(expected, msgspec.Struct) else None)
+        msgs = self.published(
+            subject, type(expected) if isinstance(expected, msgspec.Struct) else None
+        )
         assert msgs, f"nothing published on {subject!r}"
-        assert msgs[index] == expected, f"payload on {subject!r} is {msgs[index]!r}, expected {expected!r}"
+        assert msgs[index] == expected, (
+            f"payload on {subject!r} is {msgs[index]!r}, expected {expected!r}"
+        )
 
     def _subjects(self) -> list[str]:
         return sorted({m.subject for m in self.backend.published})
@@ -310,7 +349,12 @@ class TestEngine:
     # ------------------------------------------------------------------ waits
 
     async def wait_for(
-        self, check: Callable[[], bool], *, timeout: float = 5.0, advance: float = 0.0, what: str = "condition"
+        self,
+        check: Callable[[], bool],
+        *,
+        timeout: float = 5.0,
+        advance: float = 0.0,
+        what: str = "condition",
     ) -> None:
         """Settle until ``check()`` holds, moving the clock by ``advance`` each round (real-time ``timeout``)."""
         with anyio.fail_after(timeout):
@@ -324,7 +368,13 @@ class TestEngine:
                     await anyio.sleep(0.001)
 
     async def wait_for_status(
-        self, workflow: WorkflowRef, execution_id: str, status: Status | str, *, timeout: float = 5.0, advance: float = 0.0
+        self,
+        workflow: WorkflowRef,
+        execution_id: str,
+        status: Status | str,
+        *,
+        timeout: float = 5.0,
+        advance: float = 0.0,
     ) -> Any:
         want = Status(status)
 
@@ -336,7 +386,13 @@ class TestEngine:
         return self.state(workflow, execution_id)
 
     async def wait_for_phase(
-        self, workflow: WorkflowRef, execution_id: str, phase: str, *, timeout: float = 5.0, advance: float = 0.0
+        self,
+        workflow: WorkflowRef,
+        execution_id: str,
+        phase: str,
+        *,
+        timeout: float = 5.0,
+        advance: float = 0.0,
     ) -> Any:
         def check() -> bool:
             st = self.state(workflow, execution_id)
@@ -348,7 +404,9 @@ class TestEngine:
     async def wait_for_publish(
         self, subject: str, *, count: int = 1, timeout: float = 5.0, advance: float = 0.0
     ) -> list[Any]:
-        await self.wait_for(lambda: len(self.published(subject)) >= count, timeout=timeout, advance=advance)
+        await self.wait_for(
+            lambda: len(self.published(subject)) >= count, timeout=timeout, advance=advance
+        )
         return self.published(subject)
 
 
