@@ -1363,6 +1363,17 @@ class Engine:
             state = decode(d.state_type, entry.value)
             if state.outbox and not await self._outbox_settled(bucket, key, state, now, target):
                 raise TransientBackendError(f"{key}: an earlier outbox is still being delivered")
+            if state.status is Status.WAITING and (
+                state.is_expired(now)
+                or (state.task_deadline is not None and state.task_deadline.timestamp() <= now)
+            ):
+                # Too late: the deadline or the task timeout came first.
+                try:
+                    await self._enforce_deadlines(bound, bucket, key, entry.revision, state, now, target)
+                except ConflictError:
+                    continue
+                self.metrics.callbacks_received.labels(d.id, state.pending_rule_id, "late").inc()
+                return "stale"
             if (
                 state.status is not Status.WAITING
                 or not env.task_id
