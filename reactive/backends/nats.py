@@ -1,0 +1,964 @@
+"""The NATS JetStream backend, on nats-py.
+
+Everything nats-py raises is translated at this boundary (``_mapped``):
+
+* a lost compare-and-set (``KeyWrongLastSequenceError``, API codes 10071 and
+  10164, creating a key that exists) becomes :class:`~reactive.errors.ConflictError`;
+* timeouts, no responders, a closed / reconnecting / draining connection and a
+  503 from JetStream become :class:`~reactive.errors.TransientBackendError`;
+* a missing bucket or stream becomes :class:`~reactive.errors.NotFoundError`;
+* any other nats-py error becomes :class:`~reactive.errors.BackendError`.
+
+Watches and durable consumers are supervised: nats-py does not recover them by
+itself in every case (nats-py issues 504, 510, 842, 898), so they are
+re-created with backoff after a reconnect, after an error, or when a periodic
+health check finds their consumer gone. A re-created watch replays every key
+again, so watch delivery is at-least-once.
+
+Core NATS subjects (no stream captures them) are at-most-once: a subscriber
+that is not connected when a message is published never sees it. Use a stream
+where that matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue, StopIterSentinel
+
+from reactive.backends.base import InboundMessage, KVEntry, Operation
+
+if TYPE_CHECKING:
+    from reactive.backends.base import Backend
+from reactive.errors import (
+    BackendError,
+    ConflictError,
+    NotFoundError,
+    TransientBackendError,
+)
+
+__all__ = ["NatsBackend"]
+
+log = logging.getLogger(__name__)
+
+_CONFLICT_CODES: Final = frozenset({10071, 10164})
+_STREAM_NAME_IN_USE: Final = 10058
+_NO_MESSAGE_FOUND: Final = 10037
+_MIN_NAK_DELAY: Final = 0.1
+_MSG_ID_HEADER: Final = "Nats-Msg-Id"
+_STREAM_CACHE_MAX: Final = 10_000
+_KV_OPERATIONS: Final[dict[str | None, Operation]] = {
+    None: "PUT",
+    "DEL": "DEL",
+    "PURGE": "PURGE",
+}
+
+# Errors that say "try again later": the server is unreachable, busy or restarting.
+_TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    TimeoutError,  # asyncio.TimeoutError and nats.errors.TimeoutError (a subclass)
+    ConnectionError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.NoServersError,
+    nats.errors.SlowConsumerError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+
+# ---------------------------------------------------------------------------
+# Error mapping
+# ---------------------------------------------------------------------------
+
+
+def _translate(exc: BaseException, what: str) -> BackendError | None:
+    """The reactive error for a nats-py error, or None to let ``exc`` through unchanged."""
+    if isinstance(exc, BackendError) or not isinstance(exc, Exception):
+        return None
+    if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError):
+        return ConflictError(f"{what}: revision conflict ({exc})")
+    if isinstance(exc, nats.js.errors.APIError):
+        if exc.err_code in _CONFLICT_CODES:
+            return ConflictError(f"{what}: revision conflict ({exc})")
+        if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+            return TransientBackendError(f"{what}: JetStream unavailable ({exc})")
+        if isinstance(exc, nats.js.errors.NotFoundError):
+            return NotFoundError(f"{what}: not found ({exc})")
+        return BackendError(f"{what}: {exc}")
+    if isinstance(exc, _TRANSIENT_ERRORS):
+        return TransientBackendError(f"{what}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, nats.errors.Error):
+        return BackendError(f"{what}: {type(exc).__name__}: {exc}")
+    return None
+
+
+@contextlib.contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    """Translate nats-py exceptions raised in the block into the reactive error tree."""
+    try:
+        yield
+    except Exception as exc:
+        err = _translate(exc, what)
+        if err is None:
+            raise
+        raise err from exc
+
+
+class _Backoff:
+    """Exponential backoff: 0.1 s doubling up to 5 s."""
+
+    def __init__(self, initial: float = 0.1, maximum: float = 5.0) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self._next = initial
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+    def next_delay(self) -> float:
+        delay = self._next
+        self._next = min(self._next * 2, self.maximum)
+        return delay
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.next_delay())
+
+
+def _subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard matching: ``*`` is one token, a final ``>`` one or more."""
+    p_tokens = pattern.split(".")
+    s_tokens = subject.split(".")
+    for i, p in enumerate(p_tokens):
+        if p == ">":
+            return len(s_tokens) > i
+        if i >= len(s_tokens):
+            return False
+        if p != "*" and p != s_tokens[i]:
+            return False
+    return len(p_tokens) == len(s_tokens)
+
+
+def _subjects_overlap(a: str, b: str) -> bool:
+    return _subject_matches(a, b) or _subject_matches(b, a)
+
+
+def _to_entry(bucket: str, entry: KeyValue.Entry) -> KVEntry:
+    return KVEntry(
+        bucket=bucket,
+        key=entry.key,
+        value=entry.value or b"",
+        revision=int(entry.revision or 0),
+        operation=_KV_OPERATIONS.get(entry.operation, "PUT"),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------
+
+
+class _CoreMessage:
+    """A core NATS message: acknowledgements do nothing."""
+
+    __slots__ = ("_headers", "_msg")
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+        self._headers: dict[str, str] = dict(msg.headers) if msg.headers else {}
+
+    @property
+    def subject(self) -> str:
+        return self._msg.subject
+
+    @property
+    def data(self) -> bytes:
+        return self._msg.data
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._headers
+
+    @property
+    def num_delivered(self) -> int:
+        return 1
+
+    @property
+    def stream(self) -> str | None:
+        return None
+
+    @property
+    def sequence(self) -> int | None:
+        return None
+
+    async def ack(self) -> None:
+        return None
+
+    async def nak(self, delay: float) -> None:
+        return None
+
+    async def term(self) -> None:
+        return None
+
+    async def in_progress(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"<core message {self.subject} {len(self.data)}B>"
+
+
+class _JetStreamMessage:
+    """A message from a durable consumer. A second ack / nak / term is a no-op."""
+
+    __slots__ = ("_headers", "_meta", "_msg")
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+        self._meta = msg.metadata
+        self._headers: dict[str, str] = dict(msg.headers) if msg.headers else {}
+
+    @property
+    def subject(self) -> str:
+        return self._msg.subject
+
+    @property
+    def data(self) -> bytes:
+        return self._msg.data
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._headers
+
+    @property
+    def num_delivered(self) -> int:
+        return self._meta.num_delivered
+
+    @property
+    def stream(self) -> str | None:
+        return self._meta.stream
+
+    @property
+    def sequence(self) -> int | None:
+        return self._meta.sequence.stream
+
+    async def ack(self) -> None:
+        with _mapped(f"ack {self.subject}"), contextlib.suppress(nats.errors.MsgAlreadyAckdError):
+            await self._msg.ack()
+
+    async def nak(self, delay: float) -> None:
+        delay = max(float(delay), _MIN_NAK_DELAY)
+        with _mapped(f"nak {self.subject}"), contextlib.suppress(nats.errors.MsgAlreadyAckdError):
+            await self._msg.nak(delay=delay)
+
+    async def term(self) -> None:
+        with _mapped(f"term {self.subject}"), contextlib.suppress(nats.errors.MsgAlreadyAckdError):
+            await self._msg.term()
+
+    async def in_progress(self) -> None:
+        with _mapped(f"in_progress {self.subject}"):
+            await self._msg.in_progress()
+
+    def __repr__(self) -> str:
+        return (
+            f"<stream message {self.stream}#{self.sequence} {self.subject} "
+            f"delivered={self.num_delivered}>"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Supervised iterators
+# ---------------------------------------------------------------------------
+
+
+class _CoreIterator:
+    def __init__(self, sub: Subscription) -> None:
+        self._messages = sub.messages
+
+    def __aiter__(self) -> _CoreIterator:
+        return self
+
+    async def __anext__(self) -> InboundMessage:
+        msg = await self._messages.__anext__()
+        return _CoreMessage(msg)
+
+
+class _KVWatch:
+    """A supervised KV watch: an async iterator of KVEntry that survives a lost watcher."""
+
+    def __init__(self, backend: NatsBackend, bucket: str, pattern: str) -> None:
+        self._backend = backend
+        self._bucket = bucket
+        self._pattern = pattern
+        self._watcher: KeyValue.KeyWatcher | None = None
+        self._reconnects = 0
+        self._last_check = 0.0
+        self._backoff = _Backoff()
+        self._closed = False
+
+    async def open(self) -> None:
+        """Start the first watcher; errors here (e.g. a missing bucket) reach the caller."""
+        await self._start()
+
+    async def _start(self) -> None:
+        kv = await self._backend._kv(self._bucket)
+        nc = self._backend._connection()
+        reconnects = nc.stats["reconnects"]
+        with _mapped(f"watch {self._bucket}/{self._pattern}"):
+            self._watcher = await kv.watch(self._pattern)
+        self._reconnects = reconnects
+        self._last_check = time.monotonic()
+
+    async def _stop_watcher(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._stop_watcher()
+
+    def __aiter__(self) -> _KVWatch:
+        return self
+
+    async def __anext__(self) -> KVEntry:
+        backend = self._backend
+        while True:
+            if self._closed or backend._closing:
+                raise StopAsyncIteration
+            nc = backend._nc
+            if nc is None or nc.is_closed:
+                raise TransientBackendError(
+                    f"watch {self._bucket}/{self._pattern}: the NATS connection is closed"
+                )
+            if self._watcher is None:
+                if not nc.is_connected:
+                    await asyncio.sleep(0.1)
+                    continue
+                try:
+                    await self._start()
+                except BackendError as exc:
+                    delay = self._backoff.next_delay()
+                    log.warning(
+                        "re-creating watch %s/%s failed (%s); retrying in %.1fs",
+                        self._bucket,
+                        self._pattern,
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                log.info("watch %s/%s re-created; replaying", self._bucket, self._pattern)
+            elif nc.stats["reconnects"] != self._reconnects:
+                log.info("NATS reconnected: re-creating watch %s/%s", self._bucket, self._pattern)
+                await self._stop_watcher()
+                continue
+
+            watcher = self._watcher
+            assert watcher is not None
+            try:
+                item = await watcher.updates(timeout=backend._poll_interval)  # type: ignore[no-untyped-call]
+            except TimeoutError:
+                if await self._unhealthy(watcher):
+                    log.warning(
+                        "watch %s/%s lost its consumer; re-creating", self._bucket, self._pattern
+                    )
+                    await self._stop_watcher()
+                    await self._backoff.sleep()
+                continue
+            if item is None:  # the end-of-replay marker: not reliable, so only a marker
+                self._backoff.reset()
+                continue
+            if isinstance(item, StopIterSentinel):
+                if watcher is self._watcher:
+                    await self._stop_watcher()
+                continue
+            self._backoff.reset()
+            return _to_entry(self._bucket, cast(KeyValue.Entry, item))
+
+    async def _unhealthy(self, watcher: KeyValue.KeyWatcher) -> bool:
+        """Periodically ask the server whether the watcher's consumer still delivers to us."""
+        now = time.monotonic()
+        if now - self._last_check < self._backend._health_check_interval:
+            return False
+        nc = self._backend._nc
+        if nc is None or not nc.is_connected:
+            return False  # a reconnect re-creates the watcher anyway
+        self._last_check = now
+        sub = cast("JetStreamContext.PushSubscription | None", watcher._sub)
+        if sub is None:
+            return True
+        try:
+            info = await sub.consumer_info()
+        except nats.js.errors.NotFoundError:
+            return True
+        except Exception:  # transient; look again next time
+            return False
+        return info.push_bound is False
+
+
+class _PullConsumer:
+    """A supervised fetch loop on a durable pull consumer."""
+
+    def __init__(
+        self,
+        backend: NatsBackend,
+        stream: str,
+        durable: str,
+        filter_subject: str,
+        ack_wait: float,
+    ) -> None:
+        self._backend = backend
+        self._stream = stream
+        self._durable = durable
+        self._filter = filter_subject
+        self._ack_wait = ack_wait
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._buffer: deque[Msg] = deque()
+        self._reconnects = 0
+        self._last_check = 0.0
+        self._backoff = _Backoff()
+        self._closed = False
+
+    def _config(self) -> api.ConsumerConfig:
+        return api.ConsumerConfig(
+            durable_name=self._durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self._ack_wait,
+            max_deliver=-1,
+            filter_subject=self._filter,
+            deliver_policy=api.DeliverPolicy.ALL,
+        )
+
+    async def open(self) -> None:
+        await self._subscribe()
+
+    async def _subscribe(self) -> None:
+        nc = self._backend._connection()
+        js = self._backend._jetstream()
+        reconnects = nc.stats["reconnects"]
+        with _mapped(f"consume {self._stream}/{self._durable}"):
+            self._sub = await js.pull_subscribe(
+                self._filter,
+                durable=self._durable,
+                stream=self._stream,
+                config=self._config(),
+            )
+        self._reconnects = reconnects
+        self._last_check = time.monotonic()
+
+    async def _unsubscribe(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        # Hand fetched-but-unseen messages back at once so other members can take them.
+        buffered, self._buffer = list(self._buffer), deque()
+        for msg in buffered:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        await self._unsubscribe()
+
+    def __aiter__(self) -> _PullConsumer:
+        return self
+
+    async def __anext__(self) -> InboundMessage:
+        backend = self._backend
+        while True:
+            if self._buffer:
+                return _JetStreamMessage(self._buffer.popleft())
+            if self._closed or backend._closing:
+                raise StopAsyncIteration
+            nc = backend._nc
+            if nc is None or nc.is_closed:
+                raise TransientBackendError(
+                    f"consume {self._stream}/{self._durable}: the NATS connection is closed"
+                )
+            if self._sub is None:
+                if not nc.is_connected:
+                    await asyncio.sleep(0.1)
+                    continue
+                try:
+                    await self._subscribe()
+                except BackendError as exc:
+                    delay = self._backoff.next_delay()
+                    log.warning(
+                        "re-creating consumer %s/%s failed (%s); retrying in %.1fs",
+                        self._stream,
+                        self._durable,
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                log.info("consumer %s/%s re-subscribed", self._stream, self._durable)
+            elif nc.stats["reconnects"] != self._reconnects:
+                # nats-py issue 504: pull subscriptions do not recover by themselves.
+                log.info(
+                    "NATS reconnected: re-subscribing consumer %s/%s", self._stream, self._durable
+                )
+                await self._unsubscribe()
+                continue
+
+            sub = self._sub
+            assert sub is not None
+            try:
+                msgs = await sub.fetch(backend._fetch_batch, timeout=backend._fetch_timeout)
+            except TimeoutError:  # no messages (FetchTimeoutError) or no answer at all
+                if await self._unhealthy(sub):
+                    log.warning("consumer %s/%s is gone; re-creating", self._stream, self._durable)
+                    await self._unsubscribe()
+                continue
+            except Exception as exc:
+                if self._closed or backend._closing or nc.is_closed:
+                    continue
+                delay = self._backoff.next_delay()
+                log.warning(
+                    "fetch from %s/%s failed (%s: %s); re-subscribing in %.1fs",
+                    self._stream,
+                    self._durable,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                await self._unsubscribe()
+                await asyncio.sleep(delay)
+                continue
+            self._backoff.reset()
+            self._buffer.extend(msgs)
+
+    async def _unhealthy(self, sub: JetStreamContext.PullSubscription) -> bool:
+        now = time.monotonic()
+        if now - self._last_check < self._backend._health_check_interval:
+            return False
+        nc = self._backend._nc
+        if nc is None or not nc.is_connected:
+            return False  # a reconnect re-subscribes anyway
+        self._last_check = now
+        try:
+            await sub.consumer_info()
+        except nats.js.errors.NotFoundError:
+            return True
+        except Exception:
+            return False
+        return False
+
+
+# ---------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------
+
+
+class NatsBackend:
+    """The :class:`~reactive.backends.base.Backend` on NATS JetStream.
+
+    ``connect_options`` go to :func:`nats.connect` (``user``, ``password``,
+    ``token``, ``user_credentials``, ``tls``, callbacks, ...). Pass ``nc`` to
+    use an existing connection; it is then not closed by :meth:`close`.
+
+    By default the connection reconnects forever (with a short wait); the
+    first connection gives up after ``initial_connect_attempts`` tries.
+    """
+
+    def __init__(
+        self,
+        url: str | list[str] = "nats://127.0.0.1:4222",
+        *,
+        connect_options: dict[str, Any] | None = None,
+        replicas: int = 1,
+        nc: Client | None = None,
+        publish_stream_cache_ttl: float = 30.0,
+        fetch_batch: int = 64,
+        fetch_timeout: float = 1.0,
+        poll_interval: float = 1.0,
+        health_check_interval: float = 10.0,
+        publish_attempts: int = 4,
+        initial_connect_attempts: int = 10,
+    ) -> None:
+        if replicas < 1:
+            raise ValueError("replicas must be at least 1")
+        if fetch_batch < 1:
+            raise ValueError("fetch_batch must be at least 1")
+        self._url = url
+        self._connect_options = dict(connect_options or {})
+        self._replicas = replicas
+        self._nc: Client | None = nc
+        self._owns_nc = nc is None
+        self._js: JetStreamContext | None = nc.jetstream() if nc is not None else None
+        self._publish_stream_cache_ttl = publish_stream_cache_ttl
+        self._fetch_batch = fetch_batch
+        self._fetch_timeout = fetch_timeout
+        self._poll_interval = poll_interval
+        self._health_check_interval = health_check_interval
+        self._publish_attempts = max(1, publish_attempts)
+        self._initial_connect_attempts = initial_connect_attempts
+        self._kvs: dict[str, KeyValue] = {}
+        self._kv_locks: dict[str, asyncio.Lock] = {}
+        # subject -> (stream name or None, expiry on the monotonic clock)
+        self._stream_cache: dict[str, tuple[str | None, float]] = {}
+        self._open: set[_KVWatch | _PullConsumer | Subscription] = set()
+        self._closing = False
+
+    # -- connection -----------------------------------------------------------
+
+    @property
+    def nc(self) -> Client:
+        """The underlying nats-py connection (after :meth:`start`)."""
+        return self._connection()
+
+    def _connection(self) -> Client:
+        if self._nc is None:
+            raise BackendError("NatsBackend is not started: call start() first")
+        if self._nc.is_closed:
+            raise TransientBackendError("the NATS connection is closed")
+        return self._nc
+
+    def _jetstream(self) -> JetStreamContext:
+        self._connection()
+        assert self._js is not None
+        return self._js
+
+    async def start(self) -> None:
+        self._closing = False
+        if self._nc is not None and not self._nc.is_closed:
+            if self._js is None:
+                self._js = self._nc.jetstream()
+            return
+        options: dict[str, Any] = {
+            "reconnect_time_wait": 0.5,
+            "ping_interval": 10,
+            "max_outstanding_pings": 3,
+            "drain_timeout": 5,
+            "name": "reactive",
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+        }
+        options.update(self._connect_options)
+        wanted_attempts = options.pop("max_reconnect_attempts", -1)
+        # With max_reconnect_attempts=-1 nats-py retries the *first* connection
+        # forever too; bound the first one, then switch to the wanted policy.
+        first_attempts = wanted_attempts
+        if wanted_attempts < 0:
+            first_attempts = max(1, self._initial_connect_attempts)
+        servers = self._url if isinstance(self._url, list) else [self._url]
+        with _mapped(f"connect to {', '.join(servers)}"):
+            nc = await nats.connect(servers, max_reconnect_attempts=first_attempts, **options)
+        nc.options["max_reconnect_attempts"] = wanted_attempts
+        self._nc = nc
+        self._owns_nc = True
+        self._js = nc.jetstream()
+
+    async def _on_error(self, exc: Exception) -> None:
+        if not self._closing:
+            log.warning("nats: %s: %s", type(exc).__name__, exc)
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            log.warning("nats: disconnected from the server; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("nats: reconnected")
+
+    async def close(self) -> None:
+        self._closing = True
+        for item in list(self._open):
+            with contextlib.suppress(Exception):
+                if isinstance(item, Subscription):
+                    await item.unsubscribe()
+                else:
+                    await item.aclose()
+        self._open.clear()
+        self._kvs.clear()
+        self._stream_cache.clear()
+        nc = self._nc
+        if nc is None or not self._owns_nc:
+            return
+        self._nc = None
+        self._js = None
+        if nc.is_closed:
+            return
+        try:
+            await nc.drain()
+        except Exception:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    async def __aenter__(self) -> NatsBackend:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- key-value --------------------------------------------------------------
+
+    async def _kv(self, bucket: str) -> KeyValue:
+        kv = self._kvs.get(bucket)
+        if kv is not None:
+            return kv
+        js = self._jetstream()
+        with _mapped(f"bind bucket {bucket}"):
+            kv = await js.key_value(bucket)
+        self._kvs[bucket] = kv
+        return kv
+
+    async def ensure_bucket(self, bucket: str) -> None:
+        if bucket in self._kvs:
+            return
+        lock = self._kv_locks.setdefault(bucket, asyncio.Lock())
+        async with lock:
+            if bucket in self._kvs:
+                return
+            js = self._jetstream()
+            with _mapped(f"ensure bucket {bucket}"):
+                try:
+                    kv = await js.key_value(bucket)
+                except nats.js.errors.BucketNotFoundError:
+                    try:
+                        kv = await js.create_key_value(
+                            bucket=bucket, history=1, replicas=self._replicas
+                        )
+                    except nats.js.errors.APIError as exc:
+                        if exc.err_code != _STREAM_NAME_IN_USE:
+                            raise
+                        kv = await js.key_value(bucket)  # created meanwhile by someone else
+            self._kvs[bucket] = kv
+
+    async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
+        kv = await self._kv(bucket)
+        with _mapped(f"get {bucket}/{key}"):
+            try:
+                entry = await kv.get(key)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                return None
+        if entry.operation in ("DEL", "PURGE"):
+            return None
+        return _to_entry(bucket, entry)
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
+        kv = await self._kv(bucket)
+        with _mapped(f"create {bucket}/{key}"):
+            return int(await kv.create(key, value))
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
+        kv = await self._kv(bucket)
+        with _mapped(f"update {bucket}/{key}@{revision}"):
+            return int(await kv.update(key, value, last=revision))
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+        kv = await self._kv(bucket)
+        with _mapped(f"put {bucket}/{key}"):
+            return int(await kv.put(key, value))
+
+    async def kv_delete(self, bucket: str, key: str) -> None:
+        kv = await self._kv(bucket)
+        with _mapped(f"delete {bucket}/{key}"):
+            await kv.delete(key)
+
+    async def kv_keys(self, bucket: str, pattern: str = ">") -> list[str]:
+        # Not kv.keys(filters=...): in nats-py 2.16 its filters are substring
+        # matches done client-side (issue 768), and it stops at the
+        # end-of-replay marker, which can come early (issue 842).
+        kv = await self._kv(bucket)
+        js = self._jetstream()
+        stream = f"KV_{bucket}"
+        subject = f"$KV.{bucket}.{pattern}"
+        what = f"keys {bucket}/{pattern}"
+        with _mapped(what):
+            try:
+                await js.get_msg(stream, seq=1, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                return []  # no message at all on a matching subject
+            watcher = await kv.watch(pattern, meta_only=True)
+        alive: dict[str, bool] = {}
+        marker_seen = False
+        try:
+            while True:
+                try:
+                    with _mapped(what):
+                        item = await watcher.updates(timeout=2.0)  # type: ignore[no-untyped-call]
+                except TransientBackendError:
+                    if marker_seen:
+                        break  # nothing more is coming (entries expired meanwhile)
+                    raise
+                if item is None:
+                    marker_seen = True
+                    continue
+                if isinstance(item, StopIterSentinel):
+                    raise TransientBackendError(f"{what}: watcher stopped")
+                entry = cast(KeyValue.Entry, item)
+                alive[entry.key] = entry.operation not in ("DEL", "PURGE")
+                if entry.delta == 0:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+        return sorted(key for key, is_alive in alive.items() if is_alive)
+
+    def kv_watch(
+        self, bucket: str, pattern: str = ">"
+    ) -> AbstractAsyncContextManager[AsyncIterator[KVEntry]]:
+        return self._kv_watch(bucket, pattern)
+
+    @asynccontextmanager
+    async def _kv_watch(self, bucket: str, pattern: str) -> AsyncIterator[AsyncIterator[KVEntry]]:
+        watch = _KVWatch(self, bucket, pattern)
+        await watch.open()
+        self._open.add(watch)
+        try:
+            yield watch
+        finally:
+            self._open.discard(watch)
+            await watch.aclose()
+
+    # -- streams and publishing -------------------------------------------------
+
+    async def ensure_stream(self, name: str, subjects: list[str]) -> None:
+        js = self._jetstream()
+        with _mapped(f"ensure stream {name}"):
+            try:
+                info = await js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                try:
+                    await js.add_stream(
+                        name=name, subjects=list(subjects), num_replicas=self._replicas
+                    )
+                    info = None
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code != _STREAM_NAME_IN_USE:
+                        raise
+                    info = await js.stream_info(name)  # created meanwhile by someone else
+            if info is not None:
+                existing = list(info.config.subjects or [])
+                missing = [s for s in subjects if s not in existing]
+                if missing:
+                    config = info.config
+                    config.subjects = existing + missing
+                    await js.update_stream(config)
+        self._invalidate_stream_cache(subjects)
+
+    def _invalidate_stream_cache(self, patterns: list[str]) -> None:
+        for subject in list(self._stream_cache):
+            if any(_subjects_overlap(p, subject) for p in patterns):
+                del self._stream_cache[subject]
+
+    async def _stream_for(self, subject: str) -> str | None:
+        now = time.monotonic()
+        cached = self._stream_cache.get(subject)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        js = self._jetstream()
+        with _mapped(f"find the stream for {subject}"):
+            try:
+                stream: str | None = await js.find_stream_name_by_subject(subject)
+            except nats.js.errors.NotFoundError:
+                stream = None
+        if len(self._stream_cache) >= _STREAM_CACHE_MAX:
+            self._stream_cache = {k: v for k, v in self._stream_cache.items() if v[1] > now}
+            if len(self._stream_cache) >= _STREAM_CACHE_MAX:
+                self._stream_cache.clear()
+        self._stream_cache[subject] = (stream, now + self._publish_stream_cache_ttl)
+        return stream
+
+    async def publish(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        msg_id: str | None = None,
+    ) -> None:
+        hdrs: dict[str, str] = dict(headers or {})
+        if msg_id is not None:
+            hdrs[_MSG_ID_HEADER] = msg_id
+        backoff = _Backoff()
+        for attempt in range(1, self._publish_attempts + 1):
+            try:
+                stream = await self._stream_for(subject)
+                if stream is not None:
+                    js = self._jetstream()
+                    with _mapped(f"publish {subject} to stream {stream}"):
+                        # A duplicate (same msg id within the window) is acked with
+                        # duplicate=True: the message is stored once, which is the point.
+                        await js.publish(subject, data, headers=dict(hdrs) or None)
+                else:
+                    nc = self._connection()
+                    with _mapped(f"publish {subject}"):
+                        await nc.publish(subject, data, headers=dict(hdrs) or None)
+                return
+            except TransientBackendError as exc:
+                self._stream_cache.pop(subject, None)
+                if attempt >= self._publish_attempts or self._closing:
+                    raise
+                delay = backoff.next_delay()
+                log.debug("publish %s failed (%s); retry %d in %.1fs", subject, exc, attempt, delay)
+                await asyncio.sleep(delay)
+
+    # -- subscriptions and consumers ---------------------------------------------
+
+    def subscribe(
+        self, subject: str, *, queue: str | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[InboundMessage]]:
+        return self._subscribe(subject, queue)
+
+    @asynccontextmanager
+    async def _subscribe(
+        self, subject: str, queue: str | None
+    ) -> AsyncIterator[AsyncIterator[InboundMessage]]:
+        nc = self._connection()
+        with _mapped(f"subscribe {subject}"):
+            sub = await nc.subscribe(subject, queue=queue or "")
+            # Make sure the server has registered interest before we return.
+            await nc.flush()
+        self._open.add(sub)
+        try:
+            yield _CoreIterator(sub)
+        finally:
+            self._open.discard(sub)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def consume(
+        self, stream: str, durable: str, filter_subject: str, *, ack_wait: float = 30.0
+    ) -> AbstractAsyncContextManager[AsyncIterator[InboundMessage]]:
+        return self._consume(stream, durable, filter_subject, ack_wait)
+
+    @asynccontextmanager
+    async def _consume(
+        self, stream: str, durable: str, filter_subject: str, ack_wait: float
+    ) -> AsyncIterator[AsyncIterator[InboundMessage]]:
+        consumer = _PullConsumer(self, stream, durable, filter_subject, ack_wait)
+        await consumer.open()
+        self._open.add(consumer)
+        try:
+            yield consumer
+        finally:
+            self._open.discard(consumer)
+            await consumer.aclose()
+
+
+if TYPE_CHECKING:
+
+    def _conforms(backend: NatsBackend) -> Backend:
+        return backend  # mypy checks that NatsBackend implements the Backend protocol
