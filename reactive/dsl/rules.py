@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -77,7 +78,7 @@ class RuleMethod(Generic[F]):
         ``@rule_method.on_result`` takes the result type from the handler's
         ``result`` annotation; ``@rule_method.on_result(ResultType)`` names it.
         """
-        if isinstance(handler_or_type, type):
+        if not inspect.isroutine(handler_or_type):  # a class, or list[X], A | B, ...
             result_type = handler_or_type
 
             def deco(handler: H) -> H:

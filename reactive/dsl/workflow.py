@@ -152,10 +152,37 @@ def _context_args(hint: Any) -> tuple[Any, Any]:
 
 
 def _decodable(tp: Any) -> str | None:
+    import msgspec.inspect as mi
+
     try:
         msgspec.json.Decoder(tp)
+        info = mi.type_info(tp)
     except Exception as e:
         return str(e)
+    # msgspec builds a decoder for any class, but JSON never decodes into a class it
+    # does not know (no dec_hook here): refuse those now rather than on every message.
+    custom = _custom_class(info, set())
+    if custom is not None:
+        return f"{getattr(custom, '__qualname__', custom)!s} is not a msgspec.Struct, dataclass or builtin type"
+    return None
+
+
+def _custom_class(info: Any, seen: set[int]) -> Any:
+    import msgspec.inspect as mi
+
+    if isinstance(info, mi.CustomType):
+        return info.cls
+    if id(info) in seen:
+        return None
+    seen.add(id(info))
+    for f in msgspec.structs.fields(info):
+        value = getattr(info, f.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            child = item.type if isinstance(item, mi.Field) else item
+            if isinstance(child, mi.Type):
+                found = _custom_class(child, seen)
+                if found is not None:
+                    return found
     return None
 
 
