@@ -787,6 +787,8 @@ class Engine:
             subject=info if mode != "kv" else "",
         )
         was_terminal = work.status in _TERMINAL
+        # The state before the rule ran: where an escalation for max iterations starts from.
+        before = encode_json(work) if d.max_iterations else b""
         outbox: list[OutboxMessage] = []
         try:
             payload = self._call(bound, r, ctx)
@@ -836,9 +838,8 @@ class Engine:
                     )
         if d.max_iterations and work.iteration > d.max_iterations and work.status not in _TERMINAL:
             limit = d.max_iterations
-            base = work
             # The transition that would pass the limit does not happen: escalate from where it was.
-            work = decode(d.state_type, encode_json(base))
+            work = decode(d.state_type, before)
             work.iteration = limit
             work.escalate(f"max iterations ({limit}) exceeded by rule {r.id}")
             outbox = []
