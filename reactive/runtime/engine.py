@@ -610,7 +610,9 @@ class Engine:
         now = self.clock.now()
         target = (d.id, bucket, key)
         exec_id = d.execution_id_for(key)
-        if state.outbox and not await self._outbox_settled(bucket, key, state, now, target):
+        if state.outbox and not await self._outbox_settled(
+            bucket, key, state, now, target, revision
+        ):
             return
         needs_init = False
         if state.status is Status.PENDING:
@@ -1033,15 +1035,30 @@ class Engine:
             self._delivered.popitem(last=False)
 
     async def _outbox_settled(
-        self, bucket: str, key: str, st: ExecutionState, now: float, target: Hashable
+        self,
+        bucket: str,
+        key: str,
+        st: ExecutionState,
+        now: float,
+        target: Hashable,
+        revision: int | None = None,
     ) -> bool:
-        """Whether the outbox of this revision has gone out (delivering it if its writer is gone)."""
+        """Whether the outbox of this revision has gone out (delivering it if its writer is gone).
+
+        ``revision``: the revision ``st`` was read at, when it may be stale (a KV
+        watch entry). A superseded revision's outbox is never delivered again:
+        every engine write settles the outbox it replaces first.
+        """
         if self._delivered.get((bucket, key)) == st.outbox_id:
             return True
         marker = await self.backend.kv_get(self.meta_bucket, f"out.{bucket}.{key}")
         if marker is not None and marker.value.decode() == st.outbox_id:
             self._mark_delivered(bucket, key, st.outbox_id)
             return True
+        if revision is not None:
+            latest = await self.backend.kv_get(bucket, key)
+            if latest is not None and latest.revision != revision:
+                return False  # stale: the watch brings the newer revision
         written = st.updated_at.timestamp() if st.updated_at else 0.0
         if st.owner != self.instance_id and now < written + self.outbox_grace:
             # Its writer is probably delivering it now; look again when the grace is over.
