@@ -182,7 +182,8 @@ class TestEngine:
         body: dict[str, Any] = {}
         if result is not None:
             body = msgspec.to_builtins(result) if not isinstance(result, dict) else dict(result)
-        body.setdefault("task_id", task_id)
+        if not body.get("task_id"):  # missing, or a struct's empty default
+            body["task_id"] = task_id
         if error is not None:
             body["error"] = error
         subject = f"{self.engine.callback_prefix}.{d.id}.{execution_id}"
@@ -226,7 +227,8 @@ class TestEngine:
                             if not isinstance(result, dict)
                             else dict(result)
                         )
-                        body.setdefault("task_id", task_id)
+                        if not body.get("task_id"):  # missing, or a struct's empty default
+                            body["task_id"] = task_id
                     except Exception as e:
                         body = {"task_id": task_id, "error": f"{type(e).__name__}: {e}"}
                     await self.backend.publish(callback_subject, msgspec.json.encode(body))
