@@ -1,0 +1,128 @@
+"""The examples' demos against a real nats-server, and ``python -m reactive demo`` as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import pytest
+
+from reactive import Engine, NatsBackend
+from reactive.__main__ import load_example
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+
+
+def example(name: str) -> ModuleType:
+    """Import examples/<name>.py once per session (load_example registers it in sys.modules)."""
+    module = sys.modules.get(f"reactive_example_{name}")
+    return module if module is not None else load_example(EXAMPLES / f"{name}.py")
+
+
+async def run_demo_on_nats(
+    module: ModuleType, url: str, **kwargs: Any
+) -> tuple[list[str], dict[str, Any]]:
+    """Run the example's demo on an engine over NATS; returns its output and the final states by id."""
+    lines: list[str] = []
+    backend = NatsBackend(url)
+    states: dict[str, Any] = {}
+    try:
+        with anyio.fail_after(30):
+            async with Engine(backend, module.WORKFLOWS) as engine:
+                await module.run_demo(backend, engine, lines.append, **kwargs)
+                expected = getattr(module, "EXPECTED", {})
+                for execution_id in expected:
+                    states[execution_id] = await engine.get(module.WORKFLOWS[0], execution_id)
+    finally:
+        await backend.close()
+    return lines, states
+
+
+@pytest.mark.anyio
+async def test_plan_review_demo_on_nats(nats_url: str) -> None:
+    pr = example("plan_review")
+    lines, states = await run_demo_on_nats(pr, nats_url)
+    for plan_id, status in pr.EXPECTED.items():
+        st = states[plan_id]
+        assert st is not None and st.status is status, (plan_id, st)
+    assert states["plan-migration"].iteration == 1
+    assert states["plan-rewrite"].iteration == 3
+    text = "\n".join(lines)
+    assert text.count("plans.approved ") == 2
+    assert text.count("plans.escalated ") == 1
+
+
+@pytest.mark.anyio
+async def test_github_issue_to_pr_demo_on_nats(nats_url: str) -> None:
+    gh = example("github_issue_to_pr")
+    lines, states = await run_demo_on_nats(gh, nats_url)
+    for execution_id, status in gh.EXPECTED.items():
+        st = states[execution_id]
+        assert st is not None and st.status is status, (execution_id, st)
+    assert states[gh.issue_execution_id(gh.REPO, 101)].announcements == 1
+    assert "token budget exceeded" in states[gh.issue_execution_id(gh.REPO, 103)].error
+    assert "max iterations" in states[gh.issue_execution_id(gh.REPO, 104)].error
+    text = "\n".join(lines)
+    for subject, count in ((gh.PR_READY, 1), (gh.ISSUE_FAILED, 1), (gh.ISSUE_ESCALATED, 2)):
+        assert text.count(f"  {subject} ") == count, subject
+
+
+@pytest.mark.anyio
+async def test_cold_storage_demo_on_nats(nats_url: str) -> None:
+    cs = example("cold_storage")
+    alerts: list[Any] = []
+    listener = NatsBackend(nats_url)
+    await listener.start()
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(cs.collect_alerts, listener, alerts)
+            lines, _ = await run_demo_on_nats(cs, nats_url)
+            await anyio.sleep(0.3)
+            tg.cancel_scope.cancel()
+    finally:
+        await listener.close()
+    # Each expected alert exactly once: the cooldown held back the repeats.
+    assert sorted((a.unit_id, a.metric) for a in alerts) == sorted(cs.EXPECTED_ALERTS)
+    text = "\n".join(lines)
+    assert "temperature: 3 out of range, 1 alerted" in text
+
+
+def test_cli_demo_subprocess() -> None:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "reactive", "demo", "examples/plan_review.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "embedded nats-server (JetStream) listening on nats://127.0.0.1:" in out
+    assert "plan-review/plan-cache: completed" in out
+    assert "plan-review/plan-migration: completed" in out
+    assert "plan-review/plan-rewrite: escalated" in out
+    assert "request_review" in out and "callback" in out  # timeline rows
+    assert "demo finished in" in out
+    assert elapsed < 30
+
+
+def test_cli_demo_missing_example() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "reactive", "demo", "examples/no_such_example.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "example file not found: examples/no_such_example.py" in proc.stderr
