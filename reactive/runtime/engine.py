@@ -151,6 +151,9 @@ class Engine:
         self._sub_started: set[tuple[str, str, str | None]] = set()
         self._callbacks_started: set[str] = set()
         self._retries: dict[Hashable, int] = {}
+        # Metrics and log of a terminal transition, by id() of the state: counted by
+        # _commit once the write has won, never by a process whose write lost.
+        self._on_commit: dict[int, Callable[[], None]] = {}
         self._ready_count = 0
         self._expected_ready = 0
         self.timers = Timers(self.clock, self._on_timer)
@@ -740,12 +743,12 @@ class Engine:
                     state.escalate(reason)
                 else:
                     state.fail(reason)
-                self.metrics.pending_callbacks.labels(d.id).dec()
-                self.metrics.callbacks_received.labels(d.id, rule_id, "timeout").inc()
                 self._terminal_bookkeeping(
                     d, state, None, now, "timer", "task_timeout", "task_timeout"
                 )
                 await self._write(d, bucket, key, revision, state)
+                self.metrics.pending_callbacks.labels(d.id).dec()
+                self.metrics.callbacks_received.labels(d.id, rule_id, "timeout").inc()
                 return True
             self.timers.schedule(task_deadline, target)
         return False
@@ -928,7 +931,7 @@ class Engine:
         rule_id: str | None,
         reason: str,
     ) -> None:
-        """Set the outbox of a write that makes the execution terminal: its lifecycle event, its metrics."""
+        """Set the outbox of a write that makes the execution terminal: its lifecycle event; its metrics once committed."""
         out = list(outbox or [])
         st.completed_at = _utc(now)
         st.updated_at = _utc(now)
@@ -938,7 +941,7 @@ class Engine:
         event: Any = None
         if st.status is Status.COMPLETED:
             subject, event = d.on_complete, self._completion_event(d, st, now)
-            self.metrics.executions_completed.labels(d.id).inc()
+            counter = self.metrics.executions_completed.labels(d.id)
         elif st.status is Status.ESCALATED:
             subject = d.on_escalate
             event = WorkflowEscalationEvent(
@@ -948,7 +951,7 @@ class Engine:
                 reason=st.error,
                 escalated_at=_utc(now),
             )
-            self.metrics.executions_escalated.labels(d.id, reason).inc()
+            counter = self.metrics.executions_escalated.labels(d.id, reason)
         else:
             subject = d.on_fail
             event = WorkflowFailureEvent(
@@ -959,10 +962,18 @@ class Engine:
                 failed_at=_utc(now),
             )
             if st.status is Status.TIMED_OUT:
-                self.metrics.executions_timed_out.labels(d.id).inc()
+                counter = self.metrics.executions_timed_out.labels(d.id)
             else:
-                self.metrics.executions_failed.labels(d.id, reason).inc()
-        self.metrics.execution_duration.labels(d.id, st.status.value).observe(max(duration, 0.0))
+                counter = self.metrics.executions_failed.labels(d.id, reason)
+        histogram = self.metrics.execution_duration.labels(d.id, st.status.value)
+        status, error = st.status.value, st.error or reason
+
+        def committed() -> None:
+            counter.inc()
+            histogram.observe(max(duration, 0.0))
+            log.info("execution %s workflow=%s execution=%s reason=%s", status, d.id, st.id, error)
+
+        self._on_commit[id(st)] = committed
         if subject:
             out.append(
                 OutboxMessage(
@@ -984,13 +995,6 @@ class Engine:
             )
         st.outbox = out
         st.outbox_id = f"{d.id}:{st.id}:{st.status.value}" if out else ""
-        log.info(
-            "execution %s workflow=%s execution=%s reason=%s",
-            st.status.value,
-            d.id,
-            st.id,
-            st.error or reason,
-        )
 
     async def _write(
         self, d: WorkflowDef, bucket: str, key: str, revision: int, st: ExecutionState
@@ -1005,6 +1009,7 @@ class Engine:
     ) -> int:
         """Compare-and-set the state, then deliver its outbox. Raises ConflictError if it lost."""
         data = encode_json(st)
+        on_commit = self._on_commit.pop(id(st), None)
         try:
             if revision == 0:
                 new_rev = await self.backend.kv_create(bucket, key, data)
@@ -1013,6 +1018,8 @@ class Engine:
         except ConflictError:
             self.metrics.cas_conflicts.labels(d.id).inc()
             raise
+        if on_commit is not None:
+            on_commit()
         if st.outbox:
             await self._flush(bucket, key, st)
         return new_rev
