@@ -1239,6 +1239,7 @@ class Engine:
         key = d.key(exec_id)
         bucket = d.bucket
         target = (d.id, bucket, key)
+        pending = list(rules)  # the rules this message has not fired yet
         for _ in range(self.conflict_retries):
             now = self.clock.now()
             entry = await self.backend.kv_get(bucket, key)
@@ -1264,8 +1265,10 @@ class Engine:
                     return
                 writer: RuleDef | None = None
                 others: list[RuleDef] = []
-                for r in rules:
+                deferred = False
+                for r in pending:
                     if r.writes_state and writer is not None:
+                        deferred = True
                         continue
                     if r.action is ActionType.PUBLISH_ASYNC and state.status is Status.WAITING:
                         continue
@@ -1325,6 +1328,10 @@ class Engine:
                         rule_id=r.id,
                     )
                     await self._fire_nonwriting(bound, r, ctx, trigger)
+                if writer is not None and deferred:
+                    # The later writers are evaluated again, on the revision this one wrote.
+                    pending = [r for r in pending if r is not writer and r not in others]
+                    continue
                 return
             except ConflictError:
                 continue
