@@ -37,10 +37,17 @@ ConditionFunc = Callable[[RuleContext[Any, Any]], bool]
 class Condition:
     """A named condition. Call it with a RuleContext; combine with ``&``, ``|``, ``~``."""
 
-    __slots__ = ("description", "fn")
+    __slots__ = ("description", "fn", "phases")
 
-    def __init__(self, fn: ConditionFunc, description: str | None = None) -> None:
+    def __init__(
+        self,
+        fn: ConditionFunc,
+        description: str | None = None,
+        phases: frozenset[str] | None = None,
+    ) -> None:
         self.fn = fn
+        # The phases in which this condition can hold, when known (for drawing graphs).
+        self.phases = phases
         self.description: str = description or str(getattr(fn, "__name__", repr(fn)))
 
     def __call__(self, ctx: RuleContext[Any, Any]) -> bool:
@@ -97,7 +104,11 @@ def all_of(*conditions: ConditionFunc) -> Condition:
                 return False
         return True
 
-    return Condition(_all, "(" + " & ".join(_describe(f) for f in fns) + ")" if fns else "always")
+    known = [c.phases for c in fns if isinstance(c, Condition) and c.phases is not None]
+    phases = frozenset.intersection(*known) if known else None
+    return Condition(
+        _all, "(" + " & ".join(_describe(f) for f in fns) + ")" if fns else "always", phases
+    )
 
 
 def any_of(*conditions: ConditionFunc) -> Condition:
@@ -112,7 +123,11 @@ def any_of(*conditions: ConditionFunc) -> Condition:
                 return True
         return False
 
-    return Condition(_any, "(" + " | ".join(_describe(f) for f in fns) + ")" if fns else "never")
+    known = [c.phases if isinstance(c, Condition) else None for c in fns]
+    phases = None if not known or None in known else frozenset().union(*known)  # type: ignore[arg-type]
+    return Condition(
+        _any, "(" + " | ".join(_describe(f) for f in fns) + ")" if fns else "never", phases
+    )
 
 
 def not_(c: ConditionFunc) -> Condition:
@@ -144,7 +159,7 @@ def phase_is(phase: str) -> Condition:
         s = _base(ctx)
         return s is not None and s.phase == phase
 
-    return Condition(_phase_is, f"phase_is({phase!r})")
+    return Condition(_phase_is, f"phase_is({phase!r})", frozenset({phase}))
 
 
 def phase_in(*phases: str) -> Condition:
@@ -155,7 +170,7 @@ def phase_in(*phases: str) -> Condition:
         s = _base(ctx)
         return s is not None and s.phase in wanted
 
-    return Condition(_phase_in, f"phase_in({', '.join(map(repr, phases))})")
+    return Condition(_phase_in, f"phase_in({', '.join(map(repr, phases))})", wanted)
 
 
 def status_is(status: Status | str) -> Condition:

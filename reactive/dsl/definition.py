@@ -56,6 +56,7 @@ class RuleDef:
     cooldown: float = 0.0
     max_firings: int = 0
     on_deletes: bool = False
+    phases: frozenset[str] | None = None  # the phases its conditions require, when known
 
     @property
     def has_limits(self) -> bool:

@@ -512,4 +512,5 @@ def _compile_rule(
         cooldown=cooldown,
         max_firings=max_firings,
         on_deletes=bool(o.on_deletes),
+        phases=cond.phases,
     )

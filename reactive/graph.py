@@ -1,0 +1,177 @@
+"""Draw a workflow's rules as a Mermaid flowchart, so a person can look rather than read.
+
+Phases become nodes where the rules name them: in their conditions
+(``phase_is``, ``phase_in``) and in their mutations (``ctx.state.phase = "x"``,
+``set_phase("x")``, ``complete("x")``, ``transition("x")`` — found by reading the
+methods' source). Triggers and actions become edges.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+from reactive.dsl.definition import ActionType, TriggerMode, WorkflowDef
+from reactive.dsl.workflow import Workflow, definition_of
+
+__all__ = ["mermaid", "phases_set_by", "statuses_set_by"]
+
+_STATUS_CALLS = {
+    "complete": "completed",
+    "fail": "failed",
+    "escalate": "escalated",
+    "time_out": "timed_out",
+}
+
+
+def phases_set_by(fn: Callable[..., Any] | None) -> set[str]:
+    """The phase names a method (or mutator) assigns, read from its source; empty if unknown."""
+    if fn is None:
+        return set()
+    closure = getattr(fn, "__closure__", None) or ()
+    found: set[str] = set()
+    # transition("x") and friends keep the phase in their closure.
+    if getattr(fn, "__name__", "") == "_transition":
+        for cell in closure:
+            if isinstance(cell.cell_contents, str):
+                found.add(cell.cell_contents)
+        return found
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return found
+
+    def strings(node: ast.AST) -> set[str]:
+        return {
+            n.value
+            for n in ast.walk(node)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        }
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if (
+                any(isinstance(t, ast.Attribute) and t.attr == "phase" for t in targets)
+                and node.value
+            ):
+                found |= strings(node.value)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute | ast.Name):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+            if name in ("set_phase", "complete", "transition") and node.args:
+                found |= strings(node.args[0])
+    return found
+
+
+def statuses_set_by(fn: Callable[..., Any] | None) -> set[str]:
+    """Terminal statuses a method sets by calling ``complete``/``fail``/``escalate``/``time_out``."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))  # type: ignore[arg-type]
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return set()
+    return {
+        _STATUS_CALLS[n.func.attr]
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+        and isinstance(n.func, ast.Attribute)
+        and n.func.attr in _STATUS_CALLS
+    }
+
+
+def _id(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def _label(text: str) -> str:
+    return text.replace('"', "'")
+
+
+def mermaid(workflow: type[Workflow] | Workflow | WorkflowDef) -> str:
+    """The workflow as a Mermaid ``flowchart`` (text to paste into Markdown)."""
+    d = workflow if isinstance(workflow, WorkflowDef) else definition_of(workflow)
+    cls = d.cls
+    lines = ["flowchart LR"]
+    nodes: dict[str, str] = {}
+
+    def node(key: str, decl: str) -> str:
+        nid = _id(key)
+        if nid not in nodes:
+            nodes[nid] = decl.format(id=nid)
+            lines.append("    " + nodes[nid])
+        return nid
+
+    def phase(p: str) -> str:
+        return node(f"phase_{p}", f'{{id}}(["{_label(p) or "(no phase)"}"])')
+
+    def terminal(status: str) -> str:
+        return node(f"status_{status}", f'{{id}}((("{status}")))')
+
+    any_phase = None
+    edges: list[str] = []
+    for r in d.rules:
+        method = getattr(cls, r.method_name, None)
+        fn = getattr(method, "fn", method)
+        sets = phases_set_by(fn) | phases_set_by(r.mutator)
+        ends = statuses_set_by(fn) - {"completed"} if r.action is not ActionType.COMPLETE else set()
+        sources: list[str]
+        if r.mode is TriggerMode.STATE:
+            if r.phases:
+                sources = [phase(p) for p in sorted(r.phases)]
+            else:
+                if any_phase is None:
+                    any_phase = node("any_phase", '{id}(["any phase"])')
+                sources = [any_phase]
+        else:
+            sources = [node(f"msg_{r.subject}", f'{{id}}>"{_label(r.subject)}"]')]
+        action = r.action.value
+        if r.action in (ActionType.PUBLISH, ActionType.PUBLISH_ASYNC) or (
+            r.action is ActionType.COMPLETE and r.publish_subject
+        ):
+            action += f" {r.publish_subject}"
+        extras = []
+        if r.cooldown:
+            extras.append(f"cooldown {r.cooldown:g}s")
+        if r.max_firings:
+            extras.append(f"max {r.max_firings}")
+        label = f"{r.id}: {action}" + (f" ({', '.join(extras)})" if extras else "")
+        targets: list[str]
+        if r.action is ActionType.COMPLETE:
+            targets = [terminal("completed")]
+        elif r.action is ActionType.PUBLISH_ASYNC:
+            wait = node(f"wait_{r.id}", f'{{id}}{{{{"waiting: {_label(r.publish_subject)}"}}}}')
+            targets = [wait]
+            handler = getattr(cls, r.result_handler_name or "", None)
+            after = phases_set_by(handler) or set()
+            for p in sorted(after):
+                edges.append(f'    {wait} -- "{_label(r.id)}: result" --> {phase(p)}')
+            for e in sorted(statuses_set_by(handler)):
+                edges.append(f'    {wait} -- "{_label(r.id)}: result" --> {terminal(e)}')
+            if not after:
+                edges.append(f'    {wait} -- "{_label(r.id)}: result" --> {sources[0]}')
+            edges.append(
+                f'    {wait} -. "task timeout" .-> {terminal("failed" if d.on_task_timeout == "fail" else "escalated")}'
+            )
+        elif sets or ends:
+            targets = [phase(p) for p in sorted(sets)] + [terminal(e) for e in sorted(ends)]
+        elif r.writes_state:
+            targets = sources if r.mode is TriggerMode.STATE else [phase("")]
+        else:
+            out = node(f"out_{r.publish_subject}", f'{{id}}[/"{_label(r.publish_subject)}"/]')
+            targets = [out]
+        for s in sources:
+            for t in targets:
+                edges.append(f'    {s} -- "{_label(label)}" --> {t}')
+    if d.max_iterations or d.timeout:
+        anywhere = any_phase or node("any_phase", '{id}(["any phase"])')
+        if d.max_iterations:
+            edges.append(
+                f'    {anywhere} -. "iteration > {d.max_iterations}" .-> {terminal("escalated")}'
+            )
+        if d.timeout:
+            edges.append(f'    {anywhere} -. "timeout {d.timeout:g}s" .-> {terminal("timed_out")}')
+    lines.extend(edges)
+    return "\n".join(lines) + "\n"
