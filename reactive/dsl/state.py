@@ -68,6 +68,7 @@ class Firing(msgspec.Struct, kw_only=True, omit_defaults=True):
     count: int = 0
     last_at: float = 0.0
     last_trigger: str = ""
+    recent: list[str] = []  # the last few stream messages that fired it, against redeliveries
 
 
 class OutboxMessage(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -81,9 +81,31 @@ class FiringRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     count: int = 0
     last_at: float = 0.0
     last_trigger: str = ""
+    recent: list[str] = []
     pending: list[OutboxMessage] = []
     pending_owner: str = ""
     pending_at: float = 0.0
+    last_rev: int = 0
+
+
+_RECENT = 32
+
+
+def _remember(firing: Firing | FiringRecord, trigger: str) -> None:
+    """Keep the last stream messages that fired a rule, so a late redelivery is recognised."""
+    if trigger.startswith("m"):
+        firing.recent.append(trigger)
+        if len(firing.recent) > _RECENT:
+            del firing.recent[: len(firing.recent) - _RECENT]
+
+
+def _decode_record(entry: KVEntry | None) -> FiringRecord:
+    if entry is None:
+        return FiringRecord()
+    try:
+        return typing.cast(FiringRecord, decode(FiringRecord, entry.value))
+    except DecodeError:
+        return FiringRecord()
 
 
 class _Envelope(msgspec.Struct):
@@ -102,6 +124,9 @@ _KV = 0
 _MSG = 1
 _CALLBACK = 2
 _TIMER = 3
+_SWEEP = 4
+
+_SWEEP_TARGET = ("", "", "")  # the timer target of the claim sweep
 
 
 class Engine:
@@ -124,6 +149,7 @@ class Engine:
         workers: int = 32,
         conflict_retries: int = 20,
         outbox_grace: float = 5.0,
+        sweep_interval: float = 30.0,
         max_deliver: int = 20,
         metrics: EngineMetrics | None = None,
         instance_id: str | None = None,
@@ -136,6 +162,7 @@ class Engine:
         self.callback_prefix = callback_prefix
         self.conflict_retries = conflict_retries
         self.outbox_grace = outbox_grace
+        self.sweep_interval = sweep_interval
         self.max_deliver = max_deliver
         self.metrics = metrics or METRICS
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
@@ -188,6 +215,7 @@ class Engine:
                 self._receivers.append(recv)
                 tg.start_soon(self._worker, recv)
             tg.start_soon(self.timers.run)
+            self.timers.schedule(self.clock.now(), _SWEEP_TARGET)
             self.running = True
             for bound in list(self.registry.workflows.values()):
                 await self._start_triggers(bound)
@@ -383,8 +411,9 @@ class Engine:
         if not self._senders:
             return
         self._inflight += 1
+        item = (_SWEEP,) if target == _SWEEP_TARGET else (_TIMER, wf_id, bucket, key)
         try:
-            self._senders[hash(key) % len(self._senders)].send_nowait((_TIMER, wf_id, bucket, key))
+            self._senders[hash(key) % len(self._senders)].send_nowait(item)
         except anyio.WouldBlock:
             self._inflight -= 1
             # The worker is saturated: try again shortly rather than block the timer loop.
@@ -504,8 +533,25 @@ class Engine:
                 await self._process(item)
             except Exception:
                 log.exception("unexpected error processing %r", item[0])
+            except anyio.get_cancelled_exc_class():
+                # Stopping: hand back the message in hand and those queued behind it, so
+                # they are redelivered now rather than after the consumer's ack wait.
+                with anyio.move_on_after(2.0, shield=True):
+                    await self._release(item)
+                    while True:
+                        try:
+                            queued = recv.receive_nowait()
+                        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                            break
+                        self._inflight -= 1
+                        await self._release(queued)
+                raise
             finally:
                 self._inflight -= 1
+
+    async def _release(self, item: tuple[Any, ...]) -> None:
+        if item[0] in (_MSG, _CALLBACK):
+            await self._settle(item[2], "nak", 0.1)
 
     async def _process(self, item: tuple[Any, ...]) -> None:
         kind = item[0]
@@ -542,6 +588,14 @@ class Engine:
             await self._handle_message(*item[1:])
         elif kind == _CALLBACK:
             await self._handle_callback(*item[1:])
+        elif kind == _SWEEP:
+            try:
+                await self._sweep_claims()
+            except BackendError as e:
+                log.warning("claim sweep failed (%s); trying again later", e)
+                self.timers.schedule(
+                    self.clock.now() + min(self.sweep_interval, 5.0), _SWEEP_TARGET
+                )
 
     async def _guard_kv(
         self, bound: BoundWorkflow, bucket: str, key: str, work: Awaitable[None]
@@ -659,6 +713,11 @@ class Engine:
                 writer = r
             else:
                 others.append(r)
+        # Rules that only publish go first: if this process dies after the state write
+        # below, the revision they fired for is gone, and with it their chance to fire.
+        for r in others:
+            ctx.rule_id = r.id
+            await self._fire_nonwriting(bound, r, ctx, trigger)
         try:
             if writer is not None:
                 base = decode(d.state_type, raw)
@@ -673,9 +732,6 @@ class Engine:
                 await self._write(d, bucket, key, revision, state)
         except ConflictError:
             pass  # a newer revision beat us; the watch brings it, and it is evaluated then
-        for r in others:
-            ctx.rule_id = r.id
-            await self._fire_nonwriting(bound, r, ctx, trigger)
 
     def _check(self, bound: BoundWorkflow, r: RuleDef, ctx: RuleContext[Any, Any]) -> bool:
         try:
@@ -702,7 +758,7 @@ class Engine:
         """Whether cooldown, max firings or an earlier firing for this trigger hold the rule back."""
         if firing is None:
             return False
-        if firing.last_trigger == trigger:
+        if firing.last_trigger == trigger or trigger in firing.recent:
             return True
         if r.max_firings and firing.count >= r.max_firings:
             return True
@@ -853,6 +909,7 @@ class Engine:
         firing.count += 1
         firing.last_at = now
         firing.last_trigger = trigger
+        _remember(firing, trigger)
         work.firings[r.id] = firing
         work.timeline.append(
             TimelineEntry(
@@ -1082,6 +1139,15 @@ class Engine:
     async def _fire_nonwriting(
         self, bound: BoundWorkflow, r: RuleDef, ctx: RuleContext[Any, Any], trigger: str
     ) -> None:
+        """Fire a rule that publishes without writing state.
+
+        Where it must fire once per revision (or message) whatever the number of
+        processes, or has a cooldown or max firings, it first claims the firing in
+        the meta bucket by compare-and-set: the claim records the count, the time,
+        the trigger and the message, then the message is published and the claim
+        cleared. A ``pend.`` key marks a claim not yet cleared, so that the
+        sweep delivers it if this process dies in between.
+        """
         d = bound.definition
         exec_part = f"{ctx.bucket}.{ctx.key}" if ctx.key else "_"
         msg_id = f"{d.id}:{r.id}:{exec_part}:{trigger}"
@@ -1096,16 +1162,14 @@ class Engine:
                 await self.backend.publish(r.publish_subject, encode(payload), msg_id=msg_id)
                 self.metrics.action_dispatches.labels(d.id, r.id, r.action.value).inc()
             return
-        meta_key = f"fire.{d.id}.{r.id}.{exec_part}"
+        suffix = f"{d.id}.{r.id}.{exec_part}"
+        meta_key = "fire." + suffix
         target = (d.id, ctx.bucket, ctx.key) if ctx.key else None
-        for _ in range(self.conflict_retries):
+        trigger_rev = int(trigger[1:]) if trigger.startswith("r") else 0
+        waited = 0
+        for _ in range(self.conflict_retries + 10):
             entry = await self.backend.kv_get(self.meta_bucket, meta_key)
-            rec = FiringRecord()
-            if entry is not None:
-                try:
-                    rec = decode(FiringRecord, entry.value)
-                except DecodeError:
-                    rec = FiringRecord()
+            rec = _decode_record(entry)
             rev = entry.revision if entry is not None else 0
             now = self.clock.now()
             if rec.pending:
@@ -1113,19 +1177,21 @@ class Engine:
                     rec.pending_owner != self.instance_id
                     and now < rec.pending_at + self.outbox_grace
                 ):
+                    # Another process is delivering its claim; it normally clears in milliseconds.
+                    if waited < 10:
+                        waited += 1
+                        await anyio.sleep(0.005 * waited)
+                        continue
                     if target is not None:
                         self.timers.schedule(rec.pending_at + self.outbox_grace, target)
                     return
-                try:
-                    for m in rec.pending:
-                        await self.backend.publish(
-                            m.subject, m.data, headers=m.headers or None, msg_id=m.msg_id
-                        )
-                    rec.pending = []
-                    await self.backend.kv_update(self.meta_bucket, meta_key, encode_json(rec), rev)
-                except ConflictError:
-                    self.metrics.cas_conflicts.labels(d.id).inc()
-                continue
+                if not await self._deliver_claim(d, meta_key, rec, rev):
+                    continue
+                entry = await self.backend.kv_get(self.meta_bucket, meta_key)
+                rec = _decode_record(entry)
+                rev = entry.revision if entry is not None else 0
+            if trigger_rev and trigger_rev <= rec.last_rev:
+                return  # this revision, or a later one, has fired already
             if self._limited(r, rec, trigger, now, target):
                 return
             payload = self._safe_build(bound, r, ctx)
@@ -1135,9 +1201,13 @@ class Engine:
             rec.count += 1
             rec.last_at = now
             rec.last_trigger = trigger
+            _remember(rec, trigger)
+            rec.last_rev = max(rec.last_rev, trigger_rev)
             rec.pending = [m]
             rec.pending_owner = self.instance_id
             rec.pending_at = now
+            # Mark first, claim second: a mark without a pending claim is only swept away.
+            await self.backend.kv_put(self.meta_bucket, "pend." + suffix, b"")
             try:
                 if rev == 0:
                     claimed = await self.backend.kv_create(
@@ -1150,11 +1220,7 @@ class Engine:
             except ConflictError:
                 self.metrics.cas_conflicts.labels(d.id).inc()
                 continue
-            await self.backend.publish(m.subject, m.data, msg_id=m.msg_id)
-            self.metrics.action_dispatches.labels(d.id, r.id, r.action.value).inc()
-            rec.pending = []
-            with contextlib.suppress(ConflictError):
-                await self.backend.kv_update(self.meta_bucket, meta_key, encode_json(rec), claimed)
+            await self._deliver_claim(d, meta_key, rec, claimed)
             log.info(
                 "fired workflow=%s rule=%s key=%s trigger=%s action=publish",
                 d.id,
@@ -1164,6 +1230,46 @@ class Engine:
             )
             return
         log.warning("gave up claiming %s after %d conflicts", meta_key, self.conflict_retries)
+
+    async def _deliver_claim(
+        self, d: WorkflowDef, meta_key: str, rec: FiringRecord, rev: int
+    ) -> bool:
+        """Publish a claim's pending messages, clear the claim and its mark. False if the clear lost."""
+        for m in rec.pending:
+            await self.backend.publish(
+                m.subject, m.data, headers=m.headers or None, msg_id=m.msg_id
+            )
+            self.metrics.action_dispatches.labels(d.id, meta_key.split(".")[2], "publish").inc()
+        rec.pending = []
+        try:
+            await self.backend.kv_update(self.meta_bucket, meta_key, encode_json(rec), rev)
+        except ConflictError:
+            self.metrics.cas_conflicts.labels(d.id).inc()
+            return False
+        await self.backend.kv_delete(self.meta_bucket, "pend." + meta_key[len("fire.") :])
+        return True
+
+    async def _sweep_claims(self) -> None:
+        """Deliver claims whose process died between claiming and publishing."""
+        now = self.clock.now()
+        next_due = now + self.sweep_interval
+        for mark in await self.backend.kv_keys(self.meta_bucket, "pend.>"):
+            meta_key = "fire." + mark[len("pend.") :]
+            entry = await self.backend.kv_get(self.meta_bucket, meta_key)
+            rec = _decode_record(entry)
+            if entry is None or not rec.pending:
+                await self.backend.kv_delete(self.meta_bucket, mark)
+                continue
+            if now < rec.pending_at + self.outbox_grace:
+                next_due = min(next_due, rec.pending_at + self.outbox_grace)
+                continue
+            wf_id = meta_key.split(".")[1]
+            bound = self.registry.workflows.get(wf_id)
+            if bound is None:
+                continue  # not ours to deliver: another engine serves that workflow
+            log.info("delivering claim %s left by %s", meta_key, rec.pending_owner or "?")
+            await self._deliver_claim(bound.definition, meta_key, rec, entry.revision)
+        self.timers.schedule(next_due, _SWEEP_TARGET)
 
     def _safe_build(self, bound: BoundWorkflow, r: RuleDef, ctx: RuleContext[Any, Any]) -> Any:
         try:
@@ -1293,6 +1399,23 @@ class Engine:
                         writer = r
                     else:
                         others.append(r)
+                for r in others:
+                    ctx = RuleContext(
+                        state=state,
+                        message=decoded[r.message_type],
+                        workflow_id=d.id,
+                        execution_id=exec_id,
+                        key=key,
+                        bucket=bucket,
+                        revision=revision,
+                        subject=msg.subject,
+                        trigger_mode="message+state",
+                        now=now,
+                        rule_id=r.id,
+                    )
+                    await self._fire_nonwriting(bound, r, ctx, trigger)
+                if others:
+                    pending = [r for r in pending if r not in others]
                 if writer is not None:
                     if entry is None:
                         work = d.state_type()
@@ -1313,24 +1436,9 @@ class Engine:
                         msg.subject,
                         trigger,
                     )
-                for r in others:
-                    ctx = RuleContext(
-                        state=state,
-                        message=decoded[r.message_type],
-                        workflow_id=d.id,
-                        execution_id=exec_id,
-                        key=key,
-                        bucket=bucket,
-                        revision=revision,
-                        subject=msg.subject,
-                        trigger_mode="message+state",
-                        now=now,
-                        rule_id=r.id,
-                    )
-                    await self._fire_nonwriting(bound, r, ctx, trigger)
                 if writer is not None and deferred:
                     # The later writers are evaluated again, on the revision this one wrote.
-                    pending = [r for r in pending if r is not writer and r not in others]
+                    pending = [r for r in pending if r is not writer]
                     continue
                 return
             except ConflictError:
@@ -1401,7 +1509,9 @@ class Engine:
             ):
                 # Too late: the deadline or the task timeout came first.
                 try:
-                    await self._enforce_deadlines(bound, bucket, key, entry.revision, state, now, target)
+                    await self._enforce_deadlines(
+                        bound, bucket, key, entry.revision, state, now, target
+                    )
                 except ConflictError:
                     continue
                 self.metrics.callbacks_received.labels(d.id, state.pending_rule_id, "late").inc()

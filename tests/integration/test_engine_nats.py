@@ -900,17 +900,6 @@ def outbox_workflow() -> type[Workflow]:
 GRACE = 0.5
 
 
-LOST_CLAIM = (
-    "engine bug: the publish of a rule that does not write state is decided by its claim in "
-    "the meta bucket (FiringRecord.pending), but a pending claim is only delivered when the "
-    "same rule is evaluated again on that key with its condition true. Here the execution "
-    "completed (finish committed on the same revision) before the claim's publish, so the "
-    "new engine never looks at the claim again and the message is lost. Needs a sweep of "
-    "pending claims (say, a watch on the meta bucket's fire.> keys) that does not depend on "
-    "the rule's condition or the execution's status."
-)
-
-
 @pytest.mark.parametrize(
     ("crash_on", "after_send"),
     [
@@ -918,7 +907,7 @@ LOST_CLAIM = (
         ("announce", True),
         ("done", False),
         ("done", True),
-        pytest.param("notice", False, marks=pytest.mark.xfail(strict=True, reason=LOST_CLAIM)),
+        ("notice", False),
         ("notice", True),
     ],
 )
@@ -957,10 +946,10 @@ async def test_publish_decided_by_a_commit_survives_engine_death(
         await anyio.sleep(0.3)
         stored_msgs = await stream_messages(js, out)
 
-    # Every publish the workflow decided is in the stream exactly once. (When the
-    # engine died committing the completion, ``notice`` was never decided: the new
-    # engine sees only the completed revision, where no rule fires.)
-    decided = ["announce", "done"] if crash_on == "done" else ["announce", "notice", "done"]
+    # Every publish the workflow decided is in the stream exactly once. (``notice``,
+    # which only publishes, fires before ``finish`` writes the completion on the
+    # same revision, so it is decided whichever publish the engine died on.)
+    decided = ["announce", "notice", "done"]
     assert sorted(str(m.subject) for m in stored_msgs) == sorted(f"{d.id}.out.{s}" for s in decided)
     # The new engine delivered it, once the writer's grace was over; a repeat of
     # one that had gone out carried the same Nats-Msg-Id and the stream dropped it.
