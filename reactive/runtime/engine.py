@@ -67,7 +67,7 @@ from reactive.runtime.patterns import validate_execution_id
 from reactive.runtime.registry import BoundWorkflow, Registry, Subscription
 from reactive.runtime.timers import Timers
 
-__all__ = ["Engine", "FiringRecord"]
+__all__ = ["Engine", "FiringRecord", "WorkflowInfo", "describe_workflow"]
 
 log = logging.getLogger("reactive")
 S = TypeVar("S", bound=ExecutionState)
@@ -106,6 +106,79 @@ def _decode_record(entry: KVEntry | None) -> FiringRecord:
         return typing.cast(FiringRecord, decode(FiringRecord, entry.value))
     except DecodeError:
         return FiringRecord()
+
+
+class RuleInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A rule as the command line shows it."""
+
+    id: str
+    trigger: str
+    action: str
+    bucket: str = ""
+    pattern: str = ""
+    subject: str = ""
+    stream: str = ""
+    publish: str = ""
+    when: str = ""
+    cooldown: float = 0.0
+    max_firings: int = 0
+
+
+class WorkflowInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What an engine announces about a workflow it serves, at ``wf.<id>`` in the meta bucket."""
+
+    id: str
+    bucket: str
+    key_prefix: str
+    state_type: str
+    description: str = ""
+    timeout: float | None = None
+    max_iterations: int = 0
+    task_timeout: float = 0.0
+    on_complete: str = ""
+    on_fail: str = ""
+    on_escalate: str = ""
+    callback_prefix: str = ""
+    start_subject: str = ""
+    start_stream: str = ""
+    rules: list[RuleInfo] = []
+
+
+def describe_workflow(d: WorkflowDef, callback_prefix: str = "reactive.callback") -> WorkflowInfo:
+    """A workflow definition as plain data (what ``wf.<id>`` in the meta bucket holds)."""
+    starter = next((r for r in d.rules if r.mode is TriggerMode.MESSAGE_AND_STATE), None)
+    return WorkflowInfo(
+        id=d.id,
+        bucket=d.bucket,
+        key_prefix=f"{d.id}.",
+        state_type=f"{d.state_type.__module__}:{d.state_type.__qualname__}",
+        description=d.description,
+        timeout=d.timeout,
+        max_iterations=d.max_iterations,
+        task_timeout=d.task_timeout,
+        on_complete=d.on_complete,
+        on_fail=d.on_fail,
+        on_escalate=d.on_escalate,
+        callback_prefix=f"{callback_prefix}.{d.id}",
+        start_subject=starter.subject if starter else "",
+        start_stream=(starter.stream or "") if starter else "",
+        rules=[
+            RuleInfo(
+                id=r.id,
+                trigger=r.mode.value,
+                action=r.action.value,
+                bucket=r.bucket,
+                pattern=r.pattern,
+                subject=r.subject,
+                stream=r.stream or "",
+                publish=r.publish_subject,
+                when=r.condition_description,
+                cooldown=r.cooldown,
+                max_firings=r.max_firings,
+            )
+            for r in d.rules
+        ],
+    )
 
 
 class _Envelope(msgspec.Struct):
@@ -336,6 +409,10 @@ class Engine:
         assert self._tg is not None
         d = bound.definition
         await self.backend.ensure_bucket(d.bucket)
+        # Announce the workflow in the meta bucket, so tools can find it without its code.
+        await self.backend.kv_put(
+            self.meta_bucket, f"wf.{d.id}", encode_json(describe_workflow(d, self.callback_prefix))
+        )
         for r in d.rules:
             if r.bucket:
                 await self.backend.ensure_bucket(r.bucket)
