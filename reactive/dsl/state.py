@@ -107,9 +107,18 @@ class ExecutionState(msgspec.Struct, kw_only=True, omit_defaults=True):
     outbox: list[OutboxMessage] = []
     outbox_id: str = ""
     owner: str = ""
+    trace_parent: str = ""  # W3C traceparent of the trace this execution belongs to
 
     __reactive_bookkeeping__: ClassVar[frozenset[str]] = frozenset(
-        {"task_deadline", "pending_since", "firings", "outbox", "outbox_id", "owner"}
+        {
+            "task_deadline",
+            "pending_since",
+            "firings",
+            "outbox",
+            "outbox_id",
+            "owner",
+            "trace_parent",
+        }
     )
 
     # --- reading -----------------------------------------------------------------

@@ -66,6 +66,7 @@ from reactive.runtime.metrics import METRICS, EngineMetrics
 from reactive.runtime.patterns import validate_execution_id
 from reactive.runtime.registry import BoundWorkflow, Registry, Subscription
 from reactive.runtime.timers import Timers
+from reactive.runtime.tracing import Tracing, tracing_configured
 
 __all__ = ["Engine", "FiringRecord", "WorkflowInfo", "describe_workflow"]
 
@@ -226,6 +227,8 @@ class Engine:
         max_deliver: int = 20,
         metrics: EngineMetrics | None = None,
         instance_id: str | None = None,
+        tracing: bool | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.backend = backend
         self.clock: Clock = clock or SystemClock()
@@ -239,6 +242,10 @@ class Engine:
         self.max_deliver = max_deliver
         self.metrics = metrics or METRICS
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
+        # Tracing: on with a tracer provider given here or installed globally, or when told.
+        self._tracing_choice = True if tracer_provider is not None and tracing is None else tracing
+        self._tracer_provider = tracer_provider
+        self.tracing = Tracing(bool(self._tracing_choice), tracer_provider)
         self._n_workers = max(1, workers)
         self._senders: list[MemoryObjectSendStream[tuple[Any, ...]]] = []
         self._receivers: list[MemoryObjectReceiveStream[tuple[Any, ...]]] = []
@@ -277,6 +284,9 @@ class Engine:
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
+            if self._tracing_choice is None:
+                # Spans cost nothing unless the application installed a tracer provider.
+                self.tracing = Tracing(tracing_configured(), self._tracer_provider)
             await self.backend.start()
             await self.backend.ensure_bucket(self.meta_bucket)
             tg = await stack.enter_async_context(anyio.create_task_group())
@@ -740,6 +750,30 @@ class Engine:
         state: ExecutionState,
         mode: str,
     ) -> None:
+        if not self.tracing.enabled:
+            await self._evaluate_state_body(bound, rules, bucket, key, revision, raw, state, mode)
+            return
+        with self.tracing.span(
+            f"reactive.{mode}",
+            parent=self.tracing.parent_from(None, state.trace_parent),
+            workflow=bound.definition.id,
+            bucket=bucket,
+            key=key,
+            revision=revision,
+        ):
+            await self._evaluate_state_body(bound, rules, bucket, key, revision, raw, state, mode)
+
+    async def _evaluate_state_body(
+        self,
+        bound: BoundWorkflow,
+        rules: list[RuleDef],
+        bucket: str,
+        key: str,
+        revision: int,
+        raw: bytes,
+        state: ExecutionState,
+        mode: str,
+    ) -> None:
         d = bound.definition
         now = self.clock.now()
         target = (d.id, bucket, key)
@@ -773,6 +807,7 @@ class Engine:
             now=now,
         )
         trigger = f"r{revision}"
+        evaluating = self.tracing.start("reactive.evaluate", workflow=d.id, rules=len(rules))
         for r in rules:
             if r.on_deletes:
                 continue
@@ -790,6 +825,11 @@ class Engine:
                 writer = r
             else:
                 others.append(r)
+        if evaluating is not None:
+            evaluating.set_attribute(
+                "reactive.fired", [r.id for r in ([writer] if writer else []) + others]
+            )
+            evaluating.end()
         # Rules that only publish go first: if this process dies after the state write
         # below, the revision they fired for is gone, and with it their chance to fire.
         for r in others:
@@ -894,6 +934,31 @@ class Engine:
         return bound.methods[r.id](ctx)
 
     async def _fire_writing(
+        self,
+        bound: BoundWorkflow,
+        r: RuleDef,
+        bucket: str,
+        key: str,
+        revision: int,
+        work: ExecutionState,
+        message: Any,
+        mode: str,
+        info: str,
+        trigger: str,
+    ) -> None:
+        if not self.tracing.enabled:
+            await self._fire_writing_body(
+                bound, r, bucket, key, revision, work, message, mode, info, trigger
+            )
+            return
+        with self.tracing.span(
+            "reactive.dispatch", workflow=bound.definition.id, rule=r.id, action=r.action.value
+        ):
+            await self._fire_writing_body(
+                bound, r, bucket, key, revision, work, message, mode, info, trigger
+            )
+
+    async def _fire_writing_body(
         self,
         bound: BoundWorkflow,
         r: RuleDef,
@@ -1142,6 +1207,13 @@ class Engine:
         self, d: WorkflowDef, bucket: str, key: str, revision: int, st: ExecutionState
     ) -> int:
         """Compare-and-set the state, then deliver its outbox. Raises ConflictError if it lost."""
+        if self.tracing.enabled:
+            carrier = self.tracing.headers()
+            if carrier:
+                if not st.trace_parent:
+                    st.trace_parent = carrier.get("traceparent", "")
+                for m in st.outbox:
+                    m.headers = {**m.headers, **carrier}
         data = encode_json(st)
         on_commit = self._on_commit.pop(id(st), None)
         try:
@@ -1214,6 +1286,17 @@ class Engine:
     # ------------------------------------------------------------------ rules that do not write state
 
     async def _fire_nonwriting(
+        self, bound: BoundWorkflow, r: RuleDef, ctx: RuleContext[Any, Any], trigger: str
+    ) -> None:
+        if not self.tracing.enabled:
+            await self._fire_nonwriting_body(bound, r, ctx, trigger)
+            return
+        with self.tracing.span(
+            "reactive.dispatch", workflow=bound.definition.id, rule=r.id, action=r.action.value
+        ):
+            await self._fire_nonwriting_body(bound, r, ctx, trigger)
+
+    async def _fire_nonwriting_body(
         self, bound: BoundWorkflow, r: RuleDef, ctx: RuleContext[Any, Any], trigger: str
     ) -> None:
         """Fire a rule that publishes without writing state.
@@ -1359,6 +1442,20 @@ class Engine:
     # ------------------------------------------------------------------ messages
 
     async def _handle_message(
+        self, sub: Subscription, msg: InboundMessage, decoded: dict[Any, Any], keyed: dict[str, str]
+    ) -> None:
+        if not self.tracing.enabled:
+            await self._handle_message_body(sub, msg, decoded, keyed)
+            return
+        with self.tracing.span(
+            "reactive.message",
+            parent=self.tracing.parent_from(msg.headers),
+            workflow=sub.bound.definition.id,
+            subject=msg.subject,
+        ):
+            await self._handle_message_body(sub, msg, decoded, keyed)
+
+    async def _handle_message_body(
         self, sub: Subscription, msg: InboundMessage, decoded: dict[Any, Any], keyed: dict[str, str]
     ) -> None:
         d = sub.bound.definition
@@ -1568,8 +1665,22 @@ class Engine:
         env: _Envelope,
         msg: InboundMessage,
     ) -> str:
+        with contextlib.ExitStack() as spans:
+            return await self._apply_callback_body(bound, bucket, key, exec_id, env, msg, spans)
+
+    async def _apply_callback_body(
+        self,
+        bound: BoundWorkflow,
+        bucket: str,
+        key: str,
+        exec_id: str,
+        env: _Envelope,
+        msg: InboundMessage,
+        spans: contextlib.ExitStack,
+    ) -> str:
         d = bound.definition
         target = (d.id, bucket, key)
+        traced = not self.tracing.enabled
         for _ in range(self.conflict_retries):
             now = self.clock.now()
             entry = await self.backend.kv_get(bucket, key)
@@ -1578,6 +1689,18 @@ class Engine:
                 log.info("ignoring callback for unknown execution %s", key)
                 return "stale"
             state = decode(d.state_type, entry.value)
+            if not traced:
+                # The worker's trace context if it passed one on, else the execution's.
+                traced = True
+                spans.enter_context(
+                    self.tracing.span(
+                        "reactive.callback",
+                        parent=self.tracing.parent_from(msg.headers, state.trace_parent),
+                        workflow=d.id,
+                        key=key,
+                        task_id=env.task_id,
+                    )
+                )
             if state.outbox and not await self._outbox_settled(bucket, key, state, now, target):
                 raise TransientBackendError(f"{key}: an earlier outbox is still being delivered")
             if state.status is Status.WAITING and (

@@ -37,9 +37,9 @@ def tracing_configured() -> bool:
 class Tracing:
     """The engine's spans; every method is a no-op when ``enabled`` is False."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, provider: trace.TracerProvider | None = None) -> None:
         self.enabled = enabled
-        self._tracer = trace.get_tracer(_TRACER_NAME) if enabled else None
+        self._tracer = trace.get_tracer(_TRACER_NAME, tracer_provider=provider) if enabled else None
 
     def parent_from(self, headers: Mapping[str, str] | None, traceparent: str = "") -> Any:
         """The context to continue: the headers' if they carry one, else the stored traceparent."""
@@ -68,6 +68,13 @@ class Tracing:
             name, context=parent, kind=kind, attributes=attrs
         ) as span:
             yield span
+
+    def start(self, name: str, **attributes: Any) -> Span | None:
+        """A child span of the current one that the caller ends (it does not become current)."""
+        if self._tracer is None:
+            return None
+        attrs = {f"reactive.{k}": v for k, v in attributes.items() if v is not None and v != ""}
+        return self._tracer.start_span(name, attributes=attrs)
 
     def child(self, name: str, **attributes: Any) -> Any:
         """A child of the current span (or nothing when tracing is off)."""
