@@ -81,8 +81,12 @@ class NatsServer:
         data_dir: str | Path | None = None,
         host: str = "127.0.0.1",
         extra_args: Sequence[str] = (),
+        new_session: bool = False,
     ) -> None:
         self.host = host
+        # In a session of its own, a Ctrl-C at the terminal reaches only its owner, which
+        # stops it after its own clean shutdown (``python -m reactive serve``).
+        self.new_session = new_session
         self._port = port
         self._data_dir: Path | None = Path(data_dir) if data_dir is not None else None
         self._owns_data_dir = data_dir is None
@@ -146,7 +150,11 @@ class NatsServer:
         ]
         with os.fdopen(fd, "wb") as log:
             self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=self.new_session,
             )
         try:
             self._wait_until_ready(cmd)
