@@ -90,11 +90,18 @@ def _label(text: str) -> str:
     return text.replace('"', "'")
 
 
-def mermaid(workflow: type[Workflow] | Workflow | WorkflowDef) -> str:
-    """The workflow as a Mermaid ``flowchart`` (text to paste into Markdown)."""
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def mermaid(workflow: type[Workflow] | Workflow | WorkflowDef, direction: str = "TB") -> str:
+    """The workflow as a Mermaid ``flowchart`` (text to paste into Markdown); ``direction`` TB or LR."""
     d = workflow if isinstance(workflow, WorkflowDef) else definition_of(workflow)
     cls = d.cls
-    lines = ["flowchart LR"]
+    lines = [f"flowchart {direction}"]
     nodes: dict[str, str] = {}
 
     def node(key: str, decl: str) -> str:
@@ -142,18 +149,21 @@ def mermaid(workflow: type[Workflow] | Workflow | WorkflowDef) -> str:
         if r.action is ActionType.COMPLETE:
             targets = [terminal("completed")]
         elif r.action is ActionType.PUBLISH_ASYNC:
-            wait = node(f"wait_{r.id}", f'{{id}}{{{{"waiting: {_label(r.publish_subject)}"}}}}')
+            wait = node(
+                f"wait_{r.id}", "{id}{{{{" + f'"waiting: {_label(r.publish_subject)}"' + "}}}}"
+            )
             targets = [wait]
             handler = getattr(cls, r.result_handler_name or "", None)
+            handler_name = f"result: {r.result_handler_name}"
             after = phases_set_by(handler) or set()
             for p in sorted(after):
-                edges.append(f'    {wait} -- "{_label(r.id)}: result" --> {phase(p)}')
+                edges.append(f'    {wait} -- "{_label(handler_name)}" --> {phase(p)}')
             for e in sorted(statuses_set_by(handler)):
-                edges.append(f'    {wait} -- "{_label(r.id)}: result" --> {terminal(e)}')
+                edges.append(f'    {wait} -- "{_label(handler_name)}" --> {terminal(e)}')
             if not after:
-                edges.append(f'    {wait} -- "{_label(r.id)}: result" --> {sources[0]}')
+                edges.append(f'    {wait} -- "{_label(handler_name)}" --> {sources[0]}')
             edges.append(
-                f'    {wait} -. "task timeout" .-> {terminal("failed" if d.on_task_timeout == "fail" else "escalated")}'
+                f'    {wait} -. "no result in {_duration(d.task_timeout)}" .-> {terminal("failed" if d.on_task_timeout == "fail" else "escalated")}'
             )
         elif sets or ends:
             targets = [phase(p) for p in sorted(sets)] + [terminal(e) for e in sorted(ends)]
@@ -172,6 +182,17 @@ def mermaid(workflow: type[Workflow] | Workflow | WorkflowDef) -> str:
                 f'    {anywhere} -. "iteration > {d.max_iterations}" .-> {terminal("escalated")}'
             )
         if d.timeout:
-            edges.append(f'    {anywhere} -. "timeout {d.timeout:g}s" .-> {terminal("timed_out")}')
+            edges.append(
+                f'    {anywhere} -. "timeout {_duration(d.timeout)}" .-> {terminal("timed_out")}'
+            )
+    for status, subject in (
+        ("completed", d.on_complete),
+        ("failed", d.on_fail),
+        ("escalated", d.on_escalate),
+        ("timed_out", d.on_fail),
+    ):
+        if subject and _id(f"status_{status}") in nodes:
+            event = node(f"event_{subject}", f'{{id}}[/"{_label(subject)}"/]')
+            edges.append(f"    {terminal(status)} -.-> {event}")
     lines.extend(edges)
     return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     chunks = []
     for wf in workflows:
         d = definition_of(wf)
-        text = mermaid(d)
+        text = mermaid(d, direction=args.direction)
         if len(workflows) > 1:
             text = f"%% workflow {d.id}\n{text}"
         if args.format == "markdown":
@@ -97,6 +97,12 @@ def add_parsers(commands: Subcommands) -> None:
         choices=("mermaid", "markdown"),
         default="mermaid",
         help="mermaid: the flowchart; markdown: inside a ```mermaid block (default: mermaid)",
+    )
+    graph.add_argument(
+        "--direction",
+        choices=("TB", "LR"),
+        default="TB",
+        help="top to bottom (fits a page) or left to right (default: TB)",
     )
     graph.set_defaults(handler=cmd_graph)
 

@@ -394,7 +394,7 @@ def test_metrics_are_scraped_over_http(served: Serve) -> None:
 def test_graph_prints_a_mermaid_flowchart() -> None:
     proc = cli("graph", f"{PLAN_REVIEW}:PlanReview")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("flowchart LR\n")
+    assert proc.stdout.startswith("flowchart TB\n")
     assert 'msg_plans_submitted>"plans.submitted"]' in proc.stdout
     assert "request_review: publish_async reviewer.input" in proc.stdout
     md = cli("graph", WORKFLOWS, "--format", "markdown")

@@ -244,7 +244,7 @@ def test_validate_and_graph_in_process(tmp_path: Path, capsys: pytest.CaptureFix
     ]
     assert main(["graph", f"{file}:Publish"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("flowchart LR\n") and "review: mutate" in out
+    assert out.startswith("flowchart TB\n") and "review: mutate" in out
 
     broken = write(tmp_path, "broken_l.py", BROKEN)
     assert main(["validate", str(broken), f"{file}:Archive"]) == 1
