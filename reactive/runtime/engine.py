@@ -86,18 +86,27 @@ class FiringRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     pending: list[OutboxMessage] = []
     pending_owner: str = ""
     pending_at: float = 0.0
-    last_rev: int = 0
 
 
 _RECENT = 32
 
 
 def _remember(firing: Firing | FiringRecord, trigger: str) -> None:
-    """Keep the last stream messages that fired a rule, so a late redelivery is recognised."""
-    if trigger.startswith("m"):
+    """Keep the last triggers that fired a rule, so a late repeat of one is recognised.
+
+    Stream messages for every rule (a redelivery may come late), revisions for the
+    claims of rules that only publish (another process may evaluate a revision late).
+    """
+    if trigger.startswith("m") or (trigger.startswith("r") and isinstance(firing, FiringRecord)):
         firing.recent.append(trigger)
         if len(firing.recent) > _RECENT:
             del firing.recent[: len(firing.recent) - _RECENT]
+
+
+def _too_old(rec: FiringRecord, revision: int) -> bool:
+    """Whether ``revision`` predates every revision the claim remembers (when it remembers many)."""
+    revs = [int(t[1:]) for t in rec.recent if t.startswith("r")]
+    return len(revs) >= _RECENT and revision < min(revs)
 
 
 def _decode_record(entry: KVEntry | None) -> FiringRecord:
@@ -646,13 +655,22 @@ class Engine:
             entry: KVEntry = item[1]
             k = (entry.bucket, entry.key)
             latest = self._latest.get(k, entry.revision)
-            if entry.revision < latest:
-                return  # a newer revision of this key is queued behind us
+            # A newer revision of this key is queued behind this one: rules that write
+            # state would only lose their compare-and-set, so only the rules that just
+            # publish are evaluated here (they fire once per revision).
+            stale = entry.revision < latest
             if latest == entry.revision:
                 self._latest.pop(k, None)
             for bound, rules in self.registry.match_kv(entry.bucket, entry.key):
+                if stale:
+                    rules = [r for r in rules if not r.writes_state]
+                    if not rules:
+                        continue
                 await self._guard_kv(
-                    bound, entry.bucket, entry.key, self._evaluate_kv(bound, rules, entry, "kv")
+                    bound,
+                    entry.bucket,
+                    entry.key,
+                    self._evaluate_kv(bound, rules, entry, "kv", stale),
                 )
         elif kind == _TIMER:
             _, wf_id, bucket, key = item
@@ -702,7 +720,12 @@ class Engine:
     # ------------------------------------------------------------------ evaluation: KV
 
     async def _evaluate_kv(
-        self, bound: BoundWorkflow, rules: list[RuleDef], entry: KVEntry, mode: str
+        self,
+        bound: BoundWorkflow,
+        rules: list[RuleDef],
+        entry: KVEntry,
+        mode: str,
+        stale: bool = False,
     ) -> None:
         d = bound.definition
         if entry.operation != "PUT":
@@ -736,7 +759,7 @@ class Engine:
             )
             return
         await self._evaluate_state(
-            bound, rules, entry.bucket, entry.key, entry.revision, entry.value, state, mode
+            bound, rules, entry.bucket, entry.key, entry.revision, entry.value, state, mode, stale
         )
 
     async def _evaluate_state(
@@ -749,9 +772,12 @@ class Engine:
         raw: bytes,
         state: ExecutionState,
         mode: str,
+        stale: bool = False,
     ) -> None:
         if not self.tracing.enabled:
-            await self._evaluate_state_body(bound, rules, bucket, key, revision, raw, state, mode)
+            await self._evaluate_state_body(
+                bound, rules, bucket, key, revision, raw, state, mode, stale
+            )
             return
         with self.tracing.span(
             f"reactive.{mode}",
@@ -761,7 +787,9 @@ class Engine:
             key=key,
             revision=revision,
         ):
-            await self._evaluate_state_body(bound, rules, bucket, key, revision, raw, state, mode)
+            await self._evaluate_state_body(
+                bound, rules, bucket, key, revision, raw, state, mode, stale
+            )
 
     async def _evaluate_state_body(
         self,
@@ -773,11 +801,33 @@ class Engine:
         raw: bytes,
         state: ExecutionState,
         mode: str,
+        stale: bool = False,
     ) -> None:
         d = bound.definition
         now = self.clock.now()
         target = (d.id, bucket, key)
         exec_id = d.execution_id_for(key)
+        if stale:
+            # Superseded: the newer revision settles outboxes, deadlines and writers.
+            if state.status in _TERMINAL:
+                return
+            ctx0: RuleContext[Any, Any] = RuleContext(
+                state=state,
+                message=None,
+                workflow_id=d.id,
+                execution_id=state.id or exec_id,
+                key=key,
+                bucket=bucket,
+                revision=revision,
+                trigger_mode=mode,
+                now=now,
+            )
+            for r in rules:
+                if not r.writes_state and not r.on_deletes:
+                    ctx0.rule_id = r.id
+                    if self._check(bound, r, ctx0):
+                        await self._fire_nonwriting(bound, r, ctx0, f"r{revision}")
+            return
         if state.outbox and not await self._outbox_settled(
             bucket, key, state, now, target, revision
         ):
@@ -1350,8 +1400,8 @@ class Engine:
                 entry = await self.backend.kv_get(self.meta_bucket, meta_key)
                 rec = _decode_record(entry)
                 rev = entry.revision if entry is not None else 0
-            if trigger_rev and trigger_rev <= rec.last_rev:
-                return  # this revision, or a later one, has fired already
+            if trigger_rev and _too_old(rec, trigger_rev):
+                return  # older than every revision remembered: treated as fired
             if self._limited(r, rec, trigger, now, target):
                 return
             payload = self._safe_build(bound, r, ctx)
@@ -1362,7 +1412,6 @@ class Engine:
             rec.last_at = now
             rec.last_trigger = trigger
             _remember(rec, trigger)
-            rec.last_rev = max(rec.last_rev, trigger_rev)
             rec.pending = [m]
             rec.pending_owner = self.instance_id
             rec.pending_at = now
