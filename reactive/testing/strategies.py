@@ -42,6 +42,7 @@ after every step, checks the engine's invariants on every execution (see
 
 from __future__ import annotations
 
+import abc
 import ast
 import math
 import re
@@ -462,11 +463,12 @@ def states(
 
 
 @dataclass(frozen=True)
-class Event:
+class Event(abc.ABC):
     """Something that happens to a running engine; ``apply`` makes it happen and settles."""
 
-    async def apply(self, te: TestEngine) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def apply(self, te: TestEngine) -> None:
+        """Make it happen on ``te`` and let the engine settle."""
 
 
 @dataclass(frozen=True)
