@@ -61,6 +61,8 @@ class TestEngine:
         self.backend = backend or MemoryBackend(clock=self.clock)
         engine_options.setdefault("workers", 4)
         engine_options.setdefault("outbox_grace", 5.0)
+        self._workflows = workflows
+        self._engine_options = engine_options
         self.engine = Engine(self.backend, workflows, clock=self.clock, **engine_options)
         self.settle_timeout = settle_timeout
         self._stack: AsyncExitStack | None = None
@@ -73,7 +75,7 @@ class TestEngine:
         try:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             await self.engine.start()
-            stack.push_async_callback(self.engine.stop)
+            stack.push_async_callback(lambda: self.engine.stop())
         except BaseException:
             await stack.__aexit__(None, None, None)
             raise
@@ -106,6 +108,21 @@ class TestEngine:
                     quiet += 1
                 else:
                     quiet = 0
+
+    async def restart(self, *, down_for: float = 0.0) -> Engine:
+        """Stop the engine and start a new one (new instance id, empty memory) on the same backend.
+
+        ``down_for`` moves the clock while no engine runs, so deadlines can pass
+        in between. Returns the new engine.
+        """
+        await self.engine.stop()
+        if down_for:
+            self.clock.advance(down_for)
+        options = {k: v for k, v in self._engine_options.items() if k != "instance_id"}
+        self.engine = Engine(self.backend, self._workflows, clock=self.clock, **options)
+        await self.engine.start()
+        await self.settle()
+        return self.engine
 
     async def advance(self, seconds: float) -> None:
         """Move the clock forward (firing deadlines, timeouts, cooldown ends) and settle."""

@@ -105,3 +105,17 @@ async def test_a_review_that_never_comes_back_fails_at_the_task_timeout() -> Non
         te.assert_status(PlanReview, "p1", Status.WAITING)
         await te.advance(301)
         te.assert_status(PlanReview, "p1", Status.FAILED)
+
+
+@pytest.mark.anyio
+async def test_a_restart_while_waiting_resumes_and_a_deadline_passed_while_down_times_out() -> None:
+    async with TestEngine(PlanReview) as te:
+        await te.trigger_message("plans.submitted", PlanSubmitted(plan_id="p1", plan="x"))
+        await te.trigger_message("plans.submitted", PlanSubmitted(plan_id="p2", plan="y"))
+        te.assert_status(PlanReview, "p1", Status.WAITING)
+        await te.restart()
+        await te.callback(PlanReview, "p1", {"verdict": "approved"})
+        te.assert_status(PlanReview, "p1", Status.COMPLETED)
+        await te.restart(down_for=601)  # past p2's 10-minute deadline while no engine ran
+        te.assert_status(PlanReview, "p2", Status.TIMED_OUT)
+        te.assert_published("plans.approved", count=1)
