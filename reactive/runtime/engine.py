@@ -435,9 +435,9 @@ class Engine:
         for r in d.rules:
             if r.bucket:
                 await self.backend.ensure_bucket(r.bucket)
-        for r in d.rules:
-            if r.mode is TriggerMode.STATE:
-                self._restart_watch(r.bucket)
+        # One watcher per bucket, however many rules watch it.
+        for bucket in dict.fromkeys(r.bucket for r in d.rules if r.mode is TriggerMode.STATE):
+            self._restart_watch(bucket)
         for key, sub in self.registry.subscriptions.items():
             if sub.bound is bound and key not in self._sub_started:
                 self._sub_started.add(key)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 
@@ -458,3 +459,34 @@ async def test_external_pending_state_is_initialized_before_a_writer_runs() -> N
         assert st.notes == ["running"]
         assert st.created_at == utc(te.clock.now())
         assert st.deadline is None
+
+
+async def test_one_watcher_per_bucket_however_many_rules_watch_it() -> None:
+    from reactive import MemoryBackend
+    from reactive.runtime.engine import Engine
+
+    namespace: dict[str, object] = {}
+    for i in range(50):
+
+        def make(i: int = i) -> object:
+            @rule(watch_kv=f"many.k{i}", publish=f"many.out{i}")
+            def fire(self: object, ctx: RuleContext[ExecutionState, None]) -> dict[str, int]:
+                return {"i": i}
+
+            return fire
+
+        namespace[f"r{i}"] = make()
+    Many = type("Many", (Workflow,), namespace, id="many")
+    backend = MemoryBackend()
+    opened: list[str] = []
+    original = backend.kv_watch
+
+    def counting_watch(bucket: str, pattern: str = ">"):  # type: ignore[no-untyped-def]
+        opened.append(bucket)
+        return original(bucket, pattern)
+
+    backend.kv_watch = counting_watch  # type: ignore[method-assign]
+    async with Engine(backend, [Many]) as engine:
+        while not engine.ready:
+            await anyio.sleep(0.01)
+    assert opened == ["MANY"]
