@@ -373,8 +373,15 @@ class _KVWatch:
 
             watcher = self._watcher
             assert watcher is not None
+            queue = cast("asyncio.Queue[Any]", watcher._updates)
             try:
-                item = await watcher.updates(timeout=backend._poll_interval)  # type: ignore[no-untyped-call]
+                # Entries already queued are taken at once: updates() is asyncio.wait_for,
+                # a task and a timer per entry, which splits a burst over many loop turns.
+                item = (
+                    queue.get_nowait()
+                    if queue.qsize()
+                    else await watcher.updates(timeout=backend._poll_interval)  # type: ignore[no-untyped-call]
+                )
             except TimeoutError:
                 if await self._unhealthy(watcher):
                     log.warning(
