@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import typing
 import uuid
 from collections import OrderedDict
@@ -267,6 +268,7 @@ class Engine:
         self._sub_started: set[tuple[str, str, str | None]] = set()
         self._callbacks_started: set[str] = set()
         self._retries: dict[Hashable, int] = {}
+        self._eval_counters: dict[tuple[str, str, bool], Any] = {}
         # Metrics and log of a terminal transition, by id() of the state: counted by
         # _commit once the write has won, never by a process whose write lost.
         self._on_commit: dict[int, Callable[[], None]] = {}
@@ -914,9 +916,14 @@ class Engine:
                 "condition of %s.%s raised %r; treated as false", bound.definition.id, r.id, e
             )
             fired = False
-        self.metrics.rule_evaluations.labels(
-            bound.definition.id, r.id, "true" if fired else "false"
-        ).inc()
+        key = (bound.definition.id, r.id, fired)
+        counter = self._eval_counters.get(key)
+        if counter is None:
+            # Label lookups cost a lock and a dict; cache the child per rule and outcome.
+            counter = self._eval_counters[key] = self.metrics.rule_evaluations.labels(
+                bound.definition.id, r.id, "true" if fired else "false"
+            )
+        counter.inc()
         return fired
 
     def _limited(
@@ -1029,7 +1036,7 @@ class Engine:
         """Apply a state-writing rule to ``work`` (a fresh copy) and commit it with one compare-and-set."""
         d = bound.definition
         now = self.clock.now()
-        started = anyio.current_time()
+        started = time.perf_counter()
         exec_id = work.id or d.execution_id_for(key)
         ctx: RuleContext[Any, Any] = RuleContext(
             state=work,
@@ -1139,7 +1146,7 @@ class Engine:
             self.metrics.executions_created.labels(d.id).inc()
         if work.status is Status.WAITING and r.action is ActionType.PUBLISH_ASYNC:
             self.metrics.pending_callbacks.labels(d.id).inc()
-        self.metrics.rule_duration.labels(d.id, r.id).observe(anyio.current_time() - started)
+        self.metrics.rule_duration.labels(d.id, r.id).observe(time.perf_counter() - started)
         log.info(
             "transition workflow=%s execution=%s rule=%s action=%s phase=%s status=%s",
             d.id,
