@@ -490,3 +490,32 @@ async def test_one_watcher_per_bucket_however_many_rules_watch_it() -> None:
         while not engine.ready:
             await anyio.sleep(0.01)
     assert opened == ["MANY"]
+
+
+class Late(ExecutionState):
+    seen: int = 0
+
+
+class LateMsg(msgspec.Struct):
+    id: str
+
+
+class LateWorkflow(Workflow, id="late", state=Late):
+    @rule(watch_kv=True, when=phase_is("new"), mutate=True)
+    def take(self, ctx: RuleContext[Late, None]) -> None:
+        ctx.state.phase = "taken"
+
+    @rule(on_subject="late.poke", state_key=lambda m: m.id, mutate=True)
+    def poke(self, ctx: RuleContext[Late, LateMsg]) -> None:
+        ctx.state.seen += 1
+
+
+async def test_a_workflow_registered_after_start_gets_its_triggers_and_the_replay() -> None:
+    async with TestEngine() as te:
+        # State written before the workflow is registered: the replay must bring it.
+        await te.put("LATE", "late.a", Late(phase="new"))
+        await te.engine.register(LateWorkflow)
+        await te.settle()
+        te.assert_phase(LateWorkflow, "a", "taken")
+        await te.trigger_message("late.poke", LateMsg(id="a"))
+        te.assert_state(LateWorkflow, "a", lambda s: s.seen == 1)
