@@ -135,3 +135,40 @@ async def test_tracing_is_off_without_a_tracer_provider() -> None:
         assert not te.engine.tracing.enabled
         assert "traceparent" not in te.published_messages("payments.charge")[0].headers
         assert te.state(Checkout, "o3").trace_parent == ""
+
+
+def _configure_in_subprocess(env: dict[str, str]) -> str:
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from reactive.runtime.tracing import configure_from_env, tracing_configured\n"
+        "from opentelemetry import trace\n"
+        "on = configure_from_env()\n"
+        "print(on, tracing_configured(), type(trace.get_tracer_provider()).__name__)\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def test_otel_variables_turn_on_otlp_and_nothing_is_exported_without_them() -> None:
+    assert _configure_in_subprocess({}) == "False False ProxyTracerProvider"
+    assert (
+        _configure_in_subprocess({"OTEL_TRACES_EXPORTER": "none"})
+        == "False False ProxyTracerProvider"
+    )
+    assert (
+        _configure_in_subprocess({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})
+        == "True True TracerProvider"
+    )
+    assert (
+        _configure_in_subprocess({"OTEL_TRACES_EXPORTER": "console"}) == "True True TracerProvider"
+    )
