@@ -23,6 +23,7 @@ and the "snapshot then subscribe" of a watch atomic without locks.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 from collections import deque
@@ -476,12 +477,18 @@ class _ConsumerReader:
 
 
 def _check_key(key: str) -> None:
+    reason = _key_problem(key)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+@functools.lru_cache(maxsize=65536)
+def _key_problem(key: str) -> str | None:
     reason = validate_key_pattern(key)
     # A valid pattern only has '*' and '>' as whole tokens, so any such char is a wildcard.
     if reason is None and ("*" in key or ">" in key):
         reason = f"key {key!r} must not contain wildcards"
-    if reason is not None:
-        raise ValueError(reason)
+    return reason
 
 
 def _check_name(name: str, what: str) -> None:

@@ -268,7 +268,7 @@ class Engine:
         self._sub_started: set[tuple[str, str, str | None]] = set()
         self._callbacks_started: set[str] = set()
         self._retries: dict[Hashable, int] = {}
-        self._eval_counters: dict[tuple[str, str, bool], Any] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # Metrics and log of a terminal transition, by id() of the state: counted by
         # _commit once the write has won, never by a process whose write lost.
         self._on_commit: dict[int, Callable[[], None]] = {}
@@ -374,7 +374,7 @@ class Engine:
         st.owner = self.instance_id
         await self.backend.ensure_bucket(d.bucket)
         await self.backend.kv_create(d.bucket, d.key(execution_id), encode_json(st))
-        self.metrics.executions_created.labels(d.id).inc()
+        self._metric(self.metrics.executions_created, d.id).inc()
         log.info("execution started workflow=%s execution=%s", d.id, execution_id)
         return st
 
@@ -477,10 +477,7 @@ class Engine:
                             first = False
                         backoff = 0.1
                         async for entry in entries:
-                            if entry.operation == "PUT" or self.registry.has_kv_rules(
-                                bucket, entry.key
-                            ):
-                                await self._enqueue_kv(entry)
+                            await self._enqueue_kv(entry)
                 except BackendError as e:
                     log.warning(
                         "watch of bucket %s failed (%s); retrying in %.1fs", bucket, e, backoff
@@ -489,12 +486,13 @@ class Engine:
                     backoff = min(backoff * 2, 5.0)
 
     async def _enqueue_kv(self, entry: KVEntry) -> None:
-        if not self.registry.has_kv_rules(entry.bucket, entry.key):
+        matches = self.registry.match_kv(entry.bucket, entry.key)
+        if not matches:
             return
         k = (entry.bucket, entry.key)
         if self._latest.get(k, -1) < entry.revision:
             self._latest[k] = entry.revision
-        await self._enqueue(entry.key, (_KV, entry))
+        await self._enqueue(entry.key, (_KV, entry, matches))
 
     async def _enqueue(self, shard_key: str, item: tuple[Any, ...]) -> None:
         self._inflight += 1
@@ -548,14 +546,14 @@ class Engine:
     async def _route_message(self, sub: Subscription, msg: InboundMessage) -> None:
         d = sub.bound.definition
         if msg.num_delivered > 1:
-            self.metrics.redeliveries.labels(d.id).inc()
+            self._metric(self.metrics.redeliveries, d.id).inc()
         decoded: dict[Any, Any] = {}
         try:
             for r in sub.rules:
                 if r.message_type not in decoded:
                     decoded[r.message_type] = decode(r.message_type, msg.data)
         except DecodeError as e:
-            self.metrics.poison_messages.labels(d.id, "message").inc()
+            self._metric(self.metrics.poison_messages, d.id, "message").inc()
             log.warning("terminating undecodable message on %s for %s: %s", msg.subject, d.id, e)
             await self._settle(msg, "term")
             return
@@ -566,12 +564,12 @@ class Engine:
                 try:
                     exec_id = validate_execution_id(r.state_key(decoded[r.message_type]))
                 except InvalidExecutionId as e:
-                    self.metrics.invalid_ids.labels(d.id).inc()
+                    self._metric(self.metrics.invalid_ids, d.id).inc()
                     log.warning("terminating message on %s for %s: %s", msg.subject, d.id, e)
                     await self._settle(msg, "term")
                     return
                 except Exception as e:
-                    self.metrics.poison_messages.labels(d.id, "state_key").inc()
+                    self._metric(self.metrics.poison_messages, d.id, "state_key").inc()
                     log.warning(
                         "terminating message on %s: state_key of %s.%s failed: %r",
                         msg.subject,
@@ -605,7 +603,7 @@ class Engine:
                         try:
                             validate_execution_id(exec_id)
                         except InvalidExecutionId as e:
-                            self.metrics.invalid_ids.labels(d.id).inc()
+                            self._metric(self.metrics.invalid_ids, d.id).inc()
                             log.warning("terminating callback on %s: %s", msg.subject, e)
                             await self._settle(msg, "term")
                             continue
@@ -668,7 +666,7 @@ class Engine:
             stale = entry.revision < latest
             if latest == entry.revision:
                 self._latest.pop(k, None)
-            for bound, rules in self.registry.match_kv(entry.bucket, entry.key):
+            for bound, rules in item[2]:
                 if stale:
                     rules = [r for r in rules if not r.writes_state]
                     if not rules:
@@ -756,7 +754,7 @@ class Engine:
         try:
             state = decode(d.state_type, entry.value)
         except DecodeError as e:
-            self.metrics.state_decode_errors.labels(d.id).inc()
+            self._metric(self.metrics.state_decode_errors, d.id).inc()
             log.warning(
                 "leaving undecodable state %s/%s rev %d: %s",
                 entry.bucket,
@@ -907,23 +905,26 @@ class Engine:
         except ConflictError:
             pass  # a newer revision beat us; the watch brings it, and it is evaluated then
 
+    def _metric(self, metric: Any, *labels: str) -> Any:
+        """A metric's child for these labels, cached: a label lookup costs a lock and a dict."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def _check(self, bound: BoundWorkflow, r: RuleDef, ctx: RuleContext[Any, Any]) -> bool:
         try:
             fired = bool(r.condition(ctx))
         except Exception as e:
-            self.metrics.dispatch_errors.labels(bound.definition.id, r.id).inc()
+            self._metric(self.metrics.dispatch_errors, bound.definition.id, r.id).inc()
             log.warning(
                 "condition of %s.%s raised %r; treated as false", bound.definition.id, r.id, e
             )
             fired = False
-        key = (bound.definition.id, r.id, fired)
-        counter = self._eval_counters.get(key)
-        if counter is None:
-            # Label lookups cost a lock and a dict; cache the child per rule and outcome.
-            counter = self._eval_counters[key] = self.metrics.rule_evaluations.labels(
-                bound.definition.id, r.id, "true" if fired else "false"
-            )
-        counter.inc()
+        self._metric(
+            self.metrics.rule_evaluations, bound.definition.id, r.id, "true" if fired else "false"
+        ).inc()
         return fired
 
     def _limited(
@@ -982,8 +983,8 @@ class Engine:
                     d, state, None, now, "timer", "task_timeout", "task_timeout"
                 )
                 await self._write(d, bucket, key, revision, state)
-                self.metrics.pending_callbacks.labels(d.id).dec()
-                self.metrics.callbacks_received.labels(d.id, rule_id, "timeout").inc()
+                self._metric(self.metrics.pending_callbacks, d.id).dec()
+                self._metric(self.metrics.callbacks_received, d.id, rule_id, "timeout").inc()
                 return True
             self.timers.schedule(task_deadline, target)
         return False
@@ -1058,7 +1059,7 @@ class Engine:
         try:
             payload = self._call(bound, r, ctx)
         except Exception as e:
-            self.metrics.dispatch_errors.labels(d.id, r.id).inc()
+            self._metric(self.metrics.dispatch_errors, d.id, r.id).inc()
             log.warning("rule %s.%s raised %r: failing execution %s", d.id, r.id, e, exec_id)
             work.fail(f"rule {r.id} raised {type(e).__name__}: {e}")
             payload = None
@@ -1141,12 +1142,12 @@ class Engine:
         if d.max_timeline and len(work.timeline) > d.max_timeline:
             del work.timeline[: len(work.timeline) - d.max_timeline]
         await self._commit(d, bucket, key, revision, work)
-        self.metrics.action_dispatches.labels(d.id, r.id, r.action.value).inc()
+        self._metric(self.metrics.action_dispatches, d.id, r.id, r.action.value).inc()
         if revision == 0:
-            self.metrics.executions_created.labels(d.id).inc()
+            self._metric(self.metrics.executions_created, d.id).inc()
         if work.status is Status.WAITING and r.action is ActionType.PUBLISH_ASYNC:
-            self.metrics.pending_callbacks.labels(d.id).inc()
-        self.metrics.rule_duration.labels(d.id, r.id).observe(time.perf_counter() - started)
+            self._metric(self.metrics.pending_callbacks, d.id).inc()
+        self._metric(self.metrics.rule_duration, d.id, r.id).observe(time.perf_counter() - started)
         log.info(
             "transition workflow=%s execution=%s rule=%s action=%s phase=%s status=%s",
             d.id,
@@ -1202,7 +1203,7 @@ class Engine:
         event: Any = None
         if st.status is Status.COMPLETED:
             subject, event = d.on_complete, self._completion_event(d, st, now)
-            counter = self.metrics.executions_completed.labels(d.id)
+            counter = self._metric(self.metrics.executions_completed, d.id)
         elif st.status is Status.ESCALATED:
             subject = d.on_escalate
             event = WorkflowEscalationEvent(
@@ -1212,7 +1213,7 @@ class Engine:
                 reason=st.error,
                 escalated_at=_utc(now),
             )
-            counter = self.metrics.executions_escalated.labels(d.id, reason)
+            counter = self._metric(self.metrics.executions_escalated, d.id, reason)
         else:
             subject = d.on_fail
             event = WorkflowFailureEvent(
@@ -1223,10 +1224,10 @@ class Engine:
                 failed_at=_utc(now),
             )
             if st.status is Status.TIMED_OUT:
-                counter = self.metrics.executions_timed_out.labels(d.id)
+                counter = self._metric(self.metrics.executions_timed_out, d.id)
             else:
-                counter = self.metrics.executions_failed.labels(d.id, reason)
-        histogram = self.metrics.execution_duration.labels(d.id, st.status.value)
+                counter = self._metric(self.metrics.executions_failed, d.id, reason)
+        histogram = self._metric(self.metrics.execution_duration, d.id, st.status.value)
         status, error = st.status.value, st.error or reason
 
         def committed() -> None:
@@ -1284,7 +1285,7 @@ class Engine:
             else:
                 new_rev = await self.backend.kv_update(bucket, key, data, revision)
         except ConflictError:
-            self.metrics.cas_conflicts.labels(d.id).inc()
+            self._metric(self.metrics.cas_conflicts, d.id).inc()
             raise
         if on_commit is not None:
             on_commit()
@@ -1382,7 +1383,7 @@ class Engine:
             payload = self._safe_build(bound, r, ctx)
             if payload is not _FAILED:
                 await self.backend.publish(r.publish_subject, encode(payload), msg_id=msg_id)
-                self.metrics.action_dispatches.labels(d.id, r.id, r.action.value).inc()
+                self._metric(self.metrics.action_dispatches, d.id, r.id, r.action.value).inc()
             return
         suffix = f"{d.id}.{r.id}.{exec_part}"
         meta_key = "fire." + suffix
@@ -1439,7 +1440,7 @@ class Engine:
                         self.meta_bucket, meta_key, encode_json(rec), rev
                     )
             except ConflictError:
-                self.metrics.cas_conflicts.labels(d.id).inc()
+                self._metric(self.metrics.cas_conflicts, d.id).inc()
                 continue
             await self._deliver_claim(d, meta_key, rec, claimed)
             log.info(
@@ -1460,12 +1461,14 @@ class Engine:
             await self.backend.publish(
                 m.subject, m.data, headers=m.headers or None, msg_id=m.msg_id
             )
-            self.metrics.action_dispatches.labels(d.id, meta_key.split(".")[2], "publish").inc()
+            self._metric(
+                self.metrics.action_dispatches, d.id, meta_key.split(".")[2], "publish"
+            ).inc()
         rec.pending = []
         try:
             await self.backend.kv_update(self.meta_bucket, meta_key, encode_json(rec), rev)
         except ConflictError:
-            self.metrics.cas_conflicts.labels(d.id).inc()
+            self._metric(self.metrics.cas_conflicts, d.id).inc()
             return False
         await self.backend.kv_delete(self.meta_bucket, "pend." + meta_key[len("fire.") :])
         return True
@@ -1496,7 +1499,7 @@ class Engine:
         try:
             return self._call(bound, r, ctx)
         except Exception as e:
-            self.metrics.dispatch_errors.labels(bound.definition.id, r.id).inc()
+            self._metric(self.metrics.dispatch_errors, bound.definition.id, r.id).inc()
             log.warning("rule %s.%s raised %r; nothing published", bound.definition.id, r.id, e)
             return _FAILED
 
@@ -1550,7 +1553,7 @@ class Engine:
             await self._settle(msg, "nak", delay)
             return
         except DecodeError as e:
-            self.metrics.state_decode_errors.labels(d.id).inc()
+            self._metric(self.metrics.state_decode_errors, d.id).inc()
             log.warning(
                 "terminating message on %s: the execution's state cannot be decoded: %s",
                 msg.subject,
@@ -1693,7 +1696,7 @@ class Engine:
         try:
             env = decode(_Envelope, msg.data)
         except DecodeError as e:
-            self.metrics.poison_messages.labels(d.id, "callback").inc()
+            self._metric(self.metrics.poison_messages, d.id, "callback").inc()
             log.warning("terminating undecodable callback on %s: %s", msg.subject, e)
             await self._settle(msg, "term")
             return
@@ -1746,7 +1749,7 @@ class Engine:
             now = self.clock.now()
             entry = await self.backend.kv_get(bucket, key)
             if entry is None:
-                self.metrics.callbacks_received.labels(d.id, "", "unknown").inc()
+                self._metric(self.metrics.callbacks_received, d.id, "", "unknown").inc()
                 log.info("ignoring callback for unknown execution %s", key)
                 return "stale"
             state = decode(d.state_type, entry.value)
@@ -1775,14 +1778,18 @@ class Engine:
                     )
                 except ConflictError:
                     continue
-                self.metrics.callbacks_received.labels(d.id, state.pending_rule_id, "late").inc()
+                self._metric(
+                    self.metrics.callbacks_received, d.id, state.pending_rule_id, "late"
+                ).inc()
                 return "stale"
             if (
                 state.status is not Status.WAITING
                 or not env.task_id
                 or state.pending_task_id != env.task_id
             ):
-                self.metrics.callbacks_received.labels(d.id, state.pending_rule_id, "stale").inc()
+                self._metric(
+                    self.metrics.callbacks_received, d.id, state.pending_rule_id, "stale"
+                ).inc()
                 log.info("ignoring stale or duplicate callback task=%s for %s", env.task_id, key)
                 return "stale"
             rule_id = state.pending_rule_id
@@ -1809,7 +1816,7 @@ class Engine:
                 try:
                     result = decode(r.result_type, msg.data)
                 except DecodeError as e:
-                    self.metrics.poison_messages.labels(d.id, "callback").inc()
+                    self._metric(self.metrics.poison_messages, d.id, "callback").inc()
                     log.warning("terminating undecodable callback on %s: %s", msg.subject, e)
                     return "poison"
                 work.clear_pending_task()
@@ -1829,7 +1836,7 @@ class Engine:
                 try:
                     bound.handlers[r.id](ctx, result)
                 except Exception as e:
-                    self.metrics.dispatch_errors.labels(d.id, r.id).inc()
+                    self._metric(self.metrics.dispatch_errors, d.id, r.id).inc()
                     work = decode(d.state_type, entry.value)
                     work.fail(f"result handler of {r.id} raised {type(e).__name__}: {e}")
                     action = "error"
@@ -1872,9 +1879,9 @@ class Engine:
                 await self._commit(d, bucket, key, entry.revision, work)
             except ConflictError:
                 continue
-            self.metrics.callbacks_received.labels(d.id, r.id, status).inc()
-            self.metrics.callback_latency.labels(d.id, r.id).observe(max(latency, 0.0))
-            self.metrics.pending_callbacks.labels(d.id).dec()
+            self._metric(self.metrics.callbacks_received, d.id, r.id, status).inc()
+            self._metric(self.metrics.callback_latency, d.id, r.id).observe(max(latency, 0.0))
+            self._metric(self.metrics.pending_callbacks, d.id).dec()
             log.info(
                 "transition workflow=%s execution=%s rule=%s action=%s phase=%s status=%s",
                 d.id,

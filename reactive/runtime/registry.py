@@ -111,7 +111,3 @@ class Registry:
         for _, rules in out:
             rules.sort(key=lambda r: r.index)
         return out
-
-    def has_kv_rules(self, bucket: str, key: str) -> bool:
-        index = self._kv.get(bucket)
-        return index is not None and bool(index.match(key))
