@@ -885,6 +885,18 @@ class Engine:
                 "reactive.fired", [r.id for r in ([writer] if writer else []) + others]
             )
             evaluating.end()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "evaluated workflow=%s key=%s revision=%d trigger=%s status=%s phase=%s writer=%s publishers=%s",
+                d.id,
+                key,
+                revision,
+                mode,
+                state.status.value,
+                state.phase,
+                writer.id if writer else "-",
+                ",".join(r.id for r in others) or "-",
+            )
         # Rules that only publish go first: if this process dies after the state write
         # below, the revision they fired for is gone, and with it their chance to fire.
         for r in others:

@@ -81,15 +81,6 @@ class Registry:
         except KeyError:
             raise ReactiveError(f"workflow {wf_id!r} is not registered") from None
 
-    @property
-    def watched_buckets(self) -> list[str]:
-        return list(self._kv)
-
-    def state_buckets(self) -> set[str]:
-        buckets = {b.definition.bucket for b in self.workflows.values()}
-        buckets.update(self._kv)
-        return buckets
-
     def match_kv(self, bucket: str, key: str) -> list[tuple[BoundWorkflow, list[RuleDef]]]:
         """The workflows with rules watching ``key``, each with those rules in definition order."""
         index = self._kv.get(bucket)
