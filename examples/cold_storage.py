@@ -226,7 +226,7 @@ async def run_demo(
     After the expected alerts it listens ``linger`` seconds more, to show that
     the cooldown held back the repeats.
     """
-    await wait_until_ready(engine, timeout)
+    await engine.wait_ready(timeout)
     alerts: list[Alert] = []
     async with anyio.create_task_group() as tg:
         await tg.start(collect_alerts, backend, alerts)
@@ -286,10 +286,3 @@ async def collect_alerts(
         task_status.started()
         async for msg in messages:
             into.append(msgspec.json.decode(msg.data, type=Alert))
-
-
-async def wait_until_ready(engine: Engine, timeout: float = 10.0) -> None:
-    """Wait until the engine has set up every trigger (subscriptions, watches, consumers)."""
-    with anyio.fail_after(timeout):
-        while not engine.ready:
-            await anyio.sleep(0.01)

@@ -444,7 +444,7 @@ async def run_demo(
     timeout: float = 20.0,
 ) -> None:
     """Open the demo issues on a running engine, wait for each to end, print their timelines."""
-    await wait_until_ready(engine, timeout)
+    await engine.wait_ready(timeout)
     events: list[tuple[str, dict[str, Any]]] = []
     ids = [issue_execution_id(i.repo, i.number) for i in DEMO_ISSUES]
     async with anyio.create_task_group() as tg:
@@ -478,13 +478,6 @@ async def run_demo(
 
 
 # --------------------------------------------------------------------------- helpers (each example has its own copy)
-
-
-async def wait_until_ready(engine: Engine, timeout: float = 10.0) -> None:
-    """Wait until the engine has set up every trigger (subscriptions, watches, consumers)."""
-    with anyio.fail_after(timeout):
-        while not engine.ready:
-            await anyio.sleep(0.01)
 
 
 async def collect_events(

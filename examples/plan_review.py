@@ -247,7 +247,7 @@ async def run_demo(
     timeout: float = 20.0,
 ) -> None:
     """Submit the demo plans to a running engine, wait for each to end, print their timelines."""
-    await wait_until_ready(engine, timeout)
+    await engine.wait_ready(timeout)
     events: list[tuple[str, dict[str, Any]]] = []
     async with anyio.create_task_group() as tg:
         await tg.start(reviewer_worker, backend)
@@ -273,13 +273,6 @@ async def run_demo(
 
 
 # --------------------------------------------------------------------------- helpers (each example has its own copy)
-
-
-async def wait_until_ready(engine: Engine, timeout: float = 10.0) -> None:
-    """Wait until the engine has set up every trigger (subscriptions, watches, consumers)."""
-    with anyio.fail_after(timeout):
-        while not engine.ready:
-            await anyio.sleep(0.01)
 
 
 async def collect_events(

@@ -345,6 +345,12 @@ class Engine:
         """Running, and every trigger has been set up."""
         return self.running and self._ready_count >= self._expected_ready
 
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until every trigger is set up (watches replaying, subscriptions and consumers open)."""
+        with anyio.fail_after(timeout):
+            while not self.ready:
+                await anyio.sleep(0.01)
+
     async def register(self, workflow: type[Workflow] | Workflow) -> WorkflowDef:
         """Register a workflow; if the engine runs, its triggers start now."""
         bound = self.registry.add(workflow)
