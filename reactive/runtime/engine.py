@@ -269,6 +269,7 @@ class Engine:
         self._callbacks_started: set[str] = set()
         self._retries: dict[Hashable, int] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._burst = 0  # items processed since the heap was last handed back
         # Metrics and log of a terminal transition, by id() of the state: counted by
         # _commit once the write has won, never by a process whose write lost.
         self._on_commit: dict[int, Callable[[], None]] = {}
@@ -655,6 +656,10 @@ class Engine:
                 raise
             finally:
                 self._inflight -= 1
+                self._burst += 1
+                if self._inflight == 0 and self._burst >= _TRIM_AFTER:
+                    self._burst = 0
+                    _release_free_heap()
 
     async def _release(self, item: tuple[Any, ...]) -> None:
         if item[0] in (_MSG, _CALLBACK):
@@ -1916,3 +1921,17 @@ class Engine:
 
 
 _FAILED: Any = object()
+
+# After a burst this large (the replay of a big bucket, say) has drained, hand the
+# freed heap back to the operating system: the state lives in NATS, so the engine's
+# memory at rest should not keep the high-water mark of the replay.
+_TRIM_AFTER = 10_000
+
+
+def _release_free_heap() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
