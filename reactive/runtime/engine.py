@@ -1014,35 +1014,23 @@ class Engine:
 
     # ------------------------------------------------------------------ dispatch
 
+    def _dispatch_span(
+        self, bound: BoundWorkflow, r: RuleDef
+    ) -> contextlib.AbstractContextManager[Any]:
+        if not self.tracing.enabled:
+            return contextlib.nullcontext()
+        return self.tracing.span(
+            "reactive.dispatch", workflow=bound.definition.id, rule=r.id, action=r.action.value
+        )
+
     def _call(self, bound: BoundWorkflow, r: RuleDef, ctx: RuleContext[Any, Any]) -> Any:
         if r.mutator is not None:
             r.mutator(ctx)
         return bound.methods[r.id](ctx)
 
-    async def _fire_writing(
-        self,
-        bound: BoundWorkflow,
-        r: RuleDef,
-        bucket: str,
-        key: str,
-        revision: int,
-        work: ExecutionState,
-        message: Any,
-        mode: str,
-        info: str,
-        trigger: str,
-    ) -> None:
-        if not self.tracing.enabled:
-            await self._fire_writing_body(
-                bound, r, bucket, key, revision, work, message, mode, info, trigger
-            )
-            return
-        with self.tracing.span(
-            "reactive.dispatch", workflow=bound.definition.id, rule=r.id, action=r.action.value
-        ):
-            await self._fire_writing_body(
-                bound, r, bucket, key, revision, work, message, mode, info, trigger
-            )
+    async def _fire_writing(self, bound: BoundWorkflow, r: RuleDef, *args: Any) -> None:
+        with self._dispatch_span(bound, r):
+            await self._fire_writing_body(bound, r, *args)
 
     async def _fire_writing_body(
         self,
@@ -1371,16 +1359,9 @@ class Engine:
 
     # ------------------------------------------------------------------ rules that do not write state
 
-    async def _fire_nonwriting(
-        self, bound: BoundWorkflow, r: RuleDef, ctx: RuleContext[Any, Any], trigger: str
-    ) -> None:
-        if not self.tracing.enabled:
-            await self._fire_nonwriting_body(bound, r, ctx, trigger)
-            return
-        with self.tracing.span(
-            "reactive.dispatch", workflow=bound.definition.id, rule=r.id, action=r.action.value
-        ):
-            await self._fire_nonwriting_body(bound, r, ctx, trigger)
+    async def _fire_nonwriting(self, bound: BoundWorkflow, r: RuleDef, *args: Any) -> None:
+        with self._dispatch_span(bound, r):
+            await self._fire_nonwriting_body(bound, r, *args)
 
     async def _fire_nonwriting_body(
         self, bound: BoundWorkflow, r: RuleDef, ctx: RuleContext[Any, Any], trigger: str
