@@ -24,6 +24,7 @@ Guarantees, and where each comes from:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import time
 import typing
@@ -35,9 +36,9 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from reactive.backends.base import Backend, InboundMessage, KVEntry
 from reactive.dsl.context import RuleContext
@@ -63,6 +64,7 @@ from reactive.errors import (
 )
 from reactive.runtime.clock import Clock, SystemClock
 from reactive.runtime.codecs import decode, encode, encode_json, inject_callback_fields
+from reactive.runtime.inbox import Inbox
 from reactive.runtime.metrics import METRICS, EngineMetrics
 from reactive.runtime.patterns import validate_execution_id
 from reactive.runtime.registry import BoundWorkflow, Registry, Subscription
@@ -257,12 +259,14 @@ class Engine:
         self._tracer_provider = tracer_provider
         self.tracing = Tracing(bool(self._tracing_choice), tracer_provider)
         self._n_workers = max(1, workers)
-        self._senders: list[MemoryObjectSendStream[tuple[Any, ...]]] = []
-        self._receivers: list[MemoryObjectReceiveStream[tuple[Any, ...]]] = []
+        self._inboxes: list[Inbox[tuple[Any, ...]]] = []
         self._tg: TaskGroup | None = None
         self._stack: AsyncExitStack | None = None
         self._inflight = 0
         self._latest: dict[tuple[str, str], int] = {}
+        # Per key, the first and last revision of the chain of this engine's own commits
+        # evaluated right after committing them (_follow); their echoes are skipped.
+        self._chained: dict[tuple[str, str], tuple[int, int]] = {}
         self._delivered: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._watch_scopes: dict[str, anyio.CancelScope] = {}
         self._sub_started: set[tuple[str, str, str | None]] = set()
@@ -305,10 +309,9 @@ class Engine:
             self._tg = tg
             self._stack = stack
             for _ in range(self._n_workers):
-                send, recv = anyio.create_memory_object_stream[tuple[Any, ...]](1024)
-                self._senders.append(send)
-                self._receivers.append(recv)
-                tg.start_soon(self._worker, recv)
+                inbox: Inbox[tuple[Any, ...]] = Inbox(1024)
+                self._inboxes.append(inbox)
+                tg.start_soon(self._worker, inbox)
             tg.start_soon(self.timers.run)
             self.timers.schedule(self.clock.now(), _SWEEP_TARGET)
             self.running = True
@@ -330,8 +333,7 @@ class Engine:
         if stack is not None:
             await stack.__aexit__(None, None, None)
         self._tg = None
-        self._senders.clear()
-        self._receivers.clear()
+        self._inboxes.clear()
         self._watch_scopes.clear()
         self._sub_started.clear()
         self._callbacks_started.clear()
@@ -497,33 +499,32 @@ class Engine:
         if not matches:
             return
         k = (entry.bucket, entry.key)
+        if self._chained and self._seen(k, entry.revision):
+            return
         if self._latest.get(k, -1) < entry.revision:
             self._latest[k] = entry.revision
         await self._enqueue(entry.key, (_KV, entry, matches))
 
     async def _enqueue(self, shard_key: str, item: tuple[Any, ...]) -> None:
         self._inflight += 1
-        stream = self._senders[hash(shard_key) % len(self._senders)]
+        inbox = self._inboxes[hash(shard_key) % len(self._inboxes)]
+        # No checkpoint when there is room: a burst is handed over in one loop turn.
+        if inbox.put_nowait(item):
+            return
         try:
-            try:
-                # No checkpoint when there is room: a burst is handed over in one loop turn.
-                stream.send_nowait(item)
-            except anyio.WouldBlock:
-                await stream.send(item)
+            await inbox.put(item)
         except BaseException:
             self._inflight -= 1
             raise
 
     def _on_timer(self, target: Hashable) -> None:
         wf_id, bucket, key = typing.cast(tuple[str, str, str], target)
-        if not self._senders:
+        if not self._inboxes:
             return
-        self._inflight += 1
         item = (_SWEEP,) if target == _SWEEP_TARGET else (_TIMER, wf_id, bucket, key)
-        try:
-            self._senders[hash(key) % len(self._senders)].send_nowait(item)
-        except anyio.WouldBlock:
-            self._inflight -= 1
+        if self._inboxes[hash(key) % len(self._inboxes)].put_nowait(item):
+            self._inflight += 1
+        else:
             # The worker is saturated: try again shortly rather than block the timer loop.
             self.timers.schedule(self.clock.now() + 0.05, target)
 
@@ -635,22 +636,36 @@ class Engine:
 
     # ------------------------------------------------------------------ workers
 
-    async def _worker(self, recv: MemoryObjectReceiveStream[tuple[Any, ...]]) -> None:
-        async for item in recv:
+    async def _worker(self, inbox: Inbox[tuple[Any, ...]]) -> None:
+        # The states this worker commits, to be evaluated next (see _follow). A context
+        # variable: _commit runs in this worker's task, several calls deep.
+        fresh: list[tuple[str, str, int, int, bytes]] = []
+        _FRESH.set(fresh)
+        taken = 0
+        while True:
+            if inbox:
+                item = inbox.get_nowait()
+                taken += 1
+                if taken % 64 == 0:
+                    # A long queue is worked off without waiting; let timers, triggers
+                    # and cancellation in now and then.
+                    await anyio.lowlevel.checkpoint()
+            else:
+                item = await inbox.get()
             try:
                 await self._process(item)
+                if fresh:
+                    await self._follow(fresh)
             except Exception:
+                fresh.clear()
                 log.exception("unexpected error processing %r", item[0])
             except anyio.get_cancelled_exc_class():
                 # Stopping: hand back the message in hand and those queued behind it, so
                 # they are redelivered now rather than after the consumer's ack wait.
                 with anyio.move_on_after(2.0, shield=True):
                     await self._release(item)
-                    while True:
-                        try:
-                            queued = recv.receive_nowait()
-                        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                            break
+                    while inbox:
+                        queued = inbox.get_nowait()
                         self._inflight -= 1
                         await self._release(queued)
                 raise
@@ -660,6 +675,48 @@ class Engine:
                 if self._inflight == 0 and self._burst >= _TRIM_AFTER:
                     self._burst = 0
                     _release_free_heap()
+
+    async def _follow(self, fresh: list[tuple[str, str, int, int, bytes]]) -> None:
+        """Evaluate the revisions this worker just committed, without waiting for the watch.
+
+        The watch brings every committed revision back; evaluating it here instead
+        saves the round trip (each transition of a chain starts as soon as the one
+        before has committed) and the echo's decoding and queueing: the echo is
+        recognized and skipped (_seen). A chain stops after _CHAIN_LIMIT
+        transitions; the watch takes it from there.
+        """
+        hops = 0
+        while fresh:
+            bucket, key, base, revision, data = fresh.pop(0)
+            k = (bucket, key)
+            if hops >= _CHAIN_LIMIT or self._latest.get(k, revision) > revision:
+                continue  # a newer revision is queued (or the chain is long): the watch goes on
+            matches = self.registry.match_kv(bucket, key)
+            if not matches:
+                continue
+            hops += 1
+            span = self._chained.get(k)
+            self._chained[k] = (
+                (span[0], revision) if span and span[1] == base else (revision, revision)
+            )
+            entry = KVEntry(bucket, key, data, revision)
+            for bound, rules in matches:
+                await self._guard_kv(
+                    bound, bucket, key, self._evaluate_kv(bound, rules, entry, "kv")
+                )
+        if len(self._chained) > _CHAINED_MAX:
+            self._chained.clear()  # echoes lost (a watch re-created): evaluating twice is harmless
+
+    def _seen(self, k: tuple[str, str], revision: int) -> bool:
+        """Whether this revision of the key was evaluated already, right after this engine committed it."""
+        span = self._chained.get(k)
+        if span is None:
+            return False
+        if revision < span[0]:
+            return False  # older than the chain: not evaluated there
+        if revision >= span[1]:
+            del self._chained[k]
+        return revision <= span[1]
 
     async def _release(self, item: tuple[Any, ...]) -> None:
         if item[0] in (_MSG, _CALLBACK):
@@ -677,6 +734,8 @@ class Engine:
             stale = entry.revision < latest
             if latest == entry.revision:
                 self._latest.pop(k, None)
+            if self._chained and self._seen(k, entry.revision):
+                return  # queued before its evaluation right after the commit; done
             for bound, rules in item[2]:
                 if stale:
                     rules = [r for r in rules if not r.writes_state]
@@ -1300,6 +1359,9 @@ class Engine:
             raise
         if on_commit is not None:
             on_commit()
+        fresh = _FRESH.get()
+        if fresh is not None:
+            fresh.append((bucket, key, revision, new_rev, data))
         if st.outbox:
             await self._flush(bucket, key, st)
         return new_rev
@@ -1902,6 +1964,15 @@ class Engine:
 
 
 _FAILED: Any = object()
+
+# _follow: at most this many transitions in a row are evaluated right after their
+# commit; a longer chain (a loop) goes on through the watch, so one busy key does
+# not hold its worker's other keys back.
+_CHAIN_LIMIT = 8
+_CHAINED_MAX = 100_000
+_FRESH: contextvars.ContextVar[list[tuple[str, str, int, int, bytes]] | None] = (
+    contextvars.ContextVar("reactive_fresh", default=None)
+)
 
 # After a burst this large (the replay of a big bucket, say) has drained, hand the
 # freed heap back to the operating system: the state lives in NATS, so the engine's

@@ -1,0 +1,180 @@
+"""The engine evaluates a state it has just committed right away (Engine._follow), and skips
+that revision when the watch brings it back: every revision is still evaluated exactly
+once, whoever wrote it, however long the chain, and with several workflows on one key."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from reactive import ExecutionState, MemoryBackend, RuleContext, Workflow, rule
+from reactive.conditions import condition
+from reactive.runtime.engine import _CHAIN_LIMIT
+from reactive.runtime.inbox import Inbox
+from reactive.testing import TestEngine
+
+pytestmark = pytest.mark.anyio
+
+
+class Steps(ExecutionState):
+    step: int = 0
+    target: int = 3
+    outside: str = ""
+
+
+def counting(seen: Counter[int]) -> Any:
+    @condition
+    def record(ctx: RuleContext[Any, Any]) -> bool:
+        seen[ctx.revision] += 1
+        return False
+
+    return record
+
+
+def may_advance(st: Steps) -> bool:
+    # Past step 5 only once told from outside (when the target is beyond 50).
+    return st.step < st.target and (st.target < 50 or st.step < 5 or st.outside == "go")
+
+
+def stepper(seen: Counter[int], workflow_id: str, bucket: str = "follow") -> type[Workflow]:
+    class Stepper(Workflow, id=workflow_id, state=Steps, bucket=bucket):
+        @rule(watch_kv=True, when=counting(seen), publish="never")
+        def watch_every_revision(self, ctx: RuleContext[Steps, None]) -> None:
+            return None
+
+        @rule(watch_kv=True, when=lambda ctx: may_advance(ctx.state), mutate=True)
+        def advance(self, ctx: RuleContext[Steps, None]) -> None:
+            ctx.state.step += 1
+
+        @rule(watch_kv=True, when=lambda ctx: ctx.state.step >= ctx.state.target, complete=True)
+        def finish(self, ctx: RuleContext[Steps, None]) -> None:
+            return None
+
+    return Stepper
+
+
+class Written:
+    """Every revision written to the bucket, seen by a watcher of its own."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, list[int]] = {}
+
+    def __getitem__(self, key: str) -> list[int]:
+        return self.by_key.get(key, [])
+
+    async def run(self, backend: MemoryBackend, bucket: str) -> None:
+        await backend.ensure_bucket(bucket)
+        async with backend.kv_watch(bucket, ">") as entries:
+            async for e in entries:
+                self.by_key.setdefault(e.key, []).append(e.revision)
+
+
+@asynccontextmanager
+async def recording(te: TestEngine, bucket: str = "follow") -> AsyncIterator[Written]:
+    written = Written()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(written.run, te.backend, bucket)
+        await anyio.sleep(0)
+        yield written
+        await te.settle()
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("target", [1, 3, _CHAIN_LIMIT + 5, 3 * _CHAIN_LIMIT])
+async def test_every_committed_revision_is_evaluated_exactly_once(target: int) -> None:
+    seen: Counter[int] = Counter()
+    wf = stepper(seen, "stepper")
+    async with TestEngine(wf) as te, recording(te) as rec:
+        await te.start(wf, "e1", Steps(target=target))
+        te.assert_status(wf, "e1", "completed")
+        assert te.state(wf, "e1").step == target
+        written = rec["stepper.e1"]
+        # start + one write per step + the completing write; the completed one is not evaluated.
+        assert len(written) == target + 2
+        assert seen == Counter(written[:-1])
+
+
+async def test_a_revision_written_from_outside_between_chains_is_evaluated() -> None:
+    seen: Counter[int] = Counter()
+    wf = stepper(seen, "outside")
+    async with TestEngine(wf) as te, recording(te) as rec:
+        await te.start(wf, "e1", Steps(target=2))
+        te.assert_status(wf, "e1", "completed")
+        await te.start(wf, "e2", Steps(target=60))
+        assert te.state(wf, "e2").step == 5  # waiting to be told
+        state = te.state(wf, "e2")
+        state.outside = "go"
+        await te.trigger_kv(wf, "e2", state)
+        te.assert_status(wf, "e2", "completed")
+        assert te.state(wf, "e2").step == 60
+        for key in ("outside.e1", "outside.e2"):
+            written = rec[key]
+            assert written
+            assert all(seen[r] == 1 for r in written[:-1]), (key, written, seen)
+
+
+async def test_every_workflow_watching_the_key_sees_each_revision_once() -> None:
+    seen_a: Counter[int] = Counter()
+    seen_b: Counter[int] = Counter()
+    writer = stepper(seen_a, "shared")
+
+    class Observer(Workflow, id="observer", state=Steps, bucket="follow"):
+        @rule(watch_kv="shared.*", when=counting(seen_b), publish="never")
+        def observe(self, ctx: RuleContext[Steps, None]) -> None:
+            return None
+
+    async with TestEngine(writer, Observer) as te, recording(te) as rec:
+        await te.start(writer, "e1", Steps(target=_CHAIN_LIMIT + 2))
+        te.assert_status(writer, "e1", "completed")
+        written = rec["shared.e1"]
+        assert seen_a == Counter(written[:-1])
+        # Both read the same status: neither evaluates the completed revision.
+        assert seen_b == Counter(written[:-1])
+
+
+async def test_a_restarted_engine_evaluates_the_latest_revision_again() -> None:
+    seen: Counter[int] = Counter()
+    wf = stepper(seen, "restart")
+    backend = MemoryBackend()
+    async with TestEngine(wf, backend=backend) as te:
+        await te.start(wf, "e1", Steps(target=2))
+        await te.restart()
+        te.assert_status(wf, "e1", "completed")
+
+
+# --------------------------------------------------------------------------- the inbox
+
+
+async def test_inbox_is_fifo_and_refuses_beyond_its_capacity() -> None:
+    inbox: Inbox[int] = Inbox(3)
+    assert [inbox.put_nowait(i) for i in range(4)] == [True, True, True, False]
+    assert len(inbox) == 3
+    assert [inbox.get_nowait() for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(IndexError):
+        inbox.get_nowait()
+    with pytest.raises(ValueError, match="at least one"):
+        Inbox(0)
+
+
+async def test_inbox_get_waits_for_an_item_and_put_waits_for_room() -> None:
+    inbox: Inbox[str] = Inbox(1)
+    got: list[str] = []
+
+    async def consumer() -> None:
+        for _ in range(3):
+            got.append(await inbox.get())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer)
+        await anyio.sleep(0.01)
+        assert got == []
+        await inbox.put("a")
+        await inbox.put("b")  # waits until the consumer took "a" if it has not yet
+        await inbox.put("c")
+    assert got == ["a", "b", "c"]
+    assert len(inbox) == 0
