@@ -127,6 +127,8 @@ class _Queue(Generic[T]):
         return self
 
     async def __anext__(self) -> T:
+        if self._items and not self.closed:
+            return self._items.popleft()  # no checkpoint: a burst is taken in one loop turn
         await anyio.lowlevel.checkpoint_if_cancelled()
         while True:
             if self.closed:

@@ -65,7 +65,7 @@ from reactive.errors import (
 from reactive.runtime.clock import Clock, SystemClock
 from reactive.runtime.codecs import decode, encode, encode_json, inject_callback_fields
 from reactive.runtime.inbox import Inbox
-from reactive.runtime.metrics import METRICS, EngineMetrics
+from reactive.runtime.metrics import METRICS, EngineMetrics, fast_child
 from reactive.runtime.patterns import validate_execution_id
 from reactive.runtime.registry import BoundWorkflow, Registry, Subscription
 from reactive.runtime.timers import Timers
@@ -974,9 +974,13 @@ class Engine:
             await self._fire_nonwriting(bound, r, ctx, trigger)
         try:
             if writer is not None:
-                base = decode(d.state_type, raw)
-                if base.status is Status.PENDING:
-                    base.initialize(base.id or exec_id, d.id, now, d.timeout)
+                if others:
+                    # Rules that only publish saw ``state``: the writer gets a copy of its own.
+                    base = decode(d.state_type, raw)
+                    if base.status is Status.PENDING:
+                        base.initialize(base.id or exec_id, d.id, now, d.timeout)
+                else:
+                    base = state  # conditions only read it (and an initialized PENDING is the same)
                 await self._fire_writing(
                     bound, writer, bucket, key, revision, base, None, mode, key, trigger
                 )
@@ -992,7 +996,7 @@ class Engine:
         key = (id(metric), labels)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = metric.labels(*labels)
+            child = self._children[key] = fast_child(metric, metric.labels(*labels))
         return child
 
     def _check(self, bound: BoundWorkflow, r: RuleDef, ctx: RuleContext[Any, Any]) -> bool:

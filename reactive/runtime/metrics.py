@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from bisect import bisect_left
+from typing import Any
 
-__all__ = ["METRICS", "REGISTRY", "EngineMetrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.values import MutexValue
+
+__all__ = ["METRICS", "REGISTRY", "EngineMetrics", "fast_child"]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _DURATION_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 14400, 86400)
@@ -112,3 +116,57 @@ class EngineMetrics:
 
 
 METRICS = EngineMetrics()
+
+
+# ---------------------------------------------------------------------------
+# Lock-free handles for the hot path
+# ---------------------------------------------------------------------------
+#
+# prometheus_client takes a lock for every increment; the engine counts several
+# things per event (each rule evaluation, each dispatch, each rule's duration), all
+# from its one event-loop thread. These handles write the same values without
+# the lock: a scrape (another thread) reads a float the GIL hands over whole, and
+# there is one writer. Multiprocess values (PROMETHEUS_MULTIPROC_DIR) are left to
+# prometheus_client.
+
+
+class _FastCounter:
+    __slots__ = ("_value",)
+
+    def __init__(self, value: MutexValue) -> None:
+        self._value = value
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._value._value += amount
+
+
+class _FastGauge(_FastCounter):
+    __slots__ = ()
+
+    def dec(self, amount: float = 1.0) -> None:
+        self._value._value -= amount
+
+
+class _FastHistogram:
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._bounds: list[float] = list(child._upper_bounds)
+        self._buckets: list[MutexValue] = list(child._buckets)
+        self._sum: MutexValue = child._sum
+
+    def observe(self, amount: float) -> None:
+        self._sum._value += amount
+        i = bisect_left(self._bounds, amount)  # the first bound >= amount (the last is +Inf)
+        if i < len(self._buckets):
+            self._buckets[i]._value += 1
+
+
+def fast_child(metric: Any, child: Any) -> Any:
+    """A handle on ``child`` (a labelled child of ``metric``) with the same inc/dec/observe, lock-free."""
+    if isinstance(metric, Histogram):
+        if all(type(b) is MutexValue for b in (*child._buckets, child._sum)):
+            return _FastHistogram(child)
+    elif isinstance(metric, (Counter, Gauge)) and type(child._value) is MutexValue:
+        return _FastGauge(child._value) if isinstance(metric, Gauge) else _FastCounter(child._value)
+    return child

@@ -51,6 +51,9 @@ class Registry:
         self.workflows: dict[str, BoundWorkflow] = {}
         self._kv: dict[str, PatternIndex[tuple[BoundWorkflow, RuleDef]]] = {}
         self.subscriptions: dict[tuple[str, str, str | None], Subscription] = {}
+        # match_kv's answers by (bucket, key): an execution's key is matched once per
+        # event, several events per execution. Emptied when a workflow is added or it is full.
+        self._matches: dict[tuple[str, str], list[tuple[BoundWorkflow, list[RuleDef]]]] = {}
 
     def add(self, workflow: type[Workflow] | Workflow) -> BoundWorkflow:
         definition = definition_of(workflow)
@@ -63,6 +66,7 @@ class Registry:
             if r.result_handler_name:
                 bound.handlers[r.id] = getattr(instance, r.result_handler_name)
         self.workflows[definition.id] = bound
+        self._matches.clear()
         for r in definition.rules:
             if r.mode is TriggerMode.STATE:
                 self._kv.setdefault(r.bucket, PatternIndex()).add(r.pattern, (bound, r))
@@ -82,7 +86,19 @@ class Registry:
             raise ReactiveError(f"workflow {wf_id!r} is not registered") from None
 
     def match_kv(self, bucket: str, key: str) -> list[tuple[BoundWorkflow, list[RuleDef]]]:
-        """The workflows with rules watching ``key``, each with those rules in definition order."""
+        """The workflows with rules watching ``key``, each with those rules in definition order.
+
+        The answer is shared between calls: callers must not change it.
+        """
+        k = (bucket, key)
+        found = self._matches.get(k)
+        if found is None:
+            if len(self._matches) >= _MATCHES_MAX:
+                self._matches.clear()
+            found = self._matches[k] = self._match_kv(bucket, key)
+        return found
+
+    def _match_kv(self, bucket: str, key: str) -> list[tuple[BoundWorkflow, list[RuleDef]]]:
         index = self._kv.get(bucket)
         if index is None:
             return []
@@ -102,3 +118,6 @@ class Registry:
         for _, rules in out:
             rules.sort(key=lambda r: r.index)
         return out
+
+
+_MATCHES_MAX = 10_000

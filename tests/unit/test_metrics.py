@@ -145,3 +145,38 @@ async def test_metrics_count_evaluations_dispatches_executions_and_callbacks() -
     )
     assert sample("reactive_pending_callbacks", workflow=wf) == 0
     assert sample("reactive_rule_duration_seconds_count", workflow=wf, rule="ask") >= 3
+
+
+@pytest.mark.parametrize(
+    "amounts", [[0.0], [0.00005, 0.0001, 0.0003, 0.7, 2.0, 1e9], [5.0, 5.0, 0.01, 0.0101]]
+)
+def test_lock_free_handles_write_what_prometheus_client_would(amounts: list[float]) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from reactive.runtime.metrics import EngineMetrics, fast_child
+
+    def samples(m: EngineMetrics) -> list[tuple[str, list[tuple[str, str]], float]]:
+        return sorted(
+            (s.name, sorted(s.labels.items()), s.value)
+            for metric in (m.rule_duration, m.rule_evaluations, m.pending_callbacks)
+            for family in metric.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        )
+
+    plain, fast = EngineMetrics(CollectorRegistry()), EngineMetrics(CollectorRegistry())
+    for m, wrap in ((plain, False), (fast, True)):
+
+        def child(metric: object, *labels: str, m: EngineMetrics = m, wrap: bool = wrap) -> object:
+            c = metric.labels(*labels)  # type: ignore[attr-defined]
+            return fast_child(metric, c) if wrap else c
+
+        for a in amounts:
+            child(m.rule_duration, "wf", "r").observe(a)  # type: ignore[attr-defined]
+            child(m.rule_evaluations, "wf", "r", "true").inc()  # type: ignore[attr-defined]
+            child(m.pending_callbacks, "wf").inc()  # type: ignore[attr-defined]
+        child(m.pending_callbacks, "wf").dec()  # type: ignore[attr-defined]
+    assert type(fast_child(fast.rule_duration, fast.rule_duration.labels("wf", "r"))).__name__ == (
+        "_FastHistogram"
+    )
+    assert samples(fast) == samples(plain)
