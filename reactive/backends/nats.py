@@ -25,12 +25,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, cast
 
+import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -280,6 +282,107 @@ class _JetStreamMessage:
             f"<stream message {self.stream}#{self.sequence} {self.subject} "
             f"delivered={self.num_delivered}>"
         )
+
+
+# ---------------------------------------------------------------------------
+# JetStream publishes and their acks
+# ---------------------------------------------------------------------------
+
+_EXPECTED_LAST: Final = "Nats-Expected-Last-Subject-Sequence"
+_KEY_RE: Final = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: _ApiError | None = None
+
+
+_ack_decoder: Final = msgspec.json.Decoder(_PubAck)
+
+
+class _Acks:
+    """JetStream publishes awaiting their acks, all on one wildcard inbox.
+
+    What ``JetStreamContext.publish`` does, without what it costs per call on
+    the engine's hot path (a NUID and random token, ``asyncio.wait_for``, the
+    ack parsed by ``json`` into a dataclass): a counter names the reply, one
+    sweep every 0.25 s times out the overdue, msgspec reads the ack.
+    """
+
+    def __init__(self, nc: Client, timeout: float) -> None:
+        self._nc = nc
+        self._timeout = timeout
+        self._prefix = nc.new_inbox() + "."
+        self._cut = len(self._prefix)
+        self._pending: dict[str, tuple[asyncio.Future[Msg], float]] = {}
+        self._next = 0
+        self._sub: Subscription | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(nats.errors.ConnectionClosedError())
+        self._pending.clear()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        found = self._pending.pop(msg.subject[self._cut :], None)
+        if found is not None and not found[0].done():
+            found[0].set_result(msg)
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.25)
+            now = loop.time()
+            late = [t for t, (_, deadline) in self._pending.items() if deadline <= now]
+            for token in late:
+                fut, _ = self._pending.pop(token)
+                if not fut.done():
+                    fut.set_exception(nats.errors.TimeoutError())
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None) -> _PubAck:
+        """Publish to a stream's subject and return its ack; APIError if JetStream refused it."""
+        self._next += 1
+        token = str(self._next)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Msg] = loop.create_future()
+        self._pending[token] = (fut, loop.time() + self._timeout)
+        try:
+            await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
+            msg = await fut
+        finally:
+            self._pending.pop(token, None)
+        if not msg.data:
+            if msg.headers and msg.headers.get("Status") == "503":
+                raise nats.js.errors.NoStreamResponseError
+            raise nats.js.errors.APIError(description=f"empty reply to a publish on {subject}")
+        try:
+            ack = _ack_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            raise nats.js.errors.APIError(
+                description=f"unreadable ack: {msg.data[:200]!r}"
+            ) from None
+        if ack.error is not None:
+            raise nats.js.errors.APIError.from_error(msgspec.structs.asdict(ack.error))
+        return ack
 
 
 # ---------------------------------------------------------------------------
@@ -601,6 +704,7 @@ class NatsBackend:
         health_check_interval: float = 10.0,
         publish_attempts: int = 4,
         initial_connect_attempts: int = 10,
+        ack_timeout: float = 5.0,
     ) -> None:
         if replicas < 1:
             raise ValueError("replicas must be at least 1")
@@ -619,12 +723,15 @@ class NatsBackend:
         self._health_check_interval = health_check_interval
         self._publish_attempts = max(1, publish_attempts)
         self._initial_connect_attempts = initial_connect_attempts
+        self._ack_timeout = ack_timeout
         self._kvs: dict[str, KeyValue] = {}
         self._kv_locks: dict[str, asyncio.Lock] = {}
         # subject -> (stream name or None, expiry on the monotonic clock)
         self._stream_cache: dict[str, tuple[str | None, float]] = {}
         self._open: set[_KVWatch | _PullConsumer | Subscription] = set()
         self._closing = False
+        self._acks: _Acks | None = None
+        self._acks_lock = asyncio.Lock()
 
     # -- connection -----------------------------------------------------------
 
@@ -698,6 +805,9 @@ class NatsBackend:
         self._open.clear()
         self._kvs.clear()
         self._stream_cache.clear()
+        acks, self._acks = self._acks, None
+        if acks is not None:
+            await acks.close()
         nc = self._nc
         if nc is None or not self._owns_nc:
             return
@@ -763,20 +873,54 @@ class NatsBackend:
             return None
         return _to_entry(bucket, entry)
 
+    async def _ack_channel(self) -> _Acks:
+        acks = self._acks
+        if acks is None or acks._nc is not self._nc:
+            async with self._acks_lock:
+                acks = self._acks
+                if acks is None or acks._nc is not self._nc:
+                    if acks is not None:
+                        await acks.close()
+                    acks = _Acks(self._connection(), self._ack_timeout)
+                    with _mapped("subscribe to JetStream acks"):
+                        await acks.open()
+                    self._acks = acks
+        return acks
+
+    async def _kv_publish(
+        self, op: str, bucket: str, key: str, value: bytes, last: int | None
+    ) -> int:
+        """A KV write as JetStream sees it: a publish on the key's subject, compare-and-set on ``last``."""
+        if not _KEY_RE.match(key):
+            raise BackendError(f"{op} {bucket}/{key}: invalid key {key!r}")
+        kv = self._kvs.get(bucket) or await self._kv(bucket)
+        acks = self._acks or await self._ack_channel()
+        headers = None if last is None else {_EXPECTED_LAST: str(last)}
+        try:
+            ack = await acks.publish(kv._pre + key, value, headers)
+        except Exception as exc:
+            at = "" if last is None else f"@{last}"
+            err = _translate(exc, f"{op} {bucket}/{key}{at}")
+            if err is None:
+                raise
+            raise err from exc
+        return ack.seq
+
     async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
+        try:
+            return await self._kv_publish("create", bucket, key, value, 0)
+        except ConflictError:
+            pass
+        # The key exists, or only its delete marker does: nats-py tells them apart.
         kv = await self._kv(bucket)
         with _mapped(f"create {bucket}/{key}"):
             return int(await kv.create(key, value))
 
     async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
-        kv = await self._kv(bucket)
-        with _mapped(f"update {bucket}/{key}@{revision}"):
-            return int(await kv.update(key, value, last=revision))
+        return await self._kv_publish("update", bucket, key, value, revision)
 
     async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
-        kv = await self._kv(bucket)
-        with _mapped(f"put {bucket}/{key}"):
-            return int(await kv.put(key, value))
+        return await self._kv_publish("put", bucket, key, value, None)
 
     async def kv_delete(self, bucket: str, key: str) -> None:
         kv = await self._kv(bucket)
@@ -904,11 +1048,11 @@ class NatsBackend:
             try:
                 stream = await self._stream_for(subject)
                 if stream is not None:
-                    js = self._jetstream()
+                    acks = self._acks or await self._ack_channel()
                     with _mapped(f"publish {subject} to stream {stream}"):
                         # A duplicate (same msg id within the window) is acked with
                         # duplicate=True: the message is stored once, which is the point.
-                        await js.publish(subject, data, headers=dict(hdrs) or None)
+                        await acks.publish(subject, data, dict(hdrs) or None)
                 else:
                     nc = self._connection()
                     with _mapped(f"publish {subject}"):

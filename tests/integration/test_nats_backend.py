@@ -14,7 +14,7 @@ import pytest
 from reactive.backends.base import InboundMessage, KVEntry
 from reactive.backends.nats import NatsBackend
 from reactive.backends.server import NatsServer, free_port
-from reactive.errors import ConflictError, NotFoundError, TransientBackendError
+from reactive.errors import BackendError, ConflictError, NotFoundError, TransientBackendError
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -77,6 +77,57 @@ async def test_create_update_and_conflicts(nats_url: str) -> None:
         assert entry == KVEntry(bucket=bucket, key="k", value=b"two", revision=r2)
         r3 = await b.kv_put(bucket, "k", b"three")
         assert r3 > r2
+
+
+async def test_kv_writes_refuse_invalid_keys_and_missing_buckets(nats_url: str) -> None:
+    async with NatsBackend(nats_url) as b:
+        bucket = uid("b")
+        await b.ensure_bucket(bucket)
+        for bad in ("", "a..b", ".a", "a.", "a b", "a*", "a>"):
+            with pytest.raises(BackendError, match="invalid key"):
+                await b.kv_put(bucket, bad, b"v")
+        with pytest.raises(NotFoundError):
+            await b.kv_update(uid("missing"), "k", b"v", 1)
+
+
+async def test_a_publish_nobody_acks_times_out_as_transient(nats_url: str) -> None:
+    async with NatsBackend(nats_url, ack_timeout=0.3) as b:
+        bucket = uid("b")
+        await b.ensure_bucket(bucket)
+        await b.kv_put(bucket, "k", b"v")  # the ack channel works
+        # A subscriber on a core subject takes the "request" and never answers.
+        nc = await nats.connect(nats_url)
+        try:
+            await nc.subscribe("silent.subject")
+            await nc.flush()
+            acks = await b._ack_channel()
+            started = anyio.current_time()
+            with pytest.raises(nats.errors.TimeoutError):
+                await acks.publish("silent.subject", b"x", None)
+            assert anyio.current_time() - started < 2.0
+            assert not acks._pending  # nothing left behind
+        finally:
+            await nc.close()
+
+
+async def test_concurrent_compare_and_set_writes_one_wins(nats_url: str) -> None:
+    async with NatsBackend(nats_url) as b:
+        bucket = uid("b")
+        await b.ensure_bucket(bucket)
+        rev = await b.kv_create(bucket, "k", b"0")
+        results: list[int | str] = []
+
+        async def write(i: int) -> None:
+            try:
+                results.append(await b.kv_update(bucket, "k", str(i).encode(), rev))
+            except ConflictError:
+                results.append("conflict")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(write, i)
+        assert results.count("conflict") == 19
+        assert len(results) == 20
 
 
 async def test_get_missing_and_deleted_is_none(nats_url: str) -> None:
