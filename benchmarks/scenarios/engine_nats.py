@@ -40,7 +40,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--cb-prefix", default="reactive.callback")
     p.add_argument("--meta-bucket", default="REACTIVE_META")
     p.add_argument("--noise", type=int, default=0)
-    p.add_argument("--workers", type=int, default=32)
+    p.add_argument("--workers", type=int, default=128)  # the engine's default
     p.add_argument("--profile", default=None)
     p.add_argument("--ready-timeout", type=float, default=30.0)
     p.add_argument("--at-rest", action="store_true")

@@ -50,7 +50,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--conc", type=int, default=100)
     p.add_argument("--conditions", type=int, default=100)
     p.add_argument("--noise", type=int, default=0)
-    p.add_argument("--workers", type=int, default=32)
+    p.add_argument("--workers", type=int, default=128)  # the engine's default
     return p.parse_args()
 
 

@@ -95,6 +95,12 @@ class Backend(Protocol):
 
     async def kv_put(self, bucket: str, key: str, value: bytes) -> int: ...
 
+    async def kv_put_unacked(self, bucket: str, key: str, value: bytes) -> None:
+        """``kv_put`` without waiting for the server to confirm it: for bookkeeping whose
+        loss costs only repeated work (the engine's delivered-outbox markers). The write
+        can be lost if the connection fails before the server has it."""
+        ...
+
     async def kv_delete(self, bucket: str, key: str) -> None: ...
 
     async def kv_keys(self, bucket: str, pattern: str = ">") -> list[str]:

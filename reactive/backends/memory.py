@@ -620,6 +620,9 @@ class MemoryBackend:
         _check_key(key)
         return _bucket_append(b, key, bytes(value), deleted=False).revision
 
+    async def kv_put_unacked(self, bucket: str, key: str, value: bytes) -> None:
+        await self.kv_put(bucket, key, value)
+
     async def kv_delete(self, bucket: str, key: str) -> None:
         # Like NATS, a delete marker is written even if the key never existed.
         b = self._bucket(bucket)

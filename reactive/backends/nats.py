@@ -922,6 +922,14 @@ class NatsBackend:
     async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
         return await self._kv_publish("put", bucket, key, value, None)
 
+    async def kv_put_unacked(self, bucket: str, key: str, value: bytes) -> None:
+        if not _KEY_RE.match(key):
+            raise BackendError(f"put {bucket}/{key}: invalid key {key!r}")
+        kv = self._kvs.get(bucket) or await self._kv(bucket)
+        nc = self._connection()
+        with _mapped(f"put {bucket}/{key}"):
+            await nc.publish(kv._pre + key, value)
+
     async def kv_delete(self, bucket: str, key: str) -> None:
         kv = await self._kv(bucket)
         with _mapped(f"delete {bucket}/{key}"):

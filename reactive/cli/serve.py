@@ -485,6 +485,6 @@ def add_parser(commands: Subcommands) -> None:
         help="info: one line per transition; debug: more (default: info)",
     )
     ops.add_argument(
-        "--workers", type=int, default=32, metavar="N", help="engine workers (default: 32)"
+        "--workers", type=int, default=128, metavar="N", help="engine workers (default: 128)"
     )
     serve.set_defaults(handler=cmd_serve)

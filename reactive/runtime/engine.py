@@ -232,7 +232,7 @@ class Engine:
         meta_bucket: str = "REACTIVE_META",
         callback_stream: str = "REACTIVE_CALLBACKS",
         callback_prefix: str = "reactive.callback",
-        workers: int = 32,
+        workers: int = 128,
         conflict_retries: int = 20,
         outbox_grace: float = 5.0,
         sweep_interval: float = 30.0,
@@ -1377,7 +1377,11 @@ class Engine:
             await self.backend.publish(
                 m.subject, m.data, headers=m.headers or None, msg_id=m.msg_id
             )
-        await self.backend.kv_put(self.meta_bucket, f"out.{bucket}.{key}", st.outbox_id.encode())
+        # Unacknowledged: a marker lost with the connection costs only a repeated
+        # delivery (with the same message ids) after a restart.
+        await self.backend.kv_put_unacked(
+            self.meta_bucket, f"out.{bucket}.{key}", st.outbox_id.encode()
+        )
         self._mark_delivered(bucket, key, st.outbox_id)
 
     def _mark_delivered(self, bucket: str, key: str, outbox_id: str) -> None:

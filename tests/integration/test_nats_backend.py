@@ -90,6 +90,19 @@ async def test_kv_writes_refuse_invalid_keys_and_missing_buckets(nats_url: str) 
             await b.kv_update(uid("missing"), "k", b"v", 1)
 
 
+async def test_an_unacked_put_lands(nats_url: str) -> None:
+    async with NatsBackend(nats_url) as b:
+        bucket = uid("b")
+        await b.ensure_bucket(bucket)
+        await b.kv_put_unacked(bucket, "marker", b"m1")
+        await b.kv_put_unacked(bucket, "marker", b"m2")
+        with anyio.fail_after(5):
+            while (got := await b.kv_get(bucket, "marker")) is None or got.value != b"m2":
+                await anyio.sleep(0.01)
+        with pytest.raises(BackendError, match="invalid key"):
+            await b.kv_put_unacked(bucket, "a b", b"v")
+
+
 async def test_a_publish_nobody_acks_times_out_as_transient(nats_url: str) -> None:
     async with NatsBackend(nats_url, ack_timeout=0.3) as b:
         bucket = uid("b")
