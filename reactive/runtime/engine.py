@@ -267,6 +267,9 @@ class Engine:
         # Per key, the first and last revision of the chain of this engine's own commits
         # evaluated right after committing them (_follow); their echoes are skipped.
         self._chained: dict[tuple[str, str], tuple[int, int]] = {}
+        # Per key, (revision, value) of a waiting state this engine committed, until its
+        # callback comes: the callback then starts from it instead of reading the key.
+        self._parked: dict[tuple[str, str], tuple[int, bytes]] = {}
         self._delivered: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._watch_scopes: dict[str, anyio.CancelScope] = {}
         self._sub_started: set[tuple[str, str, str | None]] = set()
@@ -1366,6 +1369,14 @@ class Engine:
         fresh = _FRESH.get()
         if fresh is not None:
             fresh.append((bucket, key, revision, new_rev, data))
+        if st.status is Status.WAITING:
+            # Its callback is likely to come here: keep the state to start from then.
+            parked = self._parked
+            parked[(bucket, key)] = (new_rev, data)
+            if len(parked) > _PARKED_MAX:
+                del parked[next(iter(parked))]
+        elif self._parked:
+            self._parked.pop((bucket, key), None)
         if st.outbox:
             await self._flush(bucket, key, st)
         return new_rev
@@ -1819,9 +1830,17 @@ class Engine:
         d = bound.definition
         target = (d.id, bucket, key)
         traced = not self.tracing.enabled
+        parked = self._parked.pop((bucket, key), None)
         for _ in range(self.conflict_retries):
             now = self.clock.now()
-            entry = await self.backend.kv_get(bucket, key)
+            # The waiting state this engine committed, if it still has it: a write based on
+            # it is checked by the compare-and-set; anything else is decided on a fresh read.
+            cached, parked = parked, None
+            entry = (
+                KVEntry(bucket, key, cached[1], cached[0])
+                if cached is not None
+                else await self.backend.kv_get(bucket, key)
+            )
             if entry is None:
                 self._metric(self.metrics.callbacks_received, d.id, "", "unknown").inc()
                 log.info("ignoring callback for unknown execution %s", key)
@@ -1839,7 +1858,11 @@ class Engine:
                         task_id=env.task_id,
                     )
                 )
-            if state.outbox and not await self._outbox_settled(bucket, key, state, now, target):
+            if state.outbox and not await self._outbox_settled(
+                bucket, key, state, now, target, entry.revision if cached else None
+            ):
+                if cached is not None:
+                    continue  # superseded: read it again
                 raise TransientBackendError(f"{key}: an earlier outbox is still being delivered")
             if state.status is Status.WAITING and (
                 state.is_expired(now)
@@ -1861,6 +1884,8 @@ class Engine:
                 or not env.task_id
                 or state.pending_task_id != env.task_id
             ):
+                if cached is not None:
+                    continue  # read it again before calling the callback stale
                 self._metric(
                     self.metrics.callbacks_received, d.id, state.pending_rule_id, "stale"
                 ).inc()
@@ -1978,6 +2003,7 @@ _FAILED: Any = object()
 # not hold its worker's other keys back.
 _CHAIN_LIMIT = 8
 _CHAINED_MAX = 100_000
+_PARKED_MAX = 10_000
 _FRESH: contextvars.ContextVar[list[tuple[str, str, int, int, bytes]] | None] = (
     contextvars.ContextVar("reactive_fresh", default=None)
 )

@@ -10,9 +10,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
-from reactive import ExecutionState, MemoryBackend, RuleContext, Workflow, rule
+from reactive import ExecutionState, MemoryBackend, RuleContext, Status, Workflow, rule
 from reactive.conditions import condition
 from reactive.runtime.engine import _CHAIN_LIMIT
 from reactive.runtime.inbox import Inbox
@@ -178,3 +179,74 @@ async def test_inbox_get_waits_for_an_item_and_put_waits_for_room() -> None:
         await inbox.put("c")
     assert got == ["a", "b", "c"]
     assert len(inbox) == 0
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class Asked(ExecutionState):
+    question: str = ""
+    answer: str = ""
+    note: str = ""
+
+
+class Question(msgspec.Struct):
+    question: str
+
+
+class Answer(msgspec.Struct):
+    task_id: str = ""
+    answer: str = ""
+
+
+class Asking(
+    Workflow,
+    id="asking",
+    state=Asked,
+    bucket="follow",
+    on_complete="asking.done",
+    task_timeout="1m",
+):
+    @rule(watch_kv=True, when=lambda ctx: not ctx.state.answer, publish_async="asking.ask")
+    def ask(self, ctx: RuleContext[Asked, None]) -> Question:
+        return Question(question=ctx.state.question)
+
+    @ask.on_result
+    def answered(self, ctx: RuleContext[Asked, None], result: Answer) -> None:
+        ctx.state.answer = result.answer
+
+    @rule(watch_kv=True, when=lambda ctx: bool(ctx.state.answer), complete=True)
+    def done(self, ctx: RuleContext[Asked, None]) -> None:
+        return None
+
+
+async def test_a_callback_applies_to_the_latest_state_not_the_one_this_engine_parked() -> None:
+    async with TestEngine(Asking) as te:
+        await te.start(Asking, "q1", Asked(question="why"))
+        parked = te.state(Asking, "q1")
+        assert parked.status is Status.WAITING
+        # Someone else changes the waiting state (same task) after this engine parked it.
+        parked.note = "edited elsewhere"
+        await te.trigger_kv(Asking, "q1", parked)
+        await te.callback(Asking, "q1", Answer(answer="because"))
+        st = te.state(Asking, "q1")
+        assert (st.status, st.answer, st.note) == (Status.COMPLETED, "because", "edited elsewhere")
+        te.assert_published("asking.ask", count=1)
+        te.assert_published("asking.done", count=1)
+
+
+async def test_a_callback_for_a_task_replaced_elsewhere_is_stale_and_nothing_is_resent() -> None:
+    async with TestEngine(Asking) as te:
+        await te.start(Asking, "q1", Asked(question="why"))
+        old_task = te.state(Asking, "q1").pending_task_id
+        # Someone else settles the execution after this engine parked it.
+        st = te.state(Asking, "q1")
+        st.clear_pending_task()
+        st.answer = "settled elsewhere"
+        st.fail("given up elsewhere")
+        await te.trigger_kv(Asking, "q1", st)
+        await te.callback(Asking, "q1", Answer(answer="late"), task_id=old_task)
+        st = te.state(Asking, "q1")
+        assert (st.status, st.answer) == (Status.FAILED, "settled elsewhere")
+        te.assert_published("asking.ask", count=1)  # the parked state's request is not resent
+        te.assert_not_published("asking.done")
