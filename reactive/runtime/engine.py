@@ -201,8 +201,18 @@ class _Envelope(msgspec.Struct):
     error: str = ""
 
 
+_last_utc: tuple[float, datetime] = (0.0, datetime.fromtimestamp(0.0, UTC))
+
+
 def _utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
+    # One transition stamps the same instant several times (timeline, updated_at,
+    # completed_at, its event): datetimes are immutable, so the last one is reused.
+    global _last_utc
+    if _last_utc[0] == ts:
+        return _last_utc[1]
+    dt = datetime.fromtimestamp(ts, UTC)
+    _last_utc = (ts, dt)
+    return dt
 
 
 # Work items for the per-key workers.
@@ -1095,6 +1105,9 @@ class Engine:
         return bound.methods[r.id](ctx)
 
     async def _fire_writing(self, bound: BoundWorkflow, r: RuleDef, *args: Any) -> None:
+        if not self.tracing.enabled:
+            await self._fire_writing_body(bound, r, *args)
+            return
         with self._dispatch_span(bound, r):
             await self._fire_writing_body(bound, r, *args)
 
@@ -1441,6 +1454,9 @@ class Engine:
     # ------------------------------------------------------------------ rules that do not write state
 
     async def _fire_nonwriting(self, bound: BoundWorkflow, r: RuleDef, *args: Any) -> None:
+        if not self.tracing.enabled:
+            await self._fire_nonwriting_body(bound, r, *args)
+            return
         with self._dispatch_span(bound, r):
             await self._fire_nonwriting_body(bound, r, *args)
 
