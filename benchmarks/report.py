@@ -229,29 +229,6 @@ def _ratios_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _whatif_table(results: dict[str, Any]) -> list[str]:
-    w = _get(results, "nats", "whatif/kv/100")
-    e = _get(results, "nats", "engine/kv/100")
-    f = _get(results, "nats", "floor/kv/100")
-    if "error" in w or "error" in e:
-        return [f"(not measured: {w.get('error') or e.get('error')})"]
-    lines = [
-        "`scenarios/whatif.py` patches, in the benchmark process only, (1) the KV watch iterator to take "
-        "entries already queued in nats-py's watcher without `asyncio.wait_for`, and (2) `Engine._enqueue` "
-        "to use `send_nowait` before `await send`. 3-transition KV workflow, c=100, same run:",
-        "",
-        "| | executions/s | CPU µs/event | socket writes/exec | commands/write | loop iterations/exec | x floor |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for label, r in (("engine (shipped)", e), ("engine + what-if", w), ("floor", f)):
-        lines.append(
-            f"| {label} | {_f(r['exec_per_s'])} | {_f(r['cpu_us_per_event'])} | "
-            f"{_f(r.get('writes_per_exec'), 2)} | {_f(r.get('chunks_per_write'), 2)} | "
-            f"{_f(r.get('loop_iterations_per_exec'), 3)} | {_f(_ratio(r, f))} |"
-        )
-    return lines
-
-
 def _memory_table(results: dict[str, Any]) -> list[str]:
     lines = [
         "| run | executions/s | transitions/s | condition evaluations/s | CPU µs per KV event | peak RSS MB | others busy % |",
@@ -451,7 +428,6 @@ def _observations(results: dict[str, Any]) -> list[str]:
     out: list[str] = []
     e = _get(results, "nats", "engine/kv/100")
     f = _get(results, "nats", "floor/kv/100")
-    w = _get(results, "nats", "whatif/kv/100")
     if "error" not in e and "error" not in f:
         out.append(
             f"- **Batching.** At c=100 the floor sends {_f(f.get('chunks_per_write'))} protocol commands "
@@ -463,16 +439,6 @@ def _observations(results: dict[str, Any]) -> list[str]:
             f"execution against {_f(1000 * f.get('server_cpu_s', math.nan) / f['executions'], 3)} ms "
             "per floor execution."
         )
-        if "error" not in w:
-            out.append(
-                f"- **What-if.** With the two changes of `scenarios/whatif.py` the engine made "
-                f"{_f(w.get('writes_per_exec'), 2)} socket writes and "
-                f"{_f(w.get('loop_iterations_per_exec'), 3)} loop iterations per execution (shipped: "
-                f"{_f(e.get('writes_per_exec'), 2)} and {_f(e.get('loop_iterations_per_exec'), 3)}), "
-                f"{_f(w.get('cpu_us_per_event'))} µs CPU per event (shipped: {_f(e.get('cpu_us_per_event'))}) "
-                f"and {_f(w['exec_per_s'])} executions/s (shipped: {_f(e['exec_per_s'])}; floor "
-                f"{_f(f['exec_per_s'])})."
-            )
         out.append(
             f"- **CPU per event.** Engine {_f(e.get('cpu_us_per_event'))} µs vs floor "
             f"{_f(f.get('cpu_us_per_event'))} µs at c=100: at equal CPU the engine would reach "
@@ -601,10 +567,6 @@ def render(results: dict[str, Any], *, command: str, env: dict[str, Any]) -> str
         "### Ratios (same run)",
         "",
         *_ratios_table(results),
-        "",
-        "### Experiment: the engine with two batching changes (what-if, not the shipped engine)",
-        "",
-        *_whatif_table(results),
         "",
         "## 4. In memory (what property-based tests pay)",
         "",

@@ -34,7 +34,7 @@ from harness import Harness, StallError, prepare_at_rest  # noqa: E402
 
 PY = sys.executable
 CONTENDERS = {"floor": "floor.py", "engine": "engine_nats.py", "peer": "peer.py"}
-SCRIPTS = {**CONTENDERS, "whatif": "engine_nats.py"}
+SCRIPTS = dict(CONTENDERS)
 
 
 # ---------------------------------------------------------------------------
@@ -378,7 +378,7 @@ def _child_args(contender: str, names: dict[str, str], workflow: str) -> list[st
     ]
     if workflow == "async":
         args += ["--work-subject", names["work"]]
-    if contender in ("engine", "whatif"):
+    if contender == "engine":
         args += ["--meta-bucket", names["meta"]]
     return args
 
@@ -407,7 +407,7 @@ async def run_contender(
     args = ["--url", url, *_child_args(contender, names, workflow)]
     if noise:
         args += ["--noise", str(noise)]
-    if contender in ("engine", "whatif"):
+    if contender == "engine":
         args += ["--ready-timeout", str(ready_timeout)]
     use_spy = bool(profile) and Spy.available() is not None
     if profile and not use_spy:
@@ -415,8 +415,6 @@ async def run_contender(
     harness = Harness(
         url, names["bucket"], names["done"], names["work"] if workflow == "async" else ""
     )
-    if contender == "whatif":
-        args += ["--what-if-batching"]
     child = Child(SCRIPTS[contender], args)
     spy: Spy | None = None
     try:
@@ -587,8 +585,6 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
                 n, warm = table[conc]
                 reps = counts.repeats if conc == 100 else 1
                 contenders = list(CONTENDERS)
-                if workflow == "kv" and conc == 100:
-                    contenders.append("whatif")  # the experiment, not the engine as shipped
                 runs: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
                 for _rep in range(reps):
                     for contender in contenders:  # interleaved: drift hits everyone alike

@@ -45,11 +45,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=30.0)
     p.add_argument("--at-rest", action="store_true")
     p.add_argument(
-        "--what-if-batching",
-        action="store_true",
-        help="experiment: apply whatif.py (not the engine as shipped)",
-    )
-    p.add_argument(
         "--tracemalloc",
         action="store_true",
         help="at rest: report the top allocation sites still held",
@@ -59,10 +54,6 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
-    if args.what_if_batching:
-        import whatif
-
-        whatif.apply()
     if args.workflow == "kv":
         wf = kv_workflow(args.bucket, args.done_subject, noise=args.noise)
     else:
