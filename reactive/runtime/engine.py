@@ -231,6 +231,14 @@ class Engine:
     ``async with Engine(backend, [PlanReview]) as engine: ...`` starts the
     triggers; leaving the block stops them, letting in-flight work finish or
     leaving it for redelivery.
+
+    Options: ``workers`` (events of one key go to one worker, in order; 128 by
+    default), ``conflict_retries``, ``outbox_grace`` (how long another engine's
+    unfinished outbox is left to it), ``sweep_interval`` (the claim sweep),
+    ``max_deliver``, and ``timer_horizon``: deadlines, task timeouts and cooldown
+    ends further ahead than this (30 minutes by default; None: no limit) hold no
+    timer in memory; the engine replays the bucket shortly before the earliest
+    of them, so memory does not grow with executions that wait.
     """
 
     def __init__(
@@ -246,6 +254,7 @@ class Engine:
         conflict_retries: int = 20,
         outbox_grace: float = 5.0,
         sweep_interval: float = 30.0,
+        timer_horizon: float | None = 1800.0,
         max_deliver: int = 20,
         metrics: EngineMetrics | None = None,
         instance_id: str | None = None,
@@ -292,7 +301,12 @@ class Engine:
         self._on_commit: dict[int, Callable[[], None]] = {}
         self._ready_count = 0
         self._expected_ready = 0
-        self.timers = Timers(self.clock, self._on_timer)
+        # Deadlines further ahead than timer_horizon are not held (see _on_far_timer).
+        self.timer_horizon = timer_horizon
+        self._far: dict[str, float] = {}
+        self.timers = Timers(
+            self.clock, self._on_timer, horizon=timer_horizon, on_far=self._on_far_timer
+        )
         self.running = False
         for wf in workflows:
             self.registry.add(wf)
@@ -530,9 +544,33 @@ class Engine:
             self._inflight -= 1
             raise
 
+    def _on_far_timer(self, when: float, target: Hashable) -> bool:
+        """A timer beyond the horizon: drop it, and replay its bucket before it is due.
+
+        The replay evaluates every execution of the bucket again (as a restart
+        does), which sets the timers that are then within the horizon. One float
+        per bucket is kept: the earliest deadline dropped.
+        """
+        _, bucket, key = typing.cast(tuple[str, str, str], target)
+        if not key or bucket not in self._watch_scopes or self.timer_horizon is None:
+            return False  # only what a watch replays can be left to the replay
+        earliest = self._far.get(bucket)
+        if earliest is None or when < earliest:
+            self._far[bucket] = when
+            now = self.clock.now()
+            half = self.timer_horizon / 2
+            self.timers.schedule(max(now, min(when - half, now + half)), ("", bucket, ""))
+        return True
+
     def _on_timer(self, target: Hashable) -> None:
         wf_id, bucket, key = typing.cast(tuple[str, str, str], target)
         if not self._inboxes:
+            return
+        if not wf_id and bucket:  # a far deadline draws near: replay the bucket
+            self._far.pop(bucket, None)
+            if bucket in self._watch_scopes:
+                log.info("replaying bucket %s for deadlines coming within the horizon", bucket)
+                self._restart_watch(bucket)
             return
         item = (_SWEEP,) if target == _SWEEP_TARGET else (_TIMER, wf_id, bucket, key)
         if self._inboxes[hash(key) % len(self._inboxes)].put_nowait(item):

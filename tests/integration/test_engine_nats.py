@@ -721,6 +721,21 @@ async def test_timeout_fires_with_no_other_event(nats_url: str, nc: Client) -> N
         assert event["phase"] == "idle"
 
 
+async def test_a_timeout_beyond_the_timer_horizon_fires_after_a_replay(
+    nats_url: str, nc: Client
+) -> None:
+    flow = idle_workflow(timeout=2.0)
+    async with engine_on(nats_url, [flow], timer_horizon=0.5) as engine:
+        started = await engine.start_execution(flow, "far", ExecutionState(phase="idle"))
+        assert started.deadline is not None
+        await anyio.sleep(0.2)
+        assert len(engine.timers) <= 2  # no timer of its own: only the sweep and the replay
+        st = await engine.wait_for(flow, "far", timeout=WAIT)
+        assert st.status is Status.TIMED_OUT
+        assert st.completed_at is not None
+        assert 0 <= st.completed_at.timestamp() - started.deadline.timestamp() < 1.0
+
+
 async def test_timeout_while_engine_down_is_enforced_on_start(nats_url: str, nc: Client) -> None:
     flow = idle_workflow(timeout=1.0)
     d = definition_of(flow)

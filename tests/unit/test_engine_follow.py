@@ -250,3 +250,43 @@ async def test_a_callback_for_a_task_replaced_elsewhere_is_stale_and_nothing_is_
         assert (st.status, st.answer) == (Status.FAILED, "settled elsewhere")
         te.assert_published("asking.ask", count=1)  # the parked state's request is not resent
         te.assert_not_published("asking.done")
+
+
+# --------------------------------------------------------------------------- far deadlines
+
+
+class Slow(Workflow, id="slow", state=Asked, bucket="follow", timeout="3h", task_timeout="2h"):
+    @rule(watch_kv=True, when=lambda ctx: not ctx.state.answer, publish_async="slow.ask")
+    def ask(self, ctx: RuleContext[Asked, None]) -> Question:
+        return Question(question=ctx.state.question)
+
+    @ask.on_result
+    def answered(self, ctx: RuleContext[Asked, None], result: Answer) -> None:
+        ctx.state.answer = result.answer
+
+
+async def test_deadlines_beyond_the_horizon_hold_no_timer_and_still_fire() -> None:
+    async with TestEngine(Slow, timer_horizon=600.0) as te:
+        for i in range(50):
+            await te.start(Slow, f"s{i}", Asked(question="?"))
+        assert all(st.status is Status.WAITING for st in te.executions(Slow))
+        # 50 executions waiting two hours: the engine holds no timer for any of them.
+        assert len(te.engine.timers) <= 2  # the claim sweep and the bucket's replay
+        await te.callback(Slow, "s0", Answer(answer="quick"))
+        await te.advance(2 * 3600 + 1)
+        states = {st.id: st for st in te.executions(Slow)}
+        assert states["s0"].status is Status.RUNNING and states["s0"].answer == "quick"
+        assert all(states[f"s{i}"].status is Status.FAILED for i in range(1, 50))
+        assert all("no callback" in states[f"s{i}"].error for i in range(1, 50))
+        # s0 still has its workflow deadline, an hour later.
+        await te.advance(3600)
+        assert te.state(Slow, "s0").status is Status.TIMED_OUT
+
+
+async def test_without_a_horizon_every_deadline_holds_a_timer() -> None:
+    async with TestEngine(Slow, timer_horizon=None) as te:
+        for i in range(5):
+            await te.start(Slow, f"s{i}", Asked(question="?"))
+        assert len(te.engine.timers) >= 5
+        await te.advance(2 * 3600 + 1)
+        assert all(st.status is Status.FAILED for st in te.executions(Slow))
