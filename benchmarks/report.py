@@ -300,9 +300,10 @@ def _rest_table(results: dict[str, Any]) -> list[str]:
     lines = [
         "| executions at rest | RSS before engine start MB | RSS after replay MB | "
         "RSS after malloc_trim MB | peak RSS MB | replay s | timers held | "
-        "Python small blocks held (before -> after) | replay peak: entries (MB) waiting in "
+        "Python small blocks held (before -> after) | pymalloc 1 MiB arenas after | "
+        "replay peak: entries (MB) waiting in "
         "nats-py's subscription queue / items queued for workers |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, r in results.get("at_rest", {}).items():
         if "error" in r:
@@ -313,6 +314,7 @@ def _rest_table(results: dict[str, Any]) -> list[str]:
             f"{_f(r.get('rss_after_trim_mb'))} | {_f(r['maxrss_mb'])} | "
             f"{_f(r['replay_s'])} | {_f(r.get('timers'))} | "
             f"{_f(r.get('allocated_blocks_before'))} -> {_f(r.get('allocated_blocks'))} | "
+            f"{_f(r.get('pymalloc_arenas'))} | "
             + (
                 f"{_f(pk.get('pending_msgs'))} ({_f(pk.get('pending_bytes', 0) / 1e6)}) / "
                 f"{_f(pk.get('worker_queued'))} |"

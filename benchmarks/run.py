@@ -505,6 +505,7 @@ async def run_at_rest(url: str, n: int, *, tracemalloc: bool = False) -> dict[st
             "timers": ready.get("timers"),
             "allocated_blocks": ready.get("blocks_after"),
             "allocated_blocks_before": ready.get("blocks_before"),
+            "pymalloc_arenas": ready.get("pymalloc_arenas"),
             "gc_objects": ready.get("gc_objects"),
             "engine_sizes": ready.get("engine_sizes"),
             "sentinel_retries": ready.get("sentinel_retries"),

@@ -26,7 +26,7 @@ import anyio
 import common
 from workflows import BenchState, async_workflow, kv_workflow
 
-from reactive import Engine, NatsBackend, Status, TransientBackendError
+from reactive import ConflictError, Engine, NatsBackend, Status, TransientBackendError
 
 
 def parse() -> argparse.Namespace:
@@ -50,6 +50,29 @@ def parse() -> argparse.Namespace:
         help="at rest: report the top allocation sites still held",
     )
     return p.parse_args()
+
+
+def _arenas() -> int | None:
+    """pymalloc's 1 MiB arenas in use: a few live objects keep a whole arena."""
+    import os
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile() as f:
+            saved = os.dup(2)
+            os.dup2(f.fileno(), 2)
+            try:
+                sys._debugmallocstats()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            f.seek(0)
+            for line in f.read().decode(errors="replace").splitlines():
+                if line.startswith("# arenas allocated current"):
+                    return int(line.split("=")[1].replace(",", "").strip())
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
 
 
 def main() -> None:
@@ -110,7 +133,7 @@ def main() -> None:
                         subs = list(backend.nc._subs.values())
                         pm = max((x._pending_queue.qsize() for x in subs), default=0)
                         pb = max((x._pending_size for x in subs), default=0)
-                        wq = sum(len(r._state.buffer) for r in engine._receivers)
+                        wq = sum(len(inbox) for inbox in engine._inboxes)
                         peaks["pending_msgs"] = max(peaks["pending_msgs"], pm)
                         peaks["pending_bytes"] = max(peaks["pending_bytes"], pb)
                         peaks["worker_queued"] = max(peaks["worker_queued"], wq)
@@ -127,6 +150,8 @@ def main() -> None:
                     try:
                         await engine.start_execution(wf, "zz-sentinel", sentinel)
                         break
+                    except ConflictError:
+                        break  # an earlier try timed out here but was written
                     except TransientBackendError:
                         # The engine's own request can time out behind the replay
                         # flood on its connection; count it and try again.
@@ -153,6 +178,7 @@ def main() -> None:
                 except (OSError, AttributeError):
                     pass
                 info["blocks_after"] = sys.getallocatedblocks()
+                info["pymalloc_arenas"] = _arenas()
                 info["gc_objects"] = len(gc.get_objects())
                 info["engine_sizes"] = {
                     name: len(getattr(engine, name))

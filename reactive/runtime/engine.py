@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import gc
 import logging
 import time
 import typing
@@ -725,7 +726,7 @@ class Engine:
                 self._burst += 1
                 if self._inflight == 0 and self._burst >= _TRIM_AFTER:
                     self._burst = 0
-                    _release_free_heap()
+                    self._after_burst()
 
     async def _follow(self, fresh: list[tuple[str, str, int, int, bytes]]) -> None:
         """Evaluate the revisions this worker just committed, without waiting for the watch.
@@ -768,6 +769,19 @@ class Engine:
         if revision >= span[1]:
             del self._chained[k]
         return revision <= span[1]
+
+    def _after_burst(self) -> None:
+        """A burst (a replay, say) has drained: drop what it cached and hand the heap back.
+
+        The caches filled during the burst are scattered over the heap it used; kept,
+        they would pin most of it (the allocator frees only wholly empty arenas).
+        """
+        self.registry.forget_matches()
+        while len(self._delivered) > _DELIVERED_AFTER_BURST:
+            self._delivered.popitem(last=False)
+        self._delivered = OrderedDict(self._delivered)  # re-allocated, compact
+        gc.collect()
+        _release_free_heap()
 
     async def _release(self, item: tuple[Any, ...]) -> None:
         if item[0] in (_MSG, _CALLBACK):
@@ -2066,6 +2080,7 @@ _FRESH: contextvars.ContextVar[list[tuple[str, str, int, int, bytes]] | None] = 
 # freed heap back to the operating system: the state lives in NATS, so the engine's
 # memory at rest should not keep the high-water mark of the replay.
 _TRIM_AFTER = 10_000
+_DELIVERED_AFTER_BURST = 1_000
 
 
 def _release_free_heap() -> None:

@@ -85,6 +85,10 @@ class Registry:
         except KeyError:
             raise ReactiveError(f"workflow {wf_id!r} is not registered") from None
 
+    def forget_matches(self) -> None:
+        """Empty the cache of match_kv's answers."""
+        self._matches = {}
+
     def match_kv(self, bucket: str, key: str) -> list[tuple[BoundWorkflow, list[RuleDef]]]:
         """The workflows with rules watching ``key``, each with those rules in definition order.
 
