@@ -36,6 +36,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
+from reactive._events import new_event
 from reactive.backends.base import InboundMessage, KVEntry
 from reactive.errors import BackendError, ConflictError, NotFoundError
 from reactive.runtime.clock import Clock, SystemClock
@@ -95,7 +96,7 @@ class _Signal:
     def event(self) -> anyio.Event:
         """The event the next ``fire`` sets; take it *before* re-checking state, then wait."""
         if self._event is None:
-            self._event = anyio.Event()
+            self._event = new_event()
         return self._event
 
 
@@ -485,6 +486,11 @@ def _check_key(key: str) -> None:
 
 
 @functools.lru_cache(maxsize=65536)
+def _publish_subject_problem(subject: str) -> str | None:
+    return validate_subject(subject, wildcards=False)
+
+
+@functools.lru_cache(maxsize=65536)
 def _key_problem(key: str) -> str | None:
     reason = validate_key_pattern(key)
     # A valid pattern only has '*' and '>' as whole tokens, so any such char is a wildcard.
@@ -685,7 +691,7 @@ class MemoryBackend:
         headers: Mapping[str, str] | None = None,
         msg_id: str | None = None,
     ) -> None:
-        reason = validate_subject(subject, wildcards=False)
+        reason = _publish_subject_problem(subject)
         if reason is not None:
             raise ValueError(reason)
         data = bytes(data)

@@ -15,6 +15,8 @@ from typing import Generic, TypeVar
 
 import anyio
 
+from reactive._events import new_event
+
 T = TypeVar("T")
 
 
@@ -50,7 +52,7 @@ class Inbox(Generic[T]):
         while not self.put_nowait(item):
             waiter = self._not_full
             if waiter is None:
-                waiter = self._not_full = anyio.Event()
+                waiter = self._not_full = new_event()
             await waiter.wait()
 
     def get_nowait(self) -> T:
@@ -67,6 +69,6 @@ class Inbox(Generic[T]):
         while not self._items:
             waiter = self._not_empty
             if waiter is None:
-                waiter = self._not_empty = anyio.Event()
+                waiter = self._not_empty = new_event()
             await waiter.wait()
         return self.get_nowait()
