@@ -234,7 +234,9 @@ class Engine:
     leaving it for redelivery.
 
     Options: ``workers`` (events of one key go to one worker, in order; 128 by
-    default), ``conflict_retries``, ``outbox_grace`` (how long another engine's
+    default), ``queue_limit`` (events queued for the workers, all together, before
+    a trigger waits: a replay is taken in at the pace it is processed, 2048),
+    ``conflict_retries``, ``outbox_grace`` (how long another engine's
     unfinished outbox is left to it), ``sweep_interval`` (the claim sweep),
     ``max_deliver``, and ``timer_horizon``: deadlines, task timeouts and cooldown
     ends further ahead than this (30 minutes by default; None: no limit) hold no
@@ -252,6 +254,7 @@ class Engine:
         callback_stream: str = "REACTIVE_CALLBACKS",
         callback_prefix: str = "reactive.callback",
         workers: int = 128,
+        queue_limit: int = 2048,
         conflict_retries: int = 20,
         outbox_grace: float = 5.0,
         sweep_interval: float = 30.0,
@@ -279,6 +282,7 @@ class Engine:
         self._tracer_provider = tracer_provider
         self.tracing = Tracing(bool(self._tracing_choice), tracer_provider)
         self._n_workers = max(1, workers)
+        self.queue_limit = queue_limit
         self._inboxes: list[Inbox[tuple[Any, ...]]] = []
         self._tg: TaskGroup | None = None
         self._stack: AsyncExitStack | None = None
@@ -337,7 +341,7 @@ class Engine:
             self._tg = tg
             self._stack = stack
             for _ in range(self._n_workers):
-                inbox: Inbox[tuple[Any, ...]] = Inbox(1024)
+                inbox: Inbox[tuple[Any, ...]] = Inbox(max(16, self.queue_limit // self._n_workers))
                 self._inboxes.append(inbox)
                 tg.start_soon(self._worker, inbox)
             tg.start_soon(self.timers.run)
