@@ -300,6 +300,7 @@ class Engine:
         self._callbacks_started: set[str] = set()
         self._retries: dict[Hashable, int] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._evaluations: dict[int, tuple[Any, Any]] = {}  # id(rule) -> (false, true) counters
         self._burst = 0  # items processed since the heap was last handed back
         # Metrics and log of a terminal transition, by id() of the state: counted by
         # _commit once the write has won, never by a process whose write lost.
@@ -1077,9 +1078,14 @@ class Engine:
                 "condition of %s.%s raised %r; treated as false", bound.definition.id, r.id, e
             )
             fired = False
-        self._metric(
-            self.metrics.rule_evaluations, bound.definition.id, r.id, "true" if fired else "false"
-        ).inc()
+        counts = self._evaluations.get(id(r))
+        if counts is None:
+            wf = bound.definition.id
+            counts = self._evaluations[id(r)] = (
+                self._metric(self.metrics.rule_evaluations, wf, r.id, "false"),
+                self._metric(self.metrics.rule_evaluations, wf, r.id, "true"),
+            )
+        counts[fired].inc()
         return fired
 
     def _limited(
