@@ -302,6 +302,9 @@ class Engine:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._evaluations: dict[int, tuple[Any, Any]] = {}  # id(rule) -> (false, true) counters
         self._burst = 0  # items processed since the heap was last handed back
+        # Set when a trigger found its worker's inbox full: a backlog (a replay, say),
+        # the kind of burst whose heap is worth handing back once it has drained.
+        self._backlogged = False
         # Metrics and log of a terminal transition, by id() of the state: counted by
         # _commit once the write has won, never by a process whose write lost.
         self._on_commit: dict[int, Callable[[], None]] = {}
@@ -544,6 +547,7 @@ class Engine:
         # No checkpoint when there is room: a burst is handed over in one loop turn.
         if inbox.put_nowait(item):
             return
+        self._backlogged = True
         try:
             await inbox.put(item)
         except BaseException:
@@ -731,7 +735,9 @@ class Engine:
                 self._burst += 1
                 if self._inflight == 0 and self._burst >= _TRIM_AFTER:
                     self._burst = 0
-                    self._after_burst()
+                    if self._backlogged:
+                        self._backlogged = False
+                        self._after_burst()
 
     async def _follow(self, fresh: list[tuple[str, str, int, int, bytes]]) -> None:
         """Evaluate the revisions this worker just committed, without waiting for the watch.
