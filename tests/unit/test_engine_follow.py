@@ -199,15 +199,8 @@ class Answer(msgspec.Struct):
     answer: str = ""
 
 
-class Asking(
-    Workflow,
-    id="asking",
-    state=Asked,
-    bucket="follow",
-    on_complete="asking.done",
-    task_timeout="1m",
-):
-    @rule(watch_kv=True, when=lambda ctx: not ctx.state.answer, publish_async="asking.ask")
+class AskOnce(Workflow, id="ask-once", state=Asked, bucket="follow"):
+    @rule(watch_kv=True, when=lambda ctx: not ctx.state.answer, publish_async="follow.ask")
     def ask(self, ctx: RuleContext[Asked, None]) -> Question:
         return Question(question=ctx.state.question)
 
@@ -215,6 +208,8 @@ class Asking(
     def answered(self, ctx: RuleContext[Asked, None], result: Answer) -> None:
         ctx.state.answer = result.answer
 
+
+class Asking(AskOnce, id="asking", on_complete="asking.done", task_timeout="1m"):
     @rule(watch_kv=True, when=lambda ctx: bool(ctx.state.answer), complete=True)
     def done(self, ctx: RuleContext[Asked, None]) -> None:
         return None
@@ -231,7 +226,7 @@ async def test_a_callback_applies_to_the_latest_state_not_the_one_this_engine_pa
         await te.callback(Asking, "q1", Answer(answer="because"))
         st = te.state(Asking, "q1")
         assert (st.status, st.answer, st.note) == (Status.COMPLETED, "because", "edited elsewhere")
-        te.assert_published("asking.ask", count=1)
+        te.assert_published("follow.ask", count=1)
         te.assert_published("asking.done", count=1)
 
 
@@ -248,21 +243,15 @@ async def test_a_callback_for_a_task_replaced_elsewhere_is_stale_and_nothing_is_
         await te.callback(Asking, "q1", Answer(answer="late"), task_id=old_task)
         st = te.state(Asking, "q1")
         assert (st.status, st.answer) == (Status.FAILED, "settled elsewhere")
-        te.assert_published("asking.ask", count=1)  # the parked state's request is not resent
+        te.assert_published("follow.ask", count=1)  # the parked state's request is not resent
         te.assert_not_published("asking.done")
 
 
 # --------------------------------------------------------------------------- far deadlines
 
 
-class Slow(Workflow, id="slow", state=Asked, bucket="follow", timeout="3h", task_timeout="2h"):
-    @rule(watch_kv=True, when=lambda ctx: not ctx.state.answer, publish_async="slow.ask")
-    def ask(self, ctx: RuleContext[Asked, None]) -> Question:
-        return Question(question=ctx.state.question)
-
-    @ask.on_result
-    def answered(self, ctx: RuleContext[Asked, None], result: Answer) -> None:
-        ctx.state.answer = result.answer
+class Slow(AskOnce, id="slow", timeout="3h", task_timeout="2h"):
+    pass
 
 
 async def test_deadlines_beyond_the_horizon_hold_no_timer_and_still_fire() -> None:
