@@ -762,6 +762,8 @@ class Engine:
             self._chained[k] = (
                 (span[0], revision) if span and span[1] == base else (revision, revision)
             )
+            if not data:
+                continue  # terminal: nothing to evaluate, only its echo to skip
             entry = KVEntry(bucket, key, data, revision)
             for bound, rules in matches:
                 await self._guard_kv(
@@ -909,9 +911,30 @@ class Engine:
                 e,
             )
             return
-        await self._evaluate_state(
-            bound, rules, entry.bucket, entry.key, entry.revision, entry.value, state, mode, stale
-        )
+        if self.tracing.enabled:
+            await self._evaluate_state(
+                bound,
+                rules,
+                entry.bucket,
+                entry.key,
+                entry.revision,
+                entry.value,
+                state,
+                mode,
+                stale,
+            )
+        else:
+            await self._evaluate_state_body(
+                bound,
+                rules,
+                entry.bucket,
+                entry.key,
+                entry.revision,
+                entry.value,
+                state,
+                mode,
+                stale,
+            )
 
     async def _evaluate_state(
         self,
@@ -1300,21 +1323,23 @@ class Engine:
         if d.max_timeline and len(work.timeline) > d.max_timeline:
             del work.timeline[: len(work.timeline) - d.max_timeline]
         await self._commit(d, bucket, key, revision, work)
-        self._metric(self.metrics.action_dispatches, d.id, r.id, r.action.value).inc()
+        # (StrEnum members are their values: as labels they are the same strings.)
+        self._metric(self.metrics.action_dispatches, d.id, r.id, r.action).inc()
         if revision == 0:
             self._metric(self.metrics.executions_created, d.id).inc()
         if work.status is Status.WAITING and r.action is ActionType.PUBLISH_ASYNC:
             self._metric(self.metrics.pending_callbacks, d.id).inc()
         self._metric(self.metrics.rule_duration, d.id, r.id).observe(time.perf_counter() - started)
-        log.info(
-            "transition workflow=%s execution=%s rule=%s action=%s phase=%s status=%s",
-            d.id,
-            exec_id,
-            r.id,
-            r_action,
-            work.phase,
-            work.status.value,
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "transition workflow=%s execution=%s rule=%s action=%s phase=%s status=%s",
+                d.id,
+                exec_id,
+                r.id,
+                r_action,
+                work.phase,
+                work.status.value,
+            )
 
     def _outbox_msg(
         self,
@@ -1385,8 +1410,8 @@ class Engine:
                 counter = self._metric(self.metrics.executions_timed_out, d.id)
             else:
                 counter = self._metric(self.metrics.executions_failed, d.id, reason)
-        histogram = self._metric(self.metrics.execution_duration, d.id, st.status.value)
-        status, error = st.status.value, st.error or reason
+        histogram = self._metric(self.metrics.execution_duration, d.id, st.status)
+        status, error = st.status, st.error or reason
 
         def committed() -> None:
             counter.inc()
@@ -1449,7 +1474,9 @@ class Engine:
             on_commit()
         fresh = _FRESH.get()
         if fresh is not None:
-            fresh.append((bucket, key, revision, new_rev, data))
+            # A terminal state is not evaluated again (no rule fires for it, its outbox has
+            # just gone out): an empty value marks it, so that only its echo is skipped.
+            fresh.append((bucket, key, revision, new_rev, b"" if st.status in _TERMINAL else data))
         if st.status is Status.WAITING:
             # Its callback is likely to come here: keep the state to start from then.
             parked = self._parked
