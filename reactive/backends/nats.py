@@ -358,8 +358,8 @@ class _Acks:
                 if not fut.done():
                     fut.set_exception(nats.errors.TimeoutError())
 
-    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None) -> _PubAck:
-        """Publish to a stream's subject and return its ack; APIError if JetStream refused it."""
+    async def request(self, subject: str, data: bytes, headers: dict[str, str] | None) -> Msg:
+        """Publish with a reply subject of this inbox and return the reply."""
         self._next += 1
         token = str(self._next)
         loop = asyncio.get_running_loop()
@@ -367,9 +367,13 @@ class _Acks:
         self._pending[token] = (fut, loop.time() + self._timeout)
         try:
             await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
-            msg = await fut
+            return await fut
         finally:
             self._pending.pop(token, None)
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None) -> _PubAck:
+        """Publish to a stream's subject and return its ack; APIError if JetStream refused it."""
+        msg = await self.request(subject, data, headers)
         if not msg.data:
             if msg.headers and msg.headers.get("Status") == "503":
                 raise nats.js.errors.NoStreamResponseError
@@ -853,8 +857,13 @@ class NatsBackend:
                     kv = await js.key_value(bucket)
                 except nats.js.errors.BucketNotFoundError:
                     try:
+                        # Direct gets (any replica may answer) only where there is one
+                        # replica, so a read never comes from a follower that lags.
                         kv = await js.create_key_value(
-                            bucket=bucket, history=1, replicas=self._replicas
+                            bucket=bucket,
+                            history=1,
+                            replicas=self._replicas,
+                            direct=self._replicas == 1,
                         )
                     except nats.js.errors.APIError as exc:
                         if exc.err_code != _STREAM_NAME_IN_USE:
@@ -863,7 +872,9 @@ class NatsBackend:
             self._kvs[bucket] = kv
 
     async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
-        kv = await self._kv(bucket)
+        kv = self._kvs.get(bucket) or await self._kv(bucket)
+        if kv._direct:
+            return await self._direct_get(kv, bucket, key)
         with _mapped(f"get {bucket}/{key}"):
             try:
                 entry = await kv.get(key)
@@ -905,6 +916,38 @@ class NatsBackend:
                 raise
             raise err from exc
         return ack.seq
+
+    async def _direct_get(self, kv: KeyValue, bucket: str, key: str) -> KVEntry | None:
+        """The key's last message by JetStream's direct get: the raw message, no JSON."""
+        if not _KEY_RE.match(key):
+            raise BackendError(f"get {bucket}/{key}: invalid key {key!r}")
+        acks = self._acks or await self._ack_channel()
+        subject = f"{self._jetstream()._prefix}.DIRECT.GET.{kv._stream}.{kv._pre}{key}"
+        try:
+            msg = await acks.request(subject, b"", None)
+        except Exception as exc:
+            err = _translate(exc, f"get {bucket}/{key}")
+            if err is None:
+                raise
+            raise err from exc
+        headers = msg.headers or {}
+        if not msg.data:
+            status = headers.get("Status")
+            if status == "404":
+                return None
+            if status == "503":
+                raise TransientBackendError(f"get {bucket}/{key}: no responders (503)")
+            if status:
+                raise BackendError(
+                    f"get {bucket}/{key}: {status} {headers.get('Description', '')}".rstrip()
+                )
+        if headers.get("KV-Operation") in ("DEL", "PURGE"):
+            return None
+        try:
+            revision = int(headers["Nats-Sequence"])
+        except (KeyError, ValueError):
+            raise BackendError(f"get {bucket}/{key}: a reply without Nats-Sequence") from None
+        return KVEntry(bucket=bucket, key=key, value=msg.data, revision=revision)
 
     async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
         try:

@@ -157,6 +157,29 @@ async def test_get_missing_and_deleted_is_none(nats_url: str) -> None:
         assert got is not None and got.value == b"back" and got.revision == rev
 
 
+async def test_reads_by_direct_get_and_on_a_bucket_without_it(nats_url: str) -> None:
+    async with NatsBackend(nats_url) as b:
+        direct = uid("b")
+        await b.ensure_bucket(direct)
+        assert (await b._kv(direct))._direct  # made here, one replica: direct gets
+        # A bucket someone else made without direct gets is read the other way.
+        plain = uid("b")
+        await b.nc.jetstream().create_key_value(bucket=plain, history=1)
+        assert not (await b._kv(plain))._direct
+        for bucket in (direct, plain):
+            assert await b.kv_get(bucket, "k") is None
+            rev = await b.kv_put(bucket, "k", b"v1")
+            got = await b.kv_get(bucket, "k")
+            assert got == KVEntry(bucket=bucket, key="k", value=b"v1", revision=rev)
+            rev = await b.kv_put(bucket, "k", b"")  # an empty value is a value
+            got = await b.kv_get(bucket, "k")
+            assert got == KVEntry(bucket=bucket, key="k", value=b"", revision=rev)
+            await b.kv_delete(bucket, "k")
+            assert await b.kv_get(bucket, "k") is None
+            with pytest.raises(BackendError, match=r"(?i)invalid ?key"):
+                await b.kv_get(bucket, "a b")
+
+
 async def test_revisions_increase(nats_url: str) -> None:
     async with NatsBackend(nats_url) as b:
         bucket = uid("b")
