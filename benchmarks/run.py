@@ -344,7 +344,9 @@ async def _create_bucket(url: str, *buckets: str) -> None:
     nc = await nats.connect(url)
     js = nc.jetstream()
     for b in buckets:
-        await js.create_key_value(bucket=b, history=1)
+        # As NatsBackend.ensure_bucket makes them (one replica: direct gets allowed);
+        # every contender reads them, nats-py's kv.get then uses direct gets too.
+        await js.create_key_value(bucket=b, history=1, direct=True)
     await nc.close()
 
 
