@@ -174,7 +174,7 @@ def _bucket_append(bucket: _Bucket, key: str, value: bytes, deleted: bool) -> KV
     )
     bucket.latest[key] = entry
     for watcher in bucket.watchers:  # empty list: O(1) put
-        if matches_pattern(key, watcher.pattern):
+        if watcher.pattern == ">" or matches_pattern(key, watcher.pattern):
             watcher.queue.put(entry)
     return entry
 

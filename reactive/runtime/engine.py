@@ -1013,7 +1013,9 @@ class Engine:
         if state.status in _TERMINAL:
             return
         try:
-            if await self._enforce_deadlines(bound, bucket, key, revision, state, now, target):
+            if (
+                state.deadline is not None or state.task_deadline is not None
+            ) and await self._enforce_deadlines(bound, bucket, key, revision, state, now, target):
                 return
         except ConflictError:
             return  # a newer revision beat us; the watch brings it
@@ -1031,7 +1033,11 @@ class Engine:
             now=now,
         )
         trigger = f"r{revision}"
-        evaluating = self.tracing.start("reactive.evaluate", workflow=d.id, rules=len(rules))
+        evaluating = (
+            self.tracing.start("reactive.evaluate", workflow=d.id, rules=len(rules))
+            if self.tracing.enabled
+            else None
+        )
         for r in rules:
             if r.on_deletes:
                 continue
