@@ -911,30 +911,11 @@ class Engine:
                 e,
             )
             return
-        if self.tracing.enabled:
-            await self._evaluate_state(
-                bound,
-                rules,
-                entry.bucket,
-                entry.key,
-                entry.revision,
-                entry.value,
-                state,
-                mode,
-                stale,
-            )
-        else:
-            await self._evaluate_state_body(
-                bound,
-                rules,
-                entry.bucket,
-                entry.key,
-                entry.revision,
-                entry.value,
-                state,
-                mode,
-                stale,
-            )
+        # With tracing off, straight to the body: one coroutine less per event.
+        evaluate = self._evaluate_state if self.tracing.enabled else self._evaluate_state_body
+        await evaluate(
+            bound, rules, entry.bucket, entry.key, entry.revision, entry.value, state, mode, stale
+        )
 
     async def _evaluate_state(
         self,
@@ -948,11 +929,7 @@ class Engine:
         mode: str,
         stale: bool = False,
     ) -> None:
-        if not self.tracing.enabled:
-            await self._evaluate_state_body(
-                bound, rules, bucket, key, revision, raw, state, mode, stale
-            )
-            return
+        """_evaluate_state_body in the trigger's span (only called with tracing on)."""
         with self.tracing.span(
             f"reactive.{mode}",
             parent=self.tracing.parent_from(None, state.trace_parent),
