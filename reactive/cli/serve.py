@@ -260,7 +260,13 @@ async def _serve(
         replicas=args.replicas,
         initial_connect_attempts=max(1, args.connect_attempts),
     )
-    engine = Engine(backend, workflows, workers=args.workers)
+    engine = Engine(
+        backend,
+        workflows,
+        workers=args.workers,
+        queue_limit=args.queue_limit,
+        timer_horizon=args.timer_horizon,
+    )
     state["engine"], state["backend"] = engine, backend
     ids = ",".join(sorted(engine.registry.workflows))
     stop = anyio.Event()
@@ -487,4 +493,35 @@ def add_parser(commands: Subcommands) -> None:
     ops.add_argument(
         "--workers", type=int, default=128, metavar="N", help="engine workers (default: 128)"
     )
+    ops.add_argument(
+        "--queue-limit",
+        type=_positive_int,
+        default=2048,
+        metavar="N",
+        help="events queued for the workers, all together, before a trigger waits (default: 2048)",
+    )
+    ops.add_argument(
+        "--timer-horizon",
+        type=_horizon,
+        default=1800.0,
+        metavar="SECONDS",
+        help="deadlines further ahead hold no timer; the bucket is replayed before they come "
+        "('none': every deadline holds a timer; default: 1800)",
+    )
     serve.set_defaults(handler=cmd_serve)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _horizon(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds (or 'none'), not {text}")
+    return value

@@ -235,6 +235,22 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert f"usage: python -m reactive {command}" in capsys.readouterr().out
 
 
+def test_serve_engine_options_parse_and_refuse_nonsense(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = build_parser().parse_args(["serve", "flows.py"])
+    assert (args.workers, args.queue_limit, args.timer_horizon) == (128, 2048, 1800.0)
+    args = build_parser().parse_args(
+        ["serve", "flows.py", "--queue-limit", "64", "--timer-horizon", "none"]
+    )
+    assert (args.queue_limit, args.timer_horizon) == (64, None)
+    assert build_parser().parse_args(["serve", "x", "--timer-horizon", "90"]).timer_horizon == 90.0
+    for bad in (["--queue-limit", "0"], ["--timer-horizon", "0"], ["--timer-horizon", "soon"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "flows.py", *bad])
+        assert "argument" in capsys.readouterr().err
+
+
 def test_validate_and_graph_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     file = good_file(tmp_path, "flows_k")
     assert main(["validate", str(file)]) == 0
