@@ -71,30 +71,34 @@ async def drive_engine(
             await anyio.sleep(0.001)
         async with backend.subscribe(DONE) as done_msgs, anyio.create_task_group() as tg:
             for phase, count in (("w", warm), ("m", n)):
-                sem = anyio.Semaphore(conc)
+                # Closed loop, like the NATS harness at c=100: `conc` executions start,
+                # and each completion event starts the next, until `count` have run.
                 finished = anyio.Event()
-                remaining = count
+                started = 0
 
-                async def listen(
-                    sem: anyio.Semaphore = sem, finished: anyio.Event = finished
-                ) -> None:
-                    nonlocal remaining
+                async def start_next(phase: str = phase, count: int = count) -> None:
+                    nonlocal started
+                    if started < count:
+                        eid = f"{phase}{started:07d}"
+                        started += 1
+                        await backend.kv_create(BUCKET, f"{common.WF_ID}.{eid}", first_state(eid))
+
+                async def listen(finished: anyio.Event = finished, count: int = count) -> None:
+                    done = 0
                     async for _msg in done_msgs:
-                        remaining -= 1
-                        sem.release()
-                        if remaining == 0:
+                        done += 1
+                        if done == count:
                             finished.set()
                             return
+                        await start_next()
 
                 tg.start_soon(listen)
                 t0 = time.perf_counter()
                 cpu0 = common.cpu_seconds()
                 busy0 = common.machine_busy()
                 evals0 = counter.n if counter is not None else 0
-                for i in range(count):
-                    await sem.acquire()
-                    eid = f"{phase}{i:07d}"
-                    await backend.kv_create(BUCKET, f"{common.WF_ID}.{eid}", first_state(eid))
+                for _ in range(min(conc, count)):
+                    await start_next()
                 with anyio.fail_after(300):
                     await finished.wait()
                 elapsed = time.perf_counter() - t0

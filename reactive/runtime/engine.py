@@ -859,11 +859,12 @@ class Engine:
         self, bound: BoundWorkflow, bucket: str, key: str, work: Awaitable[None]
     ) -> None:
         """Run KV-side work; on a transient failure, evaluate the key again later with backoff."""
-        target = (bound.definition.id, bucket, key)
         try:
             await work
-            self._retries.pop(target, None)
+            if self._retries:
+                self._retries.pop((bound.definition.id, bucket, key), None)
         except TransientBackendError as e:
+            target = (bound.definition.id, bucket, key)
             n = self._retries.get(target, 0)
             self._retries[target] = n + 1
             delay = min(0.1 * 2**n, 10.0)
