@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import heapq
 import itertools
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -489,8 +490,13 @@ def _publish_subject_problem(subject: str) -> str | None:
     return validate_subject(subject, wildcards=False)
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_\-=/]+(?:\.[A-Za-z0-9_\-=/]+)*")
+
+
 @functools.lru_cache(maxsize=65536)
 def _key_problem(key: str) -> str | None:
+    if isinstance(key, str) and _PLAIN_KEY.fullmatch(key):
+        return None  # the common case, in one regex match; the checks below explain the rest
     reason = validate_key_pattern(key)
     # A valid pattern only has '*' and '>' as whole tokens, so any such char is a wildcard.
     if reason is None and ("*" in key or ">" in key):
