@@ -540,6 +540,16 @@ async def run_memory_one(args: list[str], wrapper: list[str] | None = None) -> d
 # ---------------------------------------------------------------------------
 
 
+def _lowest_of(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run with the lowest ``key`` (all runs' values listed in ``runs_<key>``)."""
+    ok = sorted((r for r in runs if "error" not in r and key in r), key=lambda r: r[key])
+    if not ok:
+        return runs[0]
+    best = dict(ok[0])
+    best[f"runs_{key}"] = [round(r[key], 1) for r in ok]
+    return best
+
+
 def _median_of(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """The run with the median ``key`` (all runs' values listed in ``runs_<key>``)."""
     ok = [r for r in runs if "error" not in r and key in r]
@@ -694,9 +704,14 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
                 ),
             )
     for label, rs in mem_results.items():
-        results["memory"][label] = _median_of(
-            rs, _MEM_KEY[label.split("/")[0].rstrip("0123456789")]
-        )
+        kind = label.split("/")[0].rstrip("0123456789")
+        if kind == "noise":
+            # A CPU cost per event compared across rule counts: the machine's speed
+            # drifts between runs (up to 1.6x on the shared machine), and drift only
+            # adds time, so the least disturbed run -- the lowest -- is the cost.
+            results["memory"][label] = _lowest_of(rs, "cpu_us_per_event")
+        else:
+            results["memory"][label] = _median_of(rs, _MEM_KEY[kind])
     spy = Spy.available()
     if not args.no_profile and spy:
         out = str(Path(tempfile.gettempdir()) / f"bench-profile-mem-{os.getpid()}.txt")
