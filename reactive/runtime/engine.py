@@ -567,9 +567,9 @@ class Engine:
         earliest = self._far.get(bucket)
         if earliest is None or when < earliest:
             self._far[bucket] = when
-            now = self.clock.now()
-            half = self.timer_horizon / 2
-            self.timers.schedule(max(now, min(when - half, now + half)), ("", bucket, ""))
+            # The replay's own timer is kept however far it is (its target has no key):
+            # the bucket is replayed once, half a horizon before the earliest deadline.
+            self.timers.schedule(when - self.timer_horizon / 2, ("", bucket, ""))
         return True
 
     def _on_timer(self, target: Hashable) -> None:

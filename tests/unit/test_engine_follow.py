@@ -279,3 +279,23 @@ async def test_without_a_horizon_every_deadline_holds_a_timer() -> None:
         assert len(te.engine.timers) >= 5
         await te.advance(2 * 3600 + 1)
         assert all(st.status is Status.FAILED for st in te.executions(Slow))
+
+
+async def test_far_deadlines_replay_the_bucket_once_shortly_before_they_come() -> None:
+    async with TestEngine(Slow, timer_horizon=600.0) as te:
+        await te.start(Slow, "s1", Asked(question="?"))
+        replays = 0
+        restart = te.engine._restart_watch
+
+        def counting(bucket: str) -> None:
+            nonlocal replays
+            replays += 1
+            restart(bucket)
+
+        te.engine._restart_watch = counting  # type: ignore[method-assign]
+        await te.advance(2 * 3600 - 600)  # well before the task timeout: no replay yet
+        assert replays == 0
+        assert te.state(Slow, "s1").status is Status.WAITING
+        await te.advance(601)
+        assert replays == 1  # half a horizon before the deadline
+        assert te.state(Slow, "s1").status is Status.FAILED
