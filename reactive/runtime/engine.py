@@ -301,6 +301,7 @@ class Engine:
         self._retries: dict[Hashable, int] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._evaluations: dict[int, tuple[Any, Any]] = {}  # id(rule) -> (false, true) counters
+        self._dispatches: dict[int, tuple[Any, Any]] = {}  # id(rule) -> (dispatches, duration)
         self._burst = 0  # items processed since the heap was last handed back
         # Set when a trigger found its worker's inbox full: a backlog (a replay, say),
         # the kind of burst whose heap is worth handing back once it has drained.
@@ -531,11 +532,11 @@ class Engine:
                     backoff = min(backoff * 2, 5.0)
 
     async def _enqueue_kv(self, entry: KVEntry) -> None:
-        matches = self.registry.match_kv(entry.bucket, entry.key)
-        if not matches:
-            return
         k = (entry.bucket, entry.key)
         if self._chained and self._seen(k, entry.revision):
+            return  # an echo of this engine's own commit, evaluated already
+        matches = self.registry.match_kv(entry.bucket, entry.key)
+        if not matches:
             return
         if self._latest.get(k, -1) < entry.revision:
             self._latest[k] = entry.revision
@@ -1307,13 +1308,19 @@ class Engine:
         if d.max_timeline and len(work.timeline) > d.max_timeline:
             del work.timeline[: len(work.timeline) - d.max_timeline]
         await self._commit(d, bucket, key, revision, work)
-        # (StrEnum members are their values: as labels they are the same strings.)
-        self._metric(self.metrics.action_dispatches, d.id, r.id, r.action).inc()
+        handles = self._dispatches.get(id(r))
+        if handles is None:
+            # (StrEnum members are their values: as labels they are the same strings.)
+            handles = self._dispatches[id(r)] = (
+                self._metric(self.metrics.action_dispatches, d.id, r.id, r.action),
+                self._metric(self.metrics.rule_duration, d.id, r.id),
+            )
+        handles[0].inc()
         if revision == 0:
             self._metric(self.metrics.executions_created, d.id).inc()
         if work.status is Status.WAITING and r.action is ActionType.PUBLISH_ASYNC:
             self._metric(self.metrics.pending_callbacks, d.id).inc()
-        self._metric(self.metrics.rule_duration, d.id, r.id).observe(time.perf_counter() - started)
+        handles[1].observe(time.perf_counter() - started)
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "transition workflow=%s execution=%s rule=%s action=%s phase=%s status=%s",
