@@ -1066,7 +1066,17 @@ class Engine:
                 else:
                     base = state  # conditions only read it (and an initialized PENDING is the same)
                 await self._fire_writing(
-                    bound, writer, bucket, key, revision, base, None, mode, key, trigger
+                    bound,
+                    writer,
+                    bucket,
+                    key,
+                    revision,
+                    base,
+                    None,
+                    mode,
+                    key,
+                    trigger,
+                    reuse=ctx if base is state else None,
                 )
             elif needs_init:
                 state.updated_at = _utc(now)
@@ -1180,12 +1190,14 @@ class Engine:
             r.mutator(ctx)
         return bound.methods[r.id](ctx)
 
-    async def _fire_writing(self, bound: BoundWorkflow, r: RuleDef, *args: Any) -> None:
+    async def _fire_writing(
+        self, bound: BoundWorkflow, r: RuleDef, *args: Any, reuse: Any = None
+    ) -> None:
         if not self.tracing.enabled:
-            await self._fire_writing_body(bound, r, *args)
+            await self._fire_writing_body(bound, r, *args, reuse=reuse)
             return
         with self._dispatch_span(bound, r):
-            await self._fire_writing_body(bound, r, *args)
+            await self._fire_writing_body(bound, r, *args, reuse=reuse)
 
     async def _fire_writing_body(
         self,
@@ -1199,25 +1211,39 @@ class Engine:
         mode: str,
         info: str,
         trigger: str,
+        *,
+        reuse: RuleContext[Any, Any] | None = None,
     ) -> None:
-        """Apply a state-writing rule to ``work`` (a fresh copy) and commit it with one compare-and-set."""
+        """Apply a state-writing rule to ``work`` (a fresh copy) and commit it with one compare-and-set.
+
+        ``reuse``: the context its condition was evaluated with, when it holds ``work``
+        and no message: the rule runs with it (and its instant) instead of a new one.
+        """
         d = bound.definition
-        now = self.clock.now()
         started = time.perf_counter()
-        exec_id = work.id or d.execution_id_for(key)
-        ctx: RuleContext[Any, Any] = RuleContext(
-            state=work,
-            message=message,
-            workflow_id=d.id,
-            execution_id=exec_id,
-            key=key,
-            bucket=bucket,
-            revision=revision,
-            trigger_mode=mode,
-            now=now,
-            rule_id=r.id,
-            subject=info if mode != "kv" else "",
-        )
+        ctx: RuleContext[Any, Any]
+        if reuse is not None:
+            ctx = reuse
+            now = ctx.now
+            exec_id = ctx.execution_id
+            ctx.rule_id = r.id
+            ctx.subject = info if mode != "kv" else ""
+        else:
+            now = self.clock.now()
+            exec_id = work.id or d.execution_id_for(key)
+            ctx = RuleContext(
+                state=work,
+                message=message,
+                workflow_id=d.id,
+                execution_id=exec_id,
+                key=key,
+                bucket=bucket,
+                revision=revision,
+                trigger_mode=mode,
+                now=now,
+                rule_id=r.id,
+                subject=info if mode != "kv" else "",
+            )
         was_terminal = work.status in _TERMINAL
         # The state before the rule ran: where an escalation for max iterations starts from.
         before = encode_json(work) if d.max_iterations else b""
@@ -1229,9 +1255,9 @@ class Engine:
             log.warning("rule %s.%s raised %r: failing execution %s", d.id, r.id, e, exec_id)
             work.fail(f"rule {r.id} raised {type(e).__name__}: {e}")
             payload = None
-            r_action = "error"
+            r_action: str = "error"
         else:
-            r_action = r.action.value
+            r_action = r.action  # a StrEnum member is its value
             if r.action is ActionType.PUBLISH:
                 outbox.append(
                     self._outbox_msg(
@@ -1415,7 +1441,7 @@ class Engine:
                 OutboxMessage(
                     subject=subject,
                     data=encode_json(event),
-                    msg_id=f"{d.id}:{st.id}:{st.status.value}",
+                    msg_id=f"{d.id}:{st.id}:{st.status}",
                 )
             )
         if rule_id is not None:
@@ -1424,13 +1450,13 @@ class Engine:
                     timestamp=_utc(now),
                     rule_id=rule_id,
                     trigger_mode=mode or "",
-                    action=st.status.value,
+                    action=st.status,
                     phase=st.phase,
                     iteration=st.iteration,
                 )
             )
         st.outbox = out
-        st.outbox_id = f"{d.id}:{st.id}:{st.status.value}" if out else ""
+        st.outbox_id = f"{d.id}:{st.id}:{st.status}" if out else ""
 
     async def _write(
         self, d: WorkflowDef, bucket: str, key: str, revision: int, st: ExecutionState
