@@ -28,9 +28,9 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 import msgspec
 import nats
@@ -112,16 +112,35 @@ def _translate(exc: BaseException, what: str) -> BackendError | None:
     return None
 
 
-@contextlib.contextmanager
-def _mapped(what: str) -> Iterator[None]:
-    """Translate nats-py exceptions raised in the block into the reactive error tree."""
-    try:
-        yield
-    except Exception as exc:
-        err = _translate(exc, what)
+class _mapped:
+    """Translate nats-py exceptions raised in the block into the reactive error tree.
+
+    A class, not a generator-based context manager: it wraps every KV write and
+    read on the hot path.
+    """
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> Literal[False]:
+        if exc is None:
+            return False
+        err = _translate(exc, self.what)
         if err is None:
-            raise
+            return False
         raise err from exc
+
+
+def _check_key(op: str, bucket: str, key: str) -> None:
+    if not _KEY_RE.match(key):
+        raise BackendError(f"{op} {bucket}/{key}: invalid key {key!r}")
 
 
 class _Backoff:
@@ -285,7 +304,7 @@ class _JetStreamMessage:
 
 
 # ---------------------------------------------------------------------------
-# JetStream publishes and their acks
+# JetStream requests and their replies
 # ---------------------------------------------------------------------------
 
 _EXPECTED_LAST: Final = "Nats-Expected-Last-Subject-Sequence"
@@ -308,8 +327,8 @@ class _PubAck(msgspec.Struct):
 _ack_decoder: Final = msgspec.json.Decoder(_PubAck)
 
 
-class _Acks:
-    """JetStream publishes awaiting their acks, all on one wildcard inbox.
+class _Replies:
+    """JetStream requests (publishes awaiting their acks, direct gets) on one wildcard inbox.
 
     What ``JetStreamContext.publish`` does, without what it costs per call on
     the engine's hot path (a NUID and random token, ``asyncio.wait_for``, the
@@ -734,8 +753,8 @@ class NatsBackend:
         self._stream_cache: dict[str, tuple[str | None, float]] = {}
         self._open: set[_KVWatch | _PullConsumer | Subscription] = set()
         self._closing = False
-        self._acks: _Acks | None = None
-        self._acks_lock = asyncio.Lock()
+        self._replies: _Replies | None = None
+        self._replies_lock = asyncio.Lock()
 
     # -- connection -----------------------------------------------------------
 
@@ -809,9 +828,9 @@ class NatsBackend:
         self._open.clear()
         self._kvs.clear()
         self._stream_cache.clear()
-        acks, self._acks = self._acks, None
-        if acks is not None:
-            await acks.close()
+        replies, self._replies = self._replies, None
+        if replies is not None:
+            await replies.close()
         nc = self._nc
         if nc is None or not self._owns_nc:
             return
@@ -884,52 +903,42 @@ class NatsBackend:
             return None
         return _to_entry(bucket, entry)
 
-    async def _ack_channel(self) -> _Acks:
-        acks = self._acks
-        if acks is None or acks._nc is not self._nc:
-            async with self._acks_lock:
-                acks = self._acks
-                if acks is None or acks._nc is not self._nc:
-                    if acks is not None:
-                        await acks.close()
-                    acks = _Acks(self._connection(), self._ack_timeout)
-                    with _mapped("subscribe to JetStream acks"):
-                        await acks.open()
-                    self._acks = acks
-        return acks
+    async def _reply_inbox(self) -> _Replies:
+        replies = self._replies
+        if replies is None or replies._nc is not self._nc:
+            async with self._replies_lock:
+                replies = self._replies
+                if replies is None or replies._nc is not self._nc:
+                    if replies is not None:
+                        await replies.close()
+                    replies = _Replies(self._connection(), self._ack_timeout)
+                    with _mapped("subscribe to the reply inbox"):
+                        await replies.open()
+                    self._replies = replies
+        return replies
 
     async def _kv_publish(
         self, op: str, bucket: str, key: str, value: bytes, last: int | None
     ) -> int:
         """A KV write as JetStream sees it: a publish on the key's subject, compare-and-set on ``last``."""
-        if not _KEY_RE.match(key):
-            raise BackendError(f"{op} {bucket}/{key}: invalid key {key!r}")
+        _check_key(op, bucket, key)
         kv = self._kvs.get(bucket) or await self._kv(bucket)
-        acks = self._acks or await self._ack_channel()
-        headers = None if last is None else {_EXPECTED_LAST: str(last)}
-        try:
-            ack = await acks.publish(kv._pre + key, value, headers)
-        except Exception as exc:
-            at = "" if last is None else f"@{last}"
-            err = _translate(exc, f"{op} {bucket}/{key}{at}")
-            if err is None:
-                raise
-            raise err from exc
+        replies = self._replies or await self._reply_inbox()
+        if last is None:
+            headers, what = None, f"{op} {bucket}/{key}"
+        else:
+            headers, what = {_EXPECTED_LAST: str(last)}, f"{op} {bucket}/{key}@{last}"
+        with _mapped(what):
+            ack = await replies.publish(kv._pre + key, value, headers)
         return ack.seq
 
     async def _direct_get(self, kv: KeyValue, bucket: str, key: str) -> KVEntry | None:
         """The key's last message by JetStream's direct get: the raw message, no JSON."""
-        if not _KEY_RE.match(key):
-            raise BackendError(f"get {bucket}/{key}: invalid key {key!r}")
-        acks = self._acks or await self._ack_channel()
+        _check_key("get", bucket, key)
+        replies = self._replies or await self._reply_inbox()
         subject = f"{self._jetstream()._prefix}.DIRECT.GET.{kv._stream}.{kv._pre}{key}"
-        try:
-            msg = await acks.request(subject, b"", None)
-        except Exception as exc:
-            err = _translate(exc, f"get {bucket}/{key}")
-            if err is None:
-                raise
-            raise err from exc
+        with _mapped(f"get {bucket}/{key}"):
+            msg = await replies.request(subject, b"", None)
         headers = msg.headers or {}
         if not msg.data:
             status = headers.get("Status")
@@ -966,8 +975,7 @@ class NatsBackend:
         return await self._kv_publish("put", bucket, key, value, None)
 
     async def kv_put_unacked(self, bucket: str, key: str, value: bytes) -> None:
-        if not _KEY_RE.match(key):
-            raise BackendError(f"put {bucket}/{key}: invalid key {key!r}")
+        _check_key("put", bucket, key)
         kv = self._kvs.get(bucket) or await self._kv(bucket)
         nc = self._connection()
         with _mapped(f"put {bucket}/{key}"):
@@ -1099,11 +1107,11 @@ class NatsBackend:
             try:
                 stream = await self._stream_for(subject)
                 if stream is not None:
-                    acks = self._acks or await self._ack_channel()
+                    replies = self._replies or await self._reply_inbox()
                     with _mapped(f"publish {subject} to stream {stream}"):
                         # A duplicate (same msg id within the window) is acked with
                         # duplicate=True: the message is stored once, which is the point.
-                        await acks.publish(subject, data, dict(hdrs) or None)
+                        await replies.publish(subject, data, dict(hdrs) or None)
                 else:
                     nc = self._connection()
                     with _mapped(f"publish {subject}"):

@@ -706,12 +706,12 @@ class Engine:
         taken = 0
         while True:
             if inbox:
-                item = inbox.get_nowait()
                 taken += 1
                 if taken % 64 == 0:
                     # A long queue is worked off without waiting; let timers, triggers
-                    # and cancellation in now and then.
+                    # and cancellation in now and then (before an item is in hand).
                     await anyio.lowlevel.checkpoint()
+                item = inbox.get_nowait()  # still there: this worker alone takes from it
             else:
                 item = await inbox.get()
             try:
@@ -1823,13 +1823,14 @@ class Engine:
                 writer: RuleDef | None = None
                 others: list[RuleDef] = []
                 deferred = False
-                for r in pending:
-                    if r.writes_state and writer is not None:
-                        deferred = True
-                        continue
-                    if r.action is ActionType.PUBLISH_ASYNC and state.status is Status.WAITING:
-                        continue
-                    ctx: RuleContext[Any, Any] = RuleContext(
+
+                def message_ctx(
+                    r: RuleDef,
+                    state: ExecutionState = state,
+                    revision: int = revision,
+                    now: float = now,
+                ) -> RuleContext[Any, Any]:
+                    return RuleContext(
                         state=state,
                         message=decoded[r.message_type],
                         workflow_id=d.id,
@@ -1842,7 +1843,14 @@ class Engine:
                         now=now,
                         rule_id=r.id,
                     )
-                    if not self._check(bound, r, ctx):
+
+                for r in pending:
+                    if r.writes_state and writer is not None:
+                        deferred = True
+                        continue
+                    if r.action is ActionType.PUBLISH_ASYNC and state.status is Status.WAITING:
+                        continue
+                    if not self._check(bound, r, message_ctx(r)):
                         continue
                     if r.writes_state:
                         if self._limited(r, state.firings.get(r.id), trigger, now, None):
@@ -1851,20 +1859,7 @@ class Engine:
                     else:
                         others.append(r)
                 for r in others:
-                    ctx = RuleContext(
-                        state=state,
-                        message=decoded[r.message_type],
-                        workflow_id=d.id,
-                        execution_id=exec_id,
-                        key=key,
-                        bucket=bucket,
-                        revision=revision,
-                        subject=msg.subject,
-                        trigger_mode="message+state",
-                        now=now,
-                        rule_id=r.id,
-                    )
-                    await self._fire_nonwriting(bound, r, ctx, trigger)
+                    await self._fire_nonwriting(bound, r, message_ctx(r), trigger)
                 if others:
                     pending = [r for r in pending if r not in others]
                 if writer is not None:

@@ -113,7 +113,7 @@ async def test_a_publish_nobody_acks_times_out_as_transient(nats_url: str) -> No
         try:
             await nc.subscribe("silent.subject")
             await nc.flush()
-            acks = await b._ack_channel()
+            acks = await b._reply_inbox()
             started = anyio.current_time()
             with pytest.raises(nats.errors.TimeoutError):
                 await acks.publish("silent.subject", b"x", None)
