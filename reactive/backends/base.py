@@ -19,7 +19,7 @@ __all__ = ["Backend", "InboundMessage", "KVEntry", "Operation"]
 Operation = Literal["PUT", "DEL", "PURGE"]
 
 
-class KVEntry(msgspec.Struct, frozen=True):
+class KVEntry(msgspec.Struct, frozen=True, gc=False):
     """One revision of one key. ``value`` is empty for deletes and purges."""
 
     bucket: str

@@ -56,7 +56,7 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 _EMPTY_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
-class PublishedMessage(msgspec.Struct, frozen=True):
+class PublishedMessage(msgspec.Struct, frozen=True, gc=False):
     """One call to ``publish``, recorded for tests to assert on.
 
     ``stream`` is the first stream (in creation order) whose subjects captured the
@@ -598,17 +598,20 @@ class MemoryBackend:
 
     async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
         b = self._bucket(bucket)
-        _check_key(key)
         entry = b.latest.get(key)
-        if entry is None or entry.operation != "PUT":
+        if entry is None:
+            _check_key(key)  # (a key that is stored was checked when it was first written)
+            return None
+        if entry.operation != "PUT":
             return None
         return entry
 
     async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
         b = self._bucket(bucket)
-        _check_key(key)
         entry = b.latest.get(key)
-        if entry is not None and entry.operation == "PUT":
+        if entry is None:
+            _check_key(key)
+        elif entry.operation == "PUT":
             raise ConflictError(
                 f"key {key!r} already exists in {bucket!r} (revision {entry.revision})"
             )
@@ -616,8 +619,9 @@ class MemoryBackend:
 
     async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
         b = self._bucket(bucket)
-        _check_key(key)
         entry = b.latest.get(key)
+        if entry is None:
+            _check_key(key)
         # 0 stands for "no entry at all", as with Nats-Expected-Last-Subject-Sequence.
         latest = entry.revision if entry is not None else 0
         if latest != revision:
@@ -628,11 +632,15 @@ class MemoryBackend:
 
     async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
         b = self._bucket(bucket)
-        _check_key(key)
+        if key not in b.latest:
+            _check_key(key)
         return _bucket_append(b, key, bytes(value), deleted=False).revision
 
     async def kv_put_unacked(self, bucket: str, key: str, value: bytes) -> None:
-        await self.kv_put(bucket, key, value)
+        b = self._bucket(bucket)
+        if key not in b.latest:
+            _check_key(key)
+        _bucket_append(b, key, bytes(value), deleted=False)
 
     async def kv_delete(self, bucket: str, key: str) -> None:
         # Like NATS, a delete marker is written even if the key never existed.

@@ -50,7 +50,7 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-class TimelineEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
+class TimelineEntry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """One rule firing (or lifecycle change) in an execution's history."""
 
     timestamp: datetime
@@ -62,7 +62,7 @@ class TimelineEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     iteration: int = 0
 
 
-class Firing(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Firing(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """How often and when a rule last fired for one execution: cooldown and max firings."""
 
     count: int = 0
@@ -71,7 +71,7 @@ class Firing(msgspec.Struct, kw_only=True, omit_defaults=True):
     recent: list[str] = []  # the last few stream messages that fired it, against redeliveries
 
 
-class OutboxMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
+class OutboxMessage(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """A publish decided by a committed state write, delivered after the write."""
 
     subject: str
@@ -247,7 +247,7 @@ class CallbackFields(msgspec.Struct, kw_only=True):
     execution_id: str = ""
 
 
-class WorkflowCompletionEvent(msgspec.Struct, kw_only=True):
+class WorkflowCompletionEvent(msgspec.Struct, kw_only=True, gc=False):
     """Published on ``on_complete`` when an execution completes."""
 
     execution_id: str
@@ -257,7 +257,7 @@ class WorkflowCompletionEvent(msgspec.Struct, kw_only=True):
     completed_at: datetime
 
 
-class WorkflowFailureEvent(msgspec.Struct, kw_only=True):
+class WorkflowFailureEvent(msgspec.Struct, kw_only=True, gc=False):
     """Published on ``on_fail`` when an execution fails or times out."""
 
     execution_id: str
@@ -267,7 +267,7 @@ class WorkflowFailureEvent(msgspec.Struct, kw_only=True):
     failed_at: datetime
 
 
-class WorkflowEscalationEvent(msgspec.Struct, kw_only=True):
+class WorkflowEscalationEvent(msgspec.Struct, kw_only=True, gc=False):
     """Published on ``on_escalate`` when an execution is escalated."""
 
     execution_id: str

@@ -80,7 +80,7 @@ S = TypeVar("S", bound=ExecutionState)
 _TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.ESCALATED, Status.TIMED_OUT})
 
 
-class FiringRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+class FiringRecord(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """Firings of a rule that does not write state, kept in the meta bucket."""
 
     count: int = 0
@@ -959,7 +959,7 @@ class Engine:
         d = bound.definition
         now = self.clock.now()
         target = (d.id, bucket, key)
-        exec_id = d.execution_id_for(key)
+        exec_id = state.id or d.execution_id_for(key)
         if stale:
             # Superseded: the newer revision settles outboxes, deadlines and writers.
             if state.status in _TERMINAL:
@@ -968,7 +968,7 @@ class Engine:
                 state=state,
                 message=None,
                 workflow_id=d.id,
-                execution_id=state.id or exec_id,
+                execution_id=exec_id,
                 key=key,
                 bucket=bucket,
                 revision=revision,
@@ -987,7 +987,7 @@ class Engine:
             return
         needs_init = False
         if state.status is Status.PENDING:
-            state.initialize(state.id or exec_id, d.id, now, d.timeout)
+            state.initialize(exec_id, d.id, now, d.timeout)
             needs_init = d.timeout is not None
         if state.status in _TERMINAL:
             return
@@ -1004,7 +1004,7 @@ class Engine:
             state=state,
             message=None,
             workflow_id=d.id,
-            execution_id=state.id or exec_id,
+            execution_id=exec_id,
             key=key,
             bucket=bucket,
             revision=revision,
@@ -1062,10 +1062,12 @@ class Engine:
                     # Rules that only publish saw ``state``: the writer gets a copy of its own.
                     base = decode(d.state_type, raw)
                     if base.status is Status.PENDING:
-                        base.initialize(base.id or exec_id, d.id, now, d.timeout)
+                        base.initialize(exec_id, d.id, now, d.timeout)
                 else:
                     base = state  # conditions only read it (and an initialized PENDING is the same)
-                await self._fire_writing(
+                # With tracing off, straight to the body (as in _evaluate_kv).
+                fire = self._fire_writing if self.tracing.enabled else self._fire_writing_body
+                await fire(
                     bound,
                     writer,
                     bucket,
@@ -1306,7 +1308,8 @@ class Engine:
         firing.count += 1
         firing.last_at = now
         firing.last_trigger = trigger
-        _remember(firing, trigger)
+        if trigger[0] == "m":
+            _remember(firing, trigger)  # (a revision is remembered only by claims)
         work.firings[r.id] = firing
         work.timeline.append(
             TimelineEntry(

@@ -74,6 +74,10 @@ def validate_subject(subject: str, *, wildcards: bool = True) -> str | None:
 
 def matches_pattern(key: str, pattern: str) -> bool:
     """Whether ``key`` matches the NATS wildcard ``pattern`` ('*' one token, '>' the rest)."""
+    if key == pattern:
+        return True
+    if "*" not in pattern and ">" not in pattern:
+        return False  # a literal pattern matches only itself
     k = key.split(".")
     p = pattern.split(".")
     for i, token in enumerate(p):
