@@ -166,12 +166,10 @@ class _Bucket:
 def _bucket_append(bucket: _Bucket, key: str, value: bytes, deleted: bool) -> KVEntry:
     """Store a new revision of ``key`` and hand it to every matching watcher."""
     bucket.revision += 1
-    entry = KVEntry(
-        bucket=bucket.name,
-        key=key,
-        value=b"" if deleted else value,
-        revision=bucket.revision,
-        operation="DEL" if deleted else "PUT",
+    entry = (
+        KVEntry(bucket.name, key, b"", bucket.revision, "DEL")
+        if deleted
+        else KVEntry(bucket.name, key, value, bucket.revision)
     )
     bucket.latest[key] = entry
     for watcher in bucket.watchers:  # empty list: O(1) put
@@ -480,6 +478,8 @@ class _ConsumerReader:
 
 
 def _check_key(key: str) -> None:
+    if type(key) is str and _plain_key(key):
+        return  # the common case, in one regex match; _key_problem explains the rest
     reason = _key_problem(key)
     if reason is not None:
         raise ValueError(reason)
@@ -490,13 +490,12 @@ def _publish_subject_problem(subject: str) -> str | None:
     return validate_subject(subject, wildcards=False)
 
 
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_\-=/]+(?:\.[A-Za-z0-9_\-=/]+)*")
+_plain_key = re.compile(r"[A-Za-z0-9_\-=/]+(?:\.[A-Za-z0-9_\-=/]+)*").fullmatch
 
 
-@functools.lru_cache(maxsize=65536)
 def _key_problem(key: str) -> str | None:
-    if isinstance(key, str) and _PLAIN_KEY.fullmatch(key):
-        return None  # the common case, in one regex match; the checks below explain the rest
+    if isinstance(key, str) and _plain_key(key):
+        return None
     reason = validate_key_pattern(key)
     # A valid pattern only has '*' and '>' as whole tokens, so any such char is a wildcard.
     if reason is None and ("*" in key or ">" in key):
@@ -738,27 +737,25 @@ class MemoryBackend:
                 first_stream, first_duplicate = stream.name, duplicate
 
         self.published.append(
-            PublishedMessage(
-                subject=subject,
-                data=data,
-                headers=given,
-                msg_id=msg_id,
-                duplicate=first_duplicate,
-                stream=first_stream,
-            )
+            PublishedMessage(subject, data, given, msg_id, first_duplicate, first_stream)
         )
-        self._fan_out(subject, data, delivered)
+        if self._subscriptions:
+            self._fan_out(subject, data, delivered)
 
     def _fan_out(self, subject: str, data: bytes, headers: Mapping[str, str]) -> None:
         """Core NATS delivery: every plain subscriber, one member per queue group."""
-        groups: dict[str, list[_Subscription]] = {}
+        groups: dict[str, list[_Subscription]] | None = None
         for sub in self._subscriptions:
             if not matches_pattern(subject, sub.pattern):
                 continue
             if sub.queue_group is None:
                 sub.queue.put(_CoreMessage(subject, data, headers))
             else:
+                if groups is None:
+                    groups = {}
                 groups.setdefault(sub.queue_group, []).append(sub)
+        if groups is None:
+            return
         for group, members in groups.items():
             n = self._round_robin.get(group, 0)
             self._round_robin[group] = n + 1

@@ -156,8 +156,8 @@ def phase_is(phase: str) -> Condition:
     """The execution's phase is ``phase``."""
 
     def _phase_is(ctx: RuleContext[Any, Any]) -> bool:
-        s = _base(ctx)
-        return s is not None and s.phase == phase
+        s = ctx.state  # (as _base, inline: this is the most common condition)
+        return isinstance(s, ExecutionState) and s.phase == phase
 
     return Condition(_phase_is, f"phase_is({phase!r})", frozenset({phase}))
 
@@ -167,8 +167,8 @@ def phase_in(*phases: str) -> Condition:
     wanted = frozenset(phases)
 
     def _phase_in(ctx: RuleContext[Any, Any]) -> bool:
-        s = _base(ctx)
-        return s is not None and s.phase in wanted
+        s = ctx.state
+        return isinstance(s, ExecutionState) and s.phase in wanted
 
     return Condition(_phase_in, f"phase_in({', '.join(map(repr, phases))})", wanted)
 

@@ -78,6 +78,14 @@ log = logging.getLogger("reactive")
 S = TypeVar("S", bound=ExecutionState)
 
 _TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.ESCALATED, Status.TIMED_OUT})
+# Enum members read on the hot path, as module constants (a member read through its
+# class costs an attribute lookup on the enum type each time).
+_PENDING = Status.PENDING
+_WAITING = Status.WAITING
+_COMPLETED = Status.COMPLETED
+_PUBLISH = ActionType.PUBLISH
+_PUBLISH_ASYNC = ActionType.PUBLISH_ASYNC
+_COMPLETE = ActionType.COMPLETE
 
 
 class FiringRecord(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -767,9 +775,7 @@ class Engine:
                 continue  # terminal: nothing to evaluate, only its echo to skip
             entry = KVEntry(bucket, key, data, revision)
             for bound, rules in matches:
-                await self._guard_kv(
-                    bound, bucket, key, self._evaluate_kv(bound, rules, entry, "kv")
-                )
+                await self._evaluate_kv(bound, rules, entry, "kv")
         if len(self._chained) > _CHAINED_MAX:
             self._chained.clear()  # echoes lost (a watch re-created): evaluating twice is harmless
 
@@ -820,12 +826,7 @@ class Engine:
                     rules = [r for r in rules if not r.writes_state]
                     if not rules:
                         continue
-                await self._guard_kv(
-                    bound,
-                    entry.bucket,
-                    entry.key,
-                    self._evaluate_kv(bound, rules, entry, "kv", stale),
-                )
+                await self._evaluate_kv(bound, rules, entry, "kv", stale)
         elif kind == _TIMER:
             _, wf_id, bucket, key = item
             found = self.registry.workflows.get(wf_id)
@@ -865,12 +866,17 @@ class Engine:
             if self._retries:
                 self._retries.pop((bound.definition.id, bucket, key), None)
         except TransientBackendError as e:
-            target = (bound.definition.id, bucket, key)
-            n = self._retries.get(target, 0)
-            self._retries[target] = n + 1
-            delay = min(0.1 * 2**n, 10.0)
-            log.warning("transient failure on %s/%s (%s); retrying in %.1fs", bucket, key, e, delay)
-            self.timers.schedule(self.clock.now() + delay, target)
+            self._retry_later(bound, bucket, key, e)
+
+    def _retry_later(
+        self, bound: BoundWorkflow, bucket: str, key: str, e: TransientBackendError
+    ) -> None:
+        target = (bound.definition.id, bucket, key)
+        n = self._retries.get(target, 0)
+        self._retries[target] = n + 1
+        delay = min(0.1 * 2**n, 10.0)
+        log.warning("transient failure on %s/%s (%s); retrying in %.1fs", bucket, key, e, delay)
+        self.timers.schedule(self.clock.now() + delay, target)
 
     # ------------------------------------------------------------------ evaluation: KV
 
@@ -882,42 +888,65 @@ class Engine:
         mode: str,
         stale: bool = False,
     ) -> None:
+        """Evaluate ``rules`` on a KV entry; on a transient failure, again later (as _guard_kv)."""
         d = bound.definition
-        if entry.operation != "PUT":
-            for r in rules:
-                if r.on_deletes:
-                    ctx: RuleContext[Any, Any] = RuleContext(
-                        state=None,
-                        message=None,
-                        workflow_id=d.id,
-                        execution_id=d.execution_id_for(entry.key),
-                        key=entry.key,
-                        bucket=entry.bucket,
-                        revision=entry.revision,
-                        trigger_mode=mode,
-                        now=self.clock.now(),
-                        rule_id=r.id,
-                    )
-                    if self._check(bound, r, ctx):
-                        await self._fire_nonwriting(bound, r, ctx, f"r{entry.revision}")
-            return
         try:
-            state = decode(d.state_type, entry.value)
-        except DecodeError as e:
-            self._metric(self.metrics.state_decode_errors, d.id).inc()
-            log.warning(
-                "leaving undecodable state %s/%s rev %d: %s",
-                entry.bucket,
-                entry.key,
-                entry.revision,
-                e,
-            )
-            return
-        # With tracing off, straight to the body: one coroutine less per event.
-        evaluate = self._evaluate_state if self.tracing.enabled else self._evaluate_state_body
-        await evaluate(
-            bound, rules, entry.bucket, entry.key, entry.revision, entry.value, state, mode, stale
-        )
+            if entry.operation != "PUT":
+                await self._evaluate_delete(bound, rules, entry, mode)
+            else:
+                try:
+                    state = decode(d.state_type, entry.value)
+                except DecodeError as e:
+                    self._metric(self.metrics.state_decode_errors, d.id).inc()
+                    log.warning(
+                        "leaving undecodable state %s/%s rev %d: %s",
+                        entry.bucket,
+                        entry.key,
+                        entry.revision,
+                        e,
+                    )
+                else:
+                    # With tracing off, straight to the body: one coroutine less per event.
+                    evaluate = (
+                        self._evaluate_state if self.tracing.enabled else self._evaluate_state_body
+                    )
+                    await evaluate(
+                        bound,
+                        rules,
+                        entry.bucket,
+                        entry.key,
+                        entry.revision,
+                        entry.value,
+                        state,
+                        mode,
+                        stale,
+                    )
+        except TransientBackendError as e:
+            self._retry_later(bound, entry.bucket, entry.key, e)
+        else:
+            if self._retries:
+                self._retries.pop((d.id, entry.bucket, entry.key), None)
+
+    async def _evaluate_delete(
+        self, bound: BoundWorkflow, rules: list[RuleDef], entry: KVEntry, mode: str
+    ) -> None:
+        d = bound.definition
+        for r in rules:
+            if r.on_deletes:
+                ctx: RuleContext[Any, Any] = RuleContext(
+                    state=None,
+                    message=None,
+                    workflow_id=d.id,
+                    execution_id=d.execution_id_for(entry.key),
+                    key=entry.key,
+                    bucket=entry.bucket,
+                    revision=entry.revision,
+                    trigger_mode=mode,
+                    now=self.clock.now(),
+                    rule_id=r.id,
+                )
+                if self._check(bound, r, ctx):
+                    await self._fire_nonwriting(bound, r, ctx, f"r{entry.revision}")
 
     async def _evaluate_state(
         self,
@@ -986,7 +1015,7 @@ class Engine:
         ):
             return
         needs_init = False
-        if state.status is Status.PENDING:
+        if state.status is _PENDING:
             state.initialize(exec_id, d.id, now, d.timeout)
             needs_init = d.timeout is not None
         if state.status in _TERMINAL:
@@ -1023,7 +1052,7 @@ class Engine:
             if r.writes_state:
                 if writer is not None:
                     continue
-                if r.action is ActionType.PUBLISH_ASYNC and state.status is Status.WAITING:
+                if r.action is _PUBLISH_ASYNC and state.status is _WAITING:
                     continue
             ctx.rule_id = r.id
             if not self._check(bound, r, ctx):
@@ -1061,7 +1090,7 @@ class Engine:
                 if others:
                     # Rules that only publish saw ``state``: the writer gets a copy of its own.
                     base = decode(d.state_type, raw)
-                    if base.status is Status.PENDING:
+                    if base.status is _PENDING:
                         base.initialize(exec_id, d.id, now, d.timeout)
                 else:
                     base = state  # conditions only read it (and an initialized PENDING is the same)
@@ -1155,7 +1184,7 @@ class Engine:
                 await self._write(d, bucket, key, revision, state)
                 return True
             self.timers.schedule(deadline, target)
-        if state.status is Status.WAITING and state.task_deadline is not None:
+        if state.status is _WAITING and state.task_deadline is not None:
             task_deadline = state.task_deadline.timestamp()
             if now >= task_deadline:
                 rule_id, task_id = state.pending_rule_id, state.pending_task_id
@@ -1260,13 +1289,13 @@ class Engine:
             r_action: str = "error"
         else:
             r_action = r.action  # a StrEnum member is its value
-            if r.action is ActionType.PUBLISH:
+            if r.action is _PUBLISH:
                 outbox.append(
                     self._outbox_msg(
                         r.publish_subject, encode(payload), d, exec_id, revision, len(outbox), r.id
                     )
                 )
-            elif r.action is ActionType.PUBLISH_ASYNC and work.status not in _TERMINAL:
+            elif r.action is _PUBLISH_ASYNC and work.status not in _TERMINAL:
                 task_id = f"{exec_id}-{r.id}-{revision}"
                 callback_subject = f"{self.callback_prefix}.{d.id}.{exec_id}"
                 payload = inject_callback_fields(payload, task_id, callback_subject, exec_id)
@@ -1282,7 +1311,7 @@ class Engine:
                     "Reactive-Execution-Id": exec_id,
                 }
                 outbox.append(msg)
-            elif r.action is ActionType.COMPLETE:
+            elif r.action is _COMPLETE:
                 if work.status not in _TERMINAL:
                     work.complete()
                 if r.publish_subject:
@@ -1311,9 +1340,10 @@ class Engine:
         if trigger[0] == "m":
             _remember(firing, trigger)  # (a revision is remembered only by claims)
         work.firings[r.id] = firing
+        stamp = _utc(now)
         work.timeline.append(
             TimelineEntry(
-                timestamp=_utc(now),
+                timestamp=stamp,
                 rule_id=r.id,
                 trigger_mode=mode,
                 trigger_info=info,
@@ -1332,7 +1362,7 @@ class Engine:
         else:
             work.outbox = outbox
         work.outbox_id = f"{d.id}:{exec_id}:{revision}" if work.outbox else ""
-        work.updated_at = _utc(now)
+        work.updated_at = stamp
         work.owner = self.instance_id
         if d.max_timeline and len(work.timeline) > d.max_timeline:
             del work.timeline[: len(work.timeline) - d.max_timeline]
@@ -1347,7 +1377,7 @@ class Engine:
         handles[0].inc()
         if revision == 0:
             self._metric(self.metrics.executions_created, d.id).inc()
-        if work.status is Status.WAITING and r.action is ActionType.PUBLISH_ASYNC:
+        if work.status is _WAITING and r.action is _PUBLISH_ASYNC:
             self._metric(self.metrics.pending_callbacks, d.id).inc()
         handles[1].observe(time.perf_counter() - started)
         if log.isEnabledFor(logging.INFO):
@@ -1397,54 +1427,61 @@ class Engine:
         reason: str,
     ) -> None:
         """Set the outbox of a write that makes the execution terminal: its lifecycle event; its metrics once committed."""
-        out = list(outbox or [])
-        st.completed_at = _utc(now)
-        st.updated_at = _utc(now)
+        out = list(outbox) if outbox else []
+        stamp = _utc(now)
+        st.completed_at = st.updated_at = stamp
         st.owner = self.instance_id
         duration = now - st.created_at.timestamp() if st.created_at else 0.0
-        subject = ""
+        status = st.status
         event: Any = None
-        if st.status is Status.COMPLETED:
-            subject, event = d.on_complete, self._completion_event(d, st, now)
+        if status is _COMPLETED:
+            subject = d.on_complete
+            if subject:
+                event = self._completion_event(d, st, now)
             counter = self._metric(self.metrics.executions_completed, d.id)
-        elif st.status is Status.ESCALATED:
+        elif status is Status.ESCALATED:
             subject = d.on_escalate
-            event = WorkflowEscalationEvent(
-                execution_id=st.id,
-                workflow_id=d.id,
-                phase=st.phase,
-                reason=st.error,
-                escalated_at=_utc(now),
-            )
+            if subject:
+                event = WorkflowEscalationEvent(
+                    execution_id=st.id,
+                    workflow_id=d.id,
+                    phase=st.phase,
+                    reason=st.error,
+                    escalated_at=stamp,
+                )
             counter = self._metric(self.metrics.executions_escalated, d.id, reason)
         else:
             subject = d.on_fail
-            event = WorkflowFailureEvent(
-                execution_id=st.id,
-                workflow_id=d.id,
-                phase=st.phase,
-                error=st.error,
-                failed_at=_utc(now),
-            )
-            if st.status is Status.TIMED_OUT:
+            if subject:
+                event = WorkflowFailureEvent(
+                    execution_id=st.id,
+                    workflow_id=d.id,
+                    phase=st.phase,
+                    error=st.error,
+                    failed_at=stamp,
+                )
+            if status is Status.TIMED_OUT:
                 counter = self._metric(self.metrics.executions_timed_out, d.id)
             else:
                 counter = self._metric(self.metrics.executions_failed, d.id, reason)
-        histogram = self._metric(self.metrics.execution_duration, d.id, st.status)
-        status, error = st.status, st.error or reason
+        histogram = self._metric(self.metrics.execution_duration, d.id, status)
+        error = st.error or reason
 
         def committed() -> None:
             counter.inc()
             histogram.observe(max(duration, 0.0))
-            log.info("execution %s workflow=%s execution=%s reason=%s", status, d.id, st.id, error)
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "execution %s workflow=%s execution=%s reason=%s", status, d.id, st.id, error
+                )
 
         self._on_commit[id(st)] = committed
-        if subject:
+        if event is not None:
             out.append(
                 OutboxMessage(
                     subject=subject,
                     data=encode_json(event),
-                    msg_id=f"{d.id}:{st.id}:{st.status}",
+                    msg_id=f"{d.id}:{st.id}:{status}",
                 )
             )
         if rule_id is not None:
@@ -1497,7 +1534,7 @@ class Engine:
             # A terminal state is not evaluated again (no rule fires for it, its outbox has
             # just gone out): an empty value marks it, so that only its echo is skipped.
             fresh.append((bucket, key, revision, new_rev, b"" if st.status in _TERMINAL else data))
-        if st.status is Status.WAITING:
+        if st.status is _WAITING:
             # Its callback is likely to come here: keep the state to start from then.
             parked = self._parked
             parked[(bucket, key)] = (new_rev, data)
@@ -1814,7 +1851,7 @@ class Engine:
                     raise TransientBackendError(
                         f"{key}: an earlier outbox is still being delivered"
                     )
-                if state.status is Status.PENDING:
+                if state.status is _PENDING:
                     state.initialize(state.id or exec_id, d.id, now, d.timeout)
             if state.status in _TERMINAL:
                 return
@@ -1851,7 +1888,7 @@ class Engine:
                     if r.writes_state and writer is not None:
                         deferred = True
                         continue
-                    if r.action is ActionType.PUBLISH_ASYNC and state.status is Status.WAITING:
+                    if r.action is _PUBLISH_ASYNC and state.status is _WAITING:
                         continue
                     if not self._check(bound, r, message_ctx(r)):
                         continue
@@ -1871,7 +1908,7 @@ class Engine:
                         work.initialize(exec_id, d.id, now, d.timeout)
                     else:
                         work = decode(d.state_type, raw)
-                        if work.status is Status.PENDING:
+                        if work.status is _PENDING:
                             work.initialize(work.id or exec_id, d.id, now, d.timeout)
                     await self._fire_writing(
                         bound,
@@ -1990,7 +2027,7 @@ class Engine:
                 if cached is not None:
                     continue  # superseded: read it again
                 raise TransientBackendError(f"{key}: an earlier outbox is still being delivered")
-            if state.status is Status.WAITING and (
+            if state.status is _WAITING and (
                 state.is_expired(now)
                 or (state.task_deadline is not None and state.task_deadline.timestamp() <= now)
             ):
@@ -2006,7 +2043,7 @@ class Engine:
                 ).inc()
                 return "stale"
             if (
-                state.status is not Status.WAITING
+                state.status is not _WAITING
                 or not env.task_id
                 or state.pending_task_id != env.task_id
             ):
