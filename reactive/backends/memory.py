@@ -37,7 +37,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
-from reactive._events import new_event
+from reactive._events import Waiter, new_event, new_waiter
 from reactive.backends.base import InboundMessage, KVEntry
 from reactive.errors import BackendError, ConflictError, NotFoundError
 from reactive.runtime.clock import Clock, SystemClock
@@ -104,26 +104,33 @@ class _Signal:
 class _Queue(Generic[T]):
     """An unbounded single-reader FIFO whose iterator ends when the queue is closed."""
 
-    __slots__ = ("_items", "_signal", "closed")
+    __slots__ = ("_items", "_waiter", "closed")
 
     def __init__(self) -> None:
         self._items: deque[T] = deque()
-        self._signal = _Signal()
+        self._waiter: Waiter | None = None  # the reader's, while it waits
         self.closed = False
 
     def __len__(self) -> int:
         return len(self._items)
 
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set()
+
     def put(self, item: T) -> None:
         if not self.closed:
             self._items.append(item)
-            self._signal.fire()
+            if self._waiter is not None:
+                self._wake()
 
     def close(self) -> None:
         # Buffered items are dropped, as a closed NATS subscription drops its pending messages.
         self.closed = True
         self._items.clear()
-        self._signal.fire()
+        self._wake()
 
     def __aiter__(self) -> _Queue[T]:
         return self
@@ -136,7 +143,8 @@ class _Queue(Generic[T]):
                 raise StopAsyncIteration
             if self._items:
                 return self._items.popleft()
-            await self._signal.event().wait()
+            waiter = self._waiter = new_waiter()  # fresh: one left by a cancelled wait is spent
+            await waiter.wait()
 
 
 # ---------------------------------------------------------------------------

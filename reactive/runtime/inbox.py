@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 
 import anyio
 
-from reactive._events import new_event
+from reactive._events import Waiter, new_event, new_waiter
 
 T = TypeVar("T")
 
@@ -30,7 +30,7 @@ class Inbox(Generic[T]):
             raise ValueError("an inbox needs room for at least one item")
         self._items: deque[T] = deque()
         self._capacity = capacity
-        self._not_empty: anyio.Event | None = None
+        self._not_empty: Waiter | None = None  # the one consumer's
         self._not_full: anyio.Event | None = None
 
     def __len__(self) -> int:
@@ -67,8 +67,7 @@ class Inbox(Generic[T]):
     async def get(self) -> T:
         """The oldest item, waiting for one if the inbox is empty."""
         while not self._items:
-            waiter = self._not_empty
-            if waiter is None:
-                waiter = self._not_empty = new_event()
+            # A fresh one each time: a waiter left by a cancelled get is spent.
+            waiter = self._not_empty = new_waiter()
             await waiter.wait()
         return self.get_nowait()

@@ -181,6 +181,23 @@ async def test_inbox_get_waits_for_an_item_and_put_waits_for_room() -> None:
     assert len(inbox) == 0
 
 
+async def test_inbox_get_after_a_cancelled_get_still_wakes() -> None:
+    # A cancelled get leaves its waiter spent; the next get must wait on a fresh one.
+    inbox: Inbox[str] = Inbox(4)
+    with anyio.move_on_after(0.01):
+        await inbox.get()
+    got: list[str] = []
+
+    async def consumer() -> None:
+        got.append(await inbox.get())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer)
+        await anyio.sleep(0.01)
+        assert inbox.put_nowait("x")
+    assert got == ["x"]
+
+
 # --------------------------------------------------------------------------- callbacks
 
 

@@ -198,6 +198,24 @@ async def test_watch_never_blocks_writers() -> None:
         assert b.idle()
 
 
+async def test_watch_wakes_after_a_cancelled_wait() -> None:
+    # A wait given up (cancelled) must not spoil the next one.
+    b = MemoryBackend()
+    await b.ensure_bucket("s")
+    async with b.kv_watch("s") as watch:
+        await nothing(watch)
+        got: list[str] = []
+
+        async def reader() -> None:
+            got.append((await recv(watch)).key)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            await anyio.sleep(0.01)
+            await b.kv_put("s", "k", b"1")
+        assert got == ["k"]
+
+
 async def test_watch_pattern_and_multiple_watchers() -> None:
     b = MemoryBackend()
     await b.ensure_bucket("s")
