@@ -625,7 +625,7 @@ class MemoryBackend:
         return _bucket_append(b, key, bytes(value), deleted=False).revision
 
     async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
-        b = self._bucket(bucket)
+        b = self._buckets.get(bucket) or self._bucket(bucket)  # (the lookup inline, then its error)
         entry = b.latest.get(key)
         if entry is None:
             _check_key(key)
@@ -644,7 +644,7 @@ class MemoryBackend:
         return _bucket_append(b, key, bytes(value), deleted=False).revision
 
     async def kv_put_unacked(self, bucket: str, key: str, value: bytes) -> None:
-        b = self._bucket(bucket)
+        b = self._buckets.get(bucket) or self._bucket(bucket)
         if key not in b.latest:
             _check_key(key)
         _bucket_append(b, key, bytes(value), deleted=False)

@@ -31,7 +31,7 @@ import time
 import typing
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -308,8 +308,6 @@ class Engine:
         self._callbacks_started: set[str] = set()
         self._retries: dict[Hashable, int] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self._evaluations: dict[int, tuple[Any, Any]] = {}  # id(rule) -> (false, true) counters
-        self._dispatches: dict[int, tuple[Any, Any]] = {}  # id(rule) -> (dispatches, duration)
         self._burst = 0  # items processed since the heap was last handed back
         # Set when a trigger found its worker's inbox full: a backlog (a replay, say),
         # the kind of burst whose heap is worth handing back once it has drained.
@@ -773,9 +771,9 @@ class Engine:
             )
             if not data:
                 continue  # terminal: nothing to evaluate, only its echo to skip
-            entry = KVEntry(bucket, key, data, revision)
+            evaluate = self._evaluate_state if self.tracing.enabled else self._evaluate_state_body
             for bound, rules in matches:
-                await self._evaluate_kv(bound, rules, entry, "kv")
+                await evaluate(bound, rules, bucket, key, revision, data, "kv")
         if len(self._chained) > _CHAINED_MAX:
             self._chained.clear()  # echoes lost (a watch re-created): evaluating twice is harmless
 
@@ -833,17 +831,17 @@ class Engine:
             if found is None:
                 return
             bound = found
-
-            async def timer_eval() -> None:
-                entry = await self.backend.kv_get(bucket, key)
-                if entry is None:
-                    return
-                rules = [
-                    r for b, rs in self.registry.match_kv(bucket, key) if b is bound for r in rs
-                ]
-                await self._evaluate_kv(bound, rules, entry, "timer")
-
-            await self._guard_kv(bound, bucket, key, timer_eval())
+            try:
+                current = await self.backend.kv_get(bucket, key)
+            except TransientBackendError as e:
+                self._retry_later(bound, bucket, key, e)
+                return
+            if current is None:
+                if self._retries:
+                    self._retries.pop((wf_id, bucket, key), None)
+                return
+            rules = [r for b, rs in self.registry.match_kv(bucket, key) if b is bound for r in rs]
+            await self._evaluate_kv(bound, rules, current, "timer")  # (guarded itself)
         elif kind == _MSG:
             await self._handle_message(*item[1:])
         elif kind == _CALLBACK:
@@ -857,20 +855,14 @@ class Engine:
                     self.clock.now() + min(self.sweep_interval, 5.0), _SWEEP_TARGET
                 )
 
-    async def _guard_kv(
-        self, bound: BoundWorkflow, bucket: str, key: str, work: Awaitable[None]
-    ) -> None:
-        """Run KV-side work; on a transient failure, evaluate the key again later with backoff."""
-        try:
-            await work
-            if self._retries:
-                self._retries.pop((bound.definition.id, bucket, key), None)
-        except TransientBackendError as e:
-            self._retry_later(bound, bucket, key, e)
-
     def _retry_later(
         self, bound: BoundWorkflow, bucket: str, key: str, e: TransientBackendError
     ) -> None:
+        """After a transient failure, evaluate the key again later, backing off while it fails.
+
+        Every evaluation of a key counts its failures here and forgets them when it
+        completes: the delay doubles with each failure in a row.
+        """
         target = (bound.definition.id, bucket, key)
         n = self._retries.get(target, 0)
         self._retries[target] = n + 1
@@ -888,44 +880,21 @@ class Engine:
         mode: str,
         stale: bool = False,
     ) -> None:
-        """Evaluate ``rules`` on a KV entry; on a transient failure, again later (as _guard_kv)."""
-        d = bound.definition
-        try:
-            if entry.operation != "PUT":
+        """Evaluate ``rules`` on a KV entry (a transient failure is retried later: _retry_later)."""
+        if entry.operation != "PUT":
+            try:
                 await self._evaluate_delete(bound, rules, entry, mode)
+            except TransientBackendError as e:
+                self._retry_later(bound, entry.bucket, entry.key, e)
             else:
-                try:
-                    state = decode(d.state_type, entry.value)
-                except DecodeError as e:
-                    self._metric(self.metrics.state_decode_errors, d.id).inc()
-                    log.warning(
-                        "leaving undecodable state %s/%s rev %d: %s",
-                        entry.bucket,
-                        entry.key,
-                        entry.revision,
-                        e,
-                    )
-                else:
-                    # With tracing off, straight to the body: one coroutine less per event.
-                    evaluate = (
-                        self._evaluate_state if self.tracing.enabled else self._evaluate_state_body
-                    )
-                    await evaluate(
-                        bound,
-                        rules,
-                        entry.bucket,
-                        entry.key,
-                        entry.revision,
-                        entry.value,
-                        state,
-                        mode,
-                        stale,
-                    )
-        except TransientBackendError as e:
-            self._retry_later(bound, entry.bucket, entry.key, e)
-        else:
-            if self._retries:
-                self._retries.pop((d.id, entry.bucket, entry.key), None)
+                if self._retries:
+                    self._retries.pop((bound.definition.id, entry.bucket, entry.key), None)
+            return
+        # With tracing off, straight to the body: one coroutine less per event.
+        evaluate = self._evaluate_state if self.tracing.enabled else self._evaluate_state_body
+        await evaluate(
+            bound, rules, entry.bucket, entry.key, entry.revision, entry.value, mode, stale
+        )
 
     async def _evaluate_delete(
         self, bound: BoundWorkflow, rules: list[RuleDef], entry: KVEntry, mode: str
@@ -956,11 +925,13 @@ class Engine:
         key: str,
         revision: int,
         raw: bytes,
-        state: ExecutionState,
         mode: str,
         stale: bool = False,
     ) -> None:
         """_evaluate_state_body in the trigger's span (only called with tracing on)."""
+        state = self._decode_state(bound.definition, bucket, key, revision, raw)
+        if state is None:
+            return
         with self.tracing.span(
             f"reactive.{mode}",
             parent=self.tracing.parent_from(None, state.trace_parent),
@@ -970,8 +941,20 @@ class Engine:
             revision=revision,
         ):
             await self._evaluate_state_body(
-                bound, rules, bucket, key, revision, raw, state, mode, stale
+                bound, rules, bucket, key, revision, raw, mode, stale, state
             )
+
+    def _decode_state(
+        self, d: WorkflowDef, bucket: str, key: str, revision: int, raw: bytes
+    ) -> ExecutionState | None:
+        """The state in ``raw``; None (counted and logged, the value left as it is) if it is not one."""
+        try:
+            state: ExecutionState = decode(d.state_type, raw)
+        except DecodeError as e:
+            self._metric(self.metrics.state_decode_errors, d.id).inc()
+            log.warning("leaving undecodable state %s/%s rev %d: %s", bucket, key, revision, e)
+            return None
+        return state
 
     async def _evaluate_state_body(
         self,
@@ -981,19 +964,68 @@ class Engine:
         key: str,
         revision: int,
         raw: bytes,
-        state: ExecutionState,
         mode: str,
         stale: bool = False,
+        state: ExecutionState | None = None,
     ) -> None:
+        """Evaluate ``rules`` on one revision of a state (``raw``, decoded unless ``state`` is given).
+
+        A transient failure is retried later (_retry_later); one coroutine does it all,
+        as it runs for every event.
+        """
         d = bound.definition
-        now = self.clock.now()
-        target = (d.id, bucket, key)
-        exec_id = state.id or d.execution_id_for(key)
-        if stale:
-            # Superseded: the newer revision settles outboxes, deadlines and writers.
+        if state is None:
+            state = self._decode_state(d, bucket, key, revision, raw)
+            if state is None:
+                return
+        failed = False
+        try:
+            now = self.clock.now()
+            target = (d.id, bucket, key)
+            exec_id = state.id or d.execution_id_for(key)
+            if stale:
+                # Superseded: the newer revision settles outboxes, deadlines and writers.
+                if state.status in _TERMINAL:
+                    return
+                ctx0: RuleContext[Any, Any] = RuleContext(
+                    state=state,
+                    message=None,
+                    workflow_id=d.id,
+                    execution_id=exec_id,
+                    key=key,
+                    bucket=bucket,
+                    revision=revision,
+                    trigger_mode=mode,
+                    now=now,
+                )
+                for r in rules:
+                    if not r.writes_state and not r.on_deletes:
+                        ctx0.rule_id = r.id
+                        if self._check(bound, r, ctx0):
+                            await self._fire_nonwriting(bound, r, ctx0, f"r{revision}")
+                return
+            if state.outbox and not await self._outbox_settled(
+                bucket, key, state, now, target, revision
+            ):
+                return
+            needs_init = False
+            if state.status is _PENDING:
+                state.initialize(exec_id, d.id, now, d.timeout)
+                needs_init = d.timeout is not None
             if state.status in _TERMINAL:
                 return
-            ctx0: RuleContext[Any, Any] = RuleContext(
+            try:
+                if (
+                    state.deadline is not None or state.task_deadline is not None
+                ) and await self._enforce_deadlines(
+                    bound, bucket, key, revision, state, now, target
+                ):
+                    return
+            except ConflictError:
+                return  # a newer revision beat us; the watch brings it
+            writer: RuleDef | None = None
+            others: list[RuleDef] = []
+            ctx: RuleContext[Any, Any] = RuleContext(
                 state=state,
                 message=None,
                 workflow_id=d.id,
@@ -1004,117 +1036,88 @@ class Engine:
                 trigger_mode=mode,
                 now=now,
             )
+            trigger = f"r{revision}"
+            evaluating = (
+                self.tracing.start("reactive.evaluate", workflow=d.id, rules=len(rules))
+                if self.tracing.enabled
+                else None
+            )
             for r in rules:
-                if not r.writes_state and not r.on_deletes:
-                    ctx0.rule_id = r.id
-                    if self._check(bound, r, ctx0):
-                        await self._fire_nonwriting(bound, r, ctx0, f"r{revision}")
-            return
-        if state.outbox and not await self._outbox_settled(
-            bucket, key, state, now, target, revision
-        ):
-            return
-        needs_init = False
-        if state.status is _PENDING:
-            state.initialize(exec_id, d.id, now, d.timeout)
-            needs_init = d.timeout is not None
-        if state.status in _TERMINAL:
-            return
-        try:
-            if (
-                state.deadline is not None or state.task_deadline is not None
-            ) and await self._enforce_deadlines(bound, bucket, key, revision, state, now, target):
-                return
-        except ConflictError:
-            return  # a newer revision beat us; the watch brings it
-        writer: RuleDef | None = None
-        others: list[RuleDef] = []
-        ctx: RuleContext[Any, Any] = RuleContext(
-            state=state,
-            message=None,
-            workflow_id=d.id,
-            execution_id=exec_id,
-            key=key,
-            bucket=bucket,
-            revision=revision,
-            trigger_mode=mode,
-            now=now,
-        )
-        trigger = f"r{revision}"
-        evaluating = (
-            self.tracing.start("reactive.evaluate", workflow=d.id, rules=len(rules))
-            if self.tracing.enabled
-            else None
-        )
-        for r in rules:
-            if r.on_deletes:
-                continue
-            if r.writes_state:
-                if writer is not None:
+                if r.on_deletes:
                     continue
-                if r.action is _PUBLISH_ASYNC and state.status is _WAITING:
+                if r.writes_state:
+                    if writer is not None:
+                        continue
+                    if r.action is _PUBLISH_ASYNC and state.status is _WAITING:
+                        continue
+                ctx.rule_id = r.id
+                if not self._check(bound, r, ctx):
                     continue
-            ctx.rule_id = r.id
-            if not self._check(bound, r, ctx):
-                continue
-            if r.writes_state:
-                if self._limited(r, state.firings.get(r.id), trigger, now, target):
-                    continue
-                writer = r
-            else:
-                others.append(r)
-        if evaluating is not None:
-            evaluating.set_attribute(
-                "reactive.fired", [r.id for r in ([writer] if writer else []) + others]
-            )
-            evaluating.end()
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "evaluated workflow=%s key=%s revision=%d trigger=%s status=%s phase=%s writer=%s publishers=%s",
-                d.id,
-                key,
-                revision,
-                mode,
-                state.status.value,
-                state.phase,
-                writer.id if writer else "-",
-                ",".join(r.id for r in others) or "-",
-            )
-        # Rules that only publish go first: if this process dies after the state write
-        # below, the revision they fired for is gone, and with it their chance to fire.
-        for r in others:
-            ctx.rule_id = r.id
-            await self._fire_nonwriting(bound, r, ctx, trigger)
-        try:
-            if writer is not None:
-                if others:
-                    # Rules that only publish saw ``state``: the writer gets a copy of its own.
-                    base = decode(d.state_type, raw)
-                    if base.status is _PENDING:
-                        base.initialize(exec_id, d.id, now, d.timeout)
+                if r.writes_state:
+                    firing = state.firings.get(r.id)
+                    if firing is not None and self._limited(r, firing, trigger, now, target):
+                        continue
+                    writer = r
                 else:
-                    base = state  # conditions only read it (and an initialized PENDING is the same)
-                # With tracing off, straight to the body (as in _evaluate_kv).
-                fire = self._fire_writing if self.tracing.enabled else self._fire_writing_body
-                await fire(
-                    bound,
-                    writer,
-                    bucket,
+                    others.append(r)
+            if evaluating is not None:
+                evaluating.set_attribute(
+                    "reactive.fired", [r.id for r in ([writer] if writer else []) + others]
+                )
+                evaluating.end()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "evaluated workflow=%s key=%s revision=%d trigger=%s status=%s phase=%s writer=%s publishers=%s",
+                    d.id,
                     key,
                     revision,
-                    base,
-                    None,
                     mode,
-                    key,
-                    trigger,
-                    reuse=ctx if base is state else None,
+                    state.status.value,
+                    state.phase,
+                    writer.id if writer else "-",
+                    ",".join(r.id for r in others) or "-",
                 )
-            elif needs_init:
-                state.updated_at = _utc(now)
-                state.owner = self.instance_id
-                await self._write(d, bucket, key, revision, state)
-        except ConflictError:
-            pass  # a newer revision beat us; the watch brings it, and it is evaluated then
+            # Rules that only publish go first: if this process dies after the state write
+            # below, the revision they fired for is gone, and with it their chance to fire.
+            for r in others:
+                ctx.rule_id = r.id
+                await self._fire_nonwriting(bound, r, ctx, trigger)
+            try:
+                if writer is not None:
+                    if others:
+                        # Rules that only publish saw ``state``: the writer gets a copy of its own.
+                        base = decode(d.state_type, raw)
+                        if base.status is _PENDING:
+                            base.initialize(exec_id, d.id, now, d.timeout)
+                    else:
+                        base = state  # conditions only read it (and an initialized PENDING is the same)
+                    # With tracing off, straight to the body (as in _evaluate_kv).
+                    fire = self._fire_writing if self.tracing.enabled else self._fire_writing_body
+                    await fire(
+                        bound,
+                        writer,
+                        bucket,
+                        key,
+                        revision,
+                        base,
+                        None,
+                        mode,
+                        key,
+                        trigger,
+                        reuse=ctx if base is state else None,
+                    )
+                elif needs_init:
+                    state.updated_at = _utc(now)
+                    state.owner = self.instance_id
+                    await self._write(d, bucket, key, revision, state)
+            except ConflictError:
+                pass  # a newer revision beat us; the watch brings it, and it is evaluated then
+        except TransientBackendError as e:
+            failed = True
+            self._retry_later(bound, bucket, key, e)
+        finally:
+            if self._retries and not failed:
+                self._retries.pop((d.id, bucket, key), None)
 
     def _metric(self, metric: Any, *labels: str) -> Any:
         """A metric's child for these labels, cached: a label lookup costs a lock and a dict."""
@@ -1133,10 +1136,10 @@ class Engine:
                 "condition of %s.%s raised %r; treated as false", bound.definition.id, r.id, e
             )
             fired = False
-        counts = self._evaluations.get(id(r))
+        counts = bound.evaluated[r.index]
         if counts is None:
             wf = bound.definition.id
-            counts = self._evaluations[id(r)] = (
+            counts = bound.evaluated[r.index] = (
                 self._metric(self.metrics.rule_evaluations, wf, r.id, "false"),
                 self._metric(self.metrics.rule_evaluations, wf, r.id, "true"),
             )
@@ -1280,7 +1283,9 @@ class Engine:
         before = encode_json(work) if d.max_iterations else b""
         outbox: list[OutboxMessage] = []
         try:
-            payload = self._call(bound, r, ctx)
+            if r.mutator is not None:  # (as _call, inline)
+                r.mutator(ctx)
+            payload = bound.methods[r.id](ctx)
         except Exception as e:
             self._metric(self.metrics.dispatch_errors, d.id, r.id).inc()
             log.warning("rule %s.%s raised %r: failing execution %s", d.id, r.id, e, exec_id)
@@ -1367,10 +1372,10 @@ class Engine:
         if d.max_timeline and len(work.timeline) > d.max_timeline:
             del work.timeline[: len(work.timeline) - d.max_timeline]
         await self._commit(d, bucket, key, revision, work)
-        handles = self._dispatches.get(id(r))
+        handles = bound.dispatched[r.index]
         if handles is None:
             # (StrEnum members are their values: as labels they are the same strings.)
-            handles = self._dispatches[id(r)] = (
+            handles = bound.dispatched[r.index] = (
                 self._metric(self.metrics.action_dispatches, d.id, r.id, r.action),
                 self._metric(self.metrics.rule_duration, d.id, r.id),
             )
@@ -1518,7 +1523,7 @@ class Engine:
                 for m in st.outbox:
                     m.headers = {**m.headers, **carrier}
         data = encode_json(st)
-        on_commit = self._on_commit.pop(id(st), None)
+        on_commit = self._on_commit.pop(id(st), None) if self._on_commit else None
         try:
             if revision == 0:
                 new_rev = await self.backend.kv_create(bucket, key, data)

@@ -23,6 +23,9 @@ class BoundWorkflow:
     instance: Any
     methods: dict[str, Callable[..., Any]] = field(default_factory=dict)
     handlers: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    # The engine's metric handles per rule, by the rule's index (filled as rules are used).
+    evaluated: list[Any] = field(default_factory=list)
+    dispatched: list[Any] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -54,6 +57,8 @@ class Registry:
         # match_kv's answers by (bucket, key): an execution's key is matched once per
         # event, several events per execution. Emptied when a workflow is added or it is full.
         self._matches: dict[tuple[str, str], list[tuple[BoundWorkflow, list[RuleDef]]]] = {}
+        # The distinct answers, by the ids of what they hold (emptied with _matches).
+        self._answers: dict[tuple[Any, ...], list[tuple[BoundWorkflow, list[RuleDef]]]] = {}
 
     def add(self, workflow: type[Workflow] | Workflow) -> BoundWorkflow:
         definition = definition_of(workflow)
@@ -61,12 +66,14 @@ class Registry:
             raise ReactiveError(f"workflow {definition.id!r} is already registered")
         instance = workflow() if isinstance(workflow, type) else workflow
         bound = BoundWorkflow(definition, instance)
+        bound.evaluated = [None] * len(definition.rules)
+        bound.dispatched = [None] * len(definition.rules)
         for r in definition.rules:
             bound.methods[r.id] = getattr(instance, r.method_name)
             if r.result_handler_name:
                 bound.handlers[r.id] = getattr(instance, r.result_handler_name)
         self.workflows[definition.id] = bound
-        self._matches.clear()
+        self.forget_matches()
         for r in definition.rules:
             if r.mode is TriggerMode.STATE:
                 self._kv.setdefault(r.bucket, PatternIndex()).add(r.pattern, (bound, r))
@@ -88,6 +95,7 @@ class Registry:
     def forget_matches(self) -> None:
         """Empty the cache of match_kv's answers."""
         self._matches = {}
+        self._answers = {}
 
     def match_kv(self, bucket: str, key: str) -> list[tuple[BoundWorkflow, list[RuleDef]]]:
         """The workflows with rules watching ``key``, each with those rules in definition order.
@@ -98,8 +106,14 @@ class Registry:
         found = self._matches.get(k)
         if found is None:
             if len(self._matches) >= _MATCHES_MAX:
-                self._matches.clear()
-            found = self._matches[k] = self._match_kv(bucket, key)
+                self.forget_matches()
+            found = self._match_kv(bucket, key)
+            # Keys of one workflow mostly match the same rules: one shared answer for
+            # them all, instead of three new objects cached per key.
+            shared = self._answers.setdefault(
+                tuple((id(b), *map(id, rules)) for b, rules in found), found
+            )
+            found = self._matches[k] = shared
         return found
 
     def _match_kv(self, bucket: str, key: str) -> list[tuple[BoundWorkflow, list[RuleDef]]]:

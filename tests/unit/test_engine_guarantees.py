@@ -8,6 +8,7 @@ publish, say), and a new ``Engine`` on the same backend and clock takes over.
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -1438,6 +1439,32 @@ async def test_transient_write_failures_are_retried_and_the_transition_happens_o
         assert [e.rule_id for e in st.timeline] == ["send", "finish"]
         te.assert_published("send.out", count=1)
         te.assert_published("send.completed", count=1)
+
+
+async def test_transient_failures_in_a_row_back_off_doubling() -> None:
+    # Retries come from the timer: each failure in a row doubles the delay before the next.
+    clock = ManualClock()
+    backend = FaultyBackend(clock, state_buckets=("SEND",))
+    failed_at: list[float] = []
+    fault = backend._fault
+
+    async def recording(bucket: str) -> None:
+        before = backend.failed_writes
+        try:
+            await fault(bucket)
+        finally:
+            if backend.failed_writes > before:
+                failed_at.append(clock.now())
+
+    backend._fault = recording  # type: ignore[method-assign]
+    async with TestEngine(Send, clock=clock, backend=backend) as te:
+        backend.failing_writes = 4
+        await te.trigger_kv(Send, "s1", Sender(id="s1", workflow_id="send", status=Status.RUNNING))
+        await te.advance(3)
+        gaps = [round(later - earlier, 3) for earlier, later in itertools.pairwise(failed_at)]
+        assert gaps == [0.1, 0.2, 0.4]
+        st = te.state(Send, "s1")
+        assert (st.status, st.sent) == (Status.COMPLETED, 1)
 
 
 async def test_stream_message_is_acked_only_after_its_effects_are_committed(
