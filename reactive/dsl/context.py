@@ -66,3 +66,35 @@ class RuleContext(Generic[S, M]):
             f"key={self.key!r}, revision={self.revision}, subject={self.subject!r}, "
             f"state={self.state!r}, message={self.message!r})"
         )
+
+
+_new = object.__new__
+
+
+def new_context(
+    state: S,
+    message: M,
+    workflow_id: str,
+    execution_id: str,
+    key: str,
+    bucket: str,
+    revision: int,
+    trigger_mode: str,
+    now: float,
+    rule_id: str = "",
+    subject: str = "",
+) -> RuleContext[S, M]:
+    """``RuleContext(...)`` for the engine's hot path: positional, without keyword matching."""
+    ctx: RuleContext[S, M] = _new(RuleContext)
+    ctx.state = state
+    ctx.message = message
+    ctx.workflow_id = workflow_id
+    ctx.execution_id = execution_id
+    ctx.key = key
+    ctx.bucket = bucket
+    ctx.revision = revision
+    ctx.subject = subject
+    ctx.trigger_mode = trigger_mode
+    ctx.now = now
+    ctx.rule_id = rule_id
+    return ctx

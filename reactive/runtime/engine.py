@@ -42,7 +42,7 @@ import msgspec
 from anyio.abc import TaskGroup
 
 from reactive.backends.base import Backend, InboundMessage, KVEntry
-from reactive.dsl.context import RuleContext
+from reactive.dsl.context import RuleContext, new_context
 from reactive.dsl.definition import ActionType, RuleDef, TriggerMode, WorkflowDef
 from reactive.dsl.state import (
     ExecutionState,
@@ -1025,16 +1025,8 @@ class Engine:
                 return  # a newer revision beat us; the watch brings it
             writer: RuleDef | None = None
             others: list[RuleDef] = []
-            ctx: RuleContext[Any, Any] = RuleContext(
-                state=state,
-                message=None,
-                workflow_id=d.id,
-                execution_id=exec_id,
-                key=key,
-                bucket=bucket,
-                revision=revision,
-                trigger_mode=mode,
-                now=now,
+            ctx: RuleContext[Any, Any] = new_context(
+                state, None, d.id, exec_id, key, bucket, revision, mode, now
             )
             trigger = f"r{revision}"
             evaluating = (
@@ -1265,18 +1257,18 @@ class Engine:
         else:
             now = self.clock.now()
             exec_id = work.id or d.execution_id_for(key)
-            ctx = RuleContext(
-                state=work,
-                message=message,
-                workflow_id=d.id,
-                execution_id=exec_id,
-                key=key,
-                bucket=bucket,
-                revision=revision,
-                trigger_mode=mode,
-                now=now,
-                rule_id=r.id,
-                subject=info if mode != "kv" else "",
+            ctx = new_context(
+                work,
+                message,
+                d.id,
+                exec_id,
+                key,
+                bucket,
+                revision,
+                mode,
+                now,
+                r.id,
+                info if mode != "kv" else "",
             )
         was_terminal = work.status in _TERMINAL
         # The state before the rule ran: where an escalation for max iterations starts from.

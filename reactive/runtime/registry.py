@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,9 +111,13 @@ class Registry:
             found = self._match_kv(bucket, key)
             # Keys of one workflow mostly match the same rules: one shared answer for
             # them all, instead of three new objects cached per key.
-            shared = self._answers.setdefault(
-                tuple((id(b), *map(id, rules)) for b, rules in found), found
+            # (A rule belongs to one workflow: the rules' ids tell the answers apart.)
+            ids = (
+                tuple(map(id, found[0][1]))
+                if len(found) == 1
+                else tuple(id(r) for _, rules in found for r in rules)
             )
+            shared = self._answers.setdefault(ids, found)
             found = self._matches[k] = shared
         return found
 
@@ -134,8 +139,9 @@ class Registry:
                 entry[1].append(r)
         out = list(grouped.values())
         for _, rules in out:
-            rules.sort(key=lambda r: r.index)
+            rules.sort(key=_by_index)
         return out
 
 
 _MATCHES_MAX = 10_000
+_by_index = operator.attrgetter("index")
