@@ -529,6 +529,10 @@ class Engine:
                             first = False
                         backoff = 0.1
                         async for entry in entries:
+                            if self._chained and self._seen(
+                                (entry.bucket, entry.key), entry.revision
+                            ):
+                                continue  # an echo of this engine's own commit, evaluated already
                             await self._enqueue_kv(entry)
                 except BackendError as e:
                     log.warning(
@@ -539,21 +543,26 @@ class Engine:
 
     async def _enqueue_kv(self, entry: KVEntry) -> None:
         k = (entry.bucket, entry.key)
-        if self._chained and self._seen(k, entry.revision):
-            return  # an echo of this engine's own commit, evaluated already
         matches = self.registry.match_kv(entry.bucket, entry.key)
         if not matches:
             return
         if self._latest.get(k, -1) < entry.revision:
             self._latest[k] = entry.revision
-        await self._enqueue(entry.key, (_KV, entry, matches))
+        self._inflight += 1
+        inbox = self._inboxes[hash(entry.key) % len(self._inboxes)]
+        item = (_KV, entry, matches)
+        if not inbox.put_nowait(item):  # (as _enqueue, without its coroutine while there is room)
+            await self._wait_for_room(inbox, item)
 
     async def _enqueue(self, shard_key: str, item: tuple[Any, ...]) -> None:
         self._inflight += 1
         inbox = self._inboxes[hash(shard_key) % len(self._inboxes)]
         # No checkpoint when there is room: a burst is handed over in one loop turn.
-        if inbox.put_nowait(item):
-            return
+        if not inbox.put_nowait(item):
+            await self._wait_for_room(inbox, item)
+
+    async def _wait_for_room(self, inbox: Inbox[tuple[Any, ...]], item: tuple[Any, ...]) -> None:
+        """Queue ``item`` (counted in flight already) once ``inbox`` has room."""
         self._backlogged = True
         try:
             await inbox.put(item)
