@@ -1116,9 +1116,12 @@ class Engine:
         except TransientBackendError as e:
             failed = True
             self._retry_later(bound, bucket, key, e)
+        except BaseException:
+            failed = True  # (not a transient failure: counted by no backoff)
+            raise
         finally:
             if self._retries and not failed:
-                self._retries.pop((d.id, bucket, key), None)
+                self._retries.pop((d.id, bucket, key), None)  # it completed: back off from 0 again
 
     def _metric(self, metric: Any, *labels: str) -> Any:
         """A metric's child for these labels, cached: a label lookup costs a lock and a dict."""
