@@ -996,16 +996,8 @@ class Engine:
                 # Superseded: the newer revision settles outboxes, deadlines and writers.
                 if state.status in _TERMINAL:
                     return
-                ctx0: RuleContext[Any, Any] = RuleContext(
-                    state=state,
-                    message=None,
-                    workflow_id=d.id,
-                    execution_id=exec_id,
-                    key=key,
-                    bucket=bucket,
-                    revision=revision,
-                    trigger_mode=mode,
-                    now=now,
+                ctx0: RuleContext[Any, Any] = new_context(
+                    state, None, d.id, exec_id, key, bucket, revision, mode, now
                 )
                 for r in rules:
                     if not r.writes_state and not r.on_deletes:
