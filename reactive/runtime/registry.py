@@ -67,8 +67,9 @@ class Registry:
             raise ReactiveError(f"workflow {definition.id!r} is already registered")
         instance = workflow() if isinstance(workflow, type) else workflow
         bound = BoundWorkflow(definition, instance)
-        bound.evaluated = [None] * len(definition.rules)
-        bound.dispatched = [None] * len(definition.rules)
+        slots = max((r.index for r in definition.rules), default=-1) + 1
+        bound.evaluated = [None] * slots
+        bound.dispatched = [None] * slots
         for r in definition.rules:
             bound.methods[r.id] = getattr(instance, r.method_name)
             if r.result_handler_name:
