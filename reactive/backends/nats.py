@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -325,6 +326,67 @@ class _PubAck(msgspec.Struct):
 
 
 _ack_decoder: Final = msgspec.json.Decoder(_PubAck)
+
+
+async def _connect_or_fail_on_tls(
+    servers: list[str], attempts: int, options: dict[str, Any]
+) -> Client:
+    """``nats.connect``, but a failure that retrying cannot heal ends it at once, named.
+
+    An untrusted certificate or refused credentials: nats-py reports them to
+    ``error_cb``, retries, and in the end raises "no servers available", which says
+    nothing of why. Worse, after a failed TLS handshake it waits forever for the
+    half-open transport to close, so the first connection would hang. Those errors
+    are raised as they come; any other failure names the last error reported.
+    """
+    fatal: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+    reported: list[Exception] = []
+    error_cb = options.get("error_cb")
+
+    async def on_error(exc: Exception) -> None:
+        reported.append(exc)
+        if _refused(exc) and not fatal.done():
+            fatal.set_result(exc)
+        if error_cb is not None:
+            await error_cb(exc)
+
+    connecting = asyncio.ensure_future(
+        nats.connect(servers, max_reconnect_attempts=attempts, **{**options, "error_cb": on_error})
+    )
+    waiting: set[asyncio.Future[Any]] = {connecting, fatal}
+    try:
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        connecting.cancel()
+        raise
+    where = f"connect to {', '.join(servers)}"
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        exc = fatal.result()
+        raise BackendError(f"{where}: {type(exc).__name__}: {exc}") from exc
+    try:
+        return connecting.result()  # (on_error stays its error_cb, passing errors on)
+    except nats.errors.NoServersError as e:
+        if not reported:
+            raise
+        # The server's own word (an -ERR) says more than the connection resets after it.
+        last = next((x for x in reversed(reported) if not isinstance(x, OSError)), reported[-1])
+        raise TransientBackendError(
+            f"{where}: {e}; the last error: {type(last).__name__}: {last}"
+        ) from last
+
+
+def _refused(exc: Exception) -> bool:
+    """Whether connecting failed for a reason that retrying with the same settings cannot heal."""
+    if isinstance(exc, ssl.SSLError | nats.errors.AuthorizationError):
+        return True
+    # The server's "-ERR 'Authorization Violation'" reaches error_cb as a plain nats error.
+    text = str(exc).lower()
+    return isinstance(exc, nats.errors.Error) and (
+        "authorization violation" in text or "authentication" in text
+    )
 
 
 class _Replies:
@@ -800,7 +862,7 @@ class NatsBackend:
             first_attempts = max(1, self._initial_connect_attempts)
         servers = self._url if isinstance(self._url, list) else [self._url]
         with _mapped(f"connect to {', '.join(servers)}"):
-            nc = await nats.connect(servers, max_reconnect_attempts=first_attempts, **options)
+            nc = await _connect_or_fail_on_tls(servers, first_attempts, options)
         nc.options["max_reconnect_attempts"] = wanted_attempts
         self._nc = nc
         self._owns_nc = True

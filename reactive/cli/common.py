@@ -194,14 +194,21 @@ def connect_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _unreachable(url: str, error: BaseException) -> CLIError:
-    return CLIError(
-        f"cannot connect to NATS at {url}: {error}",
-        [
+    text = str(error).lower()
+    if isinstance(error, ssl.SSLError):
+        hints = [
+            "the server's certificate was not trusted: give the CA that signed it with "
+            "--tls-ca (and --tls-hostname if it names another host)",
+        ]
+    elif "authorization" in text or "authentication" in text:
+        hints = ["the server refused the credentials: check --user/--password, --token or --creds"]
+    else:
+        hints = [
             "is a server running there? `python -m reactive serve module:Workflow` starts one "
             "(with no --nats-url it runs an embedded nats-server)",
             f"point at another with --nats-url or ${URL_ENV}",
-        ],
-    )
+        ]
+    return CLIError(f"cannot connect to NATS at {url}: {error}", hints)
 
 
 @contextlib.asynccontextmanager

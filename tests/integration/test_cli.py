@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,9 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, str]:
 class Serve:
     """A ``python -m reactive serve`` subprocess, its output in files."""
 
-    def __init__(self, data_dir: Path, port: int, *targets: str) -> None:
+    def __init__(self, data_dir: Path, port: int, *targets: str, nats: Sequence[str] = ()) -> None:
+        """``port``: the embedded server's; ``nats``: connect to another server instead
+        (``--nats-url`` and its credentials)."""
         self.data_dir = data_dir
         self.port = port
         self.url = f"nats://127.0.0.1:{port}"
@@ -86,8 +88,7 @@ class Serve:
                     *targets,
                     "--data-dir",
                     str(data_dir),
-                    "--port",
-                    str(port),
+                    *(nats or ("--port", str(port))),
                     "--metrics-port",
                     str(self.metrics_port),
                     "--metrics-host",
