@@ -487,33 +487,95 @@ class _CoreIterator:
         return _CoreMessage(msg)
 
 
-class _KVWatch:
-    """A supervised KV watch: an async iterator of KVEntry that survives a lost watcher."""
+class _Supervised:
+    """What a KV watch and a pull consumer share: what they read from is re-created when lost.
 
-    def __init__(self, backend: NatsBackend, bucket: str, pattern: str) -> None:
+    After a reconnect (nats-py recovers neither a pull subscription nor, reliably, a
+    watcher's push consumer), or when creating it failed (with backoff), or when the
+    server no longer has its consumer (a subclass's health check).
+    """
+
+    _what: str  # "watch BUCKET/PATTERN", "consumer STREAM/DURABLE": for errors and logs
+
+    def __init__(self, backend: NatsBackend) -> None:
         self._backend = backend
-        self._bucket = bucket
-        self._pattern = pattern
-        self._watcher: KeyValue.KeyWatcher | None = None
         self._reconnects = 0
         self._last_check = 0.0
         self._backoff = _Backoff()
         self._closed = False
 
-    async def open(self) -> None:
-        """Start the first watcher; errors here (e.g. a missing bucket) reach the caller."""
-        await self._start()
+    def _subscribed(self) -> bool:
+        raise NotImplementedError
 
-    async def _start(self) -> None:
-        kv = await self._backend._kv(self._bucket)
-        nc = self._backend._connection()
-        reconnects = nc.stats["reconnects"]
-        with _mapped(f"watch {self._bucket}/{self._pattern}"):
-            self._watcher = await kv.watch(self._pattern)
+    async def _subscribe(self) -> None:
+        raise NotImplementedError
+
+    async def _unsubscribe(self) -> None:
+        raise NotImplementedError
+
+    def _subscribed_now(self, reconnects: int) -> None:
         self._reconnects = reconnects
         self._last_check = time.monotonic()
 
-    async def _stop_watcher(self) -> None:
+    async def _ready(self) -> bool:
+        """Whether there is a subscription to read from; False after waiting or re-creating it.
+
+        Raises StopAsyncIteration once closed, TransientBackendError once the
+        connection is closed for good.
+        """
+        backend = self._backend
+        if self._closed or backend._closing:
+            raise StopAsyncIteration
+        nc = backend._nc
+        if nc is None or nc.is_closed:
+            raise TransientBackendError(f"{self._what}: the NATS connection is closed")
+        if not self._subscribed():
+            if not nc.is_connected:
+                await asyncio.sleep(0.1)
+                return False
+            try:
+                await self._subscribe()
+            except BackendError as exc:
+                delay = self._backoff.next_delay()
+                log.warning("re-creating %s failed (%s); retrying in %.1fs", self._what, exc, delay)
+                await asyncio.sleep(delay)
+                return False
+            log.info("%s re-created", self._what)
+        elif nc.stats["reconnects"] != self._reconnects:
+            log.info("NATS reconnected: re-creating %s", self._what)
+            await self._unsubscribe()
+            return False
+        return True
+
+
+class _KVWatch(_Supervised):
+    """A supervised KV watch: an async iterator of KVEntry that survives a lost watcher.
+
+    A re-created watcher replays the bucket: a key's latest revision may come again.
+    """
+
+    def __init__(self, backend: NatsBackend, bucket: str, pattern: str) -> None:
+        super().__init__(backend)
+        self._bucket = bucket
+        self._pattern = pattern
+        self._what = f"watch {bucket}/{pattern}"
+        self._watcher: KeyValue.KeyWatcher | None = None
+
+    async def open(self) -> None:
+        """Start the first watcher; errors here (e.g. a missing bucket) reach the caller."""
+        await self._subscribe()
+
+    def _subscribed(self) -> bool:
+        return self._watcher is not None
+
+    async def _subscribe(self) -> None:
+        kv = await self._backend._kv(self._bucket)
+        reconnects = self._backend._connection().stats["reconnects"]
+        with _mapped(self._what):
+            self._watcher = await kv.watch(self._pattern)
+        self._subscribed_now(reconnects)
+
+    async def _unsubscribe(self) -> None:
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             with contextlib.suppress(Exception):
@@ -521,7 +583,7 @@ class _KVWatch:
 
     async def aclose(self) -> None:
         self._closed = True
-        await self._stop_watcher()
+        await self._unsubscribe()
 
     def __aiter__(self) -> _KVWatch:
         return self
@@ -529,37 +591,19 @@ class _KVWatch:
     async def __anext__(self) -> KVEntry:
         backend = self._backend
         while True:
-            if self._closed or backend._closing:
-                raise StopAsyncIteration
-            nc = backend._nc
-            if nc is None or nc.is_closed:
-                raise TransientBackendError(
-                    f"watch {self._bucket}/{self._pattern}: the NATS connection is closed"
-                )
-            if self._watcher is None:
-                if not nc.is_connected:
-                    await asyncio.sleep(0.1)
-                    continue
-                try:
-                    await self._start()
-                except BackendError as exc:
-                    delay = self._backoff.next_delay()
-                    log.warning(
-                        "re-creating watch %s/%s failed (%s); retrying in %.1fs",
-                        self._bucket,
-                        self._pattern,
-                        exc,
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
-                    continue
-                log.info("watch %s/%s re-created; replaying", self._bucket, self._pattern)
-            elif nc.stats["reconnects"] != self._reconnects:
-                log.info("NATS reconnected: re-creating watch %s/%s", self._bucket, self._pattern)
-                await self._stop_watcher()
-                continue
-
             watcher = self._watcher
+            nc = backend._nc
+            if (
+                watcher is None
+                or self._closed
+                or backend._closing
+                or nc is None
+                or nc.is_closed
+                or nc.stats["reconnects"] != self._reconnects
+            ):  # (the common case is decided here, without a coroutine per entry)
+                if not await self._ready():
+                    continue
+                watcher = self._watcher
             assert watcher is not None
             queue = cast("asyncio.Queue[Any]", watcher._updates)
             try:
@@ -575,7 +619,7 @@ class _KVWatch:
                     log.warning(
                         "watch %s/%s lost its consumer; re-creating", self._bucket, self._pattern
                     )
-                    await self._stop_watcher()
+                    await self._unsubscribe()
                     await self._backoff.sleep()
                 continue
             if item is None:  # the end-of-replay marker: not reliable, so only a marker
@@ -583,7 +627,7 @@ class _KVWatch:
                 continue
             if isinstance(item, StopIterSentinel):
                 if watcher is self._watcher:
-                    await self._stop_watcher()
+                    await self._unsubscribe()
                 continue
             self._backoff.reset()
             return _to_entry(self._bucket, cast(KeyValue.Entry, item))
@@ -609,7 +653,7 @@ class _KVWatch:
         return info.push_bound is False
 
 
-class _PullConsumer:
+class _PullConsumer(_Supervised):
     """A supervised fetch loop on a durable pull consumer."""
 
     def __init__(
@@ -620,17 +664,14 @@ class _PullConsumer:
         filter_subject: str,
         ack_wait: float,
     ) -> None:
-        self._backend = backend
+        super().__init__(backend)
         self._stream = stream
         self._durable = durable
+        self._what = f"consumer {stream}/{durable}"
         self._filter = filter_subject
         self._ack_wait = ack_wait
         self._sub: JetStreamContext.PullSubscription | None = None
         self._buffer: deque[Msg] = deque()
-        self._reconnects = 0
-        self._last_check = 0.0
-        self._backoff = _Backoff()
-        self._closed = False
 
     def _config(self) -> api.ConsumerConfig:
         return api.ConsumerConfig(
@@ -645,10 +686,12 @@ class _PullConsumer:
     async def open(self) -> None:
         await self._subscribe()
 
+    def _subscribed(self) -> bool:
+        return self._sub is not None
+
     async def _subscribe(self) -> None:
-        nc = self._backend._connection()
+        reconnects = self._backend._connection().stats["reconnects"]
         js = self._backend._jetstream()
-        reconnects = nc.stats["reconnects"]
         with _mapped(f"consume {self._stream}/{self._durable}"):
             self._sub = await js.pull_subscribe(
                 self._filter,
@@ -656,8 +699,7 @@ class _PullConsumer:
                 stream=self._stream,
                 config=self._config(),
             )
-        self._reconnects = reconnects
-        self._last_check = time.monotonic()
+        self._subscribed_now(reconnects)
 
     async def _unsubscribe(self) -> None:
         sub, self._sub = self._sub, None
@@ -682,39 +724,11 @@ class _PullConsumer:
         while True:
             if self._buffer:
                 return _JetStreamMessage(self._buffer.popleft())
-            if self._closed or backend._closing:
-                raise StopAsyncIteration
-            nc = backend._nc
-            if nc is None or nc.is_closed:
-                raise TransientBackendError(
-                    f"consume {self._stream}/{self._durable}: the NATS connection is closed"
-                )
-            if self._sub is None:
-                if not nc.is_connected:
-                    await asyncio.sleep(0.1)
-                    continue
-                try:
-                    await self._subscribe()
-                except BackendError as exc:
-                    delay = self._backoff.next_delay()
-                    log.warning(
-                        "re-creating consumer %s/%s failed (%s); retrying in %.1fs",
-                        self._stream,
-                        self._durable,
-                        exc,
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
-                    continue
-                log.info("consumer %s/%s re-subscribed", self._stream, self._durable)
-            elif nc.stats["reconnects"] != self._reconnects:
-                # nats-py issue 504: pull subscriptions do not recover by themselves.
-                log.info(
-                    "NATS reconnected: re-subscribing consumer %s/%s", self._stream, self._durable
-                )
-                await self._unsubscribe()
+            # (After a reconnect it is re-created: nats-py issue 504, pull subscriptions
+            # do not recover by themselves.)
+            if not await self._ready():
                 continue
-
+            nc = backend._connection()
             sub = self._sub
             assert sub is not None
             try:
