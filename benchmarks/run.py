@@ -59,6 +59,7 @@ class Counts:
             1 if quick else 5
         )  # in memory: the median of 5 (single runs vary by +-30 %)
         self.profile_n = 300 if quick else 1500
+        self.scaling_rounds = 3 if quick else 15  # in memory, paired bursts per rule count
 
 
 # ---------------------------------------------------------------------------
@@ -584,7 +585,6 @@ _MEM_KEY = {
     "transitions": "trans_per_s",
     "evaluations": "evals_per_s",
     "testengine": "exec_per_s",
-    "noise": "cpu_us_per_event",
 }
 
 
@@ -707,8 +707,6 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
             "--conc",
             "1",
         ]
-    for noise in counts.noise:
-        mem_runs[f"noise{noise}/100"] = ["--what", "noise", "--noise", str(noise), "--n", str(m)]
     mem_results: dict[str, list[dict[str, Any]]] = {k: [] for k in mem_runs}
     for _rep in range(counts.mem_repeats):
         for label, margs in mem_runs.items():  # interleaved, like the NATS runs
@@ -731,10 +729,26 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
         # phase up to 1.9x slower on the shared machine, for seconds at a time), and
         # drift only adds time: the least disturbed run is the engine's cost, as timeit
         # takes the minimum. All runs are listed, and the median with them.
-        if kind == "noise":
-            results["memory"][label] = _lowest_of(rs, "cpu_us_per_event")
-        else:
-            results["memory"][label] = _best_of(rs, _MEM_KEY[kind])
+        results["memory"][label] = _best_of(rs, _MEM_KEY[kind])
+    # The per-event cost across rule counts: paired bursts in one process (see
+    # inmemory.py --what scaling), whose ratios hold where single runs drift.
+    scaling_args = ["--what", "scaling", "--noise-list", ",".join(map(str, counts.noise))]
+    scaling_args += ["--n", str(max(100, m // 3)), "--rounds", str(counts.scaling_rounds)]
+    r = await run_memory_one(scaling_args)
+    results["memory"]["scaling"] = r
+    if "error" not in r:
+        for noise in counts.noise:
+            c = r["per_count"][str(noise)]
+            _progress(
+                f"in-memory, {noise} non-matching rules (paired)",
+                {
+                    "lowest_us_per_event": c["lowest_us_per_event"],
+                    "median_ratio_to_1": c["median_ratio_to_first"],
+                },
+                keys=("lowest_us_per_event", "median_ratio_to_1"),
+            )
+    else:
+        _progress("in-memory scaling", r)
     spy = Spy.available()
     if not args.no_profile and spy:
         out = str(Path(tempfile.gettempdir()) / f"bench-profile-mem-{os.getpid()}.txt")

@@ -15,6 +15,15 @@
 ``--what noise``        the 3-transition workflow plus ``--noise`` rules whose
                         patterns never match; reports wall time per KV event
                         (4 events per execution: the first state and 3 transitions).
+``--what scaling``      the same for every count in ``--noise-list``, paired: one
+                        engine per count in this process, and ``--rounds`` rounds
+                        in each of which every engine runs a burst of ``--n``
+                        executions, one right after the other. Reports each count's
+                        CPU µs per KV event per round, and per round its ratio to
+                        the first count's: bursts a fraction of a second apart see
+                        the machine in the same phase, so the ratios hold where
+                        single runs drift (the shared machine switches between a
+                        fast phase and one up to 1.9x slower within seconds).
 
 Everything runs in this one process, so wall time is CPU time of the engine
 (plus the few microseconds of the driver) -- the cleanest per-event cost.
@@ -44,8 +53,12 @@ DONE = "bench.done"
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument(
-        "--what", choices=["transitions", "evaluations", "testengine", "noise"], required=True
+        "--what",
+        choices=["transitions", "evaluations", "testengine", "noise", "scaling"],
+        required=True,
     )
+    p.add_argument("--noise-list", default="1,10,100,1000", help="for --what scaling")
+    p.add_argument("--rounds", type=int, default=15, help="for --what scaling")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--conc", type=int, default=100)
     p.add_argument("--conditions", type=int, default=100)
@@ -130,6 +143,63 @@ async def drive_engine(
     return out
 
 
+async def scaling(
+    noises: list[int], n: int, conc: int, workers: int, rounds: int
+) -> dict[str, Any]:
+    """Per-event CPU cost for each rule count, measured in paired bursts (see the module doc)."""
+    async with contextlib.AsyncExitStack() as stack:
+        setups = []
+        for noise in noises:
+            backend = MemoryBackend()
+            engine = Engine(backend, [kv_workflow(BUCKET, DONE, noise=noise)], workers=workers)
+            await stack.enter_async_context(engine)
+            while not engine.ready:
+                await anyio.sleep(0.001)
+            done = await stack.enter_async_context(backend.subscribe(DONE))
+            setups.append((noise, backend, done))
+
+        async def burst(backend: MemoryBackend, done: Any, tag: str, count: int) -> None:
+            # Closed loop, as drive_engine: `conc` in flight, each completion starts the next.
+            started = 0
+
+            async def start_next() -> None:
+                nonlocal started
+                if started < count:
+                    eid = f"{tag}{started:07d}"
+                    started += 1
+                    await backend.kv_create(BUCKET, f"{common.WF_ID}.{eid}", first_state(eid))
+
+            for _ in range(min(conc, count)):
+                await start_next()
+            finished = 0
+            async for _msg in done:
+                finished += 1
+                if finished == count:
+                    return
+                await start_next()
+
+        for i, (_noise, backend, done) in enumerate(setups):
+            await burst(backend, done, f"w{i}x", max(50, n // 5))
+        costs: dict[int, list[float]] = {noise: [] for noise in noises}
+        with anyio.fail_after(600):
+            for r in range(rounds):
+                for i, (noise, backend, done) in enumerate(setups):
+                    cpu0 = time.process_time()
+                    await burst(backend, done, f"r{r}c{i}x", n)
+                    costs[noise].append((time.process_time() - cpu0) / (4 * n) * 1e6)
+    first = noises[0]
+    out: dict[str, Any] = {"rounds": rounds, "executions_per_burst": n, "per_count": {}}
+    for noise in noises:
+        ratios = sorted(c / b for c, b in zip(costs[noise], costs[first], strict=True))
+        out["per_count"][str(noise)] = {
+            "lowest_us_per_event": min(costs[noise]),
+            "median_us_per_event": sorted(costs[noise])[len(costs[noise]) // 2],
+            "runs_us_per_event": [round(c, 1) for c in costs[noise]],
+            "median_ratio_to_first": ratios[len(ratios) // 2],
+        }
+    return out
+
+
 async def testengine(n: int) -> dict[str, Any]:
     counter = Counter()
     wf = kv_workflow(BUCKET, DONE, counter=counter)
@@ -162,6 +232,14 @@ def main() -> None:
         elif args.what == "noise":
             info = await drive_engine(
                 kv_workflow(BUCKET, DONE, noise=args.noise), args.n, args.conc, args.workers, warm
+            )
+        elif args.what == "scaling":
+            info = await scaling(
+                [int(x) for x in args.noise_list.split(",")],
+                args.n,
+                args.conc,
+                args.workers,
+                args.rounds,
             )
         elif args.what == "evaluations":
             counter = Counter()
