@@ -22,6 +22,7 @@ where that matters.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -487,7 +488,7 @@ class _CoreIterator:
         return _CoreMessage(msg)
 
 
-class _Supervised:
+class _Supervised(abc.ABC):
     """What a KV watch and a pull consumer share: what they read from is re-created when lost.
 
     After a reconnect (nats-py recovers neither a pull subscription nor, reliably, a
@@ -504,14 +505,17 @@ class _Supervised:
         self._backoff = _Backoff()
         self._closed = False
 
+    @abc.abstractmethod
     def _subscribed(self) -> bool:
-        raise NotImplementedError
+        """Whether there is a subscription (watcher, pull subscription) to read from."""
 
+    @abc.abstractmethod
     async def _subscribe(self) -> None:
-        raise NotImplementedError
+        """Create it (and call _subscribed_now)."""
 
+    @abc.abstractmethod
     async def _unsubscribe(self) -> None:
-        raise NotImplementedError
+        """Drop it, quietly."""
 
     def _subscribed_now(self, reconnects: int) -> None:
         self._reconnects = reconnects
