@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 HERE = Path(__file__).resolve().parent
 SCEN = HERE / "scenarios"
@@ -541,44 +541,25 @@ async def run_memory_one(args: list[str], wrapper: list[str] | None = None) -> d
 # ---------------------------------------------------------------------------
 
 
-def _lowest_of(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """The run with the lowest ``key`` (all runs' values listed in ``runs_<key>``)."""
+def _pick(
+    runs: list[dict[str, Any]], key: str, which: Literal["lowest", "median", "highest"]
+) -> dict[str, Any]:
+    """One of the runs by ``key``, with every run's value (``runs_<key>``), their median
+    (``median_<key>``) and any failures (``failed_runs``) added."""
     ok = sorted((r for r in runs if "error" not in r and key in r), key=lambda r: r[key])
     if not ok:
         return runs[0]
-    best = dict(ok[0])
-    best[f"runs_{key}"] = [round(r[key], 1) for r in ok]
-    return best
-
-
-def _median_of(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """The run with the median ``key`` (all runs' values listed in ``runs_<key>``)."""
-    ok = [r for r in runs if "error" not in r and key in r]
-    if not ok:
-        return runs[0]
-    ok.sort(key=lambda r: r[key])
-    best = dict(ok[len(ok) // 2])
-    best[f"runs_{key}"] = [round(r[key], 1) for r in ok]
+    index = {"lowest": 0, "median": len(ok) // 2, "highest": -1}[which]
+    chosen = dict(ok[index])
+    chosen[f"runs_{key}"] = [round(r[key], 1) for r in ok]
+    chosen[f"median_{key}"] = ok[len(ok) // 2][key]
     if len(ok) < len(runs):
-        best["failed_runs"] = [r["error"][:300] for r in runs if "error" in r]
-    return best
-
-
-def _best_of(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """The run with the highest ``key`` (all runs' values in ``runs_<key>``, their median in ``median_<key>``)."""
-    ok = sorted((r for r in runs if "error" not in r and key in r), key=lambda r: r[key])
-    if not ok:
-        return runs[0]
-    best = dict(ok[-1])
-    best[f"runs_{key}"] = [round(r[key], 1) for r in ok]
-    best[f"median_{key}"] = ok[len(ok) // 2][key]
-    if len(ok) < len(runs):
-        best["failed_runs"] = [r["error"][:300] for r in runs if "error" in r]
-    return best
+        chosen["failed_runs"] = [r["error"][:300] for r in runs if "error" in r]
+    return chosen
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    return _median_of(runs, "exec_per_s")
+    return _pick(runs, "exec_per_s", "median")
 
 
 _MEM_KEY = {
@@ -655,7 +636,7 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
                     noise_runs.setdefault(f"{noise}/{conc}", []).append(r)
                     _progress(f"engine kv, {noise} non-matching rules, c={conc}", r)
         for label, rs in noise_runs.items():
-            results["noise"][label] = _lowest_of(rs, "cpu_us_per_event")
+            results["noise"][label] = _pick(rs, "cpu_us_per_event", "lowest")
         for n in counts.at_rest:
             r = await run_at_rest(url, n)
             results["at_rest"][str(n)] = r
@@ -729,7 +710,7 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
         # phase up to 1.9x slower on the shared machine, for seconds at a time), and
         # drift only adds time: the least disturbed run is the engine's cost, as timeit
         # takes the minimum. All runs are listed, and the median with them.
-        results["memory"][label] = _best_of(rs, _MEM_KEY[kind])
+        results["memory"][label] = _pick(rs, _MEM_KEY[kind], "highest")
     # The per-event cost across rule counts: paired bursts in one process (see
     # inmemory.py --what scaling), whose ratios hold where single runs drift.
     scaling_args = ["--what", "scaling", "--noise-list", ",".join(map(str, counts.noise))]
