@@ -31,7 +31,7 @@ import time
 import typing
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -548,18 +548,22 @@ class Engine:
             return
         if self._latest.get(k, -1) < entry.revision:
             self._latest[k] = entry.revision
-        self._inflight += 1
-        inbox = self._inboxes[hash(entry.key) % len(self._inboxes)]
-        item = (_KV, entry, matches)
-        if not inbox.put_nowait(item):  # (as _enqueue, without its coroutine while there is room)
-            await self._wait_for_room(inbox, item)
+        full = self._enqueue(entry.key, (_KV, entry, matches))
+        if full is not None:
+            await full
 
-    async def _enqueue(self, shard_key: str, item: tuple[Any, ...]) -> None:
+    def _enqueue(self, shard_key: str, item: tuple[Any, ...]) -> Awaitable[None] | None:
+        """Queue ``item`` for the worker of ``shard_key``: None if it is queued, else await the result.
+
+        Not a coroutine: with room in the inbox the item is handed over at once (no
+        checkpoint, so a burst is handed over in one loop turn; no coroutine per
+        event); only when the inbox is full is there something to wait for.
+        """
         self._inflight += 1
         inbox = self._inboxes[hash(shard_key) % len(self._inboxes)]
-        # No checkpoint when there is room: a burst is handed over in one loop turn.
-        if not inbox.put_nowait(item):
-            await self._wait_for_room(inbox, item)
+        if inbox.put_nowait(item):
+            return None
+        return self._wait_for_room(inbox, item)
 
     async def _wait_for_room(self, inbox: Inbox[tuple[Any, ...]], item: tuple[Any, ...]) -> None:
         """Queue ``item`` (counted in flight already) once ``inbox`` has room."""
@@ -666,7 +670,9 @@ class Engine:
                     return
                 keyed[r.id] = exec_id
                 shard = d.key(exec_id)
-        await self._enqueue(shard, (_MSG, sub, msg, decoded, keyed))
+        full = self._enqueue(shard, (_MSG, sub, msg, decoded, keyed))
+        if full is not None:
+            await full
 
     async def _run_callbacks(self, bound: BoundWorkflow) -> None:
         d = bound.definition
@@ -692,7 +698,9 @@ class Engine:
                             log.warning("terminating callback on %s: %s", msg.subject, e)
                             await self._settle(msg, "term")
                             continue
-                        await self._enqueue(d.key(exec_id), (_CALLBACK, bound, msg, exec_id))
+                        full = self._enqueue(d.key(exec_id), (_CALLBACK, bound, msg, exec_id))
+                        if full is not None:
+                            await full
             except BackendError as e:
                 log.warning(
                     "callback consumer for %s failed (%s); retrying in %.1fs", d.id, e, backoff

@@ -13,7 +13,7 @@ import anyio
 import msgspec
 import pytest
 
-from reactive import ExecutionState, MemoryBackend, RuleContext, Status, Workflow, rule
+from reactive import Engine, ExecutionState, MemoryBackend, RuleContext, Status, Workflow, rule
 from reactive.conditions import condition
 from reactive.runtime.engine import _CHAIN_LIMIT
 from reactive.runtime.inbox import Inbox
@@ -179,6 +179,34 @@ async def test_inbox_get_waits_for_an_item_and_put_waits_for_room() -> None:
         await inbox.put("c")
     assert got == ["a", "b", "c"]
     assert len(inbox) == 0
+
+
+async def test_a_backlog_beyond_the_inboxes_waits_for_room_and_loses_nothing() -> None:
+    # 200 executions written before the engine starts: its replay meets full inboxes
+    # (2 workers, 16 places each) and must wait for room, not drop or duplicate.
+    seen: Counter[int] = Counter()
+    wf = stepper(seen, "backlog")
+    backend = MemoryBackend()
+    await backend.ensure_bucket("follow")
+    for i in range(200):
+        state = Steps(id=f"e{i}", workflow_id="backlog", status=Status.RUNNING, target=2)
+        await backend.kv_create("follow", f"backlog.e{i}", msgspec.json.encode(state))
+    engine = Engine(backend, [wf], workers=2, queue_limit=32)
+    async with engine:
+        with anyio.fail_after(10):
+            while not all(
+                (entry := backend.peek("follow", f"backlog.e{i}")) is not None
+                and msgspec.json.decode(entry.value, type=Steps).status is Status.COMPLETED
+                for i in range(200)
+            ):
+                await anyio.sleep(0.01)
+        assert engine._backlogged  # the full-inbox path ran
+    states = [
+        msgspec.json.decode(backend.peek("follow", f"backlog.e{i}").value, type=Steps)
+        for i in range(200)
+    ]
+    assert all(st.step == 2 and len(st.timeline) == 3 for st in states)
+    assert all(n == 1 for n in seen.values())  # each revision evaluated once
 
 
 async def test_inbox_get_after_a_cancelled_get_still_wakes() -> None:
