@@ -1346,7 +1346,7 @@ class Engine:
         firing.count += 1
         firing.last_at = now
         firing.last_trigger = trigger
-        if trigger[0] == "m":
+        if trigger[:1] == "m":
             _remember(firing, trigger)  # (a revision is remembered only by claims)
         work.firings[r.id] = firing
         stamp = _utc(now)
