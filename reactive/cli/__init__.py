@@ -24,7 +24,7 @@ import argparse
 import logging
 import sys
 
-from reactive.cli.common import CLIError
+from reactive.cli.common import CLIError, quiet_tls_chatter
 from reactive.cli.demo import DemoError, load_example
 
 __all__ = ["CLIError", "DemoError", "build_parser", "load_example", "main"]
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             # Connection attempts are reported once, as an error, by the command.
             logging.getLogger("reactive.backends.nats").setLevel(logging.ERROR)
             logging.getLogger("nats").setLevel(logging.CRITICAL)
+            quiet_tls_chatter()
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import ssl
 import time
@@ -33,6 +34,7 @@ __all__ = [
     "format_time",
     "no_workflows_error",
     "parse_time",
+    "quiet_tls_chatter",
     "resolve_url",
     "split_urls",
     "table",
@@ -157,6 +159,24 @@ def resolve_url(args: argparse.Namespace) -> str:
         if written:
             return written
     return DEFAULT_URL
+
+
+class _TLSChatter(logging.Filter):
+    """asyncio's "returning true from eof_received() has no effect when using ssl".
+
+    nats-py's protocol says so on every TLS connection the server closes (each
+    failed attempt, each reconnect): noise next to the one error the command reports.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("returning true from eof_received()")
+
+
+def quiet_tls_chatter() -> None:
+    """Drop asyncio's warning about nats-py's TLS protocol (see _TLSChatter)."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _TLSChatter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_TLSChatter())
 
 
 def connect_options(args: argparse.Namespace) -> dict[str, Any]:

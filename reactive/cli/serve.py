@@ -36,6 +36,7 @@ from reactive.cli.common import (
     CLIError,
     add_connection_args,
     connect_options,
+    quiet_tls_chatter,
     split_urls,
 )
 
@@ -104,6 +105,7 @@ def configure_logging(level: str) -> None:
     if level.lower() != "debug":
         # asyncio's and nats-py's own chatter is for debugging.
         logging.getLogger("asyncio").setLevel(logging.WARNING)
+        quiet_tls_chatter()
 
 
 # --------------------------------------------------------------------------- metrics and health

@@ -97,6 +97,7 @@ def test_without_the_ca_the_server_is_not_trusted(secured: Secured) -> None:
     err = result.stderr.lower()
     assert "cannot connect" in err and "certificate" in err, result.stderr
     assert "--tls-ca" in result.stderr  # the hint names the fix
+    assert "eof_received" not in result.stderr  # (asyncio's chatter about nats-py's TLS)
 
 
 def test_a_wrong_password_is_refused_with_a_clear_error(secured: Secured) -> None:
@@ -105,3 +106,5 @@ def test_a_wrong_password_is_refused_with_a_clear_error(secured: Secured) -> Non
     err = result.stderr.lower()
     assert "cannot connect" in err and "authorization" in err, result.stderr
     assert "--password" in result.stderr  # the hint names the fix
+    assert "eof_received" not in result.stderr
+    assert result.stderr.count("\n") <= 4, result.stderr  # the error and its hint, nothing more
