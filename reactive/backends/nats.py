@@ -329,7 +329,7 @@ class _PubAck(msgspec.Struct):
 _ack_decoder: Final = msgspec.json.Decoder(_PubAck)
 
 
-async def _connect_or_fail_on_tls(
+async def _connect_or_fail_fast(
     servers: list[str], attempts: int, options: dict[str, Any]
 ) -> Client:
     """``nats.connect``, but a failure that retrying cannot heal ends it at once, named.
@@ -384,9 +384,12 @@ def _refused(exc: Exception) -> bool:
     if isinstance(exc, ssl.SSLError | nats.errors.AuthorizationError):
         return True
     # The server's "-ERR 'Authorization Violation'" reaches error_cb as a plain nats error.
+    # (Not "Authentication Timeout": a slow client may well get in on the next try.)
     text = str(exc).lower()
     return isinstance(exc, nats.errors.Error) and (
-        "authorization violation" in text or "authentication" in text
+        "authorization violation" in text
+        or "authentication expired" in text
+        or "authentication revoked" in text
     )
 
 
@@ -880,7 +883,7 @@ class NatsBackend:
             first_attempts = max(1, self._initial_connect_attempts)
         servers = self._url if isinstance(self._url, list) else [self._url]
         with _mapped(f"connect to {', '.join(servers)}"):
-            nc = await _connect_or_fail_on_tls(servers, first_attempts, options)
+            nc = await _connect_or_fail_fast(servers, first_attempts, options)
         nc.options["max_reconnect_attempts"] = wanted_attempts
         self._nc = nc
         self._owns_nc = True
