@@ -4,6 +4,7 @@
     python benchmarks/quick.py --workflows kv,async --contenders floor,engine,peer --rounds 3
     python benchmarks/quick.py --at-rest 1000,100000    # engine memory at rest instead
     python benchmarks/quick.py --profile /tmp/engine.raw   # one engine run under py-spy (raw stacks)
+    python benchmarks/quick.py --memory /path/to/old,.  --rounds 5   # in memory, checkouts interleaved
 
 Each line is one run (its own contender process, one embedded nats-server for all);
 compare an engine run with the floor runs around it. ``run.py`` is the full suite
@@ -14,6 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import run
@@ -33,7 +39,34 @@ def _line(workflow: str, contender: str, r: dict[str, Any]) -> str:
     )
 
 
+def memory(checkouts: list[str], rounds: int, n: int) -> None:
+    """The in-memory 3-transition workflow (c=100) in each checkout, interleaved, rounds times."""
+    cost: dict[str, list[float]] = {c: [] for c in checkouts}
+    for _ in range(rounds):
+        for checkout in checkouts:
+            root = Path(checkout).resolve()
+            out = subprocess.run(
+                [sys.executable, "inmemory.py", "--what", "transitions", "--n", str(n)],
+                cwd=root / "benchmarks" / "scenarios",
+                env=dict(os.environ, PYTHONPATH=str(root)),
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            ready = next(e for e in map(json.loads, out.splitlines()) if e.get("event") == "ready")
+            cost[checkout].append(ready["cpu_us_per_event"])
+    for checkout, values in cost.items():
+        values.sort()
+        print(
+            f"{checkout}: CPU µs per KV event lowest {values[0]:.1f}, median "
+            f"{values[len(values) // 2]:.1f} (runs {', '.join(f'{v:.1f}' for v in values)})"
+        )
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.memory:
+        memory(args.memory.split(","), args.rounds, max(args.n, 3000))
+        return
     server = NatsServer()
     server.start()
     try:
@@ -82,4 +115,5 @@ if __name__ == "__main__":
     p.add_argument("--n", type=int, default=1000, help="executions measured per run")
     p.add_argument("--at-rest", default="", help="engine memory at rest for these counts")
     p.add_argument("--profile", default="", help="one engine run under py-spy, raw stacks here")
+    p.add_argument("--memory", default="", help="in memory instead: these checkouts, interleaved")
     asyncio.run(main(p.parse_args()))
