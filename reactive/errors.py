@@ -9,6 +9,7 @@ __all__ = [
     "DefinitionError",
     "InvalidExecutionId",
     "NotFoundError",
+    "PayloadTooLargeError",
     "ReactiveError",
     "TransientBackendError",
 ]
@@ -54,3 +55,7 @@ class ConflictError(BackendError):
 
 class NotFoundError(BackendError):
     """A bucket, key or stream that does not exist."""
+
+
+class PayloadTooLargeError(BackendError):
+    """A value or message larger than the server's max payload: refused before it is sent."""

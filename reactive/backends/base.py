@@ -77,6 +77,11 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
+    @property
+    def max_payload(self) -> int:
+        """The largest message, headers included, the server takes (a KV value is one)."""
+        ...
+
     async def ensure_bucket(self, bucket: str) -> None:
         """Create the KV bucket if it does not exist."""
         ...

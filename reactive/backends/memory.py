@@ -39,9 +39,16 @@ import msgspec
 
 from reactive._events import Waiter, new_event, new_waiter
 from reactive.backends.base import InboundMessage, KVEntry
-from reactive.errors import BackendError, ConflictError, NotFoundError
+from reactive.errors import BackendError, ConflictError, NotFoundError, PayloadTooLargeError
 from reactive.runtime.clock import Clock, SystemClock
-from reactive.runtime.patterns import matches_pattern, validate_key_pattern, validate_subject
+from reactive.runtime.patterns import (
+    MAX_STORED_KEY_LENGTH,
+    MAX_SUBJECT_LENGTH,
+    matches_pattern,
+    preview,
+    validate_key_pattern,
+    validate_subject,
+)
 
 if TYPE_CHECKING:
     from reactive.backends.base import Backend
@@ -485,8 +492,14 @@ class _ConsumerReader:
 # ---------------------------------------------------------------------------
 
 
+# A compare-and-set travels with this header (its sequence is sized generously here).
+_EXPECTING: Mapping[str, str] = MappingProxyType(
+    {"Nats-Expected-Last-Subject-Sequence": "18446744073709551615"}
+)
+
+
 def _check_key(key: str) -> None:
-    if type(key) is str and _plain_key(key):
+    if type(key) is str and len(key) <= MAX_STORED_KEY_LENGTH and _plain_key(key):
         return  # the common case, in one regex match; _key_problem explains the rest
     reason = _key_problem(key)
     if reason is not None:
@@ -495,6 +508,8 @@ def _check_key(key: str) -> None:
 
 @functools.lru_cache(maxsize=65536)
 def _publish_subject_problem(subject: str) -> str | None:
+    if len(subject) > MAX_SUBJECT_LENGTH:
+        return f"subject {preview(subject)} is longer than {MAX_SUBJECT_LENGTH} characters"
     return validate_subject(subject, wildcards=False)
 
 
@@ -502,6 +517,9 @@ _plain_key = re.compile(r"[A-Za-z0-9_\-=/]+(?:\.[A-Za-z0-9_\-=/]+)*").fullmatch
 
 
 def _key_problem(key: str) -> str | None:
+    if isinstance(key, str) and len(key) > MAX_STORED_KEY_LENGTH:
+        # (On NATS it would make the server close the connection: refused in both.)
+        return f"key {preview(key)} is longer than {MAX_STORED_KEY_LENGTH} characters"
     if isinstance(key, str) and _plain_key(key):
         return None
     reason = validate_key_pattern(key)
@@ -520,9 +538,18 @@ def _check_name(name: str, what: str) -> None:
 class MemoryBackend:
     """The ``Backend`` protocol in process, with NATS JetStream semantics."""
 
-    def __init__(self, *, clock: Clock | None = None, duplicate_window: float = 120.0) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        duplicate_window: float = 120.0,
+        max_payload: int = 1024 * 1024,
+    ) -> None:
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.duplicate_window = duplicate_window
+        # A value or message larger than this (headers included) is refused, as NATS does
+        # (its default max payload: 1 MiB).
+        self.max_payload = max_payload
         self.published: list[PublishedMessage] = []
         self._buckets: dict[str, _Bucket] = {}
         self._streams: dict[str, _Stream] = {}
@@ -549,6 +576,17 @@ class MemoryBackend:
             reader.closed = True
         for consumer in self._consumers.values():
             consumer.signal.fire()
+
+    def _check_size(self, op: str, data: bytes, headers: Mapping[str, str]) -> None:
+        """Refuse what NATS would: more than ``max_payload`` bytes, headers included."""
+        size = len(data) + (
+            12 + sum(len(k) + len(v) + 4 for k, v in headers.items()) if headers else 0
+        )
+        if size > self.max_payload:
+            raise PayloadTooLargeError(
+                f"{op}: {size} bytes (headers included) are more than the max payload "
+                f"of {self.max_payload} bytes"
+            )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -622,6 +660,8 @@ class MemoryBackend:
             raise ConflictError(
                 f"key {key!r} already exists in {bucket!r} (revision {entry.revision})"
             )
+        if len(value) + 4096 > self.max_payload:
+            self._check_size(f"create {bucket}/{key}", value, _EXPECTING)
         return _bucket_append(b, key, bytes(value), deleted=False).revision
 
     async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
@@ -635,18 +675,24 @@ class MemoryBackend:
             raise ConflictError(
                 f"key {key!r} in {bucket!r} is at revision {latest}, not {revision}"
             )
+        if len(value) + 4096 > self.max_payload:
+            self._check_size(f"update {bucket}/{key}", value, _EXPECTING)
         return _bucket_append(b, key, bytes(value), deleted=False).revision
 
     async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
         b = self._bucket(bucket)
         if key not in b.latest:
             _check_key(key)
+        if len(value) + 4096 > self.max_payload:
+            self._check_size(f"put {bucket}/{key}", value, {})
         return _bucket_append(b, key, bytes(value), deleted=False).revision
 
     async def kv_put_unacked(self, bucket: str, key: str, value: bytes) -> None:
         b = self._buckets.get(bucket) or self._bucket(bucket)
         if key not in b.latest:
             _check_key(key)
+        if len(value) + 4096 > self.max_payload:
+            self._check_size(f"put {bucket}/{key}", value, {})
         _bucket_append(b, key, bytes(value), deleted=False)
 
     async def kv_delete(self, bucket: str, key: str) -> None:
@@ -716,6 +762,9 @@ class MemoryBackend:
             raise ValueError(reason)
         data = bytes(data)
         given = dict(headers) if headers else {}
+        if len(data) + 4096 > self.max_payload:
+            sent = {**given, MSG_ID_HEADER: msg_id} if msg_id is not None else given
+            self._check_size(f"publish {subject}", data, sent)
         # On the wire the id travels as the Nats-Msg-Id header, so readers see it too;
         # an id given only as that header deduplicates as well.
         delivered: Mapping[str, str]

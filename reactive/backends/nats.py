@@ -45,6 +45,7 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue, StopIterSentinel
 
 from reactive.backends.base import InboundMessage, KVEntry, Operation
+from reactive.runtime.patterns import MAX_STORED_KEY_LENGTH, MAX_SUBJECT_LENGTH, preview
 
 if TYPE_CHECKING:
     from reactive.backends.base import Backend
@@ -52,6 +53,7 @@ from reactive.errors import (
     BackendError,
     ConflictError,
     NotFoundError,
+    PayloadTooLargeError,
     TransientBackendError,
 )
 
@@ -141,8 +143,38 @@ class _mapped:
 
 
 def _check_key(op: str, bucket: str, key: str) -> None:
+    if len(key) > MAX_STORED_KEY_LENGTH:
+        # Refused here: on the wire it would make the server close the connection.
+        raise BackendError(
+            f"{op} {bucket}: key {preview(key)} is longer than {MAX_STORED_KEY_LENGTH} characters"
+        )
     if not _KEY_RE.match(key):
         raise BackendError(f"{op} {bucket}/{key}: invalid key {key!r}")
+
+
+def _headers_size(headers: Mapping[str, str] | None) -> int:
+    """The size of ``headers`` on the wire (NATS/1.0 and a line each)."""
+    if not headers:
+        return 0
+    return 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
+
+
+def _check_size(op: str, nc: Client, data: bytes, headers: Mapping[str, str] | None) -> None:
+    # nats-py checks the payload alone; the server counts the headers too, and closes
+    # the connection of a client that sends it more than its max payload.
+    limit = nc.max_payload
+    if len(data) + 4096 > limit and len(data) + _headers_size(headers) > limit:
+        raise PayloadTooLargeError(
+            f"{op}: {len(data)} bytes (and {_headers_size(headers)} of headers) are more "
+            f"than the server's max payload of {limit} bytes"
+        )
+
+
+def _check_subject(op: str, subject: str) -> None:
+    if len(subject) > MAX_SUBJECT_LENGTH:
+        raise BackendError(
+            f"{op}: subject {preview(subject)} is longer than {MAX_SUBJECT_LENGTH} characters"
+        )
 
 
 class _Backoff:
@@ -842,6 +874,11 @@ class NatsBackend:
     # -- connection -----------------------------------------------------------
 
     @property
+    def max_payload(self) -> int:
+        """The server's max payload (from its INFO)."""
+        return self._connection().max_payload
+
+    @property
     def nc(self) -> Client:
         """The underlying nats-py connection (after :meth:`start`)."""
         return self._connection()
@@ -1011,6 +1048,7 @@ class NatsBackend:
             headers, what = None, f"{op} {bucket}/{key}"
         else:
             headers, what = {_EXPECTED_LAST: str(last)}, f"{op} {bucket}/{key}@{last}"
+        _check_size(what, replies._nc, value, headers)
         with _mapped(what):
             ack = await replies.publish(kv._pre + key, value, headers)
         return ack.seq
@@ -1061,6 +1099,7 @@ class NatsBackend:
         _check_key("put", bucket, key)
         kv = self._kvs.get(bucket) or await self._kv(bucket)
         nc = self._connection()
+        _check_size(f"put {bucket}/{key}", nc, value, None)
         with _mapped(f"put {bucket}/{key}"):
             await nc.publish(kv._pre + key, value)
 
@@ -1182,9 +1221,11 @@ class NatsBackend:
         headers: Mapping[str, str] | None = None,
         msg_id: str | None = None,
     ) -> None:
+        _check_subject("publish", subject)
         hdrs: dict[str, str] = dict(headers or {})
         if msg_id is not None:
             hdrs[_MSG_ID_HEADER] = msg_id
+        _check_size(f"publish {subject}", self._connection(), data, hdrs)
         backoff = _Backoff()
         for attempt in range(1, self._publish_attempts + 1):
             try:
@@ -1219,6 +1260,7 @@ class NatsBackend:
     async def _subscribe(
         self, subject: str, queue: str | None
     ) -> AsyncIterator[AsyncIterator[InboundMessage]]:
+        _check_subject("subscribe", subject)
         nc = self._connection()
         with _mapped(f"subscribe {subject}"):
             sub = await nc.subscribe(subject, queue=queue or "")

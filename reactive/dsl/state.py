@@ -72,12 +72,23 @@ class Firing(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
 
 
 class OutboxMessage(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
-    """A publish decided by a committed state write, delivered after the write."""
+    """A publish decided by a committed state write, delivered after the write.
+
+    A JSON payload is kept as it is, inside the state's JSON (``json``); other
+    payloads (bytes, text) as ``data``, which JSON holds in base64, a third
+    larger. A request built from a large state field is then carried once more,
+    not once and a third.
+    """
 
     subject: str
-    data: bytes
+    data: bytes = b""
+    json: msgspec.Raw = msgspec.Raw()
     msg_id: str
     headers: dict[str, str] = {}
+
+    def payload(self) -> bytes:
+        """The bytes to publish."""
+        return bytes(self.json) if self.json else self.data
 
 
 class ExecutionState(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -54,7 +54,7 @@ from reactive.dsl.state import (
     WorkflowEscalationEvent,
     WorkflowFailureEvent,
 )
-from reactive.dsl.workflow import Workflow
+from reactive.dsl.workflow import Workflow, definition_of
 from reactive.errors import (
     BackendError,
     ConflictError,
@@ -67,7 +67,14 @@ from reactive.runtime.clock import Clock, SystemClock
 from reactive.runtime.codecs import decode, encode, encode_json, inject_callback_fields
 from reactive.runtime.inbox import Inbox
 from reactive.runtime.metrics import METRICS, EngineMetrics, fast_child
-from reactive.runtime.patterns import validate_execution_id
+from reactive.runtime.patterns import (
+    MAX_EXECUTION_ID_LENGTH,
+    MAX_KEY_LENGTH,
+    MAX_STORED_KEY_LENGTH,
+    MAX_SUBJECT_LENGTH,
+    preview,
+    validate_execution_id,
+)
 from reactive.runtime.registry import BoundWorkflow, Registry, Subscription
 from reactive.runtime.timers import Timers
 from reactive.runtime.tracing import Tracing, tracing_configured
@@ -323,9 +330,36 @@ class Engine:
         self.timers = Timers(
             self.clock, self._on_timer, horizon=timer_horizon, on_far=self._on_far_timer
         )
+        self._max_state = 1024 * 1024 - _STATE_HEADROOM  # (from the backend, at start)
         self.running = False
         for wf in workflows:
+            self._check_names(definition_of(wf))
             self.registry.add(wf)
+
+    def _check_names(self, d: WorkflowDef) -> None:
+        """Refuse a workflow whose names make a key or subject the engine builds too long for NATS.
+
+        The engine's longest key is a claim in the meta bucket,
+        ``fire.<workflow>.<rule>.<bucket>.<key>`` for a key of MAX_KEY_LENGTH; its
+        longest subject, a direct get of that key or a callback subject.
+        """
+        rule = max((len(r.id) for r in d.rules), default=0)
+        buckets = {d.bucket, *(r.bucket for r in d.rules if r.bucket)}
+        longest_key = (
+            len("fire...") + len(d.id) + rule + max(map(len, buckets)) + 1 + MAX_KEY_LENGTH
+        )
+        meta = self.meta_bucket
+        longest_subject = max(
+            len(f"$JS.API.DIRECT.GET.KV_{meta}.$KV.{meta}.") + longest_key,
+            len(self.callback_prefix) + len(d.id) + 2 + MAX_EXECUTION_ID_LENGTH,
+        )
+        if longest_key > MAX_STORED_KEY_LENGTH or longest_subject > MAX_SUBJECT_LENGTH:
+            raise ReactiveError(
+                f"workflow {d.id!r}: its id, bucket and rule ids are too long: the engine "
+                f"would build keys of up to {longest_key} characters (at most "
+                f"{MAX_STORED_KEY_LENGTH}) and subjects of up to {longest_subject} (at most "
+                f"{MAX_SUBJECT_LENGTH}) from them"
+            )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -347,6 +381,7 @@ class Engine:
                 # Spans cost nothing unless the application installed a tracer provider.
                 self.tracing = Tracing(tracing_configured(), self._tracer_provider)
             await self.backend.start()
+            self._max_state = self.backend.max_payload - _STATE_HEADROOM
             await self.backend.ensure_bucket(self.meta_bucket)
             tg = await stack.enter_async_context(anyio.create_task_group())
             self._tg = tg
@@ -399,6 +434,7 @@ class Engine:
 
     async def register(self, workflow: type[Workflow] | Workflow) -> WorkflowDef:
         """Register a workflow; if the engine runs, its triggers start now."""
+        self._check_names(definition_of(workflow))
         bound = self.registry.add(workflow)
         if self.running:
             await self._start_triggers(bound)
@@ -542,6 +578,18 @@ class Engine:
                     backoff = min(backoff * 2, 5.0)
 
     async def _enqueue_kv(self, entry: KVEntry) -> None:
+        if len(entry.key) > MAX_KEY_LENGTH:
+            # Written by someone else: the keys the engine would build from it are too
+            # long for NATS. Skipped (it is left as it is), counted and logged.
+            self._metric(self.metrics.invalid_keys, entry.bucket).inc()
+            log.warning(
+                "skipping key %s of bucket %s rev %d: longer than %d characters",
+                preview(entry.key),
+                entry.bucket,
+                entry.revision,
+                MAX_KEY_LENGTH,
+            )
+            return
         k = (entry.bucket, entry.key)
         matches = self.registry.match_kv(entry.bucket, entry.key)
         if not matches:
@@ -1301,7 +1349,7 @@ class Engine:
             if r.action is _PUBLISH:
                 outbox.append(
                     self._outbox_msg(
-                        r.publish_subject, encode(payload), d, exec_id, revision, len(outbox), r.id
+                        r.publish_subject, payload, d, exec_id, revision, len(outbox), r.id
                     )
                 )
             elif r.action is _PUBLISH_ASYNC and work.status not in _TERMINAL:
@@ -1312,7 +1360,7 @@ class Engine:
                 work.task_deadline = _utc(now + d.task_timeout)
                 work.pending_since = _utc(now)
                 msg = self._outbox_msg(
-                    r.publish_subject, encode(payload), d, exec_id, revision, len(outbox), r.id
+                    r.publish_subject, payload, d, exec_id, revision, len(outbox), r.id
                 )
                 msg.headers = {
                     "Reactive-Task-Id": task_id,
@@ -1324,14 +1372,17 @@ class Engine:
                 if work.status not in _TERMINAL:
                     work.complete()
                 if r.publish_subject:
-                    data = (
-                        encode(payload)
-                        if payload is not None
-                        else encode_json(self._completion_event(d, work, now))
-                    )
                     outbox.append(
                         self._outbox_msg(
-                            r.publish_subject, data, d, exec_id, revision, len(outbox), r.id
+                            r.publish_subject,
+                            payload
+                            if payload is not None
+                            else self._completion_event(d, work, now),
+                            d,
+                            exec_id,
+                            revision,
+                            len(outbox),
+                            r.id,
                         )
                     )
         if d.max_iterations and work.iteration > d.max_iterations and work.status not in _TERMINAL:
@@ -1403,16 +1454,14 @@ class Engine:
     def _outbox_msg(
         self,
         subject: str,
-        data: bytes,
+        payload: Any,
         d: WorkflowDef,
         exec_id: str,
         revision: int,
         index: int,
         tag: str,
     ) -> OutboxMessage:
-        return OutboxMessage(
-            subject=subject, data=data, msg_id=f"{d.id}:{exec_id}:{revision}:{index}:{tag}"
-        )
+        return _outbox_message(subject, payload, f"{d.id}:{exec_id}:{revision}:{index}:{tag}")
 
     def _completion_event(
         self, d: WorkflowDef, st: ExecutionState, now: float
@@ -1489,7 +1538,7 @@ class Engine:
             out.append(
                 OutboxMessage(
                     subject=subject,
-                    data=encode_json(event),
+                    json=msgspec.Raw(encode_json(event)),
                     msg_id=f"{d.id}:{st.id}:{status}",
                 )
             )
@@ -1513,7 +1562,8 @@ class Engine:
         """Commit a lifecycle write (timeout, task timeout, start) made by the engine itself."""
         if st.outbox and not st.outbox_id:
             st.outbox_id = f"{d.id}:{st.id}:{revision}"
-        await self._commit(d, bucket, key, revision, st)
+        with contextlib.suppress(_Replaced):
+            await self._commit(d, bucket, key, revision, st)
 
     async def _commit(
         self, d: WorkflowDef, bucket: str, key: str, revision: int, st: ExecutionState
@@ -1527,6 +1577,9 @@ class Engine:
                 for m in st.outbox:
                     m.headers = {**m.headers, **carrier}
         data = encode_json(st)
+        replaced = len(data) > self._max_state
+        if replaced:
+            st, data = await self._too_large(d, bucket, key, revision, st, len(data))
         on_commit = self._on_commit.pop(id(st), None) if self._on_commit else None
         try:
             if revision == 0:
@@ -1553,14 +1606,61 @@ class Engine:
             self._parked.pop((bucket, key), None)
         if st.outbox:
             await self._flush(bucket, key, st)
+        if replaced:
+            raise _Replaced(f"{key}: the state was too large; the execution failed instead")
         return new_rev
+
+    async def _too_large(
+        self, d: WorkflowDef, bucket: str, key: str, revision: int, st: ExecutionState, size: int
+    ) -> tuple[ExecutionState, bytes]:
+        """A state too large to store: what to write instead, the execution failed with the reason.
+
+        It starts from the revision the transition started from (which was stored, so
+        it fits), or, should that not leave room for the failure, from a new state
+        with only the engine's bookkeeping.
+        """
+        self._on_commit.pop(id(st), None)  # the transition did not happen: nothing to count
+        now = self.clock.now()
+        entry = await self.backend.kv_get(bucket, key) if revision else None
+        if entry is not None and entry.revision != revision:
+            raise ConflictError(f"{key}: revision {revision} was superseded")
+        reason = (
+            f"state of {size} bytes is larger than the {self._max_state} bytes a state may have "
+            f"(the server's max payload less {_STATE_HEADROOM})"
+        )
+        last = st.timeline[-1] if st.timeline else None
+        log.error("failing execution workflow=%s key=%s: %s", d.id, key, reason)
+        for start_from in (entry, None):
+            failed = (
+                self._decode_state(d, bucket, key, revision, start_from.value)
+                if start_from is not None
+                else None
+            )
+            if failed is None:
+                failed = d.state_type()
+                failed.initialize(st.id or d.execution_id_for(key), d.id, now, None)
+                failed.created_at = st.created_at or failed.created_at
+                failed.phase, failed.iteration = st.phase, st.iteration
+            elif failed.status is _PENDING:
+                failed.initialize(failed.id or st.id, d.id, now, None)
+            failed.fail(reason)
+            rule_id = last.rule_id if last is not None else ""
+            mode = last.trigger_mode if last is not None else ""
+            self._terminal_bookkeeping(d, failed, None, now, mode, rule_id, "state_too_large")
+            data = encode_json(failed)
+            if len(data) <= self._max_state:
+                return failed, data
+            self._on_commit.pop(id(failed), None)
+        raise BackendError(
+            f"{key}: even the failed state is too large to store"
+        )  # pragma: no cover
 
     # ------------------------------------------------------------------ outbox
 
     async def _flush(self, bucket: str, key: str, st: ExecutionState) -> None:
         for m in st.outbox:
             await self.backend.publish(
-                m.subject, m.data, headers=m.headers or None, msg_id=m.msg_id
+                m.subject, m.payload(), headers=m.headers or None, msg_id=m.msg_id
             )
         # Unacknowledged: a marker lost with the connection costs only a repeated
         # delivery (with the same message ids) after a restart.
@@ -1682,7 +1782,7 @@ class Engine:
             payload = self._safe_build(bound, r, ctx)
             if payload is _FAILED:
                 return
-            m = OutboxMessage(subject=r.publish_subject, data=encode(payload), msg_id=msg_id)
+            m = _outbox_message(r.publish_subject, payload, msg_id)
             rec.count += 1
             rec.last_at = now
             rec.last_trigger = trigger
@@ -1721,7 +1821,7 @@ class Engine:
         """Publish a claim's pending messages, clear the claim and its mark. False if the clear lost."""
         for m in rec.pending:
             await self.backend.publish(
-                m.subject, m.data, headers=m.headers or None, msg_id=m.msg_id
+                m.subject, m.payload(), headers=m.headers or None, msg_id=m.msg_id
             )
             self._metric(
                 self.metrics.action_dispatches, d.id, meta_key.split(".")[2], "publish"
@@ -2148,6 +2248,8 @@ class Engine:
                 del work.timeline[: len(work.timeline) - d.max_timeline]
             try:
                 await self._commit(d, bucket, key, entry.revision, work)
+            except _Replaced:
+                status = "too_large"  # the execution failed instead: no longer waiting either
             except ConflictError:
                 continue
             self._metric(self.metrics.callbacks_received, d.id, r.id, status).inc()
@@ -2169,6 +2271,25 @@ class Engine:
 
 
 _FAILED: Any = object()
+
+# A state may be as large as the server's max payload less this: room for the headers
+# of its write, and of each message of its outbox when that is published.
+_STATE_HEADROOM = 8192
+
+
+class _Replaced(ConflictError):
+    """A transition's write that was replaced by the execution's failure (its state was too large).
+
+    A ConflictError: whoever made the transition treats it as lost to a newer revision.
+    """
+
+
+def _outbox_message(subject: str, payload: Any, msg_id: str) -> OutboxMessage:
+    """A message for an outbox: a JSON payload kept as JSON (see OutboxMessage)."""
+    if payload is None or isinstance(payload, bytes | str):
+        return OutboxMessage(subject=subject, data=encode(payload), msg_id=msg_id)
+    return OutboxMessage(subject=subject, json=msgspec.Raw(encode_json(payload)), msg_id=msg_id)
+
 
 # _follow: at most this many transitions in a row are evaluated right after their
 # commit; a longer chain (a loop) goes on through the watch, so one busy key does

@@ -113,6 +113,12 @@ class EngineMetrics:
             ["workflow"],
             registry=r,
         )
+        self.invalid_keys = Counter(
+            "reactive_invalid_keys",
+            "Revisions of a watched bucket skipped for a key longer than the engine handles",
+            ["bucket"],
+            registry=r,
+        )
 
 
 METRICS = EngineMetrics()

@@ -7,9 +7,14 @@ from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 __all__ = [
+    "MAX_EXECUTION_ID_LENGTH",
+    "MAX_KEY_LENGTH",
+    "MAX_STORED_KEY_LENGTH",
+    "MAX_SUBJECT_LENGTH",
     "PatternIndex",
     "is_valid_execution_id",
     "matches_pattern",
+    "preview",
     "validate_execution_id",
     "validate_key_pattern",
     "validate_subject",
@@ -21,9 +26,39 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-=/]+$")
 _SUBJECT_TOKEN_RE = re.compile(r"^[^\s.*>]+$")
 
+# Lengths, bounded because ids and keys become parts of NATS subjects, and a NATS
+# protocol line (a publish: its subject, its reply subject, two sizes) is at most
+# 4,096 bytes by default: a longer one makes the server close the connection.
+#
+# An execution id: it is part of its key (``<workflow>.<id>``), its callback subject
+# and the meta bucket's keys.
+MAX_EXECUTION_ID_LENGTH = 256
+# A key of a watched bucket (an execution's key, or an entity's in a bucket the
+# engine only watches): the engine builds meta-bucket keys from it, such as
+# ``fire.<workflow>.<rule>.<bucket>.<key>``.
+MAX_KEY_LENGTH = 1024
+# What a backend stores or reads at the most: the longest key the engine builds
+# (from a key of MAX_KEY_LENGTH and names of a workflow's definition), with room.
+MAX_STORED_KEY_LENGTH = 2048
+# The longest subject a backend publishes to or requests on: a direct get of the
+# longest stored key (``$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.<key>``), with
+# room left in the protocol line for the reply subject and the sizes.
+MAX_SUBJECT_LENGTH = 3584
+
+
+def preview(text: str, limit: int = 80) -> str:
+    """``text`` for an error or a log line: whole when short, else its start and its length."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
 
 def is_valid_execution_id(execution_id: object) -> bool:
-    return isinstance(execution_id, str) and _ID_RE.match(execution_id) is not None
+    return (
+        isinstance(execution_id, str)
+        and len(execution_id) <= MAX_EXECUTION_ID_LENGTH
+        and _ID_RE.match(execution_id) is not None
+    )
 
 
 def validate_execution_id(execution_id: object) -> str:
@@ -34,9 +69,14 @@ def validate_execution_id(execution_id: object) -> str:
         raise InvalidExecutionId(
             f"execution id must be a string, not {type(execution_id).__name__}: {execution_id!r}"
         )
+    if len(execution_id) > MAX_EXECUTION_ID_LENGTH:
+        raise InvalidExecutionId(
+            f"invalid execution id {preview(execution_id)}: longer than "
+            f"{MAX_EXECUTION_ID_LENGTH} characters"
+        )
     if not _ID_RE.match(execution_id):
         raise InvalidExecutionId(
-            f"invalid execution id {execution_id!r}: use only letters, digits, '-' and '_' "
+            f"invalid execution id {preview(execution_id)}: use only letters, digits, '-' and '_' "
             "(no dots, wildcards, whitespace, and not empty)"
         )
     return execution_id
