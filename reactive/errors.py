@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "BackendError",
     "ConflictError",
+    "ConnectionLostError",
     "DecodeError",
     "DefinitionError",
     "InvalidExecutionId",
@@ -59,3 +60,7 @@ class NotFoundError(BackendError):
 
 class PayloadTooLargeError(BackendError):
     """A value or message larger than the server's max payload: refused before it is sent."""
+
+
+class ConnectionLostError(BackendError):
+    """The NATS connection is closed for good and the backend cannot make a new one."""

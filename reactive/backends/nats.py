@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 from reactive.errors import (
     BackendError,
     ConflictError,
+    ConnectionLostError,
     NotFoundError,
     PayloadTooLargeError,
     TransientBackendError,
@@ -536,6 +537,7 @@ class _Supervised(abc.ABC):
     def __init__(self, backend: NatsBackend) -> None:
         self._backend = backend
         self._reconnects = 0
+        self._generation = backend._generation  # the connection it reads from (see _renew)
         self._last_check = 0.0
         self._backoff = _Backoff()
         self._closed = False
@@ -554,6 +556,7 @@ class _Supervised(abc.ABC):
 
     def _subscribed_now(self, reconnects: int) -> None:
         self._reconnects = reconnects
+        self._generation = self._backend._generation
         self._last_check = time.monotonic()
 
     async def _ready(self) -> bool:
@@ -565,9 +568,13 @@ class _Supervised(abc.ABC):
         backend = self._backend
         if self._closed or backend._closing:
             raise StopAsyncIteration
-        nc = backend._nc
-        if nc is None or nc.is_closed:
-            raise TransientBackendError(f"{self._what}: the NATS connection is closed")
+        nc = backend._connection()  # (raises while the connection is closed)
+        if self._generation != backend._generation:
+            # The connection was renewed: what it read from went with the old one.
+            log.info("NATS connection renewed: re-creating %s", self._what)
+            await self._unsubscribe()
+            self._generation = backend._generation
+            return False
         if not self._subscribed():
             if not nc.is_connected:
                 await asyncio.sleep(0.1)
@@ -639,6 +646,7 @@ class _KVWatch(_Supervised):
                 or nc is None
                 or nc.is_closed
                 or nc.stats["reconnects"] != self._reconnects
+                or self._generation != backend._generation
             ):  # (the common case is decided here, without a coroutine per entry)
                 if not await self._ready():
                     continue
@@ -870,6 +878,10 @@ class NatsBackend:
         self._closing = False
         self._replies: _Replies | None = None
         self._replies_lock = asyncio.Lock()
+        # Counts the connections this backend has made: one closed for good (nats-py gives a
+        # connection up after a protocol error, or when its reconnects run out) is renewed.
+        self._generation = 0
+        self._renewing: asyncio.Task[None] | None = None
 
     # -- connection -----------------------------------------------------------
 
@@ -887,7 +899,12 @@ class NatsBackend:
         if self._nc is None:
             raise BackendError("NatsBackend is not started: call start() first")
         if self._nc.is_closed:
-            raise TransientBackendError("the NATS connection is closed")
+            if not self._owns_nc:
+                raise ConnectionLostError(
+                    "the NATS connection given to NatsBackend(nc=...) is closed; "
+                    "only a connection the backend made itself is renewed"
+                )
+            raise TransientBackendError("the NATS connection is closed; renewing it")
         return self._nc
 
     def _jetstream(self) -> JetStreamContext:
@@ -901,6 +918,13 @@ class NatsBackend:
             if self._js is None:
                 self._js = self._nc.jetstream()
             return
+        nc = await self._connect(max(1, self._initial_connect_attempts))
+        self._nc = nc
+        self._owns_nc = True
+        self._js = nc.jetstream()
+
+    async def _connect(self, first_attempts: int) -> Client:
+        """A new connection: ``first_attempts`` tries, then reconnects as configured."""
         options: dict[str, Any] = {
             "reconnect_time_wait": 0.5,
             "ping_interval": 10,
@@ -912,19 +936,61 @@ class NatsBackend:
             "reconnected_cb": self._on_reconnected,
         }
         options.update(self._connect_options)
+        user_closed_cb = options.get("closed_cb")
+
+        async def on_closed() -> None:
+            self._on_closed()
+            if user_closed_cb is not None:
+                await user_closed_cb()
+
+        options["closed_cb"] = on_closed
         wanted_attempts = options.pop("max_reconnect_attempts", -1)
         # With max_reconnect_attempts=-1 nats-py retries the *first* connection
         # forever too; bound the first one, then switch to the wanted policy.
-        first_attempts = wanted_attempts
-        if wanted_attempts < 0:
-            first_attempts = max(1, self._initial_connect_attempts)
+        if wanted_attempts >= 0:
+            first_attempts = wanted_attempts
         servers = self._url if isinstance(self._url, list) else [self._url]
         with _mapped(f"connect to {', '.join(servers)}"):
             nc = await _connect_or_fail_fast(servers, first_attempts, options)
         nc.options["max_reconnect_attempts"] = wanted_attempts
-        self._nc = nc
-        self._owns_nc = True
-        self._js = nc.jetstream()
+        return nc
+
+    def _on_closed(self) -> None:
+        """nats-py gave the connection up for good: make a new one (unless closing)."""
+        if self._closing or not self._owns_nc or self._nc is None or not self._nc.is_closed:
+            return
+        if self._renewing is None or self._renewing.done():
+            log.warning("nats: the connection is closed for good; making a new one")
+            self._renewing = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        """Connect again, with backoff, until connected or closing; then drop what the old one held.
+
+        Watches and consumers see the new generation and re-create themselves on it;
+        core subscriptions end with the old connection and are opened again.
+        """
+        backoff = _Backoff(0.1, 5.0)
+        while not self._closing:
+            try:
+                nc = await self._connect(1)
+            except BackendError as exc:
+                delay = backoff.next_delay()
+                log.warning("nats: renewing the connection failed (%s); again in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            if self._closing:
+                await nc.close()
+                return
+            replies, self._replies = self._replies, None
+            self._kvs.clear()
+            self._stream_cache.clear()
+            self._nc = nc
+            self._js = nc.jetstream()
+            self._generation += 1
+            if replies is not None:
+                await replies.close()
+            log.info("nats: connected again (connection %d)", self._generation + 1)
+            return
 
     async def _on_error(self, exc: Exception) -> None:
         if not self._closing:
@@ -939,6 +1005,11 @@ class NatsBackend:
 
     async def close(self) -> None:
         self._closing = True
+        renewing, self._renewing = self._renewing, None
+        if renewing is not None and not renewing.done():
+            renewing.cancel()
+            with contextlib.suppress(BaseException):
+                await renewing
         for item in list(self._open):
             with contextlib.suppress(Exception):
                 if isinstance(item, Subscription):
@@ -1225,7 +1296,8 @@ class NatsBackend:
         hdrs: dict[str, str] = dict(headers or {})
         if msg_id is not None:
             hdrs[_MSG_ID_HEADER] = msg_id
-        _check_size(f"publish {subject}", self._connection(), data, hdrs)
+        if self._nc is not None:
+            _check_size(f"publish {subject}", self._nc, data, hdrs)
         backoff = _Backoff()
         for attempt in range(1, self._publish_attempts + 1):
             try:

@@ -58,6 +58,7 @@ from reactive.dsl.workflow import Workflow, definition_of
 from reactive.errors import (
     BackendError,
     ConflictError,
+    ConnectionLostError,
     DecodeError,
     InvalidExecutionId,
     ReactiveError,
@@ -570,6 +571,8 @@ class Engine:
                             ):
                                 continue  # an echo of this engine's own commit, evaluated already
                             await self._enqueue_kv(entry)
+                except ConnectionLostError:
+                    raise  # nothing to retry on: the engine stops, with this error
                 except BackendError as e:
                     log.warning(
                         "watch of bucket %s failed (%s); retrying in %.1fs", bucket, e, backoff
@@ -673,6 +676,8 @@ class Engine:
                     backoff = 0.1
                     async for msg in messages:
                         await self._route_message(sub, msg)
+            except ConnectionLostError:
+                raise  # nothing to retry on: the engine stops, with this error
             except BackendError as e:
                 log.warning(
                     "subscription to %s failed (%s); retrying in %.1fs", sub.subject, e, backoff
@@ -749,6 +754,8 @@ class Engine:
                         full = self._enqueue(d.key(exec_id), (_CALLBACK, bound, msg, exec_id))
                         if full is not None:
                             await full
+            except ConnectionLostError:
+                raise  # nothing to retry on: the engine stops, with this error
             except BackendError as e:
                 log.warning(
                     "callback consumer for %s failed (%s); retrying in %.1fs", d.id, e, backoff
