@@ -1123,6 +1123,58 @@ async def test_two_engines_every_transition_and_effect_happens_once(
     assert (await js.stream_info(stream)).state.consumer_count == 1
 
 
+class Note(msgspec.Struct):
+    id: str
+
+
+def overlap_workflow(calls: list[tuple[str, str]]) -> type[Workflow]:
+    """Two message-only rules on overlapping core subjects; each call is recorded in ``calls``."""
+    wid = uid("overlap")
+
+    class Overlap(Workflow, id=wid):
+        @rule(on_subject=f"{wid}.in.*", message=Note, publish=f"{wid}.out.star")
+        def star(self, ctx: RuleContext[None, Note]) -> dict[str, str]:
+            calls.append(("star", ctx.message.id))
+            return {"id": ctx.message.id}
+
+        @rule(on_subject=f"{wid}.in.>", message=Note, publish=f"{wid}.out.tail")
+        def tail(self, ctx: RuleContext[None, Note]) -> dict[str, str]:
+            calls.append(("tail", ctx.message.id))
+            return {"id": ctx.message.id}
+
+    return Overlap
+
+
+async def test_rules_on_overlapping_core_subjects_each_get_every_message_once(
+    nats_url: str, nc: Client
+) -> None:
+    calls: list[tuple[str, str]] = []
+    flow = overlap_workflow(calls)
+    d = definition_of(flow)
+    sent = [f"m{i}" for i in range(10)]
+
+    def handled(rule_id: str) -> list[str]:
+        return sorted(m for r, m in calls if r == rule_id)
+
+    def every_rule_had_all() -> bool:
+        return all(set(handled(r)) == set(sent) for r in ("star", "tail"))
+
+    # One engine: both rules get all ten messages.
+    async with engine_on(nats_url, [flow]):
+        for m in sent:
+            await nc.publish(f"{d.id}.in.x", dumps({"id": m}))
+        await eventually(every_rule_had_all, what="every message to both rules")
+    assert handled("star") == handled("tail") == sorted(sent)
+
+    # Two engines of the workflow set: still every message to both rules, once per rule.
+    calls.clear()
+    async with engine_on(nats_url, [flow]), engine_on(nats_url, [flow]):
+        for m in sent:
+            await nc.publish(f"{d.id}.in.x", dumps({"id": m}))
+        await eventually(every_rule_had_all, what="every message to both rules")
+    assert handled("star") == handled("tail") == sorted(sent)
+
+
 # ---------------------------------------------------------------------------
 # 8. restart: a new engine picks up every execution where the old one left it
 # ---------------------------------------------------------------------------

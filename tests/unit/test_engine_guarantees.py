@@ -1292,6 +1292,32 @@ async def test_two_engines_time_out_and_fail_a_task_once() -> None:
         a.assert_published("reviews.failed", count=1)
 
 
+class Overlap(Workflow, id="overlap2", state=Review):
+    @rule(on_subject="overlap2.in.*", message=Submitted, publish="overlap2.star")
+    def star(self, ctx: RuleContext[None, Submitted]) -> dict[str, Any]:
+        return {"id": ctx.message.plan_id}
+
+    @rule(on_subject="overlap2.in.>", message=Submitted, publish="overlap2.tail")
+    def tail(self, ctx: RuleContext[None, Submitted]) -> dict[str, Any]:
+        return {"id": ctx.message.plan_id}
+
+
+async def test_two_engines_handle_each_core_message_once_per_overlapping_rule() -> None:
+    clock = ManualClock()
+    backend = MemoryBackend(clock=clock)
+    async with (
+        TestEngine(Overlap, clock=clock, backend=backend, instance_id="a") as a,
+        TestEngine(Overlap, clock=clock, backend=backend, instance_id="b") as b,
+    ):
+        group = Group(a, b)
+        for i in range(10):
+            await backend.publish("overlap2.in.x", msgspec.json.encode(Submitted(plan_id=f"m{i}")))
+        await group.settle()
+        # Each rule got every message once: the engines shared them, rule by rule.
+        for subject in ("overlap2.star", "overlap2.tail"):
+            assert sorted(p["id"] for p in a.published(subject)) == [f"m{i}" for i in range(10)]
+
+
 def _registry() -> Any:
     from prometheus_client import CollectorRegistry
 
