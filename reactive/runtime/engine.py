@@ -1165,10 +1165,15 @@ class Engine:
             return True
         if r.max_firings and firing.count >= r.max_firings:
             return True
-        if r.cooldown and now - firing.last_at < r.cooldown:
-            if target is not None:
-                self.timers.schedule(firing.last_at + r.cooldown, target)
-            return True
+        if r.cooldown:
+            # One expression for the hold and the wake-up: ``now - last_at < cooldown``
+            # can hold at ``last_at + cooldown`` itself (float rounding), and the rule
+            # would be held at its own wake-up, re-arming it for that instant forever.
+            ready_at = firing.last_at + r.cooldown
+            if now < ready_at:
+                if target is not None:
+                    self.timers.schedule(ready_at, target)
+                return True
         return False
 
     async def _enforce_deadlines(

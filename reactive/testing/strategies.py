@@ -1142,7 +1142,7 @@ class WorkflowMachine(RuleBasedStateMachine):
             firing = state.firings.get(r.id)
             held = firing is not None and (
                 (r.max_firings and firing.count >= r.max_firings)
-                or (r.cooldown and now - firing.last_at < r.cooldown)
+                or (r.cooldown and now < firing.last_at + r.cooldown)  # as the engine holds
             )
             assert held, (
                 f"{where}: at rest, but rule {r.id!r} ({r.condition_description}) holds on "

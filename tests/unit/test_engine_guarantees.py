@@ -532,6 +532,31 @@ async def test_cooldown_holds_a_state_writing_rule_and_its_end_fires_it_again() 
         ]
 
 
+class Brief(Workflow, id="brief", state=Counter):
+    @rule(watch_kv=True, when=phase_is("go"), mutate=True, cooldown=0.1)
+    def tick(self, ctx: RuleContext[Counter, None]) -> None:
+        ctx.state.ticks += 1
+
+    @rule(watch_kv=True, when=phase_is("go"), publish="brief.ping", cooldown=0.1)
+    def ping(self, ctx: RuleContext[Counter, None]) -> dict[str, int]:
+        return {"rev": ctx.revision}
+
+
+async def test_a_cooldown_whose_end_rounds_below_it_ends_at_its_timer() -> None:
+    # 1767225600.0 + 0.1 - 1767225600.0 < 0.1 in floats: the end the timer is set for
+    # must be the end the rule is held until, or the rule is held at its own wake-up
+    # and the timer re-armed for that same instant forever.
+    clock = ManualClock(1_767_225_600.0)
+    async with TestEngine(Brief, clock=clock, settle_timeout=2.0) as te:
+        await te.start(Brief, "b1", Counter(phase="go"))
+        assert te.state(Brief, "b1").ticks == 1
+        assert len(te.published("brief.ping")) == 1
+        with anyio.fail_after(5):
+            await te.advance(0.1)
+        assert te.state(Brief, "b1").ticks == 2
+        assert len(te.published("brief.ping")) == 2
+
+
 async def test_cooldown_of_a_state_writing_rule_survives_a_restart() -> None:
     clock = ManualClock()
     backend = MemoryBackend(clock=clock)
