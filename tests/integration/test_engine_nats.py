@@ -514,6 +514,88 @@ async def _at_least(found: Awaitable[list[Any]], n: int) -> bool:
     return len(await found) >= n
 
 
+class AlarmState(ExecutionState):
+    alerts: int = 0
+
+
+def alarm_workflow(scope: str, cooldown: float) -> type[Workflow]:
+    """An alert that writes state and a notice that only publishes, with ``cooldown`` in ``scope``."""
+    wid = uid(f"alarm-{scope}")
+
+    class Alarms(Workflow, id=wid, state=AlarmState):
+        @rule(
+            watch_kv=True,
+            when=phase_is("hot"),
+            mutate=True,
+            cooldown=cooldown,
+            cooldown_scope=scope,  # type: ignore[arg-type]
+        )
+        def alert(self, ctx: RuleContext[AlarmState, None]) -> None:
+            ctx.state.alerts += 1
+            ctx.state.phase = "alerted"
+
+        @rule(
+            watch_kv=True,
+            when=phase_is("alerted"),
+            publish=f"{wid}.notice",
+            cooldown=cooldown,
+            cooldown_scope=scope,  # type: ignore[arg-type]
+        )
+        def notice(self, ctx: RuleContext[AlarmState, None]) -> dict[str, Any]:
+            return {"id": ctx.execution_id}
+
+    return Alarms
+
+
+@pytest.mark.parametrize(
+    ("scope", "cooldown"),
+    # An execution's cooldown never holds another: a long one shows it (all fire at once).
+    # A workflow's holds every other execution: a short one lets the test see them all.
+    [("execution", 600.0), ("workflow", 0.5)],
+)
+async def test_cooldown_scope_execution_or_workflow_on_two_engines(
+    nats_url: str, nc: Client, scope: str, cooldown: float
+) -> None:
+    flow = alarm_workflow(scope, cooldown)
+    d = definition_of(flow)
+    js = nc.jetstream()
+    ids = [f"e{i}" for i in range(4)]
+    notices = await Inbox.open(nc, f"{d.id}.notice")
+    async with engine_on(nats_url, [flow]) as a, engine_on(nats_url, [flow]):
+        kv = await js.key_value(d.bucket)
+        for i in ids:
+            await kv.put(
+                d.key(i), dumps({"id": i, "workflow_id": d.id, "status": "running", "phase": "hot"})
+            )
+        await eventually(lambda: _all_alerted(a, flow, ids), what="every execution alerted")
+        await eventually(lambda: len(notices.messages) >= len(ids), what="every notice")
+        states = [await a.get(flow, i) for i in ids]
+        meta = await js.key_value("REACTIVE_META")
+        claims = [
+            json.loads((await meta.get(f"fire.{d.id}.notice.{d.bucket}.{d.key(i)}")).value or b"")
+            for i in ids
+        ]
+    # Each execution alerted once and got one notice.
+    assert [st.alerts for st in states] == [1] * len(ids)
+    assert sorted(n["id"] for n in notices.payloads()) == ids
+    if scope == "workflow":
+        # One at a time across the executions and both engines, a cooldown apart
+        # (as the engine compares: the later at or after the earlier plus the cooldown).
+        for times in (
+            sorted(st.firings["alert"].last_at for st in states),
+            sorted(c["last_at"] for c in claims),
+        ):
+            assert all(b >= a + cooldown for a, b in itertools.pairwise(times)), times
+
+
+async def _all_alerted(engine: Engine, flow: type[Workflow], ids: list[str]) -> bool:
+    for i in ids:
+        st = await engine.get(flow, i)
+        if st is None or st.phase != "alerted":
+            return False
+    return True
+
+
 # ---------------------------------------------------------------------------
 # a plan review, answered by a worker
 # ---------------------------------------------------------------------------

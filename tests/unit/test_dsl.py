@@ -188,6 +188,21 @@ def assert_names(
             id="cooldown-unreadable",
         ),
         pytest.param(
+            {"watch_kv": True, "mutate": True, "cooldown": "1m", "cooldown_scope": "global"},
+            "cooldown_scope must be 'execution' or 'workflow', got 'global'",
+            id="cooldown-scope-bad",
+        ),
+        pytest.param(
+            {"watch_kv": True, "mutate": True, "cooldown_scope": "workflow"},
+            "cooldown_scope='workflow' needs a cooldown",
+            id="cooldown-scope-no-cooldown",
+        ),
+        pytest.param(
+            {"watch_kv": True, "mutate": True, "cooldown": 0, "cooldown_scope": "execution"},
+            "needs a cooldown",
+            id="cooldown-scope-zero-cooldown",
+        ),
+        pytest.param(
             {"watch_kv": True, "mutate": True, "state_key": lambda m: m.order_id},
             "state_key needs on_subject",
             id="state-key-no-subject",
@@ -603,6 +618,32 @@ def test_durations_on_rules_and_workflows() -> None:
     assert d.timeout == 3600.0
     assert d.task_timeout == 0.5
     assert [r.cooldown for r in d.rules] == [600.0, 90.0, 0.5]
+
+
+def test_cooldown_scope_defaults_to_the_execution() -> None:
+    class Scoped(Workflow, id="scoped"):
+        @rule(watch_kv=True, mutate=True, cooldown="1m")
+        def each(self, ctx: RuleContext[ExecutionState, None]) -> None: ...
+
+        @rule(watch_kv=True, mutate=True, cooldown="1m", cooldown_scope="workflow")
+        def shared(self, ctx: RuleContext[ExecutionState, None]) -> None: ...
+
+        @rule(watch_kv=True, mutate=True, cooldown="1m", cooldown_scope="execution")
+        def said(self, ctx: RuleContext[ExecutionState, None]) -> None: ...
+
+    r = definition_of(Scoped).rules_by_id
+    assert [r[i].cooldown_scope for i in ("each", "shared", "said")] == [
+        "execution",
+        "workflow",
+        "execution",
+    ]
+    assert [r[i].shared_cooldown for i in ("each", "shared", "said")] == [False, True, False]
+
+
+def test_an_unreadable_cooldown_with_a_scope_is_reported_once() -> None:
+    err = broken_rule(watch_kv=True, mutate=True, cooldown="soon", cooldown_scope="workflow")
+    assert_names(err, "cooldown")
+    assert len(err.reasons) == 1, err.reasons
 
 
 def test_unreadable_workflow_timeout_is_a_definition_error() -> None:

@@ -630,6 +630,110 @@ async def test_cooldown_holds_across_two_engine_processes() -> None:
         assert len(a.published("pinger.cool")) == 2
 
 
+class Alarm(ExecutionState):
+    alerts: int = 0
+
+
+def alarm_workflow(scope: str) -> type[Workflow]:
+    """An alert that writes state, and a notice that only publishes, both with a 10 s cooldown."""
+
+    class Alarms(Workflow, id=f"alarms-{scope}", state=Alarm):
+        @rule(
+            watch_kv=True, when=phase_is("hot"), mutate=True, cooldown="10s", cooldown_scope=scope
+        )  # type: ignore[arg-type]
+        def alert(self, ctx: RuleContext[Alarm, None]) -> None:
+            ctx.state.alerts += 1
+            ctx.state.phase = "alerted"
+
+        @rule(
+            watch_kv=True,
+            when=phase_is("alerted"),
+            publish=f"alarms-{scope}.notice",
+            cooldown="10s",
+            cooldown_scope=scope,  # type: ignore[arg-type]
+        )
+        def notice(self, ctx: RuleContext[Alarm, None]) -> dict[str, Any]:
+            return {"id": ctx.execution_id, "at": ctx.now}
+
+    return Alarms
+
+
+def alert_times(te: TestEngine, workflow: type[Workflow], ids: list[str]) -> list[float]:
+    """When each execution's alert fired (its firing record), in order; never-fired ones left out."""
+    times = []
+    for i in ids:
+        st = te.state(workflow, i)
+        if st is not None and "alert" in st.firings:
+            assert st.alerts == 1, (i, st.alerts)
+            times.append(st.firings["alert"].last_at)
+    return sorted(times)
+
+
+async def test_an_execution_scoped_cooldown_holds_each_execution_apart() -> None:
+    flow = alarm_workflow("execution")
+    ids = ["e1", "e2", "e3"]
+    async with TestEngine(flow) as te:
+        t0 = te.clock.now()
+        for i in ids:
+            await te.trigger_kv(flow, i, running(i, "alarms-execution", phase="hot"))
+        assert alert_times(te, flow, ids) == [t0] * 3
+        assert sorted(n["id"] for n in te.published("alarms-execution.notice")) == ids
+
+
+async def test_a_workflow_scoped_cooldown_lets_one_execution_fire_per_cooldown() -> None:
+    flow = alarm_workflow("workflow")
+    ids = ["e1", "e2", "e3"]
+    async with TestEngine(flow) as te:
+        t0 = te.clock.now()
+        for i in ids:
+            await te.trigger_kv(flow, i, running(i, "alarms-workflow", phase="hot"))
+        # One alert, one notice, for all three executions.
+        assert alert_times(te, flow, ids) == [t0]
+        assert len(te.published("alarms-workflow.notice")) == 1
+        await te.advance(9.9)
+        assert alert_times(te, flow, ids) == [t0]
+        # Each cooldown's end lets the next one fire, on its own revision.
+        await te.advance(0.1)
+        assert alert_times(te, flow, ids) == [t0, t0 + 10]
+        assert len(te.published("alarms-workflow.notice")) == 2
+        await te.advance(10)
+        assert alert_times(te, flow, ids) == [t0, t0 + 10, t0 + 20]
+        notices = te.published("alarms-workflow.notice")
+        assert sorted(n["id"] for n in notices) == ids
+        assert [n["at"] for n in notices] == [t0, t0 + 10, t0 + 20]
+
+
+async def test_a_workflow_scoped_cooldown_survives_a_restart_and_holds_across_two_engines() -> None:
+    flow = alarm_workflow("workflow")
+    clock = ManualClock()
+    backend = MemoryBackend(clock=clock)
+    t0 = clock.now()
+    async with TestEngine(flow, clock=clock, backend=backend) as te:
+        await te.trigger_kv(flow, "e1", running("e1", "alarms-workflow", phase="hot"))
+        assert alert_times(te, flow, ["e1"]) == [t0]
+    clock.advance(5)
+    async with (
+        TestEngine(flow, clock=clock, backend=backend, instance_id="a") as a,
+        TestEngine(flow, clock=clock, backend=backend, instance_id="b") as b,
+    ):
+        group = Group(a, b)
+        ids = [f"e{i}" for i in range(2, 6)]
+        for i in ids:
+            await backend.kv_put(
+                "ALARMS_WORKFLOW",
+                f"alarms-workflow.{i}",
+                msgspec.json.encode(running(i, "alarms-workflow", phase="hot")),
+            )
+        await group.settle()
+        assert alert_times(a, flow, ids) == []  # the new engines know the cooldown began at t0
+        await group.advance(5)
+        assert alert_times(a, flow, ids) == [t0 + 10]
+        await group.advance(30)
+        assert alert_times(a, flow, ids) == [t0 + 10, t0 + 20, t0 + 30, t0 + 40]
+        notices = a.published("alarms-workflow.notice")
+        assert [n["at"] for n in notices] == [t0, t0 + 10, t0 + 20, t0 + 30, t0 + 40]
+
+
 # --------------------------------------------------------------------------- 3. max iterations
 
 
