@@ -85,6 +85,8 @@ class Workflow(metaclass=WorkflowMeta):
 
     Instances may carry dependencies (clients, settings) for the rule methods;
     the engine takes a class (instantiated with no arguments) or an instance.
+    A class meant only as a base for others is declared with ``abstract=True``
+    (``class Base(Workflow, abstract=True)``): it is not compiled, and may have no rules.
     """
 
     __reactive__: ClassVar[WorkflowDef]
@@ -266,6 +268,12 @@ def _compile(
             elif attr in methods:
                 methods.pop(attr)
 
+    if not methods:
+        bases = ", ".join(b.__name__ for b in cls.__bases__)
+        reasons.append(
+            "no rules: a workflow needs at least one @rule method (a base class meant "
+            f"only for subclassing says so: `class {name}({bases}, abstract=True)`)"
+        )
     rules: list[RuleDef] = []
     seen_ids: dict[str, str] = {}
     for index, (attr, method) in enumerate(methods.items()):

@@ -248,6 +248,29 @@ def test_invalid_rule_raises_definition_error_naming_class_rule_and_reason(
     assert_names(broken_rule(**options), reason)
 
 
+def test_a_concrete_workflow_without_rules_is_refused() -> None:
+    with pytest.raises(DefinitionError) as info:
+
+        class Empty(Workflow, id="empty"):
+            pass
+
+    assert_names(info.value, "no rules", rule_id=None, cls="Empty")
+    assert "abstract=True" in str(info.value)  # the way to say it is a base class
+
+
+def test_an_abstract_base_without_rules_is_accepted_and_its_subclasses_compile() -> None:
+    class Base(Workflow, abstract=True):
+        """Shared helpers, no rules yet."""
+
+    class WithRules(Base, id="with-rules"):
+        @rule(watch_kv=True, mutate=True)
+        def only(self, ctx: RuleContext[ExecutionState, None]) -> None: ...
+
+    with pytest.raises(TypeError):
+        definition_of(Base)
+    assert [r.id for r in definition_of(WithRules).rules] == ["only"]
+
+
 def test_definition_error_is_a_reactive_type_error() -> None:
     from reactive import ReactiveError
 
