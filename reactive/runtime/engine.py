@@ -2164,16 +2164,22 @@ class Engine:
             was_terminal = False
             action = "callback"
             outbox: list[OutboxMessage] = []
-            if env.error:
-                work.fail(f"task {env.task_id} of rule {rule_id} failed: {env.error}")
-                status = "error"
-            else:
+            result: Any = None
+            failure = env.error
+            if not failure:
                 try:
                     result = decode(r.result_type, msg.data)
                 except DecodeError as e:
-                    self._metric(self.metrics.poison_messages, d.id, "callback").inc()
-                    log.warning("terminating undecodable callback on %s: %s", msg.subject, e)
-                    return "poison"
+                    # A result of the wrong shape: the task failed, now (not at its timeout).
+                    failure = f"its result does not decode: {e}"
+                    action = "invalid_result"
+            if failure:
+                work.fail(f"task {env.task_id} of rule {rule_id} failed: {failure}")
+                if action == "invalid_result":
+                    status = "invalid"
+                else:
+                    action, status = "callback_error", "error"
+            else:
                 work.clear_pending_task()
                 ctx: RuleContext[Any, Any] = RuleContext(
                     state=work,
@@ -2213,15 +2219,19 @@ class Engine:
                     rule_id=r.id,
                     trigger_mode="callback",
                     trigger_info=msg.subject,
-                    action=action if not env.error else "callback_error",
+                    action=action,
                     phase=work.phase,
                     iteration=work.iteration,
+                    error=work.error if action != "callback" else "",
                 )
             )
             if not was_terminal and work.status in _TERMINAL:
-                reason = {"escalate": "max_iterations", "error": "rule_error"}.get(
-                    action, "callback_error" if env.error else "rule"
-                )
+                reason = {
+                    "escalate": "max_iterations",
+                    "error": "rule_error",
+                    "callback_error": "callback_error",
+                    "invalid_result": "invalid_result",
+                }.get(action, "rule")
                 self._terminal_bookkeeping(d, work, outbox, now, None, None, reason)
             else:
                 work.outbox = outbox
@@ -2246,6 +2256,10 @@ class Engine:
                 work.phase,
                 work.status.value,
             )
+            if status == "invalid":
+                self._metric(self.metrics.poison_messages, d.id, "callback").inc()
+                log.warning("terminating callback on %s: %s", msg.subject, work.error)
+                return "poison"  # (terminated: its effect is committed, it must not come back)
             return "done"
         raise TransientBackendError(
             f"{key}: lost {self.conflict_retries} compare-and-sets in a row"

@@ -372,6 +372,33 @@ async def test_async_task_without_callback_times_out(
         assert st.answers == []
 
 
+async def test_a_result_of_the_wrong_shape_fails_the_task_at_once(
+    nats_url: str, nc: Client
+) -> None:
+    flow = callback_workflow(task_timeout=600.0)
+    d = definition_of(flow)
+    js = nc.jetstream()
+    requests = await Inbox.open(nc, f"{d.id}.request")
+    failures = await Inbox.open(nc, d.on_fail)
+    async with engine_on(nats_url, [flow]) as engine:
+        await engine.start_execution(flow, "bad", CbState(phase="ask", value="v"))
+        req = await requests.next()
+        # "answer" must be a string.
+        await js.publish(req["callback_subject"], dumps({"task_id": req["task_id"], "answer": 42}))
+        st = await engine.wait_for(flow, "bad", timeout=WAIT)  # long before the 10-minute timeout
+        assert st.status is Status.FAILED
+        assert "does not decode" in st.error and "$.answer" in st.error, st.error
+        assert (st.timeline[-1].action, st.timeline[-1].error) == ("invalid_result", st.error)
+        event = await failures.next()
+        assert (event["execution_id"], event["error"]) == ("bad", st.error)
+        assert metric("reactive_callbacks_received_total", workflow=d.id, status="invalid") == 1
+        assert metric("reactive_poison_messages_total", workflow=d.id) == 1
+        # The callback was settled for good (terminated), not left to be redelivered.
+        await eventually(lambda: consumer_settled(js, "REACTIVE_CALLBACKS", callback_durable(flow)))
+        info = await js.consumer_info("REACTIVE_CALLBACKS", callback_durable(flow))
+        assert info.num_redelivered == 0
+
+
 # ---------------------------------------------------------------------------
 # 2. cooldown and max firings: durable, across a restart and two processes
 # ---------------------------------------------------------------------------

@@ -462,8 +462,9 @@ async def test_undecodable_callback_is_terminated_and_the_execution_keeps_waitin
         task_id = te.state(Reviews, "p1").pending_task_id
         rev = backend.peek("REVIEWS", "reviews.p1").revision
         subject = callback_subject(Reviews, "p1")
+        # Not JSON, and a task id that is not a string: no task can be told from them.
         await backend.publish(subject, b"{not json")
-        await backend.publish(subject, msgspec.json.encode({"task_id": task_id, "verdict": 42}))
+        await backend.publish(subject, msgspec.json.encode({"task_id": 7, "verdict": "approved"}))
         await te.settle()
         await te.advance(
             31
@@ -479,6 +480,42 @@ async def test_undecodable_callback_is_terminated_and_the_execution_keeps_waitin
         # The execution still takes its real result.
         await te.callback(Reviews, "p1", {"verdict": "approved"})
         te.assert_status(Reviews, "p1", Status.COMPLETED)
+
+
+async def test_a_result_of_the_wrong_shape_fails_the_task_at_once(metrics: EngineMetrics) -> None:
+    clock = ManualClock()
+    backend = FaultyBackend(clock)
+    async with TestEngine(Reviews, clock=clock, backend=backend, metrics=metrics) as te:
+        await te.trigger_message("plans.submitted", Submitted(plan_id="p1"))
+        task_id = te.state(Reviews, "p1").pending_task_id
+        subject = callback_subject(Reviews, "p1")
+        await backend.publish(subject, msgspec.json.encode({"task_id": task_id, "verdict": 42}))
+        await te.settle()
+        # Failed now, not at the task timeout, with the decode error as the reason.
+        st = te.state(Reviews, "p1")
+        assert st.status is Status.FAILED
+        assert st.pending_task_id == ""
+        assert f"task {task_id} of rule ask" in st.error
+        assert "Expected `str`, got `int` - at `$.verdict`" in st.error, st.error
+        last = st.timeline[-1]
+        assert (last.rule_id, last.trigger_mode, last.action) == (
+            "ask",
+            "callback",
+            "invalid_result",
+        )
+        assert last.error == st.error
+        (event,) = te.assert_published("reviews.failed", count=1)
+        assert event["error"] == st.error
+        assert count(metrics.callbacks_received, "reviews", "ask", "invalid") == 1
+        assert count(metrics.poison_messages, "reviews", "callback") == 1
+        assert count(metrics.executions_failed, "reviews", "invalid_result") == 1
+        # The callback is settled for good: terminated, never redelivered.
+        await te.advance(31)
+        assert [(how, n) for how, s, n, _ in backend.settled if s == subject] == [("term", 1)]
+        # The right result, late, changes nothing.
+        await te.callback(Reviews, "p1", {"verdict": "approved"}, task_id=task_id)
+        te.assert_status(Reviews, "p1", Status.FAILED)
+        te.assert_published("reviews.failed", count=1)
 
 
 # --------------------------------------------------------------------------- 2. cooldown and max firings
