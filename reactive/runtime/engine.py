@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import gc
 import logging
+import secrets
 import time
 import typing
 import uuid
@@ -1380,7 +1381,9 @@ class Engine:
                     )
                 )
             elif r.action is _PUBLISH_ASYNC and work.status not in _TERMINAL:
-                task_id = f"{exec_id}-{r.id}-{revision}"
+                # Unguessable: only the worker given the request can answer it (the state
+                # and the outbox keep it, so a redelivered request carries the same id).
+                task_id = f"{exec_id}-{r.id}-{revision}-{secrets.token_hex(12)}"
                 callback_subject = f"{self.callback_prefix}.{d.id}.{exec_id}"
                 payload = inject_callback_fields(payload, task_id, callback_subject, exec_id)
                 work.set_pending_task(task_id, r.id)

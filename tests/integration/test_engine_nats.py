@@ -10,10 +10,12 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -397,6 +399,93 @@ async def test_a_result_of_the_wrong_shape_fails_the_task_at_once(
         await eventually(lambda: consumer_settled(js, "REACTIVE_CALLBACKS", callback_durable(flow)))
         info = await js.consumer_info("REACTIVE_CALLBACKS", callback_durable(flow))
         assert info.num_redelivered == 0
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_permissions() -> str:
+    """The nats-server authorization block the README recommends, as written there."""
+    blocks = re.findall(r"```conf\n(.*?)```", README.read_text(), re.S)
+    (block,) = [b for b in blocks if "authorization" in b]
+    return block
+
+
+async def test_task_ids_are_unguessable_and_the_readme_permissions_keep_workers_to_their_callbacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "nats-server.conf"
+    conf.write_text(readme_permissions())
+    monkeypatch.setenv("ENGINE_PASSWORD", "engine-pw")
+    monkeypatch.setenv("REVIEWER_PASSWORD", "reviewer-pw")
+    server = NatsServer(data_dir=tmp_path / "store", extra_args=["-c", str(conf)])
+    server.start()
+
+    class PlanReview(Workflow, id="plan-review", state=CbState):
+        @rule(watch_kv=True, when=phase_is("ask"), publish_async="reviewer.input")
+        def ask(self, ctx: RuleContext[CbState, None]) -> CbRequest:
+            return CbRequest(value=ctx.state.value)
+
+        @ask.on_result
+        def answered(self, ctx: RuleContext[CbState, None], result: CbResult) -> None:
+            ctx.state.answers.append(result.answer)
+            ctx.state.phase = "answered"
+
+        @rule(watch_kv=True, when=phase_is("answered"), complete=True)
+        def done(self, ctx: RuleContext[CbState, None]) -> None: ...
+
+    errors: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(str(e))
+
+    stale = {"workflow": "plan-review", "status": "stale"}
+    stale_before = metric("reactive_callbacks_received_total", **stale)
+    engine_backend = NatsBackend(
+        server.url, connect_options={"user": "engine", "password": "engine-pw"}
+    )
+    try:
+        worker = await nats.connect(
+            server.url, user="reviewer", password="reviewer-pw", error_cb=on_error
+        )
+        try:
+            requests = await Inbox.open(worker, "reviewer.input")
+            async with engine_on(server.url, [PlanReview], backend=engine_backend) as engine:
+                await engine.start_execution(PlanReview, "p1", CbState(phase="ask", value="v"))
+                req = await requests.next()
+                # What can be known of a task (execution, rule, revision), then 96 random bits.
+                assert re.fullmatch(r"p1-ask-\d+-[0-9a-f]{24}", req["task_id"]), req["task_id"]
+                guessed = req["task_id"].rsplit("-", 1)[0]
+                await worker.publish(
+                    req["callback_subject"], dumps({"task_id": guessed, "answer": "forged"})
+                )
+                await eventually(
+                    lambda: (
+                        metric("reactive_callbacks_received_total", **stale) == stale_before + 1
+                    ),
+                    what="the forged callback ignored as stale",
+                )
+                assert (await engine.get(PlanReview, "p1")).status is Status.WAITING
+                # Another workflow's callback subjects are closed to this worker.
+                await worker.publish(
+                    "reactive.callback.other-flow.p1", dumps({"task_id": "t", "answer": "x"})
+                )
+                await eventually(
+                    lambda: any(
+                        "permissions violation" in e.lower() and "other-flow" in e for e in errors
+                    ),
+                    what="a permissions violation for another workflow's callback subject",
+                )
+                # The real answer goes through.
+                await worker.publish(
+                    req["callback_subject"], dumps({"task_id": req["task_id"], "answer": "real"})
+                )
+                st = await engine.wait_for(PlanReview, "p1", timeout=WAIT)
+                assert (st.status, st.answers) == (Status.COMPLETED, ["real"])
+        finally:
+            await worker.close()
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------

@@ -381,6 +381,35 @@ async def test_stale_and_duplicate_callbacks_are_acked_and_ignored(metrics: Engi
         assert count(metrics.callbacks_received, "reviews", "ask", "ok") == 1
 
 
+async def test_task_ids_cannot_be_guessed_and_a_forged_one_is_ignored_as_stale(
+    metrics: EngineMetrics,
+) -> None:
+    # The same execution, rule and revision twice (two fresh backends): two task ids.
+    task_ids, revisions = [], []
+    for _ in range(2):
+        async with TestEngine(Reviews) as te:
+            await te.trigger_message("plans.submitted", Submitted(plan_id="p1"))
+            task_ids.append(te.state(Reviews, "p1").pending_task_id)
+            revisions.append(te.backend.peek("REVIEWS", "reviews.p1").revision)
+    assert revisions[0] == revisions[1]
+    assert task_ids[0] != task_ids[1], task_ids
+    # What can be known about it (execution, rule, revision) is not enough to answer it.
+    clock = ManualClock()
+    backend = FaultyBackend(clock)
+    async with TestEngine(Reviews, clock=clock, backend=backend, metrics=metrics) as te:
+        await te.trigger_message("plans.submitted", Submitted(plan_id="p1"))
+        waiting_rev = backend.peek("REVIEWS", "reviews.p1").revision
+        fired_on = waiting_rev - 1  # the revision the request was decided on
+        for forged in (f"p1-ask-{fired_on}", f"p1-ask-{waiting_rev}"):
+            await te.callback(Reviews, "p1", {"verdict": "approved"}, task_id=forged)
+        st = te.state(Reviews, "p1")
+        assert (st.status, st.verdict) == (Status.WAITING, "")
+        assert backend.peek("REVIEWS", "reviews.p1").revision == waiting_rev
+        assert count(metrics.callbacks_received, "reviews", "ask", "stale") == 2
+        await te.callback(Reviews, "p1", {"verdict": "approved"})  # the real one
+        te.assert_status(Reviews, "p1", Status.COMPLETED)
+
+
 async def test_callback_for_an_unknown_or_invalid_execution_is_settled_and_creates_nothing(
     metrics: EngineMetrics,
 ) -> None:
