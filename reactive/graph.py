@@ -141,7 +141,9 @@ def mermaid(workflow: type[Workflow] | Workflow | WorkflowDef, direction: str = 
             action += f" {r.publish_subject}"
         extras = []
         if r.cooldown:
-            extras.append(f"cooldown {r.cooldown:g}s")
+            extras.append(
+                f"cooldown {r.cooldown:g}s" + (" for the workflow" if r.shared_cooldown else "")
+            )
         if r.max_firings:
             extras.append(f"max {r.max_firings}")
         label = f"{r.id}: {action}" + (f" ({', '.join(extras)})" if extras else "")

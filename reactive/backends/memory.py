@@ -11,7 +11,8 @@ It keeps the semantics the runtime depends on (see /work/shared/NATS-NOTES.md):
 * Streams store what their subjects capture, deduplicated by ``msg_id`` within
   ``duplicate_window`` seconds of *clock* time.
 * Core subscriptions are at-most-once; queue groups deliver to exactly one member
-  (round-robin here, random on a real server).
+  (round-robin here, random on a real server). A group is its name, whatever the
+  subjects: a message matching members on ``a.*`` and ``a.>`` reaches one of them.
 * Durable pull consumers persist across contexts, share messages between every open
   context, and redeliver on ``nak(delay)`` or after ``ack_wait`` — all measured on the
   injected clock, so a ``ManualClock`` drives redelivery deterministically.

@@ -54,6 +54,9 @@ class RuleDef:
     result_type: Any = None
     result_handler_name: str | None = None
     cooldown: float = 0.0
+    # The cooldown is one for all the workflow's executions (cooldown_scope="workflow"),
+    # not one per execution.
+    shared_cooldown: bool = False
     max_firings: int = 0
     on_deletes: bool = False
     phases: frozenset[str] | None = None  # the phases its conditions require, when known
@@ -61,6 +64,11 @@ class RuleDef:
     @property
     def has_limits(self) -> bool:
         return self.cooldown > 0 or self.max_firings > 0
+
+    @property
+    def cooldown_scope(self) -> str:
+        """What one cooldown holds back: ``"execution"`` (each its own) or ``"workflow"`` (all)."""
+        return "workflow" if self.shared_cooldown else "execution"
 
 
 @dataclass(frozen=True, slots=True, eq=False)

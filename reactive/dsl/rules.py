@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, Literal, TypeVar, overload
 
 from reactive.dsl.context import RuleContext
 
@@ -40,6 +40,7 @@ class RuleOptions:
     mutate: bool | Callable[[RuleContext[Any, Any]], None] = False
     complete: bool = False
     cooldown: float | str | timedelta | None = None
+    cooldown_scope: str | None = None
     max_firings: int | None = None
     on_deletes: bool = False
 
@@ -110,6 +111,7 @@ def rule(
     mutate: bool | Callable[[RuleContext[Any, Any]], None] = False,
     complete: bool = False,
     cooldown: float | str | timedelta | None = None,
+    cooldown_scope: Literal["execution", "workflow"] | None = None,
     max_firings: int | None = None,
     on_deletes: bool = False,
 ) -> Callable[[F], RuleMethod[F]]:
@@ -137,6 +139,9 @@ def rule(
         with ``publish=`` the method's return value is published as the event.
 
     Limits: ``cooldown`` (seconds or '30s'), ``max_firings`` per execution.
+    ``cooldown_scope="workflow"`` makes the cooldown one for the whole workflow (the
+    rule fires for one execution at most once per cooldown, whichever it is);
+    the default, ``"execution"``, keeps one per execution.
     """
     options = RuleOptions(
         id=id,
@@ -153,6 +158,7 @@ def rule(
         mutate=mutate,
         complete=complete,
         cooldown=cooldown,
+        cooldown_scope=cooldown_scope,
         max_firings=max_firings,
         on_deletes=on_deletes,
     )

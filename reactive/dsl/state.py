@@ -60,6 +60,7 @@ class TimelineEntry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     action: str = ""
     phase: str = msgspec.field(default="", name="phase_after")
     iteration: int = 0
+    error: str = ""  # why this transition failed or escalated the execution, when it did
 
 
 class Firing(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

@@ -37,6 +37,7 @@ _WORKFLOW_OPTIONS = (
     "max_timeline",
 )
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_COOLDOWN_SCOPES = ("execution", "workflow")
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -84,6 +85,8 @@ class Workflow(metaclass=WorkflowMeta):
 
     Instances may carry dependencies (clients, settings) for the rule methods;
     the engine takes a class (instantiated with no arguments) or an instance.
+    A class meant only as a base for others is declared with ``abstract=True``
+    (``class Base(Workflow, abstract=True)``): it is not compiled, and may have no rules.
     """
 
     __reactive__: ClassVar[WorkflowDef]
@@ -265,6 +268,12 @@ def _compile(
             elif attr in methods:
                 methods.pop(attr)
 
+    if not methods:
+        bases = ", ".join(b.__name__ for b in cls.__bases__)
+        reasons.append(
+            "no rules: a workflow needs at least one @rule method (a base class meant "
+            f"only for subclassing says so: `class {name}({bases}, abstract=True)`)"
+        )
     rules: list[RuleDef] = []
     seen_ids: dict[str, str] = {}
     for index, (attr, method) in enumerate(methods.items()):
@@ -475,13 +484,24 @@ def _compile_rule(
     description = " & ".join(c.description for c in conditions) if conditions else "always"
 
     cooldown = 0.0
+    cooldown_read = True  # (an unreadable one is reported once, not again by its scope)
     if o.cooldown is not None:
         try:
             cooldown = parse_duration(o.cooldown)
         except ValueError as e:
             bad(f"cooldown: {e}")
+            cooldown_read = False
         if cooldown < 0:
             bad(f"negative cooldown {o.cooldown!r}")
+            cooldown_read = False
+    cooldown_scope = "execution"
+    if o.cooldown_scope is not None:
+        if o.cooldown_scope not in _COOLDOWN_SCOPES:
+            bad(f"cooldown_scope must be 'execution' or 'workflow', got {o.cooldown_scope!r}")
+        elif cooldown_read and cooldown == 0:
+            bad(f"cooldown_scope={o.cooldown_scope!r} needs a cooldown (give cooldown=...)")
+        else:
+            cooldown_scope = o.cooldown_scope
     max_firings = o.max_firings or 0
     if o.max_firings is not None and (not isinstance(o.max_firings, int) or o.max_firings < 0):
         bad(f"max_firings must be a non-negative int, got {o.max_firings!r}")
@@ -510,6 +530,7 @@ def _compile_rule(
         result_type=result_type,
         result_handler_name=handler_name,
         cooldown=cooldown,
+        shared_cooldown=cooldown_scope == "workflow",
         max_firings=max_firings,
         on_deletes=bool(o.on_deletes),
         phases=cond.phases,

@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import gc
 import logging
+import secrets
 import time
 import typing
 import uuid
@@ -80,7 +81,7 @@ from reactive.runtime.registry import BoundWorkflow, Registry, Subscription
 from reactive.runtime.timers import Timers
 from reactive.runtime.tracing import Tracing, tracing_configured
 
-__all__ = ["Engine", "FiringRecord", "WorkflowInfo", "describe_workflow"]
+__all__ = ["CooldownClaim", "Engine", "FiringRecord", "WorkflowInfo", "describe_workflow"]
 
 log = logging.getLogger("reactive")
 S = TypeVar("S", bound=ExecutionState)
@@ -108,6 +109,20 @@ class FiringRecord(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     pending_at: float = 0.0
 
 
+class CooldownClaim(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """The start of a workflow-wide cooldown, at ``cool.<workflow>.<rule>`` in the meta bucket.
+
+    ``key`` and ``count`` name the firing it was claimed for: the execution, and how
+    many times the rule had fired for it before. That firing alone may use the claim
+    while the cooldown runs (the commit it was claimed for may lose a compare-and-set
+    and be tried again, by this process or another); every other one is held.
+    """
+
+    at: float = 0.0
+    key: str = ""
+    count: int = 0
+
+
 _RECENT = 32
 
 
@@ -127,6 +142,15 @@ def _too_old(rec: FiringRecord, revision: int) -> bool:
     """Whether ``revision`` predates every revision the claim remembers (when it remembers many)."""
     revs = [int(t[1:]) for t in rec.recent if t.startswith("r")]
     return len(revs) >= _RECENT and revision < min(revs)
+
+
+def _decode_claim(entry: KVEntry | None) -> CooldownClaim | None:
+    if entry is None or not entry.value:
+        return None
+    try:
+        return typing.cast(CooldownClaim, decode(CooldownClaim, entry.value))
+    except DecodeError:
+        return None  # overwritten by the next claim
 
 
 def _decode_record(entry: KVEntry | None) -> FiringRecord:
@@ -151,6 +175,7 @@ class RuleInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     publish: str = ""
     when: str = ""
     cooldown: float = 0.0
+    cooldown_scope: str = "execution"
     max_firings: int = 0
 
 
@@ -204,6 +229,7 @@ def describe_workflow(d: WorkflowDef, callback_prefix: str = "reactive.callback"
                 publish=r.publish_subject,
                 when=r.condition_description,
                 cooldown=r.cooldown,
+                cooldown_scope=r.cooldown_scope,
                 max_firings=r.max_firings,
             )
             for r in d.rules
@@ -1113,6 +1139,10 @@ class Engine:
                     firing = state.firings.get(r.id)
                     if firing is not None and self._limited(r, firing, trigger, now, target):
                         continue
+                    if r.shared_cooldown and not await self._claim_cooldown(
+                        d, r, f"{bucket}.{key}", firing.count if firing else 0, now, target
+                    ):
+                        continue
                     writer = r
                 else:
                     others.append(r)
@@ -1220,11 +1250,57 @@ class Engine:
             return True
         if r.max_firings and firing.count >= r.max_firings:
             return True
-        if r.cooldown and now - firing.last_at < r.cooldown:
-            if target is not None:
-                self.timers.schedule(firing.last_at + r.cooldown, target)
-            return True
+        if r.cooldown and not r.shared_cooldown:  # (a shared one: _claim_cooldown)
+            # One expression for the hold and the wake-up: ``now - last_at < cooldown``
+            # can hold at ``last_at + cooldown`` itself (float rounding), and the rule
+            # would be held at its own wake-up, re-arming it for that instant forever.
+            ready_at = firing.last_at + r.cooldown
+            if now < ready_at:
+                if target is not None:
+                    self.timers.schedule(ready_at, target)
+                return True
         return False
+
+    async def _claim_cooldown(
+        self,
+        d: WorkflowDef,
+        r: RuleDef,
+        exec_key: str,
+        count: int,
+        now: float,
+        target: Hashable | None,
+    ) -> bool:
+        """Claim the workflow-wide cooldown of ``r`` for its firing number ``count + 1`` for
+        ``exec_key``; False while another firing's cooldown runs (a timer is set for its end).
+
+        One compare-and-set of ``cool.<workflow>.<rule>`` in the meta bucket, before the
+        firing's own commit: of several processes (or executions) only one claims it.
+        """
+        meta_key = f"cool.{d.id}.{r.id}"
+        for _ in range(self.conflict_retries):
+            entry = await self.backend.kv_get(self.meta_bucket, meta_key)
+            claim = _decode_claim(entry)
+            if claim is not None:
+                ready_at = claim.at + r.cooldown
+                if now < ready_at:
+                    if claim.key == exec_key and claim.count == count:
+                        return True  # claimed for this very firing, whose commit was not made yet
+                    if target is not None:
+                        self.timers.schedule(ready_at, target)
+                    return False
+            value = encode_json(CooldownClaim(at=now, key=exec_key, count=count))
+            try:
+                if entry is None:
+                    await self.backend.kv_create(self.meta_bucket, meta_key, value)
+                else:
+                    await self.backend.kv_update(self.meta_bucket, meta_key, value, entry.revision)
+            except ConflictError:
+                self._metric(self.metrics.cas_conflicts, d.id).inc()
+                continue
+            return True
+        raise TransientBackendError(
+            f"{meta_key}: lost {self.conflict_retries} compare-and-sets in a row"
+        )
 
     async def _enforce_deadlines(
         self,
@@ -1360,7 +1436,9 @@ class Engine:
                     )
                 )
             elif r.action is _PUBLISH_ASYNC and work.status not in _TERMINAL:
-                task_id = f"{exec_id}-{r.id}-{revision}"
+                # Unguessable: only the worker given the request can answer it (the state
+                # and the outbox keep it, so a redelivered request carries the same id).
+                task_id = f"{exec_id}-{r.id}-{revision}-{secrets.token_hex(12)}"
                 callback_subject = f"{self.callback_prefix}.{d.id}.{exec_id}"
                 payload = inject_callback_fields(payload, task_id, callback_subject, exec_id)
                 work.set_pending_task(task_id, r.id)
@@ -1786,6 +1864,10 @@ class Engine:
                 return  # older than every revision remembered: treated as fired
             if self._limited(r, rec, trigger, now, target):
                 return
+            if r.shared_cooldown and not await self._claim_cooldown(
+                d, r, exec_part, rec.count, now, target
+            ):
+                return
             payload = self._safe_build(bound, r, ctx)
             if payload is _FAILED:
                 return
@@ -2009,7 +2091,12 @@ class Engine:
                     if not self._check(bound, r, message_ctx(r)):
                         continue
                     if r.writes_state:
-                        if self._limited(r, state.firings.get(r.id), trigger, now, None):
+                        firing = state.firings.get(r.id)
+                        if self._limited(r, firing, trigger, now, None):
+                            continue
+                        if r.shared_cooldown and not await self._claim_cooldown(
+                            d, r, f"{bucket}.{key}", firing.count if firing else 0, now, None
+                        ):
                             continue
                         writer = r
                     else:
@@ -2187,16 +2274,22 @@ class Engine:
             was_terminal = False
             action = "callback"
             outbox: list[OutboxMessage] = []
-            if env.error:
-                work.fail(f"task {env.task_id} of rule {rule_id} failed: {env.error}")
-                status = "error"
-            else:
+            result: Any = None
+            failure = env.error
+            if not failure:
                 try:
                     result = decode(r.result_type, msg.data)
                 except DecodeError as e:
-                    self._metric(self.metrics.poison_messages, d.id, "callback").inc()
-                    log.warning("terminating undecodable callback on %s: %s", msg.subject, e)
-                    return "poison"
+                    # A result of the wrong shape: the task failed, now (not at its timeout).
+                    failure = f"its result does not decode: {e}"
+                    action = "invalid_result"
+            if failure:
+                work.fail(f"task {env.task_id} of rule {rule_id} failed: {failure}")
+                if action == "invalid_result":
+                    status = "invalid"
+                else:
+                    action, status = "callback_error", "error"
+            else:
                 work.clear_pending_task()
                 ctx: RuleContext[Any, Any] = RuleContext(
                     state=work,
@@ -2236,15 +2329,19 @@ class Engine:
                     rule_id=r.id,
                     trigger_mode="callback",
                     trigger_info=msg.subject,
-                    action=action if not env.error else "callback_error",
+                    action=action,
                     phase=work.phase,
                     iteration=work.iteration,
+                    error=work.error if action != "callback" else "",
                 )
             )
             if not was_terminal and work.status in _TERMINAL:
-                reason = {"escalate": "max_iterations", "error": "rule_error"}.get(
-                    action, "callback_error" if env.error else "rule"
-                )
+                reason = {
+                    "escalate": "max_iterations",
+                    "error": "rule_error",
+                    "callback_error": "callback_error",
+                    "invalid_result": "invalid_result",
+                }.get(action, "rule")
                 self._terminal_bookkeeping(d, work, outbox, now, None, None, reason)
             else:
                 work.outbox = outbox
@@ -2271,6 +2368,10 @@ class Engine:
                 work.phase,
                 work.status.value,
             )
+            if status == "invalid":
+                self._metric(self.metrics.poison_messages, d.id, "callback").inc()
+                log.warning("terminating callback on %s: %s", msg.subject, work.error)
+                return "poison"  # (terminated: its effect is committed, it must not come back)
             return "done"
         raise TransientBackendError(
             f"{key}: lost {self.conflict_retries} compare-and-sets in a row"

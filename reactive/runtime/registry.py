@@ -40,12 +40,22 @@ class Subscription:
 
     @property
     def durable(self) -> str:
-        digest = hashlib.sha1(self.subject.encode()).hexdigest()[:10]
-        return f"reactive_{self.bound.definition.id}_{digest}".replace("-", "_")
+        return f"reactive_{self.bound.definition.id}_{self._digest}".replace("-", "_")
 
     @property
     def queue(self) -> str:
-        return f"reactive.{self.bound.definition.id}"
+        """The core subscription's queue group: one per workflow and subject.
+
+        Engines serving the workflow share it, so each message reaches one of them;
+        it names the subject because NATS forms one group of every subscription with
+        that queue name, whatever its subject: rules on overlapping subjects (``a.*``
+        and ``a.>``) in one group would split the messages between them.
+        """
+        return f"reactive.{self.bound.definition.id}.{self._digest}"
+
+    @property
+    def _digest(self) -> str:
+        return hashlib.sha1(self.subject.encode()).hexdigest()[:10]
 
 
 class Registry:

@@ -1015,6 +1015,11 @@ class WorkflowMachine(RuleBasedStateMachine):
                 if state.status not in _TERMINAL
                 for t in _time_points(d, state)
                 if t >= now
+            ] + [
+                end
+                for d in self.definitions
+                for r in d.rules
+                if (end := self._shared_cooldown_end(d, r)) is not None and end >= now
             ]
             if not due:
                 break
@@ -1142,12 +1147,30 @@ class WorkflowMachine(RuleBasedStateMachine):
             firing = state.firings.get(r.id)
             held = firing is not None and (
                 (r.max_firings and firing.count >= r.max_firings)
-                or (r.cooldown and now - firing.last_at < r.cooldown)
+                or (
+                    r.cooldown
+                    and not r.shared_cooldown
+                    and now < firing.last_at + r.cooldown  # as the engine holds
+                )
             )
+            if not held and r.shared_cooldown:
+                end = self._shared_cooldown_end(d, r)
+                held = end is not None and now < end
+
             assert held, (
                 f"{where}: at rest, but rule {r.id!r} ({r.condition_description}) holds on "
                 f"revision {revision} and did not fire (firings: {firing!r})"
             )
+
+    def _shared_cooldown_end(self, d: WorkflowDef, r: RuleDef) -> float | None:
+        """When the workflow-wide cooldown of ``r`` last claimed ends (None: none claimed)."""
+        if not r.shared_cooldown:
+            return None
+        entry = self.te.backend.peek(self.te.engine.meta_bucket, f"cool.{d.id}.{r.id}")
+        if entry is None:
+            return None
+        claim = msgspec.json.decode(entry.value)
+        return float(claim.get("at", 0.0)) + r.cooldown
 
 
 def _iso(ts: float) -> str:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -372,6 +374,120 @@ async def test_async_task_without_callback_times_out(
         assert st.answers == []
 
 
+async def test_a_result_of_the_wrong_shape_fails_the_task_at_once(
+    nats_url: str, nc: Client
+) -> None:
+    flow = callback_workflow(task_timeout=600.0)
+    d = definition_of(flow)
+    js = nc.jetstream()
+    requests = await Inbox.open(nc, f"{d.id}.request")
+    failures = await Inbox.open(nc, d.on_fail)
+    async with engine_on(nats_url, [flow]) as engine:
+        await engine.start_execution(flow, "bad", CbState(phase="ask", value="v"))
+        req = await requests.next()
+        # "answer" must be a string.
+        await js.publish(req["callback_subject"], dumps({"task_id": req["task_id"], "answer": 42}))
+        st = await engine.wait_for(flow, "bad", timeout=WAIT)  # long before the 10-minute timeout
+        assert st.status is Status.FAILED
+        assert "does not decode" in st.error and "$.answer" in st.error, st.error
+        assert (st.timeline[-1].action, st.timeline[-1].error) == ("invalid_result", st.error)
+        event = await failures.next()
+        assert (event["execution_id"], event["error"]) == ("bad", st.error)
+        assert metric("reactive_callbacks_received_total", workflow=d.id, status="invalid") == 1
+        assert metric("reactive_poison_messages_total", workflow=d.id) == 1
+        # The callback was settled for good (terminated), not left to be redelivered.
+        await eventually(lambda: consumer_settled(js, "REACTIVE_CALLBACKS", callback_durable(flow)))
+        info = await js.consumer_info("REACTIVE_CALLBACKS", callback_durable(flow))
+        assert info.num_redelivered == 0
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_permissions() -> str:
+    """The nats-server authorization block the README recommends, as written there."""
+    blocks = re.findall(r"```conf\n(.*?)```", README.read_text(), re.S)
+    (block,) = [b for b in blocks if "authorization" in b]
+    return block
+
+
+async def test_task_ids_are_unguessable_and_the_readme_permissions_keep_workers_to_their_callbacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "nats-server.conf"
+    conf.write_text(readme_permissions())
+    monkeypatch.setenv("ENGINE_PASSWORD", "engine-pw")
+    monkeypatch.setenv("REVIEWER_PASSWORD", "reviewer-pw")
+    server = NatsServer(data_dir=tmp_path / "store", extra_args=["-c", str(conf)])
+    server.start()
+
+    class PlanReview(Workflow, id="plan-review", state=CbState):
+        @rule(watch_kv=True, when=phase_is("ask"), publish_async="reviewer.input")
+        def ask(self, ctx: RuleContext[CbState, None]) -> CbRequest:
+            return CbRequest(value=ctx.state.value)
+
+        @ask.on_result
+        def answered(self, ctx: RuleContext[CbState, None], result: CbResult) -> None:
+            ctx.state.answers.append(result.answer)
+            ctx.state.phase = "answered"
+
+        @rule(watch_kv=True, when=phase_is("answered"), complete=True)
+        def done(self, ctx: RuleContext[CbState, None]) -> None: ...
+
+    errors: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(str(e))
+
+    stale = {"workflow": "plan-review", "status": "stale"}
+    stale_before = metric("reactive_callbacks_received_total", **stale)
+    engine_backend = NatsBackend(
+        server.url, connect_options={"user": "engine", "password": "engine-pw"}
+    )
+    try:
+        worker = await nats.connect(
+            server.url, user="reviewer", password="reviewer-pw", error_cb=on_error
+        )
+        try:
+            requests = await Inbox.open(worker, "reviewer.input")
+            async with engine_on(server.url, [PlanReview], backend=engine_backend) as engine:
+                await engine.start_execution(PlanReview, "p1", CbState(phase="ask", value="v"))
+                req = await requests.next()
+                # What can be known of a task (execution, rule, revision), then 96 random bits.
+                assert re.fullmatch(r"p1-ask-\d+-[0-9a-f]{24}", req["task_id"]), req["task_id"]
+                guessed = req["task_id"].rsplit("-", 1)[0]
+                await worker.publish(
+                    req["callback_subject"], dumps({"task_id": guessed, "answer": "forged"})
+                )
+                await eventually(
+                    lambda: (
+                        metric("reactive_callbacks_received_total", **stale) == stale_before + 1
+                    ),
+                    what="the forged callback ignored as stale",
+                )
+                assert (await engine.get(PlanReview, "p1")).status is Status.WAITING
+                # Another workflow's callback subjects are closed to this worker.
+                await worker.publish(
+                    "reactive.callback.other-flow.p1", dumps({"task_id": "t", "answer": "x"})
+                )
+                await eventually(
+                    lambda: any(
+                        "permissions violation" in e.lower() and "other-flow" in e for e in errors
+                    ),
+                    what="a permissions violation for another workflow's callback subject",
+                )
+                # The real answer goes through.
+                await worker.publish(
+                    req["callback_subject"], dumps({"task_id": req["task_id"], "answer": "real"})
+                )
+                st = await engine.wait_for(PlanReview, "p1", timeout=WAIT)
+                assert (st.status, st.answers) == (Status.COMPLETED, ["real"])
+        finally:
+            await worker.close()
+    finally:
+        server.stop()
+
+
 # ---------------------------------------------------------------------------
 # 2. cooldown and max firings: durable, across a restart and two processes
 # ---------------------------------------------------------------------------
@@ -512,6 +628,88 @@ async def test_cooldown_and_max_firings_survive_restart_and_hold_across_two_engi
 
 async def _at_least(found: Awaitable[list[Any]], n: int) -> bool:
     return len(await found) >= n
+
+
+class AlarmState(ExecutionState):
+    alerts: int = 0
+
+
+def alarm_workflow(scope: str, cooldown: float) -> type[Workflow]:
+    """An alert that writes state and a notice that only publishes, with ``cooldown`` in ``scope``."""
+    wid = uid(f"alarm-{scope}")
+
+    class Alarms(Workflow, id=wid, state=AlarmState):
+        @rule(
+            watch_kv=True,
+            when=phase_is("hot"),
+            mutate=True,
+            cooldown=cooldown,
+            cooldown_scope=scope,  # type: ignore[arg-type]
+        )
+        def alert(self, ctx: RuleContext[AlarmState, None]) -> None:
+            ctx.state.alerts += 1
+            ctx.state.phase = "alerted"
+
+        @rule(
+            watch_kv=True,
+            when=phase_is("alerted"),
+            publish=f"{wid}.notice",
+            cooldown=cooldown,
+            cooldown_scope=scope,  # type: ignore[arg-type]
+        )
+        def notice(self, ctx: RuleContext[AlarmState, None]) -> dict[str, Any]:
+            return {"id": ctx.execution_id}
+
+    return Alarms
+
+
+@pytest.mark.parametrize(
+    ("scope", "cooldown"),
+    # An execution's cooldown never holds another: a long one shows it (all fire at once).
+    # A workflow's holds every other execution: a short one lets the test see them all.
+    [("execution", 600.0), ("workflow", 0.5)],
+)
+async def test_cooldown_scope_execution_or_workflow_on_two_engines(
+    nats_url: str, nc: Client, scope: str, cooldown: float
+) -> None:
+    flow = alarm_workflow(scope, cooldown)
+    d = definition_of(flow)
+    js = nc.jetstream()
+    ids = [f"e{i}" for i in range(4)]
+    notices = await Inbox.open(nc, f"{d.id}.notice")
+    async with engine_on(nats_url, [flow]) as a, engine_on(nats_url, [flow]):
+        kv = await js.key_value(d.bucket)
+        for i in ids:
+            await kv.put(
+                d.key(i), dumps({"id": i, "workflow_id": d.id, "status": "running", "phase": "hot"})
+            )
+        await eventually(lambda: _all_alerted(a, flow, ids), what="every execution alerted")
+        await eventually(lambda: len(notices.messages) >= len(ids), what="every notice")
+        states = [await a.get(flow, i) for i in ids]
+        meta = await js.key_value("REACTIVE_META")
+        claims = [
+            json.loads((await meta.get(f"fire.{d.id}.notice.{d.bucket}.{d.key(i)}")).value or b"")
+            for i in ids
+        ]
+    # Each execution alerted once and got one notice.
+    assert [st.alerts for st in states] == [1] * len(ids)
+    assert sorted(n["id"] for n in notices.payloads()) == ids
+    if scope == "workflow":
+        # One at a time across the executions and both engines, a cooldown apart
+        # (as the engine compares: the later at or after the earlier plus the cooldown).
+        for times in (
+            sorted(st.firings["alert"].last_at for st in states),
+            sorted(c["last_at"] for c in claims),
+        ):
+            assert all(b >= a + cooldown for a, b in itertools.pairwise(times)), times
+
+
+async def _all_alerted(engine: Engine, flow: type[Workflow], ids: list[str]) -> bool:
+    for i in ids:
+        st = await engine.get(flow, i)
+        if st is None or st.phase != "alerted":
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -1121,6 +1319,58 @@ async def test_two_engines_every_transition_and_effect_happens_once(
     info = await js.consumer_info(stream, durable)
     assert (info.delivered.consumer_seq, info.num_redelivered) == (n, 0)
     assert (await js.stream_info(stream)).state.consumer_count == 1
+
+
+class Note(msgspec.Struct):
+    id: str
+
+
+def overlap_workflow(calls: list[tuple[str, str]]) -> type[Workflow]:
+    """Two message-only rules on overlapping core subjects; each call is recorded in ``calls``."""
+    wid = uid("overlap")
+
+    class Overlap(Workflow, id=wid):
+        @rule(on_subject=f"{wid}.in.*", message=Note, publish=f"{wid}.out.star")
+        def star(self, ctx: RuleContext[None, Note]) -> dict[str, str]:
+            calls.append(("star", ctx.message.id))
+            return {"id": ctx.message.id}
+
+        @rule(on_subject=f"{wid}.in.>", message=Note, publish=f"{wid}.out.tail")
+        def tail(self, ctx: RuleContext[None, Note]) -> dict[str, str]:
+            calls.append(("tail", ctx.message.id))
+            return {"id": ctx.message.id}
+
+    return Overlap
+
+
+async def test_rules_on_overlapping_core_subjects_each_get_every_message_once(
+    nats_url: str, nc: Client
+) -> None:
+    calls: list[tuple[str, str]] = []
+    flow = overlap_workflow(calls)
+    d = definition_of(flow)
+    sent = [f"m{i}" for i in range(10)]
+
+    def handled(rule_id: str) -> list[str]:
+        return sorted(m for r, m in calls if r == rule_id)
+
+    def every_rule_had_all() -> bool:
+        return all(set(handled(r)) == set(sent) for r in ("star", "tail"))
+
+    # One engine: both rules get all ten messages.
+    async with engine_on(nats_url, [flow]):
+        for m in sent:
+            await nc.publish(f"{d.id}.in.x", dumps({"id": m}))
+        await eventually(every_rule_had_all, what="every message to both rules")
+    assert handled("star") == handled("tail") == sorted(sent)
+
+    # Two engines of the workflow set: still every message to both rules, once per rule.
+    calls.clear()
+    async with engine_on(nats_url, [flow]), engine_on(nats_url, [flow]):
+        for m in sent:
+            await nc.publish(f"{d.id}.in.x", dumps({"id": m}))
+        await eventually(every_rule_had_all, what="every message to both rules")
+    assert handled("star") == handled("tail") == sorted(sent)
 
 
 # ---------------------------------------------------------------------------

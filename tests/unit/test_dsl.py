@@ -188,6 +188,21 @@ def assert_names(
             id="cooldown-unreadable",
         ),
         pytest.param(
+            {"watch_kv": True, "mutate": True, "cooldown": "1m", "cooldown_scope": "global"},
+            "cooldown_scope must be 'execution' or 'workflow', got 'global'",
+            id="cooldown-scope-bad",
+        ),
+        pytest.param(
+            {"watch_kv": True, "mutate": True, "cooldown_scope": "workflow"},
+            "cooldown_scope='workflow' needs a cooldown",
+            id="cooldown-scope-no-cooldown",
+        ),
+        pytest.param(
+            {"watch_kv": True, "mutate": True, "cooldown": 0, "cooldown_scope": "execution"},
+            "needs a cooldown",
+            id="cooldown-scope-zero-cooldown",
+        ),
+        pytest.param(
             {"watch_kv": True, "mutate": True, "state_key": lambda m: m.order_id},
             "state_key needs on_subject",
             id="state-key-no-subject",
@@ -231,6 +246,29 @@ def test_invalid_rule_raises_definition_error_naming_class_rule_and_reason(
     options: dict[str, Any], reason: str
 ) -> None:
     assert_names(broken_rule(**options), reason)
+
+
+def test_a_concrete_workflow_without_rules_is_refused() -> None:
+    with pytest.raises(DefinitionError) as info:
+
+        class Empty(Workflow, id="empty"):
+            pass
+
+    assert_names(info.value, "no rules", rule_id=None, cls="Empty")
+    assert "abstract=True" in str(info.value)  # the way to say it is a base class
+
+
+def test_an_abstract_base_without_rules_is_accepted_and_its_subclasses_compile() -> None:
+    class Base(Workflow, abstract=True):
+        """Shared helpers, no rules yet."""
+
+    class WithRules(Base, id="with-rules"):
+        @rule(watch_kv=True, mutate=True)
+        def only(self, ctx: RuleContext[ExecutionState, None]) -> None: ...
+
+    with pytest.raises(TypeError):
+        definition_of(Base)
+    assert [r.id for r in definition_of(WithRules).rules] == ["only"]
 
 
 def test_definition_error_is_a_reactive_type_error() -> None:
@@ -603,6 +641,32 @@ def test_durations_on_rules_and_workflows() -> None:
     assert d.timeout == 3600.0
     assert d.task_timeout == 0.5
     assert [r.cooldown for r in d.rules] == [600.0, 90.0, 0.5]
+
+
+def test_cooldown_scope_defaults_to_the_execution() -> None:
+    class Scoped(Workflow, id="scoped"):
+        @rule(watch_kv=True, mutate=True, cooldown="1m")
+        def each(self, ctx: RuleContext[ExecutionState, None]) -> None: ...
+
+        @rule(watch_kv=True, mutate=True, cooldown="1m", cooldown_scope="workflow")
+        def shared(self, ctx: RuleContext[ExecutionState, None]) -> None: ...
+
+        @rule(watch_kv=True, mutate=True, cooldown="1m", cooldown_scope="execution")
+        def said(self, ctx: RuleContext[ExecutionState, None]) -> None: ...
+
+    r = definition_of(Scoped).rules_by_id
+    assert [r[i].cooldown_scope for i in ("each", "shared", "said")] == [
+        "execution",
+        "workflow",
+        "execution",
+    ]
+    assert [r[i].shared_cooldown for i in ("each", "shared", "said")] == [False, True, False]
+
+
+def test_an_unreadable_cooldown_with_a_scope_is_reported_once() -> None:
+    err = broken_rule(watch_kv=True, mutate=True, cooldown="soon", cooldown_scope="workflow")
+    assert_names(err, "cooldown")
+    assert len(err.reasons) == 1, err.reasons
 
 
 def test_unreadable_workflow_timeout_is_a_definition_error() -> None:

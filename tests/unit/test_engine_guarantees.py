@@ -381,6 +381,35 @@ async def test_stale_and_duplicate_callbacks_are_acked_and_ignored(metrics: Engi
         assert count(metrics.callbacks_received, "reviews", "ask", "ok") == 1
 
 
+async def test_task_ids_cannot_be_guessed_and_a_forged_one_is_ignored_as_stale(
+    metrics: EngineMetrics,
+) -> None:
+    # The same execution, rule and revision twice (two fresh backends): two task ids.
+    task_ids, revisions = [], []
+    for _ in range(2):
+        async with TestEngine(Reviews) as te:
+            await te.trigger_message("plans.submitted", Submitted(plan_id="p1"))
+            task_ids.append(te.state(Reviews, "p1").pending_task_id)
+            revisions.append(te.backend.peek("REVIEWS", "reviews.p1").revision)
+    assert revisions[0] == revisions[1]
+    assert task_ids[0] != task_ids[1], task_ids
+    # What can be known about it (execution, rule, revision) is not enough to answer it.
+    clock = ManualClock()
+    backend = FaultyBackend(clock)
+    async with TestEngine(Reviews, clock=clock, backend=backend, metrics=metrics) as te:
+        await te.trigger_message("plans.submitted", Submitted(plan_id="p1"))
+        waiting_rev = backend.peek("REVIEWS", "reviews.p1").revision
+        fired_on = waiting_rev - 1  # the revision the request was decided on
+        for forged in (f"p1-ask-{fired_on}", f"p1-ask-{waiting_rev}"):
+            await te.callback(Reviews, "p1", {"verdict": "approved"}, task_id=forged)
+        st = te.state(Reviews, "p1")
+        assert (st.status, st.verdict) == (Status.WAITING, "")
+        assert backend.peek("REVIEWS", "reviews.p1").revision == waiting_rev
+        assert count(metrics.callbacks_received, "reviews", "ask", "stale") == 2
+        await te.callback(Reviews, "p1", {"verdict": "approved"})  # the real one
+        te.assert_status(Reviews, "p1", Status.COMPLETED)
+
+
 async def test_callback_for_an_unknown_or_invalid_execution_is_settled_and_creates_nothing(
     metrics: EngineMetrics,
 ) -> None:
@@ -462,8 +491,9 @@ async def test_undecodable_callback_is_terminated_and_the_execution_keeps_waitin
         task_id = te.state(Reviews, "p1").pending_task_id
         rev = backend.peek("REVIEWS", "reviews.p1").revision
         subject = callback_subject(Reviews, "p1")
+        # Not JSON, and a task id that is not a string: no task can be told from them.
         await backend.publish(subject, b"{not json")
-        await backend.publish(subject, msgspec.json.encode({"task_id": task_id, "verdict": 42}))
+        await backend.publish(subject, msgspec.json.encode({"task_id": 7, "verdict": "approved"}))
         await te.settle()
         await te.advance(
             31
@@ -479,6 +509,42 @@ async def test_undecodable_callback_is_terminated_and_the_execution_keeps_waitin
         # The execution still takes its real result.
         await te.callback(Reviews, "p1", {"verdict": "approved"})
         te.assert_status(Reviews, "p1", Status.COMPLETED)
+
+
+async def test_a_result_of_the_wrong_shape_fails_the_task_at_once(metrics: EngineMetrics) -> None:
+    clock = ManualClock()
+    backend = FaultyBackend(clock)
+    async with TestEngine(Reviews, clock=clock, backend=backend, metrics=metrics) as te:
+        await te.trigger_message("plans.submitted", Submitted(plan_id="p1"))
+        task_id = te.state(Reviews, "p1").pending_task_id
+        subject = callback_subject(Reviews, "p1")
+        await backend.publish(subject, msgspec.json.encode({"task_id": task_id, "verdict": 42}))
+        await te.settle()
+        # Failed now, not at the task timeout, with the decode error as the reason.
+        st = te.state(Reviews, "p1")
+        assert st.status is Status.FAILED
+        assert st.pending_task_id == ""
+        assert f"task {task_id} of rule ask" in st.error
+        assert "Expected `str`, got `int` - at `$.verdict`" in st.error, st.error
+        last = st.timeline[-1]
+        assert (last.rule_id, last.trigger_mode, last.action) == (
+            "ask",
+            "callback",
+            "invalid_result",
+        )
+        assert last.error == st.error
+        (event,) = te.assert_published("reviews.failed", count=1)
+        assert event["error"] == st.error
+        assert count(metrics.callbacks_received, "reviews", "ask", "invalid") == 1
+        assert count(metrics.poison_messages, "reviews", "callback") == 1
+        assert count(metrics.executions_failed, "reviews", "invalid_result") == 1
+        # The callback is settled for good: terminated, never redelivered.
+        await te.advance(31)
+        assert [(how, n) for how, s, n, _ in backend.settled if s == subject] == [("term", 1)]
+        # The right result, late, changes nothing.
+        await te.callback(Reviews, "p1", {"verdict": "approved"}, task_id=task_id)
+        te.assert_status(Reviews, "p1", Status.FAILED)
+        te.assert_published("reviews.failed", count=1)
 
 
 # --------------------------------------------------------------------------- 2. cooldown and max firings
@@ -530,6 +596,31 @@ async def test_cooldown_holds_a_state_writing_rule_and_its_end_fires_it_again() 
         assert [e.timestamp for e in st.timeline] == [
             utc(st.created_at.timestamp() + 10 * i) for i in range(4)
         ]
+
+
+class Brief(Workflow, id="brief", state=Counter):
+    @rule(watch_kv=True, when=phase_is("go"), mutate=True, cooldown=0.1)
+    def tick(self, ctx: RuleContext[Counter, None]) -> None:
+        ctx.state.ticks += 1
+
+    @rule(watch_kv=True, when=phase_is("go"), publish="brief.ping", cooldown=0.1)
+    def ping(self, ctx: RuleContext[Counter, None]) -> dict[str, int]:
+        return {"rev": ctx.revision}
+
+
+async def test_a_cooldown_whose_end_rounds_below_it_ends_at_its_timer() -> None:
+    # 1767225600.0 + 0.1 - 1767225600.0 < 0.1 in floats: the end the timer is set for
+    # must be the end the rule is held until, or the rule is held at its own wake-up
+    # and the timer re-armed for that same instant forever.
+    clock = ManualClock(1_767_225_600.0)
+    async with TestEngine(Brief, clock=clock, settle_timeout=2.0) as te:
+        await te.start(Brief, "b1", Counter(phase="go"))
+        assert te.state(Brief, "b1").ticks == 1
+        assert len(te.published("brief.ping")) == 1
+        with anyio.fail_after(5):
+            await te.advance(0.1)
+        assert te.state(Brief, "b1").ticks == 2
+        assert len(te.published("brief.ping")) == 2
 
 
 async def test_cooldown_of_a_state_writing_rule_survives_a_restart() -> None:
@@ -603,6 +694,110 @@ async def test_cooldown_holds_across_two_engine_processes() -> None:
         assert len(a.published("pinger.capped")) == 2
         await group.advance(10)
         assert len(a.published("pinger.cool")) == 2
+
+
+class Alarm(ExecutionState):
+    alerts: int = 0
+
+
+def alarm_workflow(scope: str) -> type[Workflow]:
+    """An alert that writes state, and a notice that only publishes, both with a 10 s cooldown."""
+
+    class Alarms(Workflow, id=f"alarms-{scope}", state=Alarm):
+        @rule(
+            watch_kv=True, when=phase_is("hot"), mutate=True, cooldown="10s", cooldown_scope=scope
+        )  # type: ignore[arg-type]
+        def alert(self, ctx: RuleContext[Alarm, None]) -> None:
+            ctx.state.alerts += 1
+            ctx.state.phase = "alerted"
+
+        @rule(
+            watch_kv=True,
+            when=phase_is("alerted"),
+            publish=f"alarms-{scope}.notice",
+            cooldown="10s",
+            cooldown_scope=scope,  # type: ignore[arg-type]
+        )
+        def notice(self, ctx: RuleContext[Alarm, None]) -> dict[str, Any]:
+            return {"id": ctx.execution_id, "at": ctx.now}
+
+    return Alarms
+
+
+def alert_times(te: TestEngine, workflow: type[Workflow], ids: list[str]) -> list[float]:
+    """When each execution's alert fired (its firing record), in order; never-fired ones left out."""
+    times = []
+    for i in ids:
+        st = te.state(workflow, i)
+        if st is not None and "alert" in st.firings:
+            assert st.alerts == 1, (i, st.alerts)
+            times.append(st.firings["alert"].last_at)
+    return sorted(times)
+
+
+async def test_an_execution_scoped_cooldown_holds_each_execution_apart() -> None:
+    flow = alarm_workflow("execution")
+    ids = ["e1", "e2", "e3"]
+    async with TestEngine(flow) as te:
+        t0 = te.clock.now()
+        for i in ids:
+            await te.trigger_kv(flow, i, running(i, "alarms-execution", phase="hot"))
+        assert alert_times(te, flow, ids) == [t0] * 3
+        assert sorted(n["id"] for n in te.published("alarms-execution.notice")) == ids
+
+
+async def test_a_workflow_scoped_cooldown_lets_one_execution_fire_per_cooldown() -> None:
+    flow = alarm_workflow("workflow")
+    ids = ["e1", "e2", "e3"]
+    async with TestEngine(flow) as te:
+        t0 = te.clock.now()
+        for i in ids:
+            await te.trigger_kv(flow, i, running(i, "alarms-workflow", phase="hot"))
+        # One alert, one notice, for all three executions.
+        assert alert_times(te, flow, ids) == [t0]
+        assert len(te.published("alarms-workflow.notice")) == 1
+        await te.advance(9.9)
+        assert alert_times(te, flow, ids) == [t0]
+        # Each cooldown's end lets the next one fire, on its own revision.
+        await te.advance(0.1)
+        assert alert_times(te, flow, ids) == [t0, t0 + 10]
+        assert len(te.published("alarms-workflow.notice")) == 2
+        await te.advance(10)
+        assert alert_times(te, flow, ids) == [t0, t0 + 10, t0 + 20]
+        notices = te.published("alarms-workflow.notice")
+        assert sorted(n["id"] for n in notices) == ids
+        assert [n["at"] for n in notices] == [t0, t0 + 10, t0 + 20]
+
+
+async def test_a_workflow_scoped_cooldown_survives_a_restart_and_holds_across_two_engines() -> None:
+    flow = alarm_workflow("workflow")
+    clock = ManualClock()
+    backend = MemoryBackend(clock=clock)
+    t0 = clock.now()
+    async with TestEngine(flow, clock=clock, backend=backend) as te:
+        await te.trigger_kv(flow, "e1", running("e1", "alarms-workflow", phase="hot"))
+        assert alert_times(te, flow, ["e1"]) == [t0]
+    clock.advance(5)
+    async with (
+        TestEngine(flow, clock=clock, backend=backend, instance_id="a") as a,
+        TestEngine(flow, clock=clock, backend=backend, instance_id="b") as b,
+    ):
+        group = Group(a, b)
+        ids = [f"e{i}" for i in range(2, 6)]
+        for i in ids:
+            await backend.kv_put(
+                "ALARMS_WORKFLOW",
+                f"alarms-workflow.{i}",
+                msgspec.json.encode(running(i, "alarms-workflow", phase="hot")),
+            )
+        await group.settle()
+        assert alert_times(a, flow, ids) == []  # the new engines know the cooldown began at t0
+        await group.advance(5)
+        assert alert_times(a, flow, ids) == [t0 + 10]
+        await group.advance(30)
+        assert alert_times(a, flow, ids) == [t0 + 10, t0 + 20, t0 + 30, t0 + 40]
+        notices = a.published("alarms-workflow.notice")
+        assert [n["at"] for n in notices] == [t0, t0 + 10, t0 + 20, t0 + 30, t0 + 40]
 
 
 # --------------------------------------------------------------------------- 3. max iterations
@@ -1290,6 +1485,32 @@ async def test_two_engines_time_out_and_fail_a_task_once() -> None:
         assert r.status is Status.FAILED
         assert [e.rule_id for e in r.timeline] == ["accept", "ask", "task_timeout"]
         a.assert_published("reviews.failed", count=1)
+
+
+class Overlap(Workflow, id="overlap2", state=Review):
+    @rule(on_subject="overlap2.in.*", message=Submitted, publish="overlap2.star")
+    def star(self, ctx: RuleContext[None, Submitted]) -> dict[str, Any]:
+        return {"id": ctx.message.plan_id}
+
+    @rule(on_subject="overlap2.in.>", message=Submitted, publish="overlap2.tail")
+    def tail(self, ctx: RuleContext[None, Submitted]) -> dict[str, Any]:
+        return {"id": ctx.message.plan_id}
+
+
+async def test_two_engines_handle_each_core_message_once_per_overlapping_rule() -> None:
+    clock = ManualClock()
+    backend = MemoryBackend(clock=clock)
+    async with (
+        TestEngine(Overlap, clock=clock, backend=backend, instance_id="a") as a,
+        TestEngine(Overlap, clock=clock, backend=backend, instance_id="b") as b,
+    ):
+        group = Group(a, b)
+        for i in range(10):
+            await backend.publish("overlap2.in.x", msgspec.json.encode(Submitted(plan_id=f"m{i}")))
+        await group.settle()
+        # Each rule got every message once: the engines shared them, rule by rule.
+        for subject in ("overlap2.star", "overlap2.tail"):
+            assert sorted(p["id"] for p in a.published(subject)) == [f"m{i}" for i in range(10)]
 
 
 def _registry() -> Any:

@@ -519,3 +519,25 @@ async def test_a_workflow_registered_after_start_gets_its_triggers_and_the_repla
         te.assert_phase(LateWorkflow, "a", "taken")
         await te.trigger_message("late.poke", LateMsg(id="a"))
         te.assert_state(LateWorkflow, "a", lambda s: s.seen == 1)
+
+
+# --------------------------------------------------------------------------- overlapping core subjects
+
+
+class Overlap(Workflow, id="overlap", state=Step):
+    @rule(on_subject="overlap.in.*", message=Ping, publish="overlap.star")
+    def star(self, ctx: RuleContext[None, Ping]) -> dict[str, Any]:
+        return {"id": ctx.message.id}
+
+    @rule(on_subject="overlap.in.>", message=Ping, publish="overlap.tail")
+    def tail(self, ctx: RuleContext[None, Ping]) -> dict[str, Any]:
+        return {"id": ctx.message.id}
+
+
+async def test_rules_on_overlapping_core_subjects_each_get_every_message() -> None:
+    async with TestEngine(Overlap) as te:
+        for i in range(10):
+            await te.trigger_message("overlap.in.x", Ping(id=f"m{i}"))
+        expected = [{"id": f"m{i}"} for i in range(10)]
+        assert te.published("overlap.star") == expected
+        assert te.published("overlap.tail") == expected

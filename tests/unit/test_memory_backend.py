@@ -329,6 +329,23 @@ async def test_queue_groups_deliver_to_one_member_round_robin() -> None:
         assert b.idle()
 
 
+async def test_a_queue_group_spans_subjects_as_on_nats() -> None:
+    b = MemoryBackend()
+    async with (
+        b.subscribe("jobs.*", queue="workers") as star,
+        b.subscribe("jobs.>", queue="workers") as tail,
+    ):
+        for i in range(6):
+            await b.publish("jobs.x", str(i).encode())
+        await b.publish("jobs.x.y", b"deep")
+        # One group by name: a message matching both subjects reaches one of them;
+        # one that only the wider subject matches goes to it.
+        # (Delivery is synchronous here: what each holds is what it got.)
+        got = [(await recv(sub)).data for sub in (star, tail) for _ in range(len(sub))]
+        assert sorted(got) == sorted([str(i).encode() for i in range(6)] + [b"deep"])
+        assert b.idle()
+
+
 async def test_stream_message_reaches_core_subscribers_too() -> None:
     b = MemoryBackend()
     await b.ensure_stream("EV", ["ev.>"])

@@ -244,6 +244,73 @@ class ThrottledMachine(WorkflowMachine):
 TestThrottledMachine = ThrottledMachine.TestCase
 TestThrottledMachine.settings = MACHINE_SETTINGS
 
+SHARED_COOLDOWN = 20.0
+
+
+class SharedThrottle(Workflow, id="shared-throttle", state=Counter):
+    """Cooldowns for the whole workflow: a message writer, a KV writer and a KV publisher."""
+
+    @rule(
+        on_subject="shared.hits",
+        state_key=lambda m: m.counter_id,
+        mutate=True,
+        cooldown=SHARED_COOLDOWN,
+        cooldown_scope="workflow",
+    )
+    def hit(self, ctx: RuleContext[Counter, Hit]) -> None:
+        ctx.state.hits += 1
+        ctx.state.phase = "hit"
+
+    @rule(
+        watch_kv=True,
+        when=phase_is("hit"),
+        mutate=True,
+        cooldown=SHARED_COOLDOWN,
+        cooldown_scope="workflow",
+    )
+    def bump(self, ctx: RuleContext[Counter, None]) -> None:
+        ctx.state.bumps += 1
+        ctx.state.phase = "bumped"
+
+    @rule(
+        watch_kv=True,
+        when=phase_in("hit", "bumped"),
+        publish="shared.ping",
+        cooldown=SHARED_COOLDOWN,
+        cooldown_scope="workflow",
+    )
+    def ping(self, ctx: RuleContext[Counter, None]) -> Ping:
+        return Ping(counter_id=ctx.execution_id, at=ctx.now)
+
+
+class SharedThrottleMachine(WorkflowMachine):
+    """On two engines, each rule fires at most once per cooldown across all executions."""
+
+    workflows = (SharedThrottle,)
+    execution_ids = ("c1", "c2", "c3")
+    engines = 2
+
+    def check_execution(self, definition: WorkflowDef, key: str, state: ExecutionState) -> None:
+        states = self.te.executions(SharedThrottle)
+        for rule_id in ("hit", "bump"):
+            times = sorted(
+                e.timestamp.timestamp()
+                for st in states
+                for e in st.timeline
+                if e.rule_id == rule_id
+            )
+            assert all(b >= a + SHARED_COOLDOWN for a, b in itertools.pairwise(times)), (
+                f"{rule_id} fired closer than {SHARED_COOLDOWN}s across executions: {times}"
+            )
+        pings = sorted(p.at for p in self.te.published("shared.ping", Ping))
+        assert all(b >= a + SHARED_COOLDOWN for a, b in itertools.pairwise(pings)), (
+            f"pings closer than {SHARED_COOLDOWN}s across executions: {pings}"
+        )
+
+
+TestSharedThrottleMachine = SharedThrottleMachine.TestCase
+TestSharedThrottleMachine.settings = MACHINE_SETTINGS
+
 # ---------------------------------------------------------------------------------------
 # a timeout and a task timeout that escalates
 # ---------------------------------------------------------------------------------------
