@@ -6,7 +6,8 @@ store in ``--data-dir``, and writes its URL to ``<data-dir>/nats.url`` so the
 other commands run in the same folder find it.
 
 ``/metrics`` (Prometheus text format) and ``/healthz`` (200 once connected and
-every trigger runs, else 503) are served on ``--metrics-port``. SIGINT and
+every trigger runs, else 503) are served on ``--metrics-host`` (loopback by
+default) and ``--metrics-port``. SIGINT and
 SIGTERM stop it: the engine stops its triggers, in-flight messages are handed
 back for redelivery, the connection is drained, the embedded server stopped.
 """
@@ -52,6 +53,7 @@ __all__ = ["LogfmtFormatter", "add_parser", "cmd_serve", "configure_logging"]
 log = logging.getLogger("reactive.serve")
 
 DEFAULT_METRICS_PORT = 9464
+DEFAULT_METRICS_HOST = "127.0.0.1"
 DEFAULT_NATS_PORT = 4222
 
 
@@ -395,7 +397,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         if metrics is not None:
             metrics.start()
-            print(f"metrics on {metrics.url}/metrics, health on {metrics.url}/healthz", flush=True)
+            print(
+                f"metrics on {metrics.url}/metrics, health on {metrics.url}/healthz"
+                + (" (on every interface)" if metrics.host in ("", "0.0.0.0", "::") else ""),
+                flush=True,
+            )
         tracing = configure_from_env()
         log.info(
             "serving workflows=%s nats=%s replicas=%d tracing=%s",
@@ -482,9 +488,12 @@ def add_parser(commands: Subcommands) -> None:
     )
     ops.add_argument(
         "--metrics-host",
-        default="0.0.0.0",
+        default=DEFAULT_METRICS_HOST,
         metavar="HOST",
-        help="the address of the metrics endpoint (default: 0.0.0.0)",
+        help=(
+            f"the address of the metrics endpoint (default: {DEFAULT_METRICS_HOST}, this "
+            "machine only; 0.0.0.0 for every interface, e.g. for a scraper in another container)"
+        ),
     )
     ops.add_argument(
         "--log-level",

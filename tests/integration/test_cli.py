@@ -69,15 +69,24 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, str]:
 class Serve:
     """A ``python -m reactive serve`` subprocess, its output in files."""
 
-    def __init__(self, data_dir: Path, port: int, *targets: str, nats: Sequence[str] = ()) -> None:
-        """``port``: the embedded server's; ``nats``: connect to another server instead
-        (``--nats-url`` and its credentials)."""
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None,
+        *targets: str,
+        nats: Sequence[str] = (),
+        metrics_host: str | None = "127.0.0.1",
+        extra: Sequence[str] = (),
+    ) -> None:
+        """``port``: the embedded server's (None: let serve choose); ``nats``: connect to
+        another server instead (``--nats-url`` and its credentials); ``metrics_host``: None
+        leaves ``--metrics-host`` to its default; ``extra``: more options."""
         self.data_dir = data_dir
         self.port = port
-        self.url = f"nats://127.0.0.1:{port}"
         self.metrics_port = free_port()
         self.stdout_path = data_dir.parent / f"serve-{port}-{time.monotonic_ns()}.out"
         self.stderr_path = self.stdout_path.with_suffix(".err")
+        embedded = ("--port", str(port)) if port is not None else ()
         with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
             self.proc = subprocess.Popen(
                 [
@@ -88,17 +97,27 @@ class Serve:
                     *targets,
                     "--data-dir",
                     str(data_dir),
-                    *(nats or ("--port", str(port))),
+                    *(nats or embedded),
                     "--metrics-port",
                     str(self.metrics_port),
-                    "--metrics-host",
-                    "127.0.0.1",
+                    *(("--metrics-host", metrics_host) if metrics_host is not None else ()),
+                    *extra,
                 ],
                 cwd=REPO,
                 env=_env(),
                 stdout=out,
                 stderr=err,
             )
+
+    @property
+    def url(self) -> str:
+        """The embedded server's URL: from ``--port``, else as serve printed it."""
+        if self.port is not None:
+            return f"nats://127.0.0.1:{self.port}"
+        for line in self.stdout.splitlines():
+            if line.startswith("nats-server listening on "):
+                return line.split()[3]
+        raise AssertionError(f"serve printed no URL:\n{self.stdout}\n{self.stderr}")
 
     @property
     def metrics_url(self) -> str:
@@ -126,6 +145,18 @@ class Serve:
                 return
             time.sleep(0.05)
         pytest.fail(f"serve not healthy within {timeout}s:\n{self.stderr}")
+
+    def wait_for_log(self, *words: str, timeout: float = 30.0) -> str:
+        """Wait until one line of serve's log has every one of ``words``; that line."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.stderr.splitlines():
+                if all(w in line for w in words):
+                    return line
+            if self.proc.poll() is not None:
+                pytest.fail(f"serve exited with {self.proc.returncode}:\n{self.stderr}")
+            time.sleep(0.05)
+        pytest.fail(f"serve logged no line with {words} within {timeout}s:\n{self.stderr}")
 
     def terminate(self, timeout: float = 15.0) -> tuple[int, float]:
         """SIGTERM; the exit status and how long it took to exit."""
