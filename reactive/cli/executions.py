@@ -480,7 +480,10 @@ def format_state(
     def ago(t: datetime | None) -> str:
         return "-" if t is None else f"{format_time(t)} ({age_of(t, now)} ago)"
 
-    if deadline is None:
+    if str(state.get("status")) in TERMINAL:
+        # Ended: the workflow's deadline no longer applies, whatever the state still says.
+        deadline_text = "- (the execution has ended)"
+    elif deadline is None:
         deadline_text = "-"
     elif deadline.timestamp() >= now:
         deadline_text = f"{format_time(deadline)} (in {format_age(deadline.timestamp() - now)})"

@@ -338,6 +338,9 @@ def test_show_prints_state_and_timeline(served: Serve) -> None:
         assert "timeline (7 entries):" in out
         assert "message+state plans.submitted" in out
         assert "request_review  callback" in out
+        # It has ended: the workflow's deadline (10m after it started) is no longer ahead.
+        deadline = next(line for line in out.splitlines() if line.startswith("deadline "))
+        assert deadline.split(None, 1)[1] == "- (the execution has ended)"
     raw = cli("show", "cli-show", "--json", *client(served))
     assert json.loads(raw.stdout)["verdict"] == "approved"
     missing = cli("show", "cli-nothing", *client(served))
