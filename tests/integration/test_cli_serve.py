@@ -6,12 +6,17 @@ Each test runs a ``serve`` of its own (the ``Serve`` helper of test_cli.py).
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from test_cli import WORKFLOWS, Serve, cli
 
 from reactive.backends.server import free_port
+from reactive.cli.serve import DEFAULT_NATS_PORT
 
 pytestmark = pytest.mark.integration
 
@@ -51,3 +56,83 @@ def test_metrics_listen_on_loopback_by_default(tmp_path: Path) -> None:
     assert "--metrics-host HOST the address of the metrics endpoint (default: 127.0.0.1" in (
         help_text
     )
+
+
+# --------------------------------------------------------------------------- the embedded server
+
+
+@contextlib.contextmanager
+def _holding(port: int) -> Iterator[bool]:
+    """Listen on 127.0.0.1:``port`` meanwhile, if it is free: whether it was."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            yield False
+            return
+        sock.listen()
+        yield True
+
+
+def _serve_once(data_dir: Path) -> str:
+    """serve with no --port until healthy, then SIGTERM: the URL it served on."""
+    served = Serve(data_dir, None, WORKFLOWS)
+    try:
+        served.wait_healthy()
+        url = served.url
+        assert (data_dir / "nats.url").read_text().strip() == url
+    finally:
+        code, _ = served.terminate()
+        served.kill()
+    assert code == 0, served.stderr
+    return url
+
+
+def test_the_embedded_server_keeps_its_url_across_restarts(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    # The first serve may not take the default port (4222): a restart must come back on the
+    # port it got, not on the default that is free again by then.
+    with _holding(DEFAULT_NATS_PORT):
+        first = _serve_once(data_dir)
+    assert first != f"nats://127.0.0.1:{DEFAULT_NATS_PORT}"
+    assert _serve_once(data_dir) == first
+    assert _serve_once(data_dir) == first
+
+
+def test_a_restart_refuses_to_move_when_its_port_is_taken(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    url = _serve_once_on(data_dir, port)
+    with _holding(port) as held:
+        assert held
+        refused = Serve(data_dir, None, WORKFLOWS)
+        code = _exit_code(refused)
+    assert code == 1, refused.stdout + refused.stderr
+    assert f"port {port} is taken" in refused.stderr
+    assert url in refused.stderr  # the URL workers and the CLI know
+    assert "--port" in refused.stderr  # how to move it on purpose
+    assert "Traceback" not in refused.stderr
+    # Told to move, it moves, and keeps the new port from then on.
+    moved = free_port()
+    assert _serve_once_on(data_dir, moved) == f"nats://127.0.0.1:{moved}"
+    assert _serve_once(data_dir) == f"nats://127.0.0.1:{moved}"
+
+
+def _serve_once_on(data_dir: Path, port: int) -> str:
+    served = Serve(data_dir, port, WORKFLOWS)
+    try:
+        served.wait_healthy()
+    finally:
+        code, _ = served.terminate()
+        served.kill()
+    assert code == 0, served.stderr
+    return served.url
+
+
+def _exit_code(served: Serve, timeout: float = 30.0) -> int:
+    """The exit status of a serve expected to exit by itself (stopped cleanly if it does not)."""
+    try:
+        return served.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        served.terminate()
+        pytest.fail(f"serve did not exit within {timeout}s:\n{served.stdout}\n{served.stderr}")
