@@ -39,6 +39,7 @@ __all__ = [
     "split_urls",
     "table",
     "unknown_workflow_error",
+    "unreachable_error",
 ]
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
@@ -213,7 +214,8 @@ def connect_options(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- connecting
 
 
-def _unreachable(url: str, error: BaseException) -> CLIError:
+def unreachable_error(url: str, error: BaseException) -> CLIError:
+    """Connecting to ``url`` failed with ``error``: the message, and the hint for that error."""
     text = str(error).lower()
     if isinstance(error, ssl.SSLError):
         hints = [
@@ -248,9 +250,9 @@ async def connect(args: argparse.Namespace, url: str | None = None) -> AsyncIter
     try:
         await backend.start()
     except BackendError as e:
-        raise _unreachable(url, e.__cause__ or e) from e
+        raise unreachable_error(url, e.__cause__ or e) from e
     except OSError as e:
-        raise _unreachable(url, e) from e
+        raise unreachable_error(url, e) from e
     try:
         yield backend
     except BackendError as e:

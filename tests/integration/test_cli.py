@@ -481,9 +481,13 @@ def test_serve_refuses_bad_targets(target: str, message: str, tmp_path: Path) ->
 def test_unreachable_server() -> None:
     url = f"nats://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    proc = cli("serve", WORKFLOWS, "--nats-url", url, "--metrics-port", "0")
+    proc = cli(
+        "serve", WORKFLOWS, "--nats-url", url, "--metrics-port", "0", "--startup-timeout", "2"
+    )
     assert proc.returncode == 1
+    assert "serve gave up starting after 2s (--startup-timeout)" in proc.stderr
     assert f"cannot connect to NATS at {url}" in proc.stderr
+    assert "is a nats-server running and reachable" in proc.stderr
     assert time.monotonic() - started < 15
     listing = cli("list", "--nats-url", url)
     assert listing.returncode == 1
