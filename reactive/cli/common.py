@@ -25,6 +25,7 @@ __all__ = [
     "URL_FILE",
     "CLIError",
     "LoadError",
+    "UsageError",
     "add_connection_args",
     "age_of",
     "announced_workflows",
@@ -57,6 +58,13 @@ class CLIError(Exception):
     def __init__(self, message: str, reasons: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.reasons = list(reasons)
+
+
+class UsageError(CLIError):
+    """The command's arguments or input are wrong, and nothing was done: exit status 2
+    (argparse's for a bad option), whatever the command's other failures exit with."""
+
+    exit_code = 2
 
 
 class LoadError(CLIError):
