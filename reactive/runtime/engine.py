@@ -197,10 +197,17 @@ class WorkflowInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     start_subject: str = ""
     start_stream: str = ""
     rules: list[RuleInfo] = []
+    # What ``start`` takes: the start message (or, with no start subject, the first state)
+    # as JSON Schema, and the message field the execution id comes from ("" if only the
+    # code knows: see reactive.runtime.inputs).
+    input_schema: dict[str, Any] | None = None
+    id_field: str = ""
 
 
 def describe_workflow(d: WorkflowDef, callback_prefix: str = "reactive.callback") -> WorkflowInfo:
     """A workflow definition as plain data (what ``wf.<id>`` in the meta bucket holds)."""
+    from reactive.runtime.inputs import id_field, input_schema
+
     starter = next((r for r in d.rules if r.mode is TriggerMode.MESSAGE_AND_STATE), None)
     return WorkflowInfo(
         id=d.id,
@@ -234,6 +241,8 @@ def describe_workflow(d: WorkflowDef, callback_prefix: str = "reactive.callback"
             )
             for r in d.rules
         ],
+        input_schema=input_schema(starter.message_type if starter else d.state_type),
+        id_field=id_field(starter.state_key, starter.message_type) if starter else "",
     )
 
 

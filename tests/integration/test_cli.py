@@ -34,6 +34,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 WORKFLOWS = "tests/integration/cli_workflows.py"
+PAIR = "tests/integration/cli_pair.py"
 BROKEN = "tests/integration/cli_broken_workflow.py"
 PLAN_REVIEW = "examples/plan_review.py"
 
@@ -69,15 +70,24 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, str]:
 class Serve:
     """A ``python -m reactive serve`` subprocess, its output in files."""
 
-    def __init__(self, data_dir: Path, port: int, *targets: str, nats: Sequence[str] = ()) -> None:
-        """``port``: the embedded server's; ``nats``: connect to another server instead
-        (``--nats-url`` and its credentials)."""
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None,
+        *targets: str,
+        nats: Sequence[str] = (),
+        metrics_host: str | None = "127.0.0.1",
+        extra: Sequence[str] = (),
+    ) -> None:
+        """``port``: the embedded server's (None: let serve choose); ``nats``: connect to
+        another server instead (``--nats-url`` and its credentials); ``metrics_host``: None
+        leaves ``--metrics-host`` to its default; ``extra``: more options."""
         self.data_dir = data_dir
         self.port = port
-        self.url = f"nats://127.0.0.1:{port}"
         self.metrics_port = free_port()
         self.stdout_path = data_dir.parent / f"serve-{port}-{time.monotonic_ns()}.out"
         self.stderr_path = self.stdout_path.with_suffix(".err")
+        embedded = ("--port", str(port)) if port is not None else ()
         with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
             self.proc = subprocess.Popen(
                 [
@@ -88,17 +98,27 @@ class Serve:
                     *targets,
                     "--data-dir",
                     str(data_dir),
-                    *(nats or ("--port", str(port))),
+                    *(nats or embedded),
                     "--metrics-port",
                     str(self.metrics_port),
-                    "--metrics-host",
-                    "127.0.0.1",
+                    *(("--metrics-host", metrics_host) if metrics_host is not None else ()),
+                    *extra,
                 ],
                 cwd=REPO,
                 env=_env(),
                 stdout=out,
                 stderr=err,
             )
+
+    @property
+    def url(self) -> str:
+        """The embedded server's URL: from ``--port``, else as serve printed it."""
+        if self.port is not None:
+            return f"nats://127.0.0.1:{self.port}"
+        for line in self.stdout.splitlines():
+            if line.startswith("nats-server listening on "):
+                return line.split()[3]
+        raise AssertionError(f"serve printed no URL:\n{self.stdout}\n{self.stderr}")
 
     @property
     def metrics_url(self) -> str:
@@ -127,6 +147,18 @@ class Serve:
             time.sleep(0.05)
         pytest.fail(f"serve not healthy within {timeout}s:\n{self.stderr}")
 
+    def wait_for_log(self, *words: str, timeout: float = 30.0) -> str:
+        """Wait until one line of serve's log has every one of ``words``; that line."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.stderr.splitlines():
+                if all(w in line for w in words):
+                    return line
+            if self.proc.poll() is not None:
+                pytest.fail(f"serve exited with {self.proc.returncode}:\n{self.stderr}")
+            time.sleep(0.05)
+        pytest.fail(f"serve logged no line with {words} within {timeout}s:\n{self.stderr}")
+
     def terminate(self, timeout: float = 15.0) -> tuple[int, float]:
         """SIGTERM; the exit status and how long it took to exit."""
         started = time.monotonic()
@@ -149,7 +181,7 @@ class Serve:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     """serve plan_review and the CLI test workflows; the example's reviewer alongside."""
     root = tmp_path_factory.mktemp("cli")
-    server = Serve(root / "data", free_port(), f"{PLAN_REVIEW}:PlanReview", WORKFLOWS)
+    server = Serve(root / "data", free_port(), f"{PLAN_REVIEW}:PlanReview", WORKFLOWS, PAIR)
     reviewer: subprocess.Popen[str] | None = None
     try:
         server.wait_healthy()
@@ -191,7 +223,7 @@ def test_serve_starts_the_embedded_server_and_is_healthy(served: Serve) -> None:
     assert status == 404
     log = served.stderr
     assert "level=info logger=reactive.serve msg=ready" in log
-    assert "workflows=countdown,plan-review,ticket" in log
+    assert "workflows=countdown,pair,plan-review,ticket" in log
 
 
 def test_a_second_serve_on_the_same_data_dir_is_refused(served: Serve) -> None:
@@ -219,7 +251,7 @@ def test_start_wait_completes_a_plan(served: Serve) -> None:
 
 
 def test_start_wait_exits_1_for_an_escalated_plan(served: Serve) -> None:
-    # By the announced id, without the code: the id comes from --id.
+    # By the announced id, without the code: --id is checked against the input's plan_id.
     plan = {"plan_id": "cli-plan-bad", "title": "A weekend rewrite", "plan": "Ship it."}
     proc = cli(
         "start", "plan-review", "--id", "cli-plan-bad", "--input", json.dumps(plan), "--wait",
@@ -237,7 +269,7 @@ def test_start_by_first_state_and_refuse_a_duplicate(served: Serve) -> None:
     assert "first state written to CLI_COUNTDOWN/countdown.cli-count" in proc.stdout
     assert "phase=done  status=completed  iteration=2" in proc.stdout
     again = cli(*args)
-    assert again.returncode == 1
+    assert again.returncode == 4  # not started
     assert "execution countdown.cli-count already exists" in again.stderr
 
 
@@ -245,24 +277,112 @@ def test_start_wait_exit_codes_for_escalation_and_timeout(served: Serve) -> None
     esc = cli("start", "countdown", "--input", '{"steps": 9}', "--wait", *client(served))
     assert esc.returncode == 1, esc.stdout + esc.stderr
     assert "escalated" in esc.stdout
-    # A message naming another execution than the one waited for: nothing ends in time.
+    # A pair parks and never ends: --wait gives up at its --timeout, with its own status.
     never = cli(
-        "start", "ticket", "--id", "cli-never", "--input", '{"ticket": "cli-elsewhere"}',
+        "start", f"{PAIR}:Pair", "--input", '{"lot": "cli", "slot": 7}',
         "--wait", "--timeout", "1", *client(served),
     )  # fmt: skip
-    assert never.returncode == 2, never.stdout + never.stderr
+    assert never.returncode == 3, never.stdout + never.stderr
+    assert "started pair.cli-7" in never.stdout
     assert "did not end within 1s" in never.stderr
 
 
 def test_start_errors(served: Serve) -> None:
     unknown = cli("start", "no-such-workflow", "--input", "{}", *client(served))
-    assert unknown.returncode == 1
+    assert unknown.returncode == 4
     assert "workflow 'no-such-workflow' is not announced" in unknown.stderr
     assert "countdown" in unknown.stderr  # what is announced
     bad_json = cli("start", "countdown", "--input", "{not json", *client(served))
-    assert bad_json.returncode == 1 and "--input is not valid JSON" in bad_json.stderr
-    no_id = cli("start", "ticket", "--input", '{"ticket": "x"}', "--wait", *client(served))
-    assert no_id.returncode == 1 and "pass --id" in no_id.stderr
+    assert bad_json.returncode == 2 and "--input is not valid JSON" in bad_json.stderr
+    no_id = cli("start", "pair", "--input", '{"lot": "x", "slot": 1}', "--wait", *client(served))
+    assert no_id.returncode == 2 and "module:Workflow" in no_id.stderr
+    bad_id = cli("start", "countdown", "--id", "a.b", "--input", "{}", *client(served))
+    assert bad_id.returncode == 2, bad_id.stderr
+    bad_timeout = cli("start", "countdown", "--wait", "--timeout", "0", *client(served))
+    assert bad_timeout.returncode == 2, bad_timeout.stderr
+    unreachable = cli(
+        "start", "countdown", "--nats-url", f"nats://127.0.0.1:{free_port()}",
+        "--connect-attempts", "1",
+    )  # fmt: skip
+    assert unreachable.returncode == 4, unreachable.stderr
+    assert "cannot connect to NATS" in unreachable.stderr
+    helped = " ".join(cli("start", "--help").stdout.split())
+    assert (
+        "exit status: 0 started (with --wait: completed); 1 with --wait, the execution failed, "
+        "escalated or timed out; 2 a usage error: the arguments or the input are wrong, nothing "
+        "was started; 3 with --wait, still running after --timeout; 4 not started: NATS "
+        "unreachable or failing, the workflow not announced, the execution exists"
+    ) in helped
+
+
+async def _stream_messages(url: str, stream: str) -> int:
+    backend = NatsBackend(url)
+    await backend.start()
+    try:
+        info = await backend.nc.jetstream().stream_info(stream)
+        return int(info.state.messages)
+    finally:
+        await backend.close()
+
+
+def test_start_refuses_input_the_engine_would_discard(served: Serve) -> None:
+    """By the announced id, without the code: checked against the announced JSON Schema."""
+    published = anyio.run(_stream_messages, served.url, "CLI_TICKETS_IN")
+    missing = cli("start", "ticket", "--input", '{"steps": 2}', *client(served))
+    assert missing.returncode == 2, missing.stdout + missing.stderr
+    assert "started" not in missing.stdout
+    assert "not a valid TicketOpened" in missing.stderr
+    assert "missing required field 'ticket'" in missing.stderr
+    wrong = cli(
+        "start", "ticket", "--input", '{"ticket": "cli-typed", "steps": "two", "delay": [1]}',
+        *client(served),
+    )  # fmt: skip
+    assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+    assert "$.steps: expected integer, got string" in wrong.stderr  # every field named at once
+    assert "$.delay: expected number, got array" in wrong.stderr
+    assert anyio.run(_stream_messages, served.url, "CLI_TICKETS_IN") == published  # nothing sent
+    # A first state is checked the same way.
+    state = cli("start", "countdown", "--id", "cli-typed", "--input", '{"steps": "2"}',
+                *client(served))  # fmt: skip
+    assert state.returncode == 2, state.stdout + state.stderr
+    assert "$.steps: expected integer, got string" in state.stderr
+    shown = cli("show", "countdown.cli-typed", *client(served))
+    assert shown.returncode == 1 and "no execution" in shown.stderr  # nothing written
+    # What the engine takes passes.
+    good = cli("start", "ticket", "--input", '{"ticket": "cli-typed", "steps": 1}', "--wait",
+               *client(served))  # fmt: skip
+    assert good.returncode == 0, good.stdout + good.stderr
+
+
+def test_start_checks_the_id_against_the_input(served: Serve) -> None:
+    plan = {"plan_id": "cli-p8", "title": "Eight", "plan": COMPLETE_PLAN}
+    # The id the start rule derives (plan_id) is announced: a different --id is refused.
+    refused = cli(
+        "start", "plan-review", "--id", "cli-p9", "--input", json.dumps(plan), *client(served)
+    )
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "--id cli-p9 does not match" in refused.stderr and "cli-p8" in refused.stderr
+    assert "started" not in refused.stdout
+    assert cli("show", "plan-review.cli-p8", *client(served)).returncode == 1  # not created
+    # Without --id, the id comes from the input: it can be waited for.
+    derived = cli("start", "plan-review", "--input", json.dumps(plan), "--wait", *client(served))
+    assert derived.returncode == 0, derived.stdout + derived.stderr
+    assert "started plan-review.cli-p8 (published to plans.submitted)" in derived.stdout
+    # A start rule that computes the id (pair: lot-slot) cannot be checked without the code.
+    park = '{"lot": "cli", "slot": 9}'
+    unchecked = cli("start", "pair", "--id", "cli-9", "--input", park, *client(served))
+    assert unchecked.returncode == 2, unchecked.stdout + unchecked.stderr
+    assert "cannot check --id" in unchecked.stderr
+    assert f"start {PAIR}:Pair" not in unchecked.stderr  # (the hint names the form, not a path)
+    assert "module:Workflow" in unchecked.stderr
+    # With the code named, it is checked and derived.
+    by_code = cli("start", f"{PAIR}:Pair", "--id", "cli-8", "--input", park, *client(served))
+    assert by_code.returncode == 2 and "does not match" in by_code.stderr
+    fine = cli("start", "pair", "--input", park, *client(served))
+    assert fine.returncode == 0, fine.stderr
+    assert "started pair (published to pairs.park; the start rule names the execution)" in (
+        fine.stdout
+    )
 
 
 # --------------------------------------------------------------------------- list, show
@@ -307,6 +427,9 @@ def test_show_prints_state_and_timeline(served: Serve) -> None:
         assert "timeline (7 entries):" in out
         assert "message+state plans.submitted" in out
         assert "request_review  callback" in out
+        # It has ended: the workflow's deadline (10m after it started) is no longer ahead.
+        deadline = next(line for line in out.splitlines() if line.startswith("deadline "))
+        assert deadline.split(None, 1)[1] == "- (the execution has ended)"
     raw = cli("show", "cli-show", "--json", *client(served))
     assert json.loads(raw.stdout)["verdict"] == "approved"
     missing = cli("show", "cli-nothing", *client(served))
@@ -447,9 +570,13 @@ def test_serve_refuses_bad_targets(target: str, message: str, tmp_path: Path) ->
 def test_unreachable_server() -> None:
     url = f"nats://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    proc = cli("serve", WORKFLOWS, "--nats-url", url, "--metrics-port", "0")
+    proc = cli(
+        "serve", WORKFLOWS, "--nats-url", url, "--metrics-port", "0", "--startup-timeout", "2"
+    )
     assert proc.returncode == 1
+    assert "serve gave up starting after 2s (--startup-timeout)" in proc.stderr
     assert f"cannot connect to NATS at {url}" in proc.stderr
+    assert "is a nats-server running and reachable" in proc.stderr
     assert time.monotonic() - started < 15
     listing = cli("list", "--nats-url", url)
     assert listing.returncode == 1
