@@ -83,13 +83,13 @@ class OutboxMessage(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
 
     subject: str
     data: bytes = b""
-    json: msgspec.Raw = msgspec.Raw()
+    json: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     msg_id: str
     headers: dict[str, str] = {}
 
     def payload(self) -> bytes:
         """The bytes to publish."""
-        return bytes(self.json) if self.json else self.data
+        return self.data if self.json is msgspec.UNSET else bytes(self.json)
 
 
 class ExecutionState(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -432,8 +432,18 @@ class Engine:
             for bound in list(self.registry.workflows.values()):
                 await self._start_triggers(bound)
         except BaseException:
+            # The workers and timers already started run until cancelled: cancel them, or
+            # leaving the task group would wait for them forever.
+            self.running = False
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
             await stack.__aexit__(None, None, None)
             self._tg = None
+            self._stack = None
+            self._inboxes.clear()
+            self._watch_scopes.clear()
+            self._sub_started.clear()
+            self._callbacks_started.clear()
             raise
 
     async def stop(self) -> None:

@@ -30,9 +30,16 @@ def input_schema(tp: Any) -> dict[str, Any] | None:
     if tp is bytes or tp is Any:
         return None
     try:
-        return msgspec.json.schema(tp)
+        return msgspec.json.schema(tp, schema_hook=_raw_is_any)
     except (TypeError, ValueError):
         return None
+
+
+def _raw_is_any(tp: Any) -> dict[str, Any]:
+    # An outbox keeps JSON payloads as msgspec.Raw: any JSON value.
+    if tp is msgspec.Raw:
+        return {}
+    raise NotImplementedError
 
 
 def id_field(state_key: Callable[[Any], str] | None, message_type: Any) -> str:

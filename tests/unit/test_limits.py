@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 
@@ -263,3 +264,16 @@ async def test_memory_backend_refuses_values_and_messages_over_its_max_payload()
         await backend.kv_update("B", "k", b"v" * 990, 1)  # its header does not fit
     with pytest.raises(PayloadTooLargeError):
         await backend.publish("s", b"v" * 990, msg_id="an-id")
+
+
+class _FailingStreams(MemoryBackend):
+    async def ensure_stream(self, name: str, subjects: list[str]) -> None:
+        raise PayloadTooLargeError(f"refused: {name}")  # any error while triggers start
+
+
+async def test_engine_whose_triggers_cannot_start_raises_instead_of_hanging() -> None:
+    engine = Engine(_FailingStreams(), [Docs], workers=2)
+    with anyio.fail_after(10):
+        with pytest.raises(PayloadTooLargeError, match="refused"):
+            await engine.start()
+    assert not engine.running
