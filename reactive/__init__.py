@@ -11,6 +11,7 @@ import msgspec as _msgspec
 from reactive.backends.memory import MemoryBackend
 from reactive.backends.nats import NatsBackend
 from reactive.backends.server import NatsServer
+from reactive.clock import Clock, ManualClock, SystemClock
 from reactive.dsl.context import RuleContext
 from reactive.dsl.definition import ActionType, RuleDef, TriggerMode, WorkflowDef
 from reactive.dsl.mutators import chain, increment_iteration, set_error, transition
@@ -35,7 +36,6 @@ from reactive.errors import (
     ReactiveError,
     TransientBackendError,
 )
-from reactive.runtime.clock import Clock, ManualClock, SystemClock
 from reactive.runtime.engine import Engine
 
 __all__ = [

@@ -40,9 +40,9 @@ import msgspec
 
 from reactive._events import Waiter, new_event, new_waiter
 from reactive.backends.base import InboundMessage, KVEntry
+from reactive.clock import Clock, SystemClock
 from reactive.errors import BackendError, ConflictError, NotFoundError, PayloadTooLargeError
-from reactive.runtime.clock import Clock, SystemClock
-from reactive.runtime.patterns import (
+from reactive.subjects import (
     MAX_STORED_KEY_LENGTH,
     MAX_SUBJECT_LENGTH,
     matches_pattern,

@@ -45,7 +45,7 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue, StopIterSentinel
 
 from reactive.backends.base import InboundMessage, KVEntry, Operation
-from reactive.runtime.patterns import MAX_STORED_KEY_LENGTH, MAX_SUBJECT_LENGTH, preview
+from reactive.subjects import MAX_STORED_KEY_LENGTH, MAX_SUBJECT_LENGTH, preview
 
 if TYPE_CHECKING:
     from reactive.backends.base import Backend

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from reactive.backends.nats import NatsBackend
-    from reactive.runtime.engine import WorkflowInfo
+    from reactive.meta import WorkflowInfo
 
 __all__ = [
     "DEFAULT_DATA_DIR",
@@ -276,7 +276,7 @@ async def announced_workflows(backend: NatsBackend, meta_bucket: str) -> dict[st
     import msgspec
 
     from reactive.errors import NotFoundError
-    from reactive.runtime.engine import WorkflowInfo
+    from reactive.meta import WorkflowInfo
 
     try:
         keys = await backend.kv_keys(meta_bucket, "wf.*")

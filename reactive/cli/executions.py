@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from reactive.backends.base import KVEntry
     from reactive.backends.nats import NatsBackend
     from reactive.dsl.definition import WorkflowDef
-    from reactive.runtime.engine import WorkflowInfo
+    from reactive.meta import WorkflowInfo
 
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -127,7 +127,7 @@ class _Target:
 def _from_code(target: str) -> _Target:
     from reactive.cli.loading import load_workflows
     from reactive.dsl.workflow import definition_of
-    from reactive.runtime.engine import describe_workflow
+    from reactive.meta import describe_workflow
 
     try:
         workflows = load_workflows(target)
@@ -167,7 +167,7 @@ def _schema_title(info: WorkflowInfo, default: str) -> str:
 def _announced_id(info: WorkflowInfo, message: Any) -> str | None:
     """The execution id the start rule derives from ``message``, if the announcement says which
     field it is (None: only the code knows)."""
-    from reactive.runtime.patterns import is_valid_execution_id
+    from reactive.subjects import is_valid_execution_id
 
     field = info.id_field
     if not field or not isinstance(message, dict):
@@ -191,9 +191,9 @@ async def _start(args: argparse.Namespace, out: Out) -> int:
     import msgspec
 
     from reactive.cli.loading import is_target
+    from reactive.codecs import decode, encode_json
     from reactive.errors import ConflictError, DecodeError, InvalidExecutionId
-    from reactive.runtime.codecs import decode, encode_json
-    from reactive.runtime.patterns import validate_execution_id
+    from reactive.subjects import validate_execution_id
 
     raw = _read_input(args.input)
     exec_id: str | None = args.id
@@ -624,7 +624,7 @@ async def _show(args: argparse.Namespace, out: Out) -> int:
     import msgspec
 
     from reactive.errors import NotFoundError
-    from reactive.runtime.patterns import is_valid_execution_id
+    from reactive.subjects import is_valid_execution_id
 
     wanted: str = args.id
     wf_id, dot, exec_id = wanted.partition(".")
@@ -703,7 +703,7 @@ async def _watch(args: argparse.Namespace, out: Out) -> int:
     import anyio
     import msgspec
 
-    from reactive.runtime.engine import WorkflowInfo
+    from reactive.meta import WorkflowInfo
 
     url = resolve_url(args)
     async with connect(args, url) as backend:

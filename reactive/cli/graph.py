@@ -37,7 +37,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from reactive.dsl.workflow import definition_of
     from reactive.errors import ReactiveError
     from reactive.graph import mermaid
-    from reactive.runtime.engine import describe_workflow
+    from reactive.meta import describe_workflow
     from reactive.runtime.registry import Registry
 
     failures = 0

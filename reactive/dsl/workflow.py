@@ -18,7 +18,7 @@ from reactive.dsl.durations import parse_duration
 from reactive.dsl.rules import _UNSET, RuleMethod
 from reactive.dsl.state import ExecutionState
 from reactive.errors import DefinitionError
-from reactive.runtime.patterns import validate_key_pattern, validate_subject
+from reactive.subjects import validate_key_pattern, validate_subject
 
 __all__ = ["Workflow", "WorkflowMeta", "definition_of"]
 
@@ -94,7 +94,7 @@ class Workflow(metaclass=WorkflowMeta):
     @classmethod
     def key(cls, execution_id: str) -> str:
         """The KV key of an execution of this workflow."""
-        from reactive.runtime.patterns import validate_execution_id
+        from reactive.subjects import validate_execution_id
 
         return cls.__reactive__.key(validate_execution_id(execution_id))
 

@@ -43,6 +43,8 @@ import msgspec
 from anyio.abc import TaskGroup
 
 from reactive.backends.base import Backend, InboundMessage, KVEntry
+from reactive.clock import Clock, SystemClock
+from reactive.codecs import decode, encode, encode_json, inject_callback_fields
 from reactive.dsl.context import RuleContext, new_context
 from reactive.dsl.definition import ActionType, RuleDef, TriggerMode, WorkflowDef
 from reactive.dsl.state import (
@@ -65,11 +67,22 @@ from reactive.errors import (
     ReactiveError,
     TransientBackendError,
 )
-from reactive.runtime.clock import Clock, SystemClock
-from reactive.runtime.codecs import decode, encode, encode_json, inject_callback_fields
+from reactive.meta import (
+    CooldownClaim,
+    FiringRecord,
+    decode_claim,
+    decode_record,
+    describe_workflow,
+    remember,
+    too_old,
+    workflow_key,
+)
 from reactive.runtime.inbox import Inbox
 from reactive.runtime.metrics import METRICS, EngineMetrics, fast_child
-from reactive.runtime.patterns import (
+from reactive.runtime.registry import BoundWorkflow, Registry, Subscription
+from reactive.runtime.timers import Timers
+from reactive.runtime.tracing import Tracing, tracing_configured
+from reactive.subjects import (
     MAX_EXECUTION_ID_LENGTH,
     MAX_KEY_LENGTH,
     MAX_STORED_KEY_LENGTH,
@@ -77,11 +90,8 @@ from reactive.runtime.patterns import (
     preview,
     validate_execution_id,
 )
-from reactive.runtime.registry import BoundWorkflow, Registry, Subscription
-from reactive.runtime.timers import Timers
-from reactive.runtime.tracing import Tracing, tracing_configured
 
-__all__ = ["CooldownClaim", "Engine", "FiringRecord", "WorkflowInfo", "describe_workflow"]
+__all__ = ["Engine"]
 
 log = logging.getLogger("reactive")
 S = TypeVar("S", bound=ExecutionState)
@@ -95,155 +105,6 @@ _COMPLETED = Status.COMPLETED
 _PUBLISH = ActionType.PUBLISH
 _PUBLISH_ASYNC = ActionType.PUBLISH_ASYNC
 _COMPLETE = ActionType.COMPLETE
-
-
-class FiringRecord(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
-    """Firings of a rule that does not write state, kept in the meta bucket."""
-
-    count: int = 0
-    last_at: float = 0.0
-    last_trigger: str = ""
-    recent: list[str] = []
-    pending: list[OutboxMessage] = []
-    pending_owner: str = ""
-    pending_at: float = 0.0
-
-
-class CooldownClaim(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
-    """The start of a workflow-wide cooldown, at ``cool.<workflow>.<rule>`` in the meta bucket.
-
-    ``key`` and ``count`` name the firing it was claimed for: the execution, and how
-    many times the rule had fired for it before. That firing alone may use the claim
-    while the cooldown runs (the commit it was claimed for may lose a compare-and-set
-    and be tried again, by this process or another); every other one is held.
-    """
-
-    at: float = 0.0
-    key: str = ""
-    count: int = 0
-
-
-_RECENT = 32
-
-
-def _remember(firing: Firing | FiringRecord, trigger: str) -> None:
-    """Keep the last triggers that fired a rule, so a late repeat of one is recognised.
-
-    Stream messages for every rule (a redelivery may come late), revisions for the
-    claims of rules that only publish (another process may evaluate a revision late).
-    """
-    if trigger.startswith("m") or (trigger.startswith("r") and isinstance(firing, FiringRecord)):
-        firing.recent.append(trigger)
-        if len(firing.recent) > _RECENT:
-            del firing.recent[: len(firing.recent) - _RECENT]
-
-
-def _too_old(rec: FiringRecord, revision: int) -> bool:
-    """Whether ``revision`` predates every revision the claim remembers (when it remembers many)."""
-    revs = [int(t[1:]) for t in rec.recent if t.startswith("r")]
-    return len(revs) >= _RECENT and revision < min(revs)
-
-
-def _decode_claim(entry: KVEntry | None) -> CooldownClaim | None:
-    if entry is None or not entry.value:
-        return None
-    try:
-        return typing.cast(CooldownClaim, decode(CooldownClaim, entry.value))
-    except DecodeError:
-        return None  # overwritten by the next claim
-
-
-def _decode_record(entry: KVEntry | None) -> FiringRecord:
-    if entry is None:
-        return FiringRecord()
-    try:
-        return typing.cast(FiringRecord, decode(FiringRecord, entry.value))
-    except DecodeError:
-        return FiringRecord()
-
-
-class RuleInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A rule as the command line shows it."""
-
-    id: str
-    trigger: str
-    action: str
-    bucket: str = ""
-    pattern: str = ""
-    subject: str = ""
-    stream: str = ""
-    publish: str = ""
-    when: str = ""
-    cooldown: float = 0.0
-    cooldown_scope: str = "execution"
-    max_firings: int = 0
-
-
-class WorkflowInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """What an engine announces about a workflow it serves, at ``wf.<id>`` in the meta bucket."""
-
-    id: str
-    bucket: str
-    key_prefix: str
-    state_type: str
-    description: str = ""
-    timeout: float | None = None
-    max_iterations: int = 0
-    task_timeout: float = 0.0
-    on_complete: str = ""
-    on_fail: str = ""
-    on_escalate: str = ""
-    callback_prefix: str = ""
-    start_subject: str = ""
-    start_stream: str = ""
-    rules: list[RuleInfo] = []
-    # What ``start`` takes: the start message (or, with no start subject, the first state)
-    # as JSON Schema, and the message field the execution id comes from ("" if only the
-    # code knows: see reactive.runtime.inputs).
-    input_schema: dict[str, Any] | None = None
-    id_field: str = ""
-
-
-def describe_workflow(d: WorkflowDef, callback_prefix: str = "reactive.callback") -> WorkflowInfo:
-    """A workflow definition as plain data (what ``wf.<id>`` in the meta bucket holds)."""
-    from reactive.runtime.inputs import id_field, input_schema
-
-    starter = next((r for r in d.rules if r.mode is TriggerMode.MESSAGE_AND_STATE), None)
-    return WorkflowInfo(
-        id=d.id,
-        bucket=d.bucket,
-        key_prefix=f"{d.id}.",
-        state_type=f"{d.state_type.__module__}:{d.state_type.__qualname__}",
-        description=d.description,
-        timeout=d.timeout,
-        max_iterations=d.max_iterations,
-        task_timeout=d.task_timeout,
-        on_complete=d.on_complete,
-        on_fail=d.on_fail,
-        on_escalate=d.on_escalate,
-        callback_prefix=f"{callback_prefix}.{d.id}",
-        start_subject=starter.subject if starter else "",
-        start_stream=(starter.stream or "") if starter else "",
-        rules=[
-            RuleInfo(
-                id=r.id,
-                trigger=r.mode.value,
-                action=r.action.value,
-                bucket=r.bucket,
-                pattern=r.pattern,
-                subject=r.subject,
-                stream=r.stream or "",
-                publish=r.publish_subject,
-                when=r.condition_description,
-                cooldown=r.cooldown,
-                cooldown_scope=r.cooldown_scope,
-                max_firings=r.max_firings,
-            )
-            for r in d.rules
-        ],
-        input_schema=input_schema(starter.message_type if starter else d.state_type),
-        id_field=id_field(starter.state_key, starter.message_type) if starter else "",
-    )
 
 
 class _Envelope(msgspec.Struct):
@@ -566,7 +427,9 @@ class Engine:
         await self.backend.ensure_bucket(d.bucket)
         # Announce the workflow in the meta bucket, so tools can find it without its code.
         await self.backend.kv_put(
-            self.meta_bucket, f"wf.{d.id}", encode_json(describe_workflow(d, self.callback_prefix))
+            self.meta_bucket,
+            workflow_key(d.id),
+            encode_json(describe_workflow(d, self.callback_prefix)),
         )
         for r in d.rules:
             if r.bucket:
@@ -1298,7 +1161,7 @@ class Engine:
         meta_key = f"cool.{d.id}.{r.id}"
         for _ in range(self.conflict_retries):
             entry = await self.backend.kv_get(self.meta_bucket, meta_key)
-            claim = _decode_claim(entry)
+            claim = decode_claim(entry)
             if claim is not None:
                 ready_at = claim.at + r.cooldown
                 if now < ready_at:
@@ -1502,7 +1365,7 @@ class Engine:
         firing.last_at = now
         firing.last_trigger = trigger
         if trigger[:1] == "m":
-            _remember(firing, trigger)  # (a revision is remembered only by claims)
+            remember(firing, trigger)  # (a revision is remembered only by claims)
         work.firings[r.id] = firing
         stamp = _utc(now)
         work.timeline.append(
@@ -1858,7 +1721,7 @@ class Engine:
         waited = 0
         for _ in range(self.conflict_retries + 10):
             entry = await self.backend.kv_get(self.meta_bucket, meta_key)
-            rec = _decode_record(entry)
+            rec = decode_record(entry)
             rev = entry.revision if entry is not None else 0
             now = self.clock.now()
             if rec.pending:
@@ -1877,9 +1740,9 @@ class Engine:
                 if not await self._deliver_claim(d, meta_key, rec, rev):
                     continue
                 entry = await self.backend.kv_get(self.meta_bucket, meta_key)
-                rec = _decode_record(entry)
+                rec = decode_record(entry)
                 rev = entry.revision if entry is not None else 0
-            if trigger_rev and _too_old(rec, trigger_rev):
+            if trigger_rev and too_old(rec, trigger_rev):
                 return  # older than every revision remembered: treated as fired
             if self._limited(r, rec, trigger, now, target):
                 return
@@ -1894,7 +1757,7 @@ class Engine:
             rec.count += 1
             rec.last_at = now
             rec.last_trigger = trigger
-            _remember(rec, trigger)
+            remember(rec, trigger)
             rec.pending = [m]
             rec.pending_owner = self.instance_id
             rec.pending_at = now
@@ -1950,7 +1813,7 @@ class Engine:
         for mark in await self.backend.kv_keys(self.meta_bucket, "pend.>"):
             meta_key = "fire." + mark[len("pend.") :]
             entry = await self.backend.kv_get(self.meta_bucket, meta_key)
-            rec = _decode_record(entry)
+            rec = decode_record(entry)
             if entry is None or not rec.pending:
                 await self.backend.kv_delete(self.meta_bucket, mark)
                 continue

@@ -11,7 +11,7 @@ from typing import Any
 from reactive.dsl.definition import RuleDef, TriggerMode, WorkflowDef
 from reactive.dsl.workflow import Workflow, definition_of
 from reactive.errors import ReactiveError
-from reactive.runtime.patterns import PatternIndex
+from reactive.subjects import PatternIndex
 
 __all__ = ["BoundWorkflow", "Registry", "Subscription"]
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable
 
 import anyio
 
-from reactive.runtime.clock import Clock
+from reactive.clock import Clock
 
 __all__ = ["Timers"]
 

@@ -27,12 +27,12 @@ import msgspec
 from anyio.abc import TaskGroup
 
 from reactive.backends.memory import MemoryBackend, PublishedMessage
+from reactive.clock import ManualClock
+from reactive.codecs import decode, encode
 from reactive.dsl.state import ExecutionState, Status
 from reactive.dsl.workflow import Workflow, definition_of
-from reactive.runtime.clock import ManualClock
-from reactive.runtime.codecs import decode, encode
 from reactive.runtime.engine import Engine
-from reactive.runtime.patterns import matches_pattern
+from reactive.subjects import matches_pattern
 
 __all__ = ["PublishedMessage", "TestEngine"]
 

@@ -589,7 +589,7 @@ def test_unreachable_server() -> None:
 
 async def _start_load(url: str, n: int) -> list[tuple[str, str, int]]:
     """Start n executions, two thirds by first state, one third by message: (bucket, key, steps)."""
-    from reactive.runtime.codecs import encode_json
+    from reactive.codecs import encode_json
 
     cli_workflows = _load_workflows_module()
     backend = NatsBackend(url)

@@ -29,7 +29,7 @@ from test_engine_nats import (
 from reactive import Engine, ExecutionState, NatsBackend, RuleContext, Status, Workflow, rule
 from reactive.conditions import phase_is
 from reactive.errors import ConnectionLostError, TransientBackendError
-from reactive.runtime.patterns import MAX_EXECUTION_ID_LENGTH, MAX_KEY_LENGTH
+from reactive.subjects import MAX_EXECUTION_ID_LENGTH, MAX_KEY_LENGTH
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

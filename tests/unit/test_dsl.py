@@ -27,6 +27,7 @@ from reactive import (
     set_error,
     transition,
 )
+from reactive.clock import ManualClock
 from reactive.conditions import (
     Condition,
     always,
@@ -45,8 +46,7 @@ from reactive.conditions import (
 )
 from reactive.dsl.durations import parse_duration
 from reactive.dsl.state import is_terminal_status
-from reactive.runtime.clock import ManualClock
-from reactive.runtime.patterns import PatternIndex, matches_pattern
+from reactive.subjects import PatternIndex, matches_pattern
 
 
 class Order(msgspec.Struct):

@@ -34,8 +34,8 @@ from reactive import (
     rule,
 )
 from reactive.backends.base import InboundMessage
+from reactive.clock import ManualClock
 from reactive.conditions import phase_is
-from reactive.runtime.clock import ManualClock
 from reactive.runtime.metrics import EngineMetrics
 from reactive.testing import TestEngine
 

@@ -27,7 +27,7 @@ from reactive import (
 from reactive.conditions import phase_is
 from reactive.errors import PayloadTooLargeError
 from reactive.runtime.metrics import EngineMetrics
-from reactive.runtime.patterns import MAX_EXECUTION_ID_LENGTH, MAX_KEY_LENGTH
+from reactive.subjects import MAX_EXECUTION_ID_LENGTH, MAX_KEY_LENGTH
 from reactive.testing import TestEngine
 
 pytestmark = pytest.mark.anyio

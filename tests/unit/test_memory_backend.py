@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from reactive.backends.base import InboundMessage, KVEntry
 from reactive.backends.memory import MemoryBackend, PublishedMessage
+from reactive.clock import ManualClock
 from reactive.errors import BackendError, ConflictError, NotFoundError
-from reactive.runtime.clock import ManualClock
 
 T = TypeVar("T")
 

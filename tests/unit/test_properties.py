@@ -28,9 +28,9 @@ from reactive import (
     definition_of,
     rule,
 )
+from reactive.codecs import decode, encode_json
 from reactive.conditions import phase_in, phase_is
-from reactive.runtime.codecs import decode, encode_json
-from reactive.runtime.patterns import PatternIndex, matches_pattern
+from reactive.subjects import PatternIndex, matches_pattern
 from reactive.testing.strategies import (
     Advance,
     Callback,

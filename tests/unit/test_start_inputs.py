@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from reactive import ExecutionState, RuleContext, Workflow, definition_of, rule
 from reactive.cli.schema import problems
-from reactive.runtime.engine import describe_workflow
-from reactive.runtime.inputs import id_field
+from reactive.meta import describe_workflow
+from reactive.meta.inputs import id_field
 
 # --------------------------------------------------------------------------- the announcement
 
