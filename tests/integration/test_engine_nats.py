@@ -1005,9 +1005,34 @@ class JobResult(msgspec.Struct):
     answer: str
 
 
-def jobs_workflow(steps: int = 0) -> type[Workflow]:
-    """start message -> accepted -> (``steps`` mutations) -> async work -> worked -> completed."""
+class Gate:
+    """A condition the test opens: while closed, ``ids`` stay at ``phase``.
+
+    Their state at ``phase`` is committed, and the rule that would move them on does
+    not fire on it: they are between two transitions for as long as the test wants.
+    """
+
+    def __init__(self, ids: Iterable[str], phase: str) -> None:
+        self.ids = frozenset(ids)
+        self.phase = phase
+        self.opened = False
+
+    def __call__(self, ctx: RuleContext[Any, Any]) -> bool:
+        return self.opened or not (ctx.execution_id in self.ids and ctx.state.phase == self.phase)
+
+    def open(self) -> None:
+        self.opened = True
+
+
+def jobs_workflow(steps: int = 0, gate: Gate | None = None) -> type[Workflow]:
+    """start message -> accepted -> (``steps`` mutations) -> async work -> worked -> completed.
+
+    A ``gate`` holds the steps of its executions at its phase until it is opened.
+    """
     wid = uid("jobs")
+
+    def stepping(ctx: RuleContext[Job, None]) -> bool:
+        return ctx.state.phase.startswith("step") and (gate is None or gate(ctx))
 
     class Jobs(Workflow, id=wid, state=Job, on_complete=f"{wid}.events.completed"):
         @rule(on_subject=f"{wid}.start", stream=f"IN_{wid}", state_key=lambda m: m.id, mutate=True)
@@ -1015,7 +1040,7 @@ def jobs_workflow(steps: int = 0) -> type[Workflow]:
             ctx.state.n = ctx.message.n
             ctx.state.phase = "step0"
 
-        @rule(watch_kv=True, when=lambda ctx: ctx.state.phase.startswith("step"), mutate=True)
+        @rule(watch_kv=True, when=stepping, mutate=True)
         def step(self, ctx: RuleContext[Job, None]) -> None:
             done = int(ctx.state.phase[4:])
             ctx.state.phase = "accepted" if done >= steps else f"step{done + 1}"
@@ -1132,40 +1157,64 @@ async def test_engine_restart_mid_workflow_every_execution_completes(
     nats_url: str, nc: Client
 ) -> None:
     steps = 8
-    flow = jobs_workflow(steps=steps)
-    d = definition_of(flow)
-    js = nc.jetstream()
     n = 20
     ids = [f"r{i}" for i in range(n)]
+    # A quarter of the executions are held by a gate at step3, between two
+    # transitions; the worker holds every request, so no execution can end before
+    # the stop, and each whose request came is waiting for its callback.
+    held = ids[::4]
+    gate = Gate(held, "step3")
+    flow = jobs_workflow(steps=steps, gate=gate)
+    d = definition_of(flow)
+    js = nc.jetstream()
     worker = await Responder(nc, f"{d.id}.work", lambda req: {"answer": f"a{req['n']}"}).start()
     worker.hold()
+
+    async def states() -> dict[str, dict[str, Any]]:
+        kv = await js.key_value(d.bucket)
+        found = {}
+        for exec_id in ids:
+            try:
+                entry = await kv.get(d.key(exec_id))
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            found[exec_id] = json.loads(entry.value or b"{}")
+        return found
+
+    async def held_at_the_gate() -> bool:
+        found = await states()
+        return all(exec_id in found and found[exec_id]["phase"] == "step3" for exec_id in held)
+
     async with engine_on(nats_url, [flow], outbox_grace=0.5) as a:
         for i, exec_id in enumerate(ids):
             await js.publish(f"{d.id}.start", dumps({"id": exec_id, "n": i}))
-        # Stop once every start message is consumed and a few executions wait for
-        # their callback, while the others are still stepping.
+        # Stop once every start message is consumed, the held ones are at the gate,
+        # and a few others wait for their callback; the rest are wherever they are.
         await all_consumed(js, a, flow)
+        await eventually(held_at_the_gate, what="the held executions at the gate")
         await eventually(lambda: len(worker.requests) >= 3, what="three requests")
-    kv = await js.key_value(d.bucket)
-    at_stop = {}
-    for exec_id in ids:
-        entry = await kv.get(d.key(exec_id))
-        at_stop[exec_id] = json.loads(entry.value or b"{}")
-    waiting = [i for i, st in at_stop.items() if st["status"] == "waiting"]
-    stepping = [i for i, st in at_stop.items() if st["phase"].startswith("step")]
-    assert waiting, "no execution was waiting for its callback at the stop"
-    assert stepping, "no execution was between transitions at the stop"
+    at_stop = await states()
+    assert sorted(at_stop) == sorted(ids)
     assert not any(Status(st["status"]).is_terminal for st in at_stop.values())
+    for exec_id in held:
+        assert (at_stop[exec_id]["phase"], at_stop[exec_id]["status"]) == ("step3", "running")
+    asked = {r["execution_id"] for r in worker.requests}
+    assert asked and not asked & set(held)
+    for exec_id in asked:
+        assert at_stop[exec_id]["status"] == "waiting", exec_id
 
     # Callbacks for the waiting ones arrive while no engine runs; a new engine
-    # takes them, and carries the others on from their last committed state.
+    # takes them, and carries the others on from their last committed state (the
+    # held ones from step3, which it replays with the gate open).
     await worker.release()
+    gate.open()
     async with engine_on(nats_url, [flow], outbox_grace=0.5) as b:
-        states = [await b.wait_for(flow, exec_id, timeout=WAIT) for exec_id in ids]
-    for i, st in enumerate(states):
+        final = [await b.wait_for(flow, exec_id, timeout=WAIT) for exec_id in ids]
+    for i, st in enumerate(final):
         assert st.status is Status.COMPLETED, st.id
         assert transitions(st) == job_timeline(steps), st.id
         assert st.answers == [f"a{i}"], st.id
+    assert {r["execution_id"] for r in worker.requests} == set(ids)
 
 
 # ---------------------------------------------------------------------------
