@@ -7,11 +7,15 @@
   then counts down the same way.
 
 ``delay`` makes each step block for that many seconds: load that a SIGTERM lands in.
+``hold_while`` names a file: while it exists, the execution stops after its first step
+(its state committed, no rule moving it on), so a test knows it is unfinished; a
+replay after the file is gone carries it on.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import msgspec
 
@@ -22,6 +26,7 @@ class Count(ExecutionState):
     steps: int = 3
     done: int = 0
     delay: float = 0.0
+    hold_while: str = ""
 
 
 class TicketOpened(msgspec.Struct):
@@ -31,7 +36,9 @@ class TicketOpened(msgspec.Struct):
 
 
 def _pending(ctx: RuleContext[Count, None]) -> bool:
-    return ctx.state.done < ctx.state.steps
+    st = ctx.state
+    held = bool(st.hold_while) and st.done >= 1 and Path(st.hold_while).exists()
+    return st.done < st.steps and not held
 
 
 def _finished(ctx: RuleContext[Count, None]) -> bool:

@@ -464,7 +464,15 @@ def test_watch_tails_transitions(served: Serve, tmp_path: Path) -> None:
         while "cli-watched" not in out_path.read_text() or "completed" not in out_path.read_text():
             assert time.monotonic() < deadline, out_path.read_text()
             time.sleep(0.05)
-        time.sleep(0.2)
+        # A later execution in the same bucket: the watch prints a bucket's changes in
+        # order, so once it is printed every line about cli-watched has been.
+        later = cli(
+            "start", "ticket", "--input", '{"ticket": "cli-later", "steps": 0}', *client(served)
+        )
+        assert later.returncode == 0, later.stderr
+        while "cli-later" not in out_path.read_text():
+            assert time.monotonic() < deadline, out_path.read_text()
+            time.sleep(0.05)
     finally:
         watch.send_signal(signal.SIGTERM)
         code = watch.wait(timeout=10)
@@ -587,8 +595,16 @@ def test_unreachable_server() -> None:
 # --------------------------------------------------------------------------- SIGTERM under load
 
 
-async def _start_load(url: str, n: int) -> list[tuple[str, str, int]]:
-    """Start n executions, two thirds by first state, one third by message: (bucket, key, steps)."""
+def _held(i: int) -> bool:
+    """Which of the load's executions stop after their first step while the hold file exists."""
+    return i % 6 == 0
+
+
+async def _start_load(url: str, n: int, hold: Path) -> list[tuple[str, str, int]]:
+    """Start n executions, two thirds by first state, one third by message: (bucket, key, steps).
+
+    Those ``_held`` (by first state) stop after one step while ``hold`` exists.
+    """
     from reactive.codecs import encode_json
 
     cli_workflows = _load_workflows_module()
@@ -603,7 +619,9 @@ async def _start_load(url: str, n: int) -> list[tuple[str, str, int]]:
                 await backend.publish("tickets.open", encode_json(msg), msg_id=f"load-{i}")
                 started.append(("CLI_TICKETS", f"ticket.load-{i}", steps))
             else:
-                state = cli_workflows.Count(steps=steps, delay=0.03)
+                state = cli_workflows.Count(
+                    steps=steps, delay=0.03, hold_while=str(hold) if _held(i) else ""
+                )
                 state.initialize(f"load-{i}", "countdown", time.time(), 300.0)
                 await backend.kv_create("CLI_COUNTDOWN", f"countdown.load-{i}", encode_json(state))
                 started.append(("CLI_COUNTDOWN", f"countdown.load-{i}", steps))
@@ -639,12 +657,23 @@ def _completed(states: dict[str, dict[str, Any]]) -> int:
 def test_sigterm_during_load_loses_nothing(tmp_path: Path) -> None:
     n = 30
     port = free_port()
+    # Some executions stop after their first step while this file exists: at the
+    # SIGTERM they are provably unfinished, whatever the machine's speed.
+    hold = tmp_path / "hold"
+    hold.touch()
+    held = [f"countdown.load-{i}" for i in range(n) if _held(i)]
     first = Serve(tmp_path / "data", port, WORKFLOWS)
     try:
         first.wait_healthy()
-        keys = anyio.run(_start_load, first.url, n)
+        keys = anyio.run(_start_load, first.url, n, hold)
+
+        def ready_for_sigterm() -> bool:
+            states = anyio.run(_read_states, first.url, keys)
+            at_hold = all(states.get(key, {}).get("done") == 1 for key in held)
+            return at_hold and _completed(states) >= 3
+
         deadline = time.monotonic() + 20
-        while _completed(anyio.run(_read_states, first.url, keys)) < 3:
+        while not ready_for_sigterm():
             assert time.monotonic() < deadline, first.stderr
             time.sleep(0.05)
         code, took = first.terminate()
@@ -656,11 +685,13 @@ def test_sigterm_during_load_loses_nothing(tmp_path: Path) -> None:
     assert "msg=stopped" in first.stderr
     assert not (tmp_path / "data" / "nats.url").exists()  # its server is gone
 
+    # The held ones were still at their first step when the SIGTERM came (and could
+    # not move on): the next serve's replay, the file gone, carries them on.
+    hold.unlink()
+
     second = Serve(tmp_path / "data", port, WORKFLOWS)
     try:
         second.wait_healthy()
-        at_restart = anyio.run(_read_states, second.url, keys)
-        assert _completed(at_restart) < n, "the SIGTERM came after all the work: nothing tested"
         deadline = time.monotonic() + 30
         while True:
             states = anyio.run(_read_states, second.url, keys)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
-from reactive import Engine, NatsBackend
+from reactive import Engine, NatsBackend, definition_of
 from reactive.__main__ import load_example
+from reactive.runtime.metrics import REGISTRY
 
 pytestmark = pytest.mark.integration
 
@@ -75,22 +80,87 @@ async def test_github_issue_to_pr_demo_on_nats(nats_url: str) -> None:
         assert text.count(f"  {subject} ") == count, subject
 
 
+def condition_held(workflow: str, rule: str) -> float:
+    """How often a rule's condition held, in this process (every engine's metrics)."""
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        for sample in family.samples
+        if sample.name == "reactive_rule_evaluations_total"
+        and sample.labels.get("workflow") == workflow
+        and sample.labels.get("rule") == rule
+        and sample.labels.get("fired") == "true"
+    )
+
+
+async def until(check: Callable[[], Awaitable[bool] | bool], what: str) -> None:
+    """Poll ``check`` (sync or async) until it holds."""
+    deadline = time.monotonic() + 10
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, f"not within 10s: {what}"
+        await anyio.sleep(0.02)
+
+
 @pytest.mark.anyio
 async def test_cold_storage_demo_on_nats(nats_url: str) -> None:
     cs = example("cold_storage")
+    wf = definition_of(cs.ColdStorageMonitor).id
+    rules = {metric: f"{metric}_alert" for metric in ("temperature", "humidity", "pressure")}
+    held_before = {rule: condition_held(wf, rule) for rule in rules.values()}
     alerts: list[Any] = []
+    lines: list[str] = []
     listener = NatsBackend(nats_url)
     await listener.start()
+    backend = NatsBackend(nats_url)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(cs.collect_alerts, listener, alerts)
-            lines, _ = await run_demo_on_nats(cs, nats_url)
-            await anyio.sleep(0.3)
+            with anyio.fail_after(30):
+                async with Engine(backend, cs.WORKFLOWS) as engine:
+                    await cs.run_demo(backend, engine, lines.append)
+
+                    # Every out-of-range reading was evaluated (each alert rule's condition
+                    # held on three readings of one unit)...
+                    def all_evaluated() -> bool:
+                        return all(
+                            condition_held(wf, rule) - held_before[rule] >= 3
+                            for rule in rules.values()
+                        )
+
+                    await until(all_evaluated, "every out-of-range reading evaluated")
+
+                    # ...and every firing decided has gone out: no claim is pending.
+                    async def delivered() -> bool:
+                        return not await backend.kv_keys(engine.meta_bucket, f"pend.{wf}.>")
+
+                    await until(delivered, "every alert out")
+                    firings = {}
+                    for key in await backend.kv_keys(engine.meta_bucket, f"fire.{wf}.>"):
+                        _, _, rule, _, _, unit = key.split(".")
+                        entry = await backend.kv_get(engine.meta_bucket, key)
+                        assert entry is not None
+                        firings[(unit, rule)] = msgspec.json.decode(entry.value)["count"]
+            # A marker published after all that comes after every alert: the listener
+            # has had every one once it has the marker.
+            marker = cs.Alert(
+                unit_id="sync", metric="sync", value=0, limit="", message="", at=datetime.now(UTC),
+                revision=0,
+            )  # fmt: skip
+            await listener.publish(f"{cs.ALERTS}.sync", msgspec.json.encode(marker))
+            await until(lambda: any(a.unit_id == "sync" for a in alerts), "the marker")
             tg.cancel_scope.cancel()
     finally:
+        await backend.close()
         await listener.close()
-    # Each expected alert exactly once: the cooldown held back the repeats.
-    assert sorted((a.unit_id, a.metric) for a in alerts) == sorted(cs.EXPECTED_ALERTS)
+    # Each expected alert decided once and sent once: the cooldown held back the repeats.
+    assert firings == {(unit, rules[metric]): 1 for unit, metric in cs.EXPECTED_ALERTS}
+    got = [(a.unit_id, a.metric) for a in alerts if a.unit_id != "sync"]
+    assert sorted(got) == sorted(cs.EXPECTED_ALERTS)
     text = "\n".join(lines)
     assert "temperature: 3 out of range, 1 alerted" in text
 

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from anyio.abc import TaskStatus
 
 from reactive import Engine, ExecutionState, MemoryBackend, RuleContext, Status, Workflow, rule
 from reactive.conditions import condition
@@ -68,9 +69,16 @@ class Written:
     def __getitem__(self, key: str) -> list[int]:
         return self.by_key.get(key, [])
 
-    async def run(self, backend: MemoryBackend, bucket: str) -> None:
+    async def run(
+        self,
+        backend: MemoryBackend,
+        bucket: str,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
         await backend.ensure_bucket(bucket)
         async with backend.kv_watch(bucket, ">") as entries:
+            task_status.started()  # watching: every revision from here on is seen
             async for e in entries:
                 self.by_key.setdefault(e.key, []).append(e.revision)
 
@@ -79,8 +87,7 @@ class Written:
 async def recording(te: TestEngine, bucket: str = "follow") -> AsyncIterator[Written]:
     written = Written()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(written.run, te.backend, bucket)
-        await anyio.sleep(0)
+        await tg.start(written.run, te.backend, bucket)
         yield written
         await te.settle()
         tg.cancel_scope.cancel()
@@ -172,7 +179,7 @@ async def test_inbox_get_waits_for_an_item_and_put_waits_for_room() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(consumer)
-        await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()  # the consumer waits in get()
         assert got == []
         await inbox.put("a")
         await inbox.put("b")  # waits until the consumer took "a" if it has not yet
@@ -212,8 +219,10 @@ async def test_a_backlog_beyond_the_inboxes_waits_for_room_and_loses_nothing() -
 async def test_inbox_get_after_a_cancelled_get_still_wakes() -> None:
     # A cancelled get leaves its waiter spent; the next get must wait on a fresh one.
     inbox: Inbox[str] = Inbox(4)
-    with anyio.move_on_after(0.01):
-        await inbox.get()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(inbox.get)
+        await anyio.wait_all_tasks_blocked()  # it waits...
+        tg.cancel_scope.cancel()  # ...and is given up
     got: list[str] = []
 
     async def consumer() -> None:
@@ -221,7 +230,7 @@ async def test_inbox_get_after_a_cancelled_get_still_wakes() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(consumer)
-        await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()  # the next get waits
         assert inbox.put_nowait("x")
     assert got == ["x"]
 

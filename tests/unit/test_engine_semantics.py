@@ -6,7 +6,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-import anyio
 import msgspec
 import pytest
 
@@ -487,8 +486,7 @@ async def test_one_watcher_per_bucket_however_many_rules_watch_it() -> None:
 
     backend.kv_watch = counting_watch  # type: ignore[method-assign]
     async with Engine(backend, [Many]) as engine:
-        while not engine.ready:
-            await anyio.sleep(0.01)
+        await engine.wait_ready()
     assert opened == ["MANY"]
 
 

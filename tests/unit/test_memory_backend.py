@@ -32,17 +32,29 @@ async def recv(it: AsyncIterator[T], timeout: float = 1.0) -> T:
         return await it.__anext__()
 
 
-async def nothing(it: AsyncIterator[T], wait: float = 0.05) -> None:
-    """Assert that no item arrives within ``wait`` real seconds."""
-    with anyio.move_on_after(wait):
-        item = await it.__anext__()
-        pytest.fail(f"unexpected item {item!r}")
+async def nothing(it: AsyncIterator[T]) -> None:
+    """Assert that no item is there to take, nor coming from anything already under way.
+
+    A reader waits for the next item while every other task runs until it blocks:
+    in memory, with a manual clock, nothing else can bring one (no timing involved).
+    The waiting read is then cancelled (a cancelled wait must spoil nothing).
+    """
+    got: list[T] = []
+
+    async def take() -> None:
+        got.append(await it.__anext__())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(take)
+        await anyio.wait_all_tasks_blocked()
+        tg.cancel_scope.cancel()
+    if got:
+        pytest.fail(f"unexpected item {got[0]!r}")
 
 
 async def settle() -> None:
-    """Let woken tasks run."""
-    for _ in range(5):
-        await anyio.lowlevel.checkpoint()
+    """Let woken tasks run until each is blocked again."""
+    await anyio.wait_all_tasks_blocked()
 
 
 # ---------------------------------------------------------------------------
@@ -211,7 +223,7 @@ async def test_watch_wakes_after_a_cancelled_wait() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(reader)
-            await anyio.sleep(0.01)
+            await anyio.wait_all_tasks_blocked()  # the reader waits
             await b.kv_put("s", "k", b"1")
         assert got == ["k"]
 
@@ -467,13 +479,11 @@ async def test_waiting_reader_wakes_when_clock_reaches_nak_deadline() -> None:
             await m.ack()
 
         tg.start_soon(wait_one)
-        await settle()
+        await anyio.wait_all_tasks_blocked()
         assert got == []
         clock.advance(3)
-        with anyio.fail_after(1):
-            while not got:
-                await anyio.sleep(0.001)
-    assert got == [2]
+        await anyio.wait_all_tasks_blocked()
+        assert got == [2]
 
 
 async def test_term_never_redelivers() -> None:
@@ -614,12 +624,10 @@ async def test_close_ends_open_iterators() -> None:
         tg.start_soon(drain, "watch", w)
         tg.start_soon(drain, "sub", s)
         tg.start_soon(drain, "consume", c)
-        await settle()
+        await anyio.wait_all_tasks_blocked()
         await b.close()
-        with anyio.fail_after(1):
-            while len(ended) < 3:
-                await anyio.sleep(0.001)
-    assert sorted(ended) == ["consume", "sub", "watch"]
+        await anyio.wait_all_tasks_blocked()
+        assert sorted(ended) == ["consume", "sub", "watch"]
     with pytest.raises(BackendError):
         async with b.subscribe("x"):
             pass
