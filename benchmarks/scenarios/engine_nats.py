@@ -133,7 +133,7 @@ def main() -> None:
                         subs = list(backend.nc._subs.values())
                         pm = max((x._pending_queue.qsize() for x in subs), default=0)
                         pb = max((x._pending_size for x in subs), default=0)
-                        wq = sum(len(inbox) for inbox in engine._inboxes)
+                        wq = sum(len(inbox) for inbox in engine.shards.inboxes)
                         peaks["pending_msgs"] = max(peaks["pending_msgs"], pm)
                         peaks["pending_bytes"] = max(peaks["pending_bytes"], pb)
                         peaks["worker_queued"] = max(peaks["worker_queued"], wq)

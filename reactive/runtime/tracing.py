@@ -38,6 +38,12 @@ class Tracing:
     """The engine's spans; every method is a no-op when ``enabled`` is False."""
 
     def __init__(self, enabled: bool, provider: trace.TracerProvider | None = None) -> None:
+        self.enabled = False
+        self._tracer: trace.Tracer | None = None
+        self.configure(enabled, provider)
+
+    def configure(self, enabled: bool, provider: trace.TracerProvider | None = None) -> None:
+        """Turn spans on or off, in place (whoever holds this object sees the change)."""
         self.enabled = enabled
         self._tracer = trace.get_tracer(_TRACER_NAME, tracer_provider=provider) if enabled else None
 

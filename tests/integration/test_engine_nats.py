@@ -1035,7 +1035,7 @@ async def test_a_timeout_beyond_the_timer_horizon_fires_after_a_replay(
         assert started.deadline is not None
         # Seen: its deadline is beyond the horizon, so the bucket's replay is planned
         # (half a horizon before it) instead of a timer of its own.
-        await eventually(lambda: d.bucket in engine._far, what="the replay planned")
+        await eventually(lambda: d.bucket in engine.triggers._far, what="the replay planned")
         assert not holds_timer(engine, flow, "far")
         clock.advance(1.8)  # past the replay: the replay sets its timer
         await eventually(

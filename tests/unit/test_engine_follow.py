@@ -16,7 +16,7 @@ from anyio.abc import TaskStatus
 
 from reactive import Engine, ExecutionState, MemoryBackend, RuleContext, Status, Workflow, rule
 from reactive.conditions import condition
-from reactive.runtime.engine import _CHAIN_LIMIT
+from reactive.runtime.shards import CHAIN_LIMIT as _CHAIN_LIMIT
 from reactive.runtime.inbox import Inbox
 from reactive.testing import TestEngine
 
@@ -207,7 +207,7 @@ async def test_a_backlog_beyond_the_inboxes_waits_for_room_and_loses_nothing() -
                 for i in range(200)
             ):
                 await anyio.sleep(0.01)
-        assert engine._backlogged  # the full-inbox path ran
+        assert engine.shards.backlogged  # the full-inbox path ran
     states = [
         msgspec.json.decode(backend.peek("follow", f"backlog.e{i}").value, type=Steps)
         for i in range(200)
@@ -339,14 +339,14 @@ async def test_far_deadlines_replay_the_bucket_once_shortly_before_they_come() -
     async with TestEngine(Slow, timer_horizon=600.0) as te:
         await te.start(Slow, "s1", Asked(question="?"))
         replays = 0
-        restart = te.engine._restart_watch
+        restart = te.engine.triggers.restart_watch
 
         def counting(bucket: str) -> None:
             nonlocal replays
             replays += 1
             restart(bucket)
 
-        te.engine._restart_watch = counting  # type: ignore[method-assign]
+        te.engine.triggers.restart_watch = counting  # type: ignore[method-assign]
         await te.advance(2 * 3600 - 600)  # well before the task timeout: no replay yet
         assert replays == 0
         assert te.state(Slow, "s1").status is Status.WAITING

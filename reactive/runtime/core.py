@@ -1,0 +1,182 @@
+"""What every part of the runtime shares: the backend, the clock, the registry, metrics, timers,
+tracing and the engine's options, with the few helpers they all use."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Generator, Hashable
+from contextlib import AbstractContextManager
+from typing import Any
+
+from reactive.backends.base import Backend, InboundMessage
+from reactive.clock import Clock
+from reactive.codecs import decode
+from reactive.dsl.context import RuleContext
+from reactive.dsl.definition import RuleDef, WorkflowDef
+from reactive.dsl.state import ExecutionState
+from reactive.errors import DecodeError, TransientBackendError
+from reactive.runtime.metrics import EngineMetrics, fast_child
+from reactive.runtime.registry import BoundWorkflow, Registry
+from reactive.runtime.timers import Timers
+from reactive.runtime.tracing import Tracing
+
+__all__ = ["DONE", "Options", "Runtime", "log", "within"]
+
+log = logging.getLogger("reactive")
+
+
+async def within(cm: AbstractContextManager[Any], aw: Awaitable[None]) -> None:
+    """Await ``aw`` inside ``cm`` (a span).
+
+    The parts that open a span when tracing is on return ``aw`` itself when it is
+    off: no context manager, and no coroutine, per event on the hot path.
+    """
+    with cm:
+        await aw
+
+
+class _Done:
+    """An awaitable that is done at once (for a step that found nothing to do)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return iter(())  # type: ignore[return-value]
+
+
+DONE: Awaitable[None] = _Done()
+
+
+class Options:
+    """The engine's settings the runtime's parts read (see ``Engine``)."""
+
+    __slots__ = (
+        "callback_prefix",
+        "callback_stream",
+        "conflict_retries",
+        "instance_id",
+        "max_deliver",
+        "meta_bucket",
+        "outbox_grace",
+        "sweep_interval",
+        "timer_horizon",
+    )
+
+    def __init__(
+        self,
+        *,
+        instance_id: str,
+        meta_bucket: str,
+        callback_stream: str,
+        callback_prefix: str,
+        conflict_retries: int,
+        outbox_grace: float,
+        sweep_interval: float,
+        timer_horizon: float | None,
+        max_deliver: int,
+    ) -> None:
+        self.instance_id = instance_id
+        self.meta_bucket = meta_bucket
+        self.callback_stream = callback_stream
+        self.callback_prefix = callback_prefix
+        self.conflict_retries = conflict_retries
+        self.outbox_grace = outbox_grace
+        self.sweep_interval = sweep_interval
+        self.timer_horizon = timer_horizon
+        self.max_deliver = max_deliver
+
+
+class Runtime:
+    """The services and settings of one engine, handed to each of its parts."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        clock: Clock,
+        registry: Registry,
+        metrics: EngineMetrics,
+        tracing: Tracing,
+        options: Options,
+    ) -> None:
+        self.backend = backend
+        self.clock = clock
+        self.registry = registry
+        self.metrics = metrics
+        self.tracing = tracing
+        self.options = options
+        self.timers: Timers  # set by the engine, which wires the timers to the shards
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # Failures in a row per timer target, for the backoff of _retry_later.
+        self.retries: dict[Hashable, int] = {}
+
+    def metric(self, metric: Any, *labels: str) -> Any:
+        """A metric's child for these labels, cached: a label lookup costs a lock and a dict."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = fast_child(metric, metric.labels(*labels))
+        return child
+
+    def check(self, bound: BoundWorkflow, r: RuleDef, ctx: RuleContext[Any, Any]) -> bool:
+        """Evaluate a rule's conditions (a condition that raises is false), counted."""
+        try:
+            fired = bool(r.condition(ctx))
+        except Exception as e:
+            self.metric(self.metrics.dispatch_errors, bound.definition.id, r.id).inc()
+            log.warning(
+                "condition of %s.%s raised %r; treated as false", bound.definition.id, r.id, e
+            )
+            fired = False
+        counts = bound.evaluated[r.index]
+        if counts is None:
+            wf = bound.definition.id
+            counts = bound.evaluated[r.index] = (
+                self.metric(self.metrics.rule_evaluations, wf, r.id, "false"),
+                self.metric(self.metrics.rule_evaluations, wf, r.id, "true"),
+            )
+        counts[fired].inc()
+        return fired
+
+    def decode_state(
+        self, d: WorkflowDef, bucket: str, key: str, revision: int, raw: bytes
+    ) -> ExecutionState | None:
+        """The state in ``raw``; None (counted and logged, the value left as it is) if it is not one."""
+        try:
+            state: ExecutionState = decode(d.state_type, raw)
+        except DecodeError as e:
+            self.metric(self.metrics.state_decode_errors, d.id).inc()
+            log.warning("leaving undecodable state %s/%s rev %d: %s", bucket, key, revision, e)
+            return None
+        return state
+
+    def retry_later(
+        self, bound: BoundWorkflow, bucket: str, key: str, e: TransientBackendError
+    ) -> None:
+        """After a transient failure, evaluate the key again later, backing off while it fails.
+
+        Every evaluation of a key counts its failures here and forgets them when it
+        completes: the delay doubles with each failure in a row.
+        """
+        target = (bound.definition.id, bucket, key)
+        n = self.retries.get(target, 0)
+        self.retries[target] = n + 1
+        delay = min(0.1 * 2**n, 10.0)
+        log.warning("transient failure on %s/%s (%s); retrying in %.1fs", bucket, key, e, delay)
+        self.timers.schedule(self.clock.now() + delay, target)
+
+    def succeeded(self, workflow_id: str, bucket: str, key: str) -> None:
+        """An evaluation of the key completed: its next failure backs off from the start."""
+        if self.retries:
+            self.retries.pop((workflow_id, bucket, key), None)
+
+    async def settle(self, msg: InboundMessage, how: str, delay: float = 0.0) -> None:
+        """Acknowledge, terminate or hand back (after ``delay``) a message; never raises."""
+        try:
+            if how == "ack":
+                await msg.ack()
+            elif how == "term":
+                await msg.term()
+            else:
+                await msg.nak(delay)
+        except Exception as e:  # the message will be redelivered; nothing is lost
+            log.warning("could not %s message on %s: %s", how, msg.subject, e)

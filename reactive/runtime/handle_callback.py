@@ -1,0 +1,230 @@
+"""Handling a callback: a worker's result (or error) for the task an execution waits for.
+
+A callback whose task id is not the pending one (stale, duplicate, forged) is
+acknowledged and ignored; one that comes after the task timeout or the deadline is
+late; a result of the wrong shape fails the task at once. The callback message is
+acknowledged once the transition it makes is committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import msgspec
+
+from reactive.codecs import decode
+from reactive.dsl.context import RuleContext
+from reactive.dsl.state import Status
+from reactive.errors import ConflictError, DecodeError, TransientBackendError
+from reactive.runtime.core import Runtime, log
+from reactive.runtime.decide import FOREVER
+from reactive.runtime.events import CallbackArrival, Committed
+from reactive.runtime.registry import BoundWorkflow
+from reactive.runtime.store import Replaced, Store
+from reactive.runtime.transition import apply_result, end
+from reactive.runtime.writer import Writer
+
+__all__ = ["CallbackHandler"]
+
+_WAITING = Status.WAITING
+
+
+class _Envelope(msgspec.Struct):
+    """The fields of a callback the engine reads besides the typed result."""
+
+    task_id: str = ""
+    error: str = ""
+
+
+class CallbackHandler:
+    """Applies callbacks to the executions that wait for them."""
+
+    def __init__(self, rt: Runtime, store: Store, writer: Writer) -> None:
+        self.rt = rt
+        self.store = store
+        self.writer = writer
+        self.clock = rt.clock
+        self.tracing = rt.tracing
+        self.owner = rt.options.instance_id
+
+    async def on_callback(self, ev: CallbackArrival, fresh: list[Committed]) -> None:
+        rt = self.rt
+        bound, msg = ev.bound, ev.msg
+        d = bound.definition
+        try:
+            env = decode(_Envelope, msg.data)
+        except DecodeError as e:
+            rt.metric(rt.metrics.poison_messages, d.id, "callback").inc()
+            log.warning("terminating undecodable callback on %s: %s", msg.subject, e)
+            await rt.settle(msg, "term")
+            return
+        if not env.task_id:
+            env.task_id = msg.headers.get("Reactive-Task-Id", "")
+        try:
+            with contextlib.ExitStack() as spans:
+                outcome = await self._apply(bound, ev.execution_id, env, ev, fresh, spans)
+        except TransientBackendError as e:
+            delay = min(0.2 * 2 ** max(msg.num_delivered - 1, 0), 30.0)
+            log.warning(
+                "transient failure handling callback %s (%s); redelivery in %.1fs",
+                msg.subject,
+                e,
+                delay,
+            )
+            await rt.settle(msg, "nak", delay)
+            return
+        except Exception:
+            log.exception("error handling callback on %s", msg.subject)
+            how = "term" if msg.num_delivered >= rt.options.max_deliver else "nak"
+            await rt.settle(msg, how, 1.0)
+            return
+        await rt.settle(msg, "term" if outcome == "poison" else "ack")
+
+    async def _apply(
+        self,
+        bound: BoundWorkflow,
+        exec_id: str,
+        env: _Envelope,
+        ev: CallbackArrival,
+        fresh: list[Committed],
+        spans: contextlib.ExitStack,
+    ) -> str:
+        """Apply the callback: "done", "stale" (ignored) or "poison" (to terminate)."""
+        rt = self.rt
+        d = bound.definition
+        msg = ev.msg
+        key = d.key(exec_id)
+        bucket = d.bucket
+        target = (d.id, bucket, key)
+        traced = not self.tracing.enabled
+        # The waiting state this engine committed, if it still has it: a write based on it
+        # is checked by the compare-and-set; anything else is decided on a fresh read.
+        parked = self.store.take_parked(bucket, key)
+        for _ in range(rt.options.conflict_retries):
+            now = self.clock.now()
+            cached, parked = parked, None
+            entry = cached if cached is not None else await rt.backend.kv_get(bucket, key)
+            if entry is None:
+                rt.metric(rt.metrics.callbacks_received, d.id, "", "unknown").inc()
+                log.info("ignoring callback for unknown execution %s", key)
+                return "stale"
+            state = decode(d.state_type, entry.value)
+            if not traced:
+                # The worker's trace context if it passed one on, else the execution's.
+                traced = True
+                spans.enter_context(
+                    self.tracing.span(
+                        "reactive.callback",
+                        parent=self.tracing.parent_from(msg.headers, state.trace_parent),
+                        workflow=d.id,
+                        key=key,
+                        task_id=env.task_id,
+                    )
+                )
+            if state.outbox:
+                wait = await self.store.outbox_pending(
+                    bucket, key, state, now, entry.revision if cached else None
+                )
+                if wait is not None:
+                    if wait < FOREVER:
+                        rt.timers.schedule(wait, target)
+                    if cached is not None:
+                        continue  # superseded: read it again
+                    raise TransientBackendError(
+                        f"{key}: an earlier outbox is still being delivered"
+                    )
+            if state.status is _WAITING and (
+                state.is_expired(now)
+                or (state.task_deadline is not None and state.task_deadline.timestamp() <= now)
+            ):
+                # Too late: the deadline or the task timeout came first.
+                try:
+                    await self.writer.enforce_deadlines(
+                        bound, bucket, key, entry.revision, state, now, target, fresh
+                    )
+                except ConflictError:
+                    continue
+                # (The state has no pending rule any more: counted without one.)
+                rt.metric(rt.metrics.callbacks_received, d.id, state.pending_rule_id, "late").inc()
+                return "stale"
+            if (
+                state.status is not _WAITING
+                or not env.task_id
+                or state.pending_task_id != env.task_id
+            ):
+                if cached is not None:
+                    continue  # read it again before calling the callback stale
+                rt.metric(rt.metrics.callbacks_received, d.id, state.pending_rule_id, "stale").inc()
+                log.info("ignoring stale or duplicate callback task=%s for %s", env.task_id, key)
+                return "stale"
+            rule_id = state.pending_rule_id
+            r = d.rules_by_id.get(rule_id)
+            if r is None:
+                state.fail(f"callback for unknown rule {rule_id!r}")
+                ended = end(
+                    d, state, None, now, self.owner, "callback_error",
+                    mode="callback", rule_id=rule_id,
+                )  # fmt: skip
+                try:
+                    await self.store.write(d, bucket, key, entry.revision, state, ended, fresh)
+                except ConflictError:
+                    continue
+                return "done"
+            latency = now - state.pending_since.timestamp() if state.pending_since else 0.0
+            result: Any = None
+            failure = env.error
+            invalid = False
+            if not failure:
+                try:
+                    result = decode(r.result_type, msg.data)
+                except DecodeError as e:
+                    # A result of the wrong shape: the task failed, now (not at its timeout).
+                    failure = f"its result does not decode: {e}"
+                    invalid = True
+            ctx: RuleContext[Any, Any] = RuleContext(
+                state=state,
+                message=None,
+                workflow_id=d.id,
+                execution_id=exec_id,
+                key=key,
+                bucket=bucket,
+                revision=entry.revision,
+                subject=msg.subject,
+                trigger_mode="callback",
+                now=now,
+                rule_id=r.id,
+            )
+            applied = apply_result(
+                bound, r, state, entry.value, ctx, result, failure, invalid, env.task_id, self.owner
+            )
+            if applied.error is not None:
+                rt.metric(rt.metrics.dispatch_errors, d.id, r.id).inc()
+            status = "invalid" if invalid else "error" if failure else "ok"
+            work = applied.state
+            try:
+                await self.store.commit(d, bucket, key, entry.revision, work, applied.ended, fresh)
+            except Replaced:
+                status = "too_large"  # the execution failed instead: no longer waiting either
+            except ConflictError:
+                continue
+            rt.metric(rt.metrics.callbacks_received, d.id, r.id, status).inc()
+            rt.metric(rt.metrics.callback_latency, d.id, r.id).observe(max(latency, 0.0))
+            rt.metric(rt.metrics.pending_callbacks, d.id).dec()
+            log.info(
+                "transition workflow=%s execution=%s rule=%s action=%s phase=%s status=%s",
+                d.id,
+                exec_id,
+                r.id,
+                applied.action,
+                work.phase,
+                work.status.value,
+            )
+            if invalid:
+                rt.metric(rt.metrics.poison_messages, d.id, "callback").inc()
+                log.warning("terminating callback on %s: %s", msg.subject, work.error)
+                return "poison"  # (terminated: its effect is committed, it must not come back)
+            return "done"
+        raise TransientBackendError(
+            f"{key}: lost {rt.options.conflict_retries} compare-and-sets in a row"
+        )

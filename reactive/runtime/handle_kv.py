@@ -1,0 +1,298 @@
+"""Handling a KV revision, or a timer of a key: evaluate the rules that watch it.
+
+The hot path of the engine: decode the state, settle what an earlier write left
+(its outbox, a passed deadline), select the rules that fire (``decide.select``),
+fire the ones that only publish, then the one that writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+from reactive.codecs import decode
+from reactive.dsl.context import RuleContext, new_context
+from reactive.dsl.definition import RuleDef
+from reactive.dsl.state import ExecutionState, Status
+from reactive.errors import ConflictError, TransientBackendError
+from reactive.runtime.claims import Claims
+from reactive.runtime.core import DONE, Runtime, log, within
+from reactive.runtime.decide import FOREVER, select
+from reactive.runtime.events import Committed, KVChange, TimerDue
+from reactive.runtime.registry import BoundWorkflow
+from reactive.runtime.shards import KeyOrder
+from reactive.runtime.store import Store
+from reactive.runtime.transition import TERMINAL, utc
+from reactive.runtime.writer import Writer
+
+__all__ = ["KVHandler"]
+
+_PENDING = Status.PENDING
+
+
+class KVHandler:
+    """Evaluates the rules that watch a key, on each revision and when its timers come."""
+
+    def __init__(
+        self, rt: Runtime, order: KeyOrder, store: Store, claims: Claims, writer: Writer
+    ) -> None:
+        self.rt = rt
+        self.order = order
+        self.store = store
+        self.claims = claims
+        self.writer = writer
+        self.clock = rt.clock
+        self.tracing = rt.tracing
+        self.owner = rt.options.instance_id
+
+    async def on_change(self, ev: KVChange, fresh: list[Committed]) -> None:
+        entry = ev.entry
+        order = self.order
+        k = (entry.bucket, entry.key)
+        latest = order.latest.get(k, entry.revision)
+        # A newer revision of this key is queued behind this one: rules that write
+        # state would only lose their compare-and-set, so only the rules that just
+        # publish are evaluated here (they fire once per revision).
+        stale = entry.revision < latest
+        if latest == entry.revision:
+            order.latest.pop(k, None)
+        if order.chained and order.seen(k, entry.revision):
+            return  # queued before its evaluation right after the commit; done
+        for bound, rules in ev.matches:
+            if stale:
+                rules = [r for r in rules if not r.writes_state]
+                if not rules:
+                    continue
+            if entry.operation != "PUT":
+                await self.on_delete(bound, rules, entry.bucket, entry.key, entry.revision, "kv")
+            else:
+                await self.evaluate(
+                    bound, rules, entry.bucket, entry.key, entry.revision, entry.value, "kv",
+                    fresh, stale,
+                )  # fmt: skip
+
+    async def on_timer(self, ev: TimerDue, fresh: list[Committed]) -> None:
+        rt = self.rt
+        bound = rt.registry.workflows.get(ev.workflow_id)
+        if bound is None:
+            return
+        bucket, key = ev.bucket, ev.key
+        try:
+            current = await rt.backend.kv_get(bucket, key)
+        except TransientBackendError as e:
+            rt.retry_later(bound, bucket, key, e)
+            return
+        if current is None:
+            rt.succeeded(ev.workflow_id, bucket, key)
+            return
+        rules = [r for b, rs in rt.registry.match_kv(bucket, key) if b is bound for r in rs]
+        await self.evaluate(
+            bound, rules, bucket, key, current.revision, current.value, "timer", fresh
+        )
+
+    async def on_delete(
+        self, bound: BoundWorkflow, rules: list[RuleDef], bucket: str, key: str, revision: int,
+        mode: str,
+    ) -> None:  # fmt: skip
+        """A delete or purge: only rules that ask for them fire."""
+        rt = self.rt
+        d = bound.definition
+        try:
+            for r in rules:
+                if r.on_deletes:
+                    ctx: RuleContext[Any, Any] = RuleContext(
+                        state=None,
+                        message=None,
+                        workflow_id=d.id,
+                        execution_id=d.execution_id_for(key),
+                        key=key,
+                        bucket=bucket,
+                        revision=revision,
+                        trigger_mode=mode,
+                        now=self.clock.now(),
+                        rule_id=r.id,
+                    )
+                    if rt.check(bound, r, ctx):
+                        await self.claims.fire(bound, r, ctx, f"r{revision}")
+        except TransientBackendError as e:
+            rt.retry_later(bound, bucket, key, e)
+        else:
+            rt.succeeded(d.id, bucket, key)
+
+    def evaluate(
+        self,
+        bound: BoundWorkflow,
+        rules: list[RuleDef],
+        bucket: str,
+        key: str,
+        revision: int,
+        raw: bytes,
+        mode: str,
+        fresh: list[Committed],
+        stale: bool = False,
+    ) -> Awaitable[None]:
+        """Evaluate ``rules`` on one revision of a state (``raw``), in the trigger's span when
+        tracing. A transient failure is retried later (``Runtime.retry_later``).
+
+        Not a coroutine: it returns the evaluation to await (one coroutine per event).
+        """
+        state = self.rt.decode_state(bound.definition, bucket, key, revision, raw)
+        if state is None:
+            return DONE
+        evaluation = self._evaluate(
+            bound, rules, bucket, key, revision, raw, mode, fresh, stale, state
+        )
+        if not self.tracing.enabled:
+            return evaluation
+        span = self.tracing.span(
+            f"reactive.{mode}",
+            parent=self.tracing.parent_from(None, state.trace_parent),
+            workflow=bound.definition.id,
+            bucket=bucket,
+            key=key,
+            revision=revision,
+        )
+        return within(span, evaluation)
+
+    async def _evaluate(
+        self,
+        bound: BoundWorkflow,
+        rules: list[RuleDef],
+        bucket: str,
+        key: str,
+        revision: int,
+        raw: bytes,
+        mode: str,
+        fresh: list[Committed],
+        stale: bool,
+        state: ExecutionState,
+    ) -> None:
+        rt = self.rt
+        d = bound.definition
+        failed = False
+        try:
+            now = self.clock.now()
+            target = (d.id, bucket, key)
+            exec_id = state.id or d.execution_id_for(key)
+            if stale:
+                # Superseded: the newer revision settles outboxes, deadlines and writers.
+                if state.status not in TERMINAL:
+                    await self._publishers_only(bound, rules, state, exec_id, key, bucket, revision, mode, now)  # fmt: skip
+                return
+            if state.outbox:
+                wait = await self.store.outbox_pending(bucket, key, state, now, revision)
+                if wait is not None:
+                    if wait < FOREVER:
+                        rt.timers.schedule(wait, target)
+                    return
+            needs_init = False
+            if state.status is _PENDING:
+                state.initialize(exec_id, d.id, now, d.timeout)
+                needs_init = d.timeout is not None
+            if state.status in TERMINAL:
+                return
+            try:
+                if (
+                    state.deadline is not None or state.task_deadline is not None
+                ) and await self.writer.enforce_deadlines(
+                    bound, bucket, key, revision, state, now, target, fresh
+                ):
+                    return
+            except ConflictError:
+                return  # a newer revision beat us; the watch brings it
+            ctx: RuleContext[Any, Any] = new_context(
+                state, None, d.id, exec_id, key, bucket, revision, mode, now
+            )
+            trigger = f"r{revision}"
+            evaluating = (
+                self.tracing.start("reactive.evaluate", workflow=d.id, rules=len(rules))
+                if self.tracing.enabled
+                else None
+            )
+            chosen = select(bound, rules, ctx, state, trigger, now, rt.check)
+            while chosen.unclaimed:
+                w = chosen.writer
+                assert w is not None
+                firing = state.firings.get(w.id)
+                if not await self.claims.claim_cooldown(
+                    d, w, f"{bucket}.{key}", firing.count if firing else 0, now, target
+                ):
+                    chosen.writer = None
+                chosen = select(bound, rules, ctx, state, trigger, now, rt.check, chosen)
+            writer, others = chosen.writer, chosen.others
+            if chosen.wake_at < FOREVER:
+                rt.timers.schedule(chosen.wake_at, target)  # a cooldown that held a rule ends
+            if evaluating is not None:
+                evaluating.set_attribute(
+                    "reactive.fired", [r.id for r in ([writer] if writer else []) + others]
+                )
+                evaluating.end()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "evaluated workflow=%s key=%s revision=%d trigger=%s status=%s phase=%s writer=%s publishers=%s",
+                    d.id,
+                    key,
+                    revision,
+                    mode,
+                    state.status.value,
+                    state.phase,
+                    writer.id if writer else "-",
+                    ",".join(r.id for r in others) or "-",
+                )
+            # Rules that only publish go first: if this process dies after the state write
+            # below, the revision they fired for is gone, and with it their chance to fire.
+            for r in others:
+                ctx.rule_id = r.id
+                await self.claims.fire(bound, r, ctx, trigger)
+            try:
+                if writer is not None:
+                    if others:
+                        # Rules that only publish saw ``state``: the writer gets a copy of its own.
+                        base = decode(d.state_type, raw)
+                        if base.status is _PENDING:
+                            base.initialize(exec_id, d.id, now, d.timeout)
+                    else:
+                        base = state  # conditions only read it (and an initialized PENDING is the same)
+                    await self.writer.fire(
+                        bound, writer, bucket, key, revision, base, None, mode, key, trigger,
+                        fresh, ctx if base is state else None,
+                    )  # fmt: skip
+                elif needs_init:
+                    state.updated_at = utc(now)
+                    state.owner = self.owner
+                    await self.store.write(d, bucket, key, revision, state, None, fresh)
+            except ConflictError:
+                pass  # a newer revision beat us; the watch brings it, and it is evaluated then
+        except TransientBackendError as e:
+            failed = True
+            rt.retry_later(bound, bucket, key, e)
+        except BaseException:
+            failed = True  # (not a transient failure: counted by no backoff)
+            raise
+        finally:
+            if rt.retries and not failed:
+                rt.retries.pop((d.id, bucket, key), None)  # it completed: back off from 0 again
+
+    async def _publishers_only(
+        self,
+        bound: BoundWorkflow,
+        rules: list[RuleDef],
+        state: ExecutionState,
+        exec_id: str,
+        key: str,
+        bucket: str,
+        revision: int,
+        mode: str,
+        now: float,
+    ) -> None:
+        """A superseded revision: only the rules that publish fire for it (once per revision)."""
+        d = bound.definition
+        ctx: RuleContext[Any, Any] = new_context(
+            state, None, d.id, exec_id, key, bucket, revision, mode, now
+        )
+        for r in rules:
+            if not r.writes_state and not r.on_deletes:
+                ctx.rule_id = r.id
+                if self.rt.check(bound, r, ctx):
+                    await self.claims.fire(bound, r, ctx, f"r{revision}")

@@ -1,0 +1,359 @@
+"""Transitioning: a state and what happened to it -> the next state, with its outbox, timeline
+and lifecycle event. No I/O: the handlers commit what these functions return.
+
+What a transition that ends an execution must count once its write has committed
+(and never if it lost) is returned as :class:`Ended`, for the store to count.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from reactive.codecs import decode, encode, encode_json, inject_callback_fields
+from reactive.dsl.context import RuleContext
+from reactive.dsl.definition import ActionType, RuleDef, WorkflowDef
+from reactive.dsl.state import (
+    ExecutionState,
+    Firing,
+    OutboxMessage,
+    Status,
+    TimelineEntry,
+    WorkflowCompletionEvent,
+    WorkflowEscalationEvent,
+    WorkflowFailureEvent,
+)
+from reactive.meta import remember
+from reactive.runtime.registry import BoundWorkflow
+
+__all__ = [
+    "TERMINAL",
+    "Applied",
+    "Ended",
+    "apply_result",
+    "apply_rule",
+    "completion_event",
+    "end",
+    "outbox_message",
+    "task_timed_out",
+    "utc",
+]
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.ESCALATED, Status.TIMED_OUT})
+# Enum members read on the hot path, as module constants (a member read through its
+# class costs an attribute lookup on the enum type each time).
+_COMPLETED = Status.COMPLETED
+_PUBLISH = ActionType.PUBLISH
+_PUBLISH_ASYNC = ActionType.PUBLISH_ASYNC
+_COMPLETE = ActionType.COMPLETE
+
+_last_utc: tuple[float, datetime] = (0.0, datetime.fromtimestamp(0.0, UTC))
+
+
+def utc(ts: float) -> datetime:
+    """``ts`` as a UTC datetime.
+
+    One transition stamps the same instant several times (timeline, updated_at,
+    completed_at, its event): datetimes are immutable, so the last one is reused.
+    """
+    global _last_utc
+    if _last_utc[0] == ts:
+        return _last_utc[1]
+    dt = datetime.fromtimestamp(ts, UTC)
+    _last_utc = (ts, dt)
+    return dt
+
+
+def outbox_message(subject: str, payload: Any, msg_id: str) -> OutboxMessage:
+    """A message for an outbox: a JSON payload kept as JSON (see OutboxMessage)."""
+    if payload is None or isinstance(payload, bytes | str):
+        return OutboxMessage(subject=subject, data=encode(payload), msg_id=msg_id)
+    return OutboxMessage(subject=subject, json=msgspec.Raw(encode_json(payload)), msg_id=msg_id)
+
+
+def completion_event(d: WorkflowDef, st: ExecutionState, now: float) -> WorkflowCompletionEvent:
+    return WorkflowCompletionEvent(
+        execution_id=st.id,
+        workflow_id=d.id,
+        status=st.status.value,
+        phase=st.phase,
+        completed_at=utc(now),
+    )
+
+
+class Ended(msgspec.Struct, gc=False):
+    """An execution a transition ends: what to count, and log, once its write has committed."""
+
+    workflow_id: str
+    execution_id: str
+    status: Status
+    reason: str
+    duration: float
+    error: str
+
+
+def end(
+    d: WorkflowDef,
+    st: ExecutionState,
+    outbox: list[OutboxMessage] | None,
+    now: float,
+    owner: str,
+    reason: str,
+    *,
+    mode: str = "",
+    rule_id: str | None = None,
+) -> Ended:
+    """Finish a write that makes the execution terminal: its times, its lifecycle event in the
+    outbox (after ``outbox``), and with ``rule_id`` a timeline entry for the end itself."""
+    out = list(outbox) if outbox else []
+    stamp = utc(now)
+    st.completed_at = st.updated_at = stamp
+    st.owner = owner
+    status = st.status
+    event: Any = None
+    if status is _COMPLETED:
+        subject = d.on_complete
+        if subject:
+            event = completion_event(d, st, now)
+    elif status is Status.ESCALATED:
+        subject = d.on_escalate
+        if subject:
+            event = WorkflowEscalationEvent(
+                execution_id=st.id,
+                workflow_id=d.id,
+                phase=st.phase,
+                reason=st.error,
+                escalated_at=stamp,
+            )
+    else:
+        subject = d.on_fail
+        if subject:
+            event = WorkflowFailureEvent(
+                execution_id=st.id,
+                workflow_id=d.id,
+                phase=st.phase,
+                error=st.error,
+                failed_at=stamp,
+            )
+    if event is not None:
+        out.append(
+            OutboxMessage(
+                subject=subject,
+                json=msgspec.Raw(encode_json(event)),
+                msg_id=f"{d.id}:{st.id}:{status}",
+            )
+        )
+    if rule_id is not None:
+        st.timeline.append(
+            TimelineEntry(
+                timestamp=stamp,
+                rule_id=rule_id,
+                trigger_mode=mode,
+                action=st.status,
+                phase=st.phase,
+                iteration=st.iteration,
+            )
+        )
+    st.outbox = out
+    st.outbox_id = f"{d.id}:{st.id}:{st.status}" if out else ""
+    duration = now - st.created_at.timestamp() if st.created_at else 0.0
+    return Ended(d.id, st.id, status, reason, duration, st.error or reason)
+
+
+def task_timed_out(d: WorkflowDef, st: ExecutionState, now: float, owner: str) -> Ended:
+    """The pending task got no callback in time: fail or escalate, as the workflow says."""
+    reason = (
+        f"task {st.pending_task_id} of rule {st.pending_rule_id} got no callback "
+        f"within {d.task_timeout:g}s"
+    )
+    if d.on_task_timeout == "escalate":
+        st.escalate(reason)
+    else:
+        st.fail(reason)
+    return end(d, st, None, now, owner, "task_timeout", mode="timer", rule_id="task_timeout")
+
+
+class Applied(msgspec.Struct, gc=False):
+    """A transition made: the new state (ready to commit), what the timeline calls it, the end
+    it makes (if it ends the execution), and what the rule or handler raised (if it did)."""
+
+    state: ExecutionState
+    action: str
+    ended: Ended | None = None
+    error: Exception | None = None
+
+
+def _finish(
+    d: WorkflowDef,
+    work: ExecutionState,
+    outbox: list[OutboxMessage],
+    was_terminal: bool,
+    now: float,
+    owner: str,
+    reason: str,
+    outbox_id: str,
+) -> Ended | None:
+    ended = None
+    if not was_terminal and work.status in TERMINAL:
+        ended = end(d, work, outbox, now, owner, reason)
+    else:
+        work.outbox = outbox
+    work.outbox_id = outbox_id if work.outbox else ""
+    work.updated_at = utc(now)
+    work.owner = owner
+    if d.max_timeline and len(work.timeline) > d.max_timeline:
+        del work.timeline[: len(work.timeline) - d.max_timeline]
+    return ended
+
+
+def apply_rule(
+    bound: BoundWorkflow,
+    r: RuleDef,
+    work: ExecutionState,
+    ctx: RuleContext[Any, Any],
+    revision: int,
+    trigger: str,
+    owner: str,
+    callback_prefix: str,
+) -> Applied:
+    """Run a state-writing rule on ``work`` (a copy of its own; ``ctx`` holds it) and make the
+    transition: the action's outbox, the firing, the timeline, the max-iterations limit."""
+    d = bound.definition
+    now = ctx.now
+    exec_id = ctx.execution_id
+    was_terminal = work.status in TERMINAL
+    # The state before the rule ran: where an escalation for max iterations starts from.
+    before = encode_json(work) if d.max_iterations else b""
+    outbox: list[OutboxMessage] = []
+    error: Exception | None = None
+    msg_id = f"{d.id}:{exec_id}:{revision}:0:{r.id}"
+    try:
+        if r.mutator is not None:
+            r.mutator(ctx)
+        payload = bound.methods[r.id](ctx)
+    except Exception as e:
+        error = e
+        work.fail(f"rule {r.id} raised {type(e).__name__}: {e}")
+        action: str = "error"
+    else:
+        action = r.action  # a StrEnum member is its value
+        if r.action is _PUBLISH:
+            outbox.append(outbox_message(r.publish_subject, payload, msg_id))
+        elif r.action is _PUBLISH_ASYNC and work.status not in TERMINAL:
+            # Unguessable: only the worker given the request can answer it (the state
+            # and the outbox keep it, so a redelivered request carries the same id).
+            task_id = f"{exec_id}-{r.id}-{revision}-{secrets.token_hex(12)}"
+            callback_subject = f"{callback_prefix}.{d.id}.{exec_id}"
+            payload = inject_callback_fields(payload, task_id, callback_subject, exec_id)
+            work.set_pending_task(task_id, r.id)
+            work.task_deadline = utc(now + d.task_timeout)
+            work.pending_since = utc(now)
+            msg = outbox_message(r.publish_subject, payload, msg_id)
+            msg.headers = {
+                "Reactive-Task-Id": task_id,
+                "Reactive-Callback-Subject": callback_subject,
+                "Reactive-Execution-Id": exec_id,
+            }
+            outbox.append(msg)
+        elif r.action is _COMPLETE:
+            if work.status not in TERMINAL:
+                work.complete()
+            if r.publish_subject:
+                event = payload if payload is not None else completion_event(d, work, now)
+                outbox.append(outbox_message(r.publish_subject, event, msg_id))
+    if d.max_iterations and work.iteration > d.max_iterations and work.status not in TERMINAL:
+        limit = d.max_iterations
+        # The transition that would pass the limit does not happen: escalate from where it was.
+        work = decode(d.state_type, before)
+        work.iteration = limit
+        work.escalate(f"max iterations ({limit}) exceeded by rule {r.id}")
+        outbox = []
+        action = "escalate"
+    firing = work.firings.get(r.id) or Firing()
+    firing.count += 1
+    firing.last_at = now
+    firing.last_trigger = trigger
+    if trigger[:1] == "m":
+        remember(firing, trigger)  # (a revision is remembered only by claims)
+    work.firings[r.id] = firing
+    work.timeline.append(
+        TimelineEntry(
+            timestamp=utc(now),
+            rule_id=r.id,
+            trigger_mode=ctx.trigger_mode,
+            trigger_info=ctx.subject or ctx.key,
+            action=action,
+            phase=work.phase,
+            iteration=work.iteration,
+        )
+    )
+    reason = "max_iterations" if action == "escalate" else "rule_error" if error else "rule"
+    ended = _finish(
+        d, work, outbox, was_terminal, now, owner, reason, f"{d.id}:{exec_id}:{revision}"
+    )
+    return Applied(work, action, ended, error)
+
+
+_CALLBACK_REASONS = {
+    "escalate": "max_iterations",
+    "error": "rule_error",
+    "callback_error": "callback_error",
+    "invalid_result": "invalid_result",
+}
+
+
+def apply_result(
+    bound: BoundWorkflow,
+    r: RuleDef,
+    work: ExecutionState,
+    base: bytes,
+    ctx: RuleContext[Any, Any],
+    result: Any,
+    failure: str,
+    invalid: bool,
+    task_id: str,
+    owner: str,
+) -> Applied:
+    """A callback for the pending task of ``work`` (decoded from ``base``; ``ctx`` holds it):
+    the result handler's transition, or the task's failure (``failure``: the worker's error,
+    or with ``invalid`` why its result does not decode)."""
+    d = bound.definition
+    now = ctx.now
+    action = "callback"
+    error: Exception | None = None
+    if failure:
+        work.fail(f"task {task_id} of rule {r.id} failed: {failure}")
+        action = "invalid_result" if invalid else "callback_error"
+    else:
+        work.clear_pending_task()
+        try:
+            bound.handlers[r.id](ctx, result)
+        except Exception as e:
+            error = e
+            work = decode(d.state_type, base)
+            work.fail(f"result handler of {r.id} raised {type(e).__name__}: {e}")
+            action = "error"
+        if d.max_iterations and work.iteration > d.max_iterations and work.status not in TERMINAL:
+            work = decode(d.state_type, base)
+            work.iteration = d.max_iterations
+            work.escalate(f"max iterations ({d.max_iterations}) exceeded by result of {r.id}")
+            action = "escalate"
+    work.timeline.append(
+        TimelineEntry(
+            timestamp=utc(now),
+            rule_id=r.id,
+            trigger_mode="callback",
+            trigger_info=ctx.subject,
+            action=action,
+            phase=work.phase,
+            iteration=work.iteration,
+            error=work.error if action != "callback" else "",
+        )
+    )
+    reason = _CALLBACK_REASONS.get(action, "rule")
+    outbox_id = f"{d.id}:{ctx.execution_id}:{ctx.revision}"
+    ended = _finish(d, work, [], False, now, owner, reason, outbox_id)
+    return Applied(work, action, ended, error)

@@ -1,0 +1,311 @@
+"""Triggers: what turns NATS into events for the shards.
+
+One KV watch per bucket, one subscription (core or durable) per workflow and
+subject, one durable callback consumer per workflow with async rules, and the
+timers. Each is supervised: a failure is retried with backoff. Messages that
+cannot be routed (undecodable, an invalid execution id, a state key that raises)
+are terminated and counted here, before they reach a worker.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Hashable
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from reactive.backends.base import InboundMessage, KVEntry
+from reactive.codecs import decode, encode_json
+from reactive.dsl.definition import TriggerMode
+from reactive.errors import (
+    BackendError,
+    ConnectionLostError,
+    DecodeError,
+    InvalidExecutionId,
+)
+from reactive.meta import describe_workflow, workflow_key
+from reactive.runtime.core import Runtime, log
+from reactive.runtime.events import (
+    SWEEP_TARGET,
+    CallbackArrival,
+    KVChange,
+    MessageArrival,
+    SweepDue,
+    TimerDue,
+)
+from reactive.runtime.registry import BoundWorkflow, Subscription
+from reactive.runtime.shards import KeyOrder, Shards
+from reactive.subjects import MAX_KEY_LENGTH, preview, validate_execution_id
+
+__all__ = ["Triggers"]
+
+
+class Triggers:
+    """Starts and supervises every trigger of the registered workflows."""
+
+    def __init__(self, rt: Runtime, shards: Shards, order: KeyOrder) -> None:
+        self.rt = rt
+        self.shards = shards
+        self.order = order
+        self.backend = rt.backend
+        self.tg: TaskGroup | None = None
+        self.watch_scopes: dict[str, anyio.CancelScope] = {}
+        self._sub_started: set[tuple[str, str, str | None]] = set()
+        self._callbacks_started: set[str] = set()
+        self.ready_count = 0
+        self.expected_ready = 0
+        # Deadlines further ahead than timer_horizon are not held (see on_far_timer):
+        # per bucket, the earliest one dropped.
+        self._far: dict[str, float] = {}
+
+    def stop(self) -> None:
+        self.tg = None
+        self.watch_scopes.clear()
+        self._sub_started.clear()
+        self._callbacks_started.clear()
+
+    async def start_for(self, bound: BoundWorkflow) -> None:
+        """Announce a workflow, make its buckets and streams, and start its triggers."""
+        assert self.tg is not None
+        rt, opts = self.rt, self.rt.options
+        d = bound.definition
+        await self.backend.ensure_bucket(d.bucket)
+        # Announce the workflow in the meta bucket, so tools can find it without its code.
+        await self.backend.kv_put(
+            opts.meta_bucket,
+            workflow_key(d.id),
+            encode_json(describe_workflow(d, opts.callback_prefix)),
+        )
+        for r in d.rules:
+            if r.bucket:
+                await self.backend.ensure_bucket(r.bucket)
+        # One watcher per bucket, however many rules watch it.
+        for bucket in dict.fromkeys(r.bucket for r in d.rules if r.mode is TriggerMode.STATE):
+            self.restart_watch(bucket)
+        for key, sub in rt.registry.subscriptions.items():
+            if sub.bound is bound and key not in self._sub_started:
+                self._sub_started.add(key)
+                if sub.stream:
+                    await self.backend.ensure_stream(sub.stream, [sub.subject])
+                self.expected_ready += 1
+                self.tg.start_soon(self._run_subscription, sub)
+        if d.has_async and d.id not in self._callbacks_started:
+            self._callbacks_started.add(d.id)
+            await self.backend.ensure_stream(opts.callback_stream, [f"{opts.callback_prefix}.>"])
+            self.expected_ready += 1
+            self.tg.start_soon(self._run_callbacks, bound)
+
+    # ------------------------------------------------------------------ KV watches
+
+    def restart_watch(self, bucket: str) -> None:
+        """One watcher per bucket; re-created (replaying every key) when rules are added."""
+        assert self.tg is not None
+        old = self.watch_scopes.pop(bucket, None)
+        if old is not None:
+            old.cancel()
+        else:
+            self.expected_ready += 1
+        scope = anyio.CancelScope()
+        self.watch_scopes[bucket] = scope
+        self.tg.start_soon(self._run_watch, bucket, scope)
+
+    async def _run_watch(self, bucket: str, scope: anyio.CancelScope) -> None:
+        order = self.order
+        with scope:
+            backoff = 0.1
+            first = True
+            while True:
+                try:
+                    async with self.backend.kv_watch(bucket, ">") as entries:
+                        if first:
+                            self.ready_count += 1
+                            first = False
+                        backoff = 0.1
+                        async for entry in entries:
+                            if order.chained and order.seen(
+                                (entry.bucket, entry.key), entry.revision
+                            ):
+                                continue  # an echo of this engine's own commit, evaluated already
+                            await self._enqueue_kv(entry)
+                except ConnectionLostError:
+                    raise  # nothing to retry on: the engine stops, with this error
+                except BackendError as e:
+                    log.warning(
+                        "watch of bucket %s failed (%s); retrying in %.1fs", bucket, e, backoff
+                    )
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+
+    async def _enqueue_kv(self, entry: KVEntry) -> None:
+        if len(entry.key) > MAX_KEY_LENGTH:
+            # Written by someone else: the keys the engine would build from it are too
+            # long for NATS. Skipped (it is left as it is), counted and logged.
+            self.rt.metric(self.rt.metrics.invalid_keys, entry.bucket).inc()
+            log.warning(
+                "skipping key %s of bucket %s rev %d: longer than %d characters",
+                preview(entry.key),
+                entry.bucket,
+                entry.revision,
+                MAX_KEY_LENGTH,
+            )
+            return
+        matches = self.rt.registry.match_kv(entry.bucket, entry.key)
+        if not matches:
+            return
+        k = (entry.bucket, entry.key)
+        latest = self.order.latest
+        if latest.get(k, -1) < entry.revision:
+            latest[k] = entry.revision
+        full = self.shards.enqueue(entry.key, KVChange(entry, matches))
+        if full is not None:
+            await full
+
+    # ------------------------------------------------------------------ timers
+
+    def on_timer(self, target: Hashable) -> None:
+        """A timer is due: its key's evaluation (or the sweep, or a replay) goes to the shards."""
+        wf_id, bucket, key = typing.cast(tuple[str, str, str], target)
+        if not self.shards.inboxes:
+            return
+        if not wf_id and bucket:  # a far deadline draws near: replay the bucket
+            self._far.pop(bucket, None)
+            if bucket in self.watch_scopes:
+                log.info("replaying bucket %s for deadlines coming within the horizon", bucket)
+                self.restart_watch(bucket)
+            return
+        event = SweepDue() if target == SWEEP_TARGET else TimerDue(wf_id, bucket, key)
+        if not self.shards.offer(key, event):
+            # The worker is saturated: try again shortly rather than block the timer loop.
+            self.rt.timers.schedule(self.rt.clock.now() + 0.05, target)
+
+    def on_far_timer(self, when: float, target: Hashable) -> bool:
+        """A timer beyond the horizon: drop it, and replay its bucket before it is due.
+
+        The replay evaluates every execution of the bucket again (as a restart
+        does), which sets the timers that are then within the horizon. One float
+        per bucket is kept: the earliest deadline dropped.
+        """
+        horizon = self.rt.options.timer_horizon
+        _, bucket, key = typing.cast(tuple[str, str, str], target)
+        if not key or bucket not in self.watch_scopes or horizon is None:
+            return False  # only what a watch replays can be left to the replay
+        earliest = self._far.get(bucket)
+        if earliest is None or when < earliest:
+            self._far[bucket] = when
+            # The replay's own timer is kept however far it is (its target has no key):
+            # the bucket is replayed once, half a horizon before the earliest deadline.
+            self.rt.timers.schedule(when - horizon / 2, ("", bucket, ""))
+        return True
+
+    # ------------------------------------------------------------------ messages
+
+    async def _run_subscription(self, sub: Subscription) -> None:
+        first = True
+        backoff = 0.1
+        while True:
+            try:
+                if sub.stream:
+                    cm = self.backend.consume(sub.stream, sub.durable, sub.subject)
+                else:
+                    cm = self.backend.subscribe(sub.subject, queue=sub.queue)
+                async with cm as messages:
+                    if first:
+                        self.ready_count += 1
+                        first = False
+                    backoff = 0.1
+                    async for msg in messages:
+                        await self._route_message(sub, msg)
+            except ConnectionLostError:
+                raise  # nothing to retry on: the engine stops, with this error
+            except BackendError as e:
+                log.warning(
+                    "subscription to %s failed (%s); retrying in %.1fs", sub.subject, e, backoff
+                )
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _route_message(self, sub: Subscription, msg: InboundMessage) -> None:
+        """Decode a message once per message type and find its executions; then queue it
+        for the worker of its (first) execution, or of its subject."""
+        rt = self.rt
+        d = sub.bound.definition
+        if msg.num_delivered > 1:
+            rt.metric(rt.metrics.redeliveries, d.id).inc()
+        decoded: dict[Any, Any] = {}
+        try:
+            for r in sub.rules:
+                if r.message_type not in decoded:
+                    decoded[r.message_type] = decode(r.message_type, msg.data)
+        except DecodeError as e:
+            rt.metric(rt.metrics.poison_messages, d.id, "message").inc()
+            log.warning("terminating undecodable message on %s for %s: %s", msg.subject, d.id, e)
+            await rt.settle(msg, "term")
+            return
+        shard = msg.subject
+        keyed: dict[str, str] = {}
+        for r in sub.rules:
+            if r.state_key is not None:
+                try:
+                    exec_id = validate_execution_id(r.state_key(decoded[r.message_type]))
+                except InvalidExecutionId as e:
+                    rt.metric(rt.metrics.invalid_ids, d.id).inc()
+                    log.warning("terminating message on %s for %s: %s", msg.subject, d.id, e)
+                    await rt.settle(msg, "term")
+                    return
+                except Exception as e:
+                    rt.metric(rt.metrics.poison_messages, d.id, "state_key").inc()
+                    log.warning(
+                        "terminating message on %s: state_key of %s.%s failed: %r",
+                        msg.subject,
+                        d.id,
+                        r.id,
+                        e,
+                    )
+                    await rt.settle(msg, "term")
+                    return
+                keyed[r.id] = exec_id
+                shard = d.key(exec_id)
+        full = self.shards.enqueue(shard, MessageArrival(sub, msg, decoded, keyed))
+        if full is not None:
+            await full
+
+    async def _run_callbacks(self, bound: BoundWorkflow) -> None:
+        rt = self.rt
+        d = bound.definition
+        durable = f"reactive_cb_{d.id}".replace("-", "_")
+        prefix = f"{rt.options.callback_prefix}.{d.id}."
+        first = True
+        backoff = 0.1
+        while True:
+            try:
+                async with self.backend.consume(
+                    rt.options.callback_stream, durable, prefix + ">"
+                ) as messages:
+                    if first:
+                        self.ready_count += 1
+                        first = False
+                    backoff = 0.1
+                    async for msg in messages:
+                        exec_id = msg.subject[len(prefix) :]
+                        try:
+                            validate_execution_id(exec_id)
+                        except InvalidExecutionId as e:
+                            rt.metric(rt.metrics.invalid_ids, d.id).inc()
+                            log.warning("terminating callback on %s: %s", msg.subject, e)
+                            await rt.settle(msg, "term")
+                            continue
+                        full = self.shards.enqueue(
+                            d.key(exec_id), CallbackArrival(bound, msg, exec_id)
+                        )
+                        if full is not None:
+                            await full
+            except ConnectionLostError:
+                raise  # nothing to retry on: the engine stops, with this error
+            except BackendError as e:
+                log.warning(
+                    "callback consumer for %s failed (%s); retrying in %.1fs", d.id, e, backoff
+                )
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)

@@ -1,0 +1,180 @@
+"""Dispatching a rule that writes state, and the engine's own writes at a deadline.
+
+The transition itself is :func:`reactive.runtime.transition.apply_rule`; this module
+gives it its context, commits what it returns and counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Hashable
+from typing import Any
+
+from reactive.dsl.context import RuleContext, new_context
+from reactive.dsl.definition import ActionType, RuleDef
+from reactive.dsl.state import ExecutionState, Status
+from reactive.runtime.core import Runtime, log, within
+from reactive.runtime.decide import FOREVER, overdue
+from reactive.runtime.events import Committed
+from reactive.runtime.registry import BoundWorkflow
+from reactive.runtime.store import Store
+from reactive.runtime.transition import apply_rule, end, task_timed_out
+
+__all__ = ["Writer"]
+
+_WAITING = Status.WAITING
+_PUBLISH_ASYNC = ActionType.PUBLISH_ASYNC
+
+
+class Writer:
+    """Fires state-writing rules: one transition, one compare-and-set."""
+
+    def __init__(self, rt: Runtime, store: Store) -> None:
+        self.rt = rt
+        self.store = store
+        self.clock = rt.clock
+        self.tracing = rt.tracing
+        self.owner = rt.options.instance_id
+        self.callback_prefix = rt.options.callback_prefix
+
+    def fire(
+        self,
+        bound: BoundWorkflow,
+        r: RuleDef,
+        bucket: str,
+        key: str,
+        revision: int,
+        work: ExecutionState,
+        message: Any,
+        mode: str,
+        info: str,
+        trigger: str,
+        fresh: list[Committed] | None,
+        reuse: RuleContext[Any, Any] | None = None,
+    ) -> Awaitable[None]:
+        """Apply ``r`` to ``work`` (a copy of its own) and commit it with one compare-and-set,
+        in a dispatch span when tracing (the firing to await: raises ConflictError when the
+        write lost).
+
+        ``reuse``: the context its condition was evaluated with, when it holds ``work``
+        and no message: the rule runs with it (and its instant) instead of a new one.
+        """
+        firing = self._fire(
+            bound, r, bucket, key, revision, work, message, mode, info, trigger, fresh, reuse
+        )
+        if not self.tracing.enabled:
+            return firing
+        d = bound.definition
+        span = self.tracing.span(
+            "reactive.dispatch", workflow=d.id, rule=r.id, action=r.action.value
+        )
+        return within(span, firing)
+
+    async def _fire(
+        self,
+        bound: BoundWorkflow,
+        r: RuleDef,
+        bucket: str,
+        key: str,
+        revision: int,
+        work: ExecutionState,
+        message: Any,
+        mode: str,
+        info: str,
+        trigger: str,
+        fresh: list[Committed] | None,
+        reuse: RuleContext[Any, Any] | None,
+    ) -> None:
+        rt = self.rt
+        d = bound.definition
+        started = time.perf_counter()
+        ctx: RuleContext[Any, Any]
+        if reuse is not None:
+            ctx = reuse
+            ctx.rule_id = r.id
+            ctx.subject = info if mode != "kv" else ""
+        else:
+            ctx = new_context(
+                work,
+                message,
+                d.id,
+                work.id or d.execution_id_for(key),
+                key,
+                bucket,
+                revision,
+                mode,
+                self.clock.now(),
+                r.id,
+                info if mode != "kv" else "",
+            )
+        applied = apply_rule(
+            bound, r, work, ctx, revision, trigger, self.owner, self.callback_prefix
+        )
+        if applied.error is not None:
+            e = applied.error
+            rt.metric(rt.metrics.dispatch_errors, d.id, r.id).inc()
+            log.warning(
+                "rule %s.%s raised %r: failing execution %s", d.id, r.id, e, ctx.execution_id
+            )
+        work = applied.state
+        await self.store.commit(d, bucket, key, revision, work, applied.ended, fresh)
+        handles = bound.dispatched[r.index]
+        if handles is None:
+            # (StrEnum members are their values: as labels they are the same strings.)
+            handles = bound.dispatched[r.index] = (
+                rt.metric(rt.metrics.action_dispatches, d.id, r.id, r.action),
+                rt.metric(rt.metrics.rule_duration, d.id, r.id),
+            )
+        handles[0].inc()
+        if revision == 0:
+            rt.metric(rt.metrics.executions_created, d.id).inc()
+        if work.status is _WAITING and r.action is _PUBLISH_ASYNC:
+            rt.metric(rt.metrics.pending_callbacks, d.id).inc()
+        handles[1].observe(time.perf_counter() - started)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "transition workflow=%s execution=%s rule=%s action=%s phase=%s status=%s",
+                d.id,
+                ctx.execution_id,
+                r.id,
+                applied.action,
+                work.phase,
+                work.status.value,
+            )
+
+    async def enforce_deadlines(
+        self,
+        bound: BoundWorkflow,
+        bucket: str,
+        key: str,
+        revision: int,
+        state: ExecutionState,
+        now: float,
+        target: Hashable,
+        fresh: list[Committed] | None,
+    ) -> bool:
+        """Time out or fail an overdue execution (True if it did); else wake up at the next deadline.
+
+        Raises ConflictError when the write lost.
+        """
+        d = bound.definition
+        passed, wake_at = overdue(d, state, now)
+        if passed == "deadline":
+            state.time_out()
+            ended = end(
+                d, state, None, now, self.owner, "timeout", mode="timer", rule_id="deadline"
+            )
+            await self.store.write(d, bucket, key, revision, state, ended, fresh)
+            return True
+        if passed == "task":
+            rt = self.rt
+            rule_id = state.pending_rule_id
+            ended = task_timed_out(d, state, now, self.owner)
+            await self.store.write(d, bucket, key, revision, state, ended, fresh)
+            rt.metric(rt.metrics.pending_callbacks, d.id).dec()
+            rt.metric(rt.metrics.callbacks_received, d.id, rule_id, "timeout").inc()
+            return True
+        if wake_at < FOREVER:
+            self.rt.timers.schedule(wake_at, target)
+        return False
