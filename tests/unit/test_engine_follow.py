@@ -16,8 +16,8 @@ from anyio.abc import TaskStatus
 
 from reactive import Engine, ExecutionState, MemoryBackend, RuleContext, Status, Workflow, rule
 from reactive.conditions import condition
-from reactive.runtime.shards import CHAIN_LIMIT as _CHAIN_LIMIT
 from reactive.runtime.inbox import Inbox
+from reactive.runtime.shards import CHAIN_LIMIT as _CHAIN_LIMIT
 from reactive.testing import TestEngine
 
 pytestmark = pytest.mark.anyio
