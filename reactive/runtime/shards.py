@@ -67,11 +67,6 @@ class KeyOrder:
             del self.chained[k]
         return revision <= span[1]
 
-    def chain(self, k: tuple[str, str], base: int, revision: int) -> None:
-        """``revision`` (written on ``base``) is evaluated right after its commit."""
-        span = self.chained.get(k)
-        self.chained[k] = (span[0], revision) if span and span[1] == base else (revision, revision)
-
 
 class Shards:
     """The workers and their inboxes."""
@@ -184,6 +179,7 @@ class Shards:
         transitions; the watch takes it from there.
         """
         order = self.order
+        chained = order.chained
         match_kv = self.rt.registry.match_kv
         evaluate = self.evaluate
         hops = 0
@@ -196,13 +192,17 @@ class Shards:
             if not matches:
                 continue
             hops += 1
-            order.chain(k, c.base, c.revision)
+            # The chain of this key goes on if this revision was written on its last one.
+            span = chained.get(k)
+            chained[k] = (
+                (span[0], c.revision) if span and span[1] == c.base else (c.revision, c.revision)
+            )
             if not c.value:
                 continue  # terminal: nothing to evaluate, only its echo to skip
             for bound, rules in matches:
                 await evaluate(bound, rules, c.bucket, c.key, c.revision, c.value, "kv", fresh)
-        if len(order.chained) > _CHAINED_MAX:
-            order.chained.clear()  # echoes lost (a watch re-created): evaluating twice is harmless
+        if len(chained) > _CHAINED_MAX:
+            chained.clear()  # echoes lost (a watch re-created): evaluating twice is harmless
 
     async def _release(self, event: Event) -> None:
         if isinstance(event, MessageArrival | CallbackArrival):

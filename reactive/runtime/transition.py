@@ -192,17 +192,21 @@ def _finish(
     outbox: list[OutboxMessage],
     was_terminal: bool,
     now: float,
+    stamp: datetime,
     owner: str,
     reason: str,
-    outbox_id: str,
+    revision: int,
+    exec_id: str,
 ) -> Ended | None:
+    """The end of a transition: its outbox (with the lifecycle event if it ends the
+    execution), its times and owner, the timeline kept to its length."""
     ended = None
     if not was_terminal and work.status in TERMINAL:
         ended = end(d, work, outbox, now, owner, reason)
     else:
         work.outbox = outbox
-    work.outbox_id = outbox_id if work.outbox else ""
-    work.updated_at = utc(now)
+    work.outbox_id = f"{d.id}:{exec_id}:{revision}" if work.outbox else ""
+    work.updated_at = stamp
     work.owner = owner
     if d.max_timeline and len(work.timeline) > d.max_timeline:
         del work.timeline[: len(work.timeline) - d.max_timeline]
@@ -229,7 +233,6 @@ def apply_rule(
     before = encode_json(work) if d.max_iterations else b""
     outbox: list[OutboxMessage] = []
     error: Exception | None = None
-    msg_id = f"{d.id}:{exec_id}:{revision}:0:{r.id}"
     try:
         if r.mutator is not None:
             r.mutator(ctx)
@@ -240,6 +243,8 @@ def apply_rule(
         action: str = "error"
     else:
         action = r.action  # a StrEnum member is its value
+        # (One message per rule: the id of its revision, index 0, its rule.)
+        msg_id = f"{d.id}:{exec_id}:{revision}:0:{r.id}" if r.publish_subject else ""
         if r.action is _PUBLISH:
             outbox.append(outbox_message(r.publish_subject, payload, msg_id))
         elif r.action is _PUBLISH_ASYNC and work.status not in TERMINAL:
@@ -279,9 +284,10 @@ def apply_rule(
     if trigger[:1] == "m":
         remember(firing, trigger)  # (a revision is remembered only by claims)
     work.firings[r.id] = firing
+    stamp = utc(now)
     work.timeline.append(
         TimelineEntry(
-            timestamp=utc(now),
+            timestamp=stamp,
             rule_id=r.id,
             trigger_mode=ctx.trigger_mode,
             trigger_info=ctx.subject or ctx.key,
@@ -291,9 +297,7 @@ def apply_rule(
         )
     )
     reason = "max_iterations" if action == "escalate" else "rule_error" if error else "rule"
-    ended = _finish(
-        d, work, outbox, was_terminal, now, owner, reason, f"{d.id}:{exec_id}:{revision}"
-    )
+    ended = _finish(d, work, outbox, was_terminal, now, stamp, owner, reason, revision, exec_id)
     return Applied(work, action, ended, error)
 
 
@@ -341,9 +345,10 @@ def apply_result(
             work.iteration = d.max_iterations
             work.escalate(f"max iterations ({d.max_iterations}) exceeded by result of {r.id}")
             action = "escalate"
+    stamp = utc(now)
     work.timeline.append(
         TimelineEntry(
-            timestamp=utc(now),
+            timestamp=stamp,
             rule_id=r.id,
             trigger_mode="callback",
             trigger_info=ctx.subject,
@@ -354,6 +359,5 @@ def apply_result(
         )
     )
     reason = _CALLBACK_REASONS.get(action, "rule")
-    outbox_id = f"{d.id}:{ctx.execution_id}:{ctx.revision}"
-    ended = _finish(d, work, [], False, now, owner, reason, outbox_id)
+    ended = _finish(d, work, [], False, now, stamp, owner, reason, ctx.revision, ctx.execution_id)
     return Applied(work, action, ended, error)
