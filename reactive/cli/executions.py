@@ -36,7 +36,7 @@ from reactive.cli.common import (
 if TYPE_CHECKING:
     from reactive.backends.base import KVEntry
     from reactive.backends.nats import NatsBackend
-    from reactive.dsl.definition import WorkflowDef
+    from reactive.compiled import WorkflowDef
     from reactive.meta import WorkflowInfo
 
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -217,7 +217,7 @@ async def _start(args: argparse.Namespace, out: Out) -> int:
         if info.start_subject:
             # Started by a message: publish the input where the start rule listens.
             if d is not None:
-                from reactive.dsl.definition import TriggerMode
+                from reactive.compiled import TriggerMode
 
                 starter = next(r for r in d.rules if r.mode is TriggerMode.MESSAGE_AND_STATE)
                 try:

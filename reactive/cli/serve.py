@@ -54,7 +54,7 @@ from reactive.cli.common import (
 if TYPE_CHECKING:
     from reactive.backends.nats import NatsBackend
     from reactive.backends.server import NatsServer
-    from reactive.dsl.definition import WorkflowDef
+    from reactive.compiled import WorkflowDef
     from reactive.dsl.workflow import Workflow
     from reactive.runtime.engine import Engine
 

@@ -62,8 +62,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant
 from hypothesis.stateful import rule as _machine_rule
 
 from reactive.codecs import decode, encode_json
+from reactive.compiled import ActionType, RuleDef, TriggerMode, WorkflowDef
 from reactive.dsl.context import RuleContext
-from reactive.dsl.definition import ActionType, RuleDef, TriggerMode, WorkflowDef
 from reactive.dsl.state import ExecutionState, Status, TimelineEntry
 from reactive.dsl.workflow import Workflow, definition_of
 from reactive.subjects import matches_pattern
