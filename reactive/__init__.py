@@ -2,30 +2,46 @@
 
 Workflows are classes whose methods carry ``@rule`` decorators; state lives in
 NATS KV, written by compare-and-set.
+
+This module is the table of contents of what users write and run. Beside it:
+
+* ``reactive.conditions``: the ``@rule(when=...)`` helpers (``phase_is``, ``has_message``, ...);
+* ``reactive.testing``: ``TestEngine``, the engine in memory for tests, and
+  ``reactive.testing.strategies`` for property-based tests;
+* ``reactive.compiled``: what a workflow class compiles to (``WorkflowDef``, ``RuleDef``,
+  ``TriggerMode``, ``ActionType``), for tools;
+* ``python -m reactive``: the command line (``serve``, ``start``, ``list``, ``show``, ...).
 """
 
 from __future__ import annotations
 
 import msgspec as _msgspec
 
-from reactive.backends.memory import MemoryBackend
-from reactive.backends.nats import NatsBackend
-from reactive.backends.server import NatsServer
-from reactive.clock import Clock, ManualClock, SystemClock
+# --- writing a workflow: the class, its rules, its state, what a rule sees and does
 from reactive.dsl.context import RuleContext
-from reactive.dsl.definition import ActionType, RuleDef, TriggerMode, WorkflowDef
 from reactive.dsl.mutators import chain, increment_iteration, set_error, transition
 from reactive.dsl.rules import rule
+from reactive.dsl.state import CallbackFields, ExecutionState, Status, TimelineEntry
+from reactive.dsl.workflow import Workflow, definition_of
+
+# isort: split
+# --- what an execution publishes when it ends (on_complete, on_fail, on_escalate)
 from reactive.dsl.state import (
-    CallbackFields,
-    ExecutionState,
-    Status,
-    TimelineEntry,
     WorkflowCompletionEvent,
     WorkflowEscalationEvent,
     WorkflowFailureEvent,
 )
-from reactive.dsl.workflow import Workflow, definition_of
+
+# isort: split
+# --- running workflows: the engine, where state and messages live, its clock
+from reactive.backends.memory import MemoryBackend
+from reactive.backends.nats import NatsBackend
+from reactive.backends.server import NatsServer
+from reactive.clock import Clock, ManualClock, SystemClock
+from reactive.runtime.engine import Engine
+
+# isort: split
+# --- errors: one root, ReactiveError
 from reactive.errors import (
     BackendError,
     ConflictError,
@@ -36,43 +52,44 @@ from reactive.errors import (
     ReactiveError,
     TransientBackendError,
 )
-from reactive.runtime.engine import Engine
 
-__all__ = [
-    "ActionType",
-    "BackendError",
+__all__ = [  # writing a workflow
     "CallbackFields",
-    "Clock",
-    "ConflictError",
-    "DecodeError",
-    "DefinitionError",
-    "Engine",
     "ExecutionState",
-    "InvalidExecutionId",
-    "ManualClock",
-    "MemoryBackend",
-    "NatsBackend",
-    "NatsServer",
-    "NotFoundError",
-    "ReactiveError",
     "RuleContext",
-    "RuleDef",
     "Status",
-    "SystemClock",
     "TimelineEntry",
-    "TransientBackendError",
-    "TriggerMode",
     "Workflow",
-    "WorkflowCompletionEvent",
-    "WorkflowDef",
-    "WorkflowEscalationEvent",
-    "WorkflowFailureEvent",
     "chain",
     "definition_of",
     "increment_iteration",
     "rule",
     "set_error",
     "transition",
+]
+__all__ += [  # lifecycle events
+    "WorkflowCompletionEvent",
+    "WorkflowEscalationEvent",
+    "WorkflowFailureEvent",
+]
+__all__ += [  # running workflows
+    "Clock",
+    "Engine",
+    "ManualClock",
+    "MemoryBackend",
+    "NatsBackend",
+    "NatsServer",
+    "SystemClock",
+]
+__all__ += [  # errors
+    "BackendError",
+    "ConflictError",
+    "DecodeError",
+    "DefinitionError",
+    "InvalidExecutionId",
+    "NotFoundError",
+    "ReactiveError",
+    "TransientBackendError",
 ]
 
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ import textwrap
 from collections.abc import Callable
 from typing import Any
 
-from reactive.dsl.definition import ActionType, TriggerMode, WorkflowDef
+from reactive.compiled import ActionType, TriggerMode, WorkflowDef
 from reactive.dsl.workflow import Workflow, definition_of
 
 __all__ = ["mermaid", "phases_set_by", "statuses_set_by"]

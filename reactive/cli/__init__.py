@@ -32,7 +32,7 @@ __all__ = ["CLIError", "DemoError", "UsageError", "build_parser", "load_example"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from reactive.cli import demo, executions, graph, serve
+    from reactive.cli import demo, graph, listing, serve, start, watch
 
     parser = argparse.ArgumentParser(
         prog="python -m reactive",
@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     serve.add_parser(commands)
-    executions.add_parsers(commands)
+    start.add_parser(commands)
+    listing.add_parsers(commands)
+    watch.add_parser(commands)
     graph.add_parsers(commands)
     demo.add_parser(commands)
     return parser

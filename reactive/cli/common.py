@@ -1,4 +1,5 @@
-"""What the commands share: errors, where NATS is, connecting, reading the announcements, tables."""
+"""What the commands share: errors, where NATS is, connecting, reading the announcements, tables,
+executions read as plain JSON."""
 
 from __future__ import annotations
 
@@ -8,33 +9,40 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from reactive.backends.nats import NatsBackend
+    from reactive import NatsBackend
     from reactive.meta import WorkflowInfo
 
 __all__ = [
     "DEFAULT_DATA_DIR",
     "DEFAULT_META_BUCKET",
     "DEFAULT_URL",
+    "STATUSES",
+    "TERMINAL",
     "URL_ENV",
     "URL_FILE",
     "CLIError",
     "LoadError",
+    "Out",
     "UsageError",
     "add_connection_args",
     "age_of",
     "announced_workflows",
     "connect",
     "connect_options",
+    "decode_state",
     "format_age",
     "format_time",
+    "last_step",
     "no_workflows_error",
+    "or_dash",
     "parse_time",
+    "print_line",
     "quiet_tls_chatter",
     "resolve_url",
     "split_urls",
@@ -246,7 +254,7 @@ async def connect(args: argparse.Namespace, url: str | None = None) -> AsyncIter
     """A started NatsBackend for a client command; a clear CLIError when the server is unreachable."""
     import anyio
 
-    from reactive.backends.nats import NatsBackend
+    from reactive import NatsBackend
     from reactive.errors import BackendError
 
     url = url or resolve_url(args)
@@ -364,3 +372,44 @@ def age_of(value: datetime | None, now: float | None = None) -> str:
     if value is None:
         return "-"
     return format_age((now if now is not None else time.time()) - value.timestamp())
+
+
+# --------------------------------------------------------------------------- executions, as plain JSON
+
+
+TERMINAL = ("completed", "failed", "escalated", "timed_out")
+STATUSES = ("pending", "running", "waiting", *TERMINAL)
+
+Out = Callable[[str], None]  # where a command prints its lines (tests collect them)
+
+
+def print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+def decode_state(value: bytes) -> dict[str, Any] | None:
+    """A stored state as plain JSON; None if it is not a JSON object."""
+    import msgspec
+
+    try:
+        state = msgspec.json.decode(value)
+    except msgspec.DecodeError:
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def or_dash(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    return str(value)
+
+
+def last_step(state: dict[str, Any]) -> str:
+    """The last timeline entry's rule and action, e.g. ``review publish_async``."""
+    timeline = state.get("timeline") or []
+    if not timeline or not isinstance(timeline[-1], dict):
+        return ""
+    last = timeline[-1]
+    rule = last.get("rule_id") or "-"
+    action = last.get("action") or ""
+    return f"{rule} {action}".strip()

@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from reactive.cli.common import LoadError
-from reactive.dsl.definition import WorkflowDef
+from reactive.compiled import WorkflowDef
 from reactive.dsl.workflow import Workflow
 from reactive.errors import DefinitionError
 

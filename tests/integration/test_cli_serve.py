@@ -20,7 +20,7 @@ import pytest
 from test_cli import WORKFLOWS, Serve, cli
 
 from reactive.backends.server import NatsServer, find_nats_server_binary, free_port
-from reactive.cli.serve import DEFAULT_NATS_PORT
+from reactive.cli.embedded import DEFAULT_NATS_PORT
 
 pytestmark = pytest.mark.integration
 

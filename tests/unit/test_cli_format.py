@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from reactive.cli.executions import format_state
+from reactive.cli.listing import format_state
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC).timestamp()
 

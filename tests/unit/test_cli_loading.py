@@ -21,7 +21,7 @@ from reactive.cli.common import (
     table,
 )
 from reactive.cli.loading import is_target, load_targets, load_workflows
-from reactive.cli.serve import LogfmtFormatter
+from reactive.cli.logfmt import LogfmtFormatter
 from reactive.dsl.workflow import definition_of
 
 GOOD = '''

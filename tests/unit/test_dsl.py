@@ -9,7 +9,6 @@ import msgspec
 import pytest
 
 from reactive import (
-    ActionType,
     DefinitionError,
     Engine,
     ExecutionState,
@@ -18,7 +17,6 @@ from reactive import (
     RuleContext,
     Status,
     TimelineEntry,
-    TriggerMode,
     Workflow,
     chain,
     definition_of,
@@ -28,6 +26,7 @@ from reactive import (
     transition,
 )
 from reactive.clock import ManualClock
+from reactive.compiled import ActionType, TriggerMode
 from reactive.conditions import (
     Condition,
     always,

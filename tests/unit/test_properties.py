@@ -24,11 +24,11 @@ from reactive import (
     RuleContext,
     Status,
     Workflow,
-    WorkflowDef,
     definition_of,
     rule,
 )
 from reactive.codecs import decode, encode_json
+from reactive.compiled import WorkflowDef
 from reactive.conditions import phase_in, phase_is
 from reactive.subjects import PatternIndex, matches_pattern
 from reactive.testing.strategies import (
