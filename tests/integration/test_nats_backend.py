@@ -121,7 +121,7 @@ async def test_a_publish_nobody_acks_times_out_as_transient(nats_url: str) -> No
         async def ignore(msg: nats.aio.msg.Msg) -> None:
             pass
 
-        nc = b._connection()
+        nc = b.nc
         sub = await nc.subscribe("silent.subject", cb=ignore)
         try:
             await nc.flush()
