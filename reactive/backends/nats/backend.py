@@ -1,0 +1,458 @@
+"""``NatsBackend``: the ``Backend`` protocol on NATS JetStream, over nats-py.
+
+Key-value reads and writes, streams and publishing are here; the connection
+(``_connection``), the reply inbox of JetStream requests (``_replies``), the
+error mapping (``_errors``) and each kind of subscription (``_kv_watch``,
+``_pull_consumer``, ``_core_subscriber``) have modules of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final
+
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.subscription import Subscription
+from nats.js.kv import KeyValue
+
+from reactive.backends.base import InboundMessage, KVEntry
+from reactive.backends.nats._connection import _Backoff, _Connection
+from reactive.backends.nats._core_subscriber import _CoreIterator
+from reactive.backends.nats._errors import _check_key, _check_size, _check_subject, _mapped
+from reactive.backends.nats._kv_watch import _KVWatch, _list_keys, _to_entry
+from reactive.backends.nats._pull_consumer import _PullConsumer
+from reactive.backends.nats._replies import _Replies
+from reactive.errors import BackendError, ConflictError, TransientBackendError
+
+if TYPE_CHECKING:
+    from reactive.backends.base import Backend
+
+__all__ = ["NatsBackend"]
+
+log = logging.getLogger("reactive.backends.nats")  # one logger for the whole backend
+
+_STREAM_NAME_IN_USE: Final = 10058
+_MSG_ID_HEADER: Final = "Nats-Msg-Id"
+_EXPECTED_LAST: Final = "Nats-Expected-Last-Subject-Sequence"
+_STREAM_CACHE_MAX: Final = 10_000
+
+
+def _subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard matching: ``*`` is one token, a final ``>`` one or more."""
+    p_tokens = pattern.split(".")
+    s_tokens = subject.split(".")
+    for i, p in enumerate(p_tokens):
+        if p == ">":
+            return len(s_tokens) > i
+        if i >= len(s_tokens):
+            return False
+        if p != "*" and p != s_tokens[i]:
+            return False
+    return len(p_tokens) == len(s_tokens)
+
+
+def _subjects_overlap(a: str, b: str) -> bool:
+    return _subject_matches(a, b) or _subject_matches(b, a)
+
+
+class NatsBackend:
+    """The :class:`~reactive.backends.base.Backend` on NATS JetStream.
+
+    ``connect_options`` go to :func:`nats.connect` (``user``, ``password``,
+    ``token``, ``user_credentials``, ``tls``, callbacks, ...). Pass ``nc`` to
+    use an existing connection; it is then not closed by :meth:`close`.
+
+    By default the connection reconnects forever (with a short wait); the
+    first connection gives up after ``initial_connect_attempts`` tries.
+    """
+
+    def __init__(
+        self,
+        url: str | list[str] = "nats://127.0.0.1:4222",
+        *,
+        connect_options: dict[str, Any] | None = None,
+        replicas: int = 1,
+        nc: Client | None = None,
+        publish_stream_cache_ttl: float = 30.0,
+        fetch_batch: int = 64,
+        fetch_timeout: float = 1.0,
+        poll_interval: float = 1.0,
+        health_check_interval: float = 10.0,
+        publish_attempts: int = 4,
+        initial_connect_attempts: int = 10,
+        ack_timeout: float = 5.0,
+    ) -> None:
+        if replicas < 1:
+            raise ValueError("replicas must be at least 1")
+        if fetch_batch < 1:
+            raise ValueError("fetch_batch must be at least 1")
+        self._conn = _Connection(
+            url,
+            connect_options=dict(connect_options or {}),
+            nc=nc,
+            initial_connect_attempts=initial_connect_attempts,
+            on_renewed=self._forget_connection,
+        )
+        self._replicas = replicas
+        self._publish_stream_cache_ttl = publish_stream_cache_ttl
+        self._fetch_batch = fetch_batch
+        self._fetch_timeout = fetch_timeout
+        self._poll_interval = poll_interval
+        self._health_check_interval = health_check_interval
+        self._publish_attempts = max(1, publish_attempts)
+        self._ack_timeout = ack_timeout
+        self._kvs: dict[str, KeyValue] = {}
+        self._kv_locks: dict[str, asyncio.Lock] = {}
+        # subject -> (stream name or None, expiry on the monotonic clock)
+        self._stream_cache: dict[str, tuple[str | None, float]] = {}
+        self._open: set[_KVWatch | _PullConsumer | Subscription] = set()
+        self._replies: _Replies | None = None
+        self._replies_lock = asyncio.Lock()
+
+    # -- connection -----------------------------------------------------------
+
+    @property
+    def max_payload(self) -> int:
+        """The server's max payload (from its INFO)."""
+        return self._conn.client().max_payload
+
+    @property
+    def nc(self) -> Client:
+        """The underlying nats-py connection (after :meth:`start`)."""
+        return self._conn.client()
+
+    async def start(self) -> None:
+        await self._conn.start()
+
+    async def _forget_connection(self) -> None:
+        """The connection was renewed: drop what was bound to the old one.
+
+        (Watches and consumers see the new generation and re-create themselves.)
+        """
+        replies, self._replies = self._replies, None
+        self._kvs.clear()
+        self._stream_cache.clear()
+        if replies is not None:
+            await replies.close()
+
+    async def close(self) -> None:
+        await self._conn.stop_renewing()
+        for item in list(self._open):
+            with contextlib.suppress(Exception):
+                if isinstance(item, Subscription):
+                    await item.unsubscribe()
+                else:
+                    await item.aclose()
+        self._open.clear()
+        self._kvs.clear()
+        self._stream_cache.clear()
+        replies, self._replies = self._replies, None
+        if replies is not None:
+            await replies.close()
+        await self._conn.close()
+
+    async def __aenter__(self) -> NatsBackend:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- key-value --------------------------------------------------------------
+
+    async def _kv(self, bucket: str) -> KeyValue:
+        kv = self._kvs.get(bucket)
+        if kv is not None:
+            return kv
+        js = self._conn.jetstream()
+        with _mapped(f"bind bucket {bucket}"):
+            kv = await js.key_value(bucket)
+        self._kvs[bucket] = kv
+        return kv
+
+    async def ensure_bucket(self, bucket: str) -> None:
+        if bucket in self._kvs:
+            return
+        lock = self._kv_locks.setdefault(bucket, asyncio.Lock())
+        async with lock:
+            if bucket in self._kvs:
+                return
+            js = self._conn.jetstream()
+            with _mapped(f"ensure bucket {bucket}"):
+                try:
+                    kv = await js.key_value(bucket)
+                except nats.js.errors.BucketNotFoundError:
+                    try:
+                        # Direct gets (any replica may answer) only where there is one
+                        # replica, so a read never comes from a follower that lags.
+                        kv = await js.create_key_value(
+                            bucket=bucket,
+                            history=1,
+                            replicas=self._replicas,
+                            direct=self._replicas == 1,
+                        )
+                    except nats.js.errors.APIError as exc:
+                        if exc.err_code != _STREAM_NAME_IN_USE:
+                            raise
+                        kv = await js.key_value(bucket)  # created meanwhile by someone else
+            self._kvs[bucket] = kv
+
+    async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
+        kv = self._kvs.get(bucket) or await self._kv(bucket)
+        if kv._direct:
+            return await self._direct_get(kv, bucket, key)
+        with _mapped(f"get {bucket}/{key}"):
+            try:
+                entry = await kv.get(key)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                return None
+        if entry.operation in ("DEL", "PURGE"):
+            return None
+        return _to_entry(bucket, entry)
+
+    async def _reply_inbox(self) -> _Replies:
+        replies = self._replies
+        if replies is None or replies._nc is not self._conn.nc:
+            async with self._replies_lock:
+                replies = self._replies
+                if replies is None or replies._nc is not self._conn.nc:
+                    if replies is not None:
+                        await replies.close()
+                    replies = _Replies(self._conn.client(), self._ack_timeout)
+                    with _mapped("subscribe to the reply inbox"):
+                        await replies.open()
+                    self._replies = replies
+        return replies
+
+    async def _kv_publish(
+        self, op: str, bucket: str, key: str, value: bytes, last: int | None
+    ) -> int:
+        """A KV write as JetStream sees it: a publish on the key's subject, compare-and-set on ``last``."""
+        _check_key(op, bucket, key)
+        kv = self._kvs.get(bucket) or await self._kv(bucket)
+        replies = self._replies or await self._reply_inbox()
+        if last is None:
+            headers, what = None, f"{op} {bucket}/{key}"
+        else:
+            headers, what = {_EXPECTED_LAST: str(last)}, f"{op} {bucket}/{key}@{last}"
+        _check_size(what, replies._nc, value, headers)
+        with _mapped(what):
+            ack = await replies.publish(kv._pre + key, value, headers)
+        return ack.seq
+
+    async def _direct_get(self, kv: KeyValue, bucket: str, key: str) -> KVEntry | None:
+        """The key's last message by JetStream's direct get: the raw message, no JSON."""
+        _check_key("get", bucket, key)
+        replies = self._replies or await self._reply_inbox()
+        subject = f"{self._conn.jetstream()._prefix}.DIRECT.GET.{kv._stream}.{kv._pre}{key}"
+        with _mapped(f"get {bucket}/{key}"):
+            msg = await replies.request(subject, b"", None)
+        headers = msg.headers or {}
+        if not msg.data:
+            status = headers.get("Status")
+            if status == "404":
+                return None
+            if status == "503":
+                raise TransientBackendError(f"get {bucket}/{key}: no responders (503)")
+            if status:
+                raise BackendError(
+                    f"get {bucket}/{key}: {status} {headers.get('Description', '')}".rstrip()
+                )
+        if headers.get("KV-Operation") in ("DEL", "PURGE"):
+            return None
+        try:
+            revision = int(headers["Nats-Sequence"])
+        except (KeyError, ValueError):
+            raise BackendError(f"get {bucket}/{key}: a reply without Nats-Sequence") from None
+        return KVEntry(bucket=bucket, key=key, value=msg.data, revision=revision)
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
+        try:
+            return await self._kv_publish("create", bucket, key, value, 0)
+        except ConflictError:
+            pass
+        # The key exists, or only its delete marker does: nats-py tells them apart.
+        kv = await self._kv(bucket)
+        with _mapped(f"create {bucket}/{key}"):
+            return int(await kv.create(key, value))
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
+        return await self._kv_publish("update", bucket, key, value, revision)
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+        return await self._kv_publish("put", bucket, key, value, None)
+
+    async def kv_put_unacked(self, bucket: str, key: str, value: bytes) -> None:
+        _check_key("put", bucket, key)
+        kv = self._kvs.get(bucket) or await self._kv(bucket)
+        nc = self._conn.client()
+        _check_size(f"put {bucket}/{key}", nc, value, None)
+        with _mapped(f"put {bucket}/{key}"):
+            await nc.publish(kv._pre + key, value)
+
+    async def kv_delete(self, bucket: str, key: str) -> None:
+        kv = await self._kv(bucket)
+        with _mapped(f"delete {bucket}/{key}"):
+            await kv.delete(key)
+
+    async def kv_keys(self, bucket: str, pattern: str = ">") -> list[str]:
+        kv = await self._kv(bucket)
+        return await _list_keys(kv, self._conn.jetstream(), bucket, pattern)
+
+    def kv_watch(
+        self, bucket: str, pattern: str = ">"
+    ) -> AbstractAsyncContextManager[AsyncIterator[KVEntry]]:
+        return self._kv_watch(bucket, pattern)
+
+    @asynccontextmanager
+    async def _kv_watch(self, bucket: str, pattern: str) -> AsyncIterator[AsyncIterator[KVEntry]]:
+        watch = _KVWatch(self, bucket, pattern)
+        await watch.open()
+        self._open.add(watch)
+        try:
+            yield watch
+        finally:
+            self._open.discard(watch)
+            await watch.aclose()
+
+    # -- streams and publishing -------------------------------------------------
+
+    async def ensure_stream(self, name: str, subjects: list[str]) -> None:
+        js = self._conn.jetstream()
+        with _mapped(f"ensure stream {name}"):
+            try:
+                info = await js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                try:
+                    await js.add_stream(
+                        name=name, subjects=list(subjects), num_replicas=self._replicas
+                    )
+                    info = None
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code != _STREAM_NAME_IN_USE:
+                        raise
+                    info = await js.stream_info(name)  # created meanwhile by someone else
+            if info is not None:
+                existing = list(info.config.subjects or [])
+                missing = [s for s in subjects if s not in existing]
+                if missing:
+                    config = info.config
+                    config.subjects = existing + missing
+                    await js.update_stream(config)
+        self._invalidate_stream_cache(subjects)
+
+    def _invalidate_stream_cache(self, patterns: list[str]) -> None:
+        for subject in list(self._stream_cache):
+            if any(_subjects_overlap(p, subject) for p in patterns):
+                del self._stream_cache[subject]
+
+    async def _stream_for(self, subject: str) -> str | None:
+        now = time.monotonic()
+        cached = self._stream_cache.get(subject)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        js = self._conn.jetstream()
+        with _mapped(f"find the stream for {subject}"):
+            try:
+                stream: str | None = await js.find_stream_name_by_subject(subject)
+            except nats.js.errors.NotFoundError:
+                stream = None
+        if len(self._stream_cache) >= _STREAM_CACHE_MAX:
+            self._stream_cache = {k: v for k, v in self._stream_cache.items() if v[1] > now}
+            if len(self._stream_cache) >= _STREAM_CACHE_MAX:
+                self._stream_cache.clear()
+        self._stream_cache[subject] = (stream, now + self._publish_stream_cache_ttl)
+        return stream
+
+    async def publish(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        msg_id: str | None = None,
+    ) -> None:
+        _check_subject("publish", subject)
+        hdrs: dict[str, str] = dict(headers or {})
+        if msg_id is not None:
+            hdrs[_MSG_ID_HEADER] = msg_id
+        nc = self._conn.nc
+        if nc is not None:
+            _check_size(f"publish {subject}", nc, data, hdrs)
+        backoff = _Backoff()
+        for attempt in range(1, self._publish_attempts + 1):
+            try:
+                stream = await self._stream_for(subject)
+                if stream is not None:
+                    replies = self._replies or await self._reply_inbox()
+                    with _mapped(f"publish {subject} to stream {stream}"):
+                        # A duplicate (same msg id within the window) is acked with
+                        # duplicate=True: the message is stored once, which is the point.
+                        await replies.publish(subject, data, dict(hdrs) or None)
+                else:
+                    nc = self._conn.client()
+                    with _mapped(f"publish {subject}"):
+                        await nc.publish(subject, data, headers=dict(hdrs) or None)
+                return
+            except TransientBackendError as exc:
+                self._stream_cache.pop(subject, None)
+                if attempt >= self._publish_attempts or self._conn.closing:
+                    raise
+                delay = backoff.next_delay()
+                log.debug("publish %s failed (%s); retry %d in %.1fs", subject, exc, attempt, delay)
+                await asyncio.sleep(delay)
+
+    # -- subscriptions and consumers ---------------------------------------------
+
+    def subscribe(
+        self, subject: str, *, queue: str | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[InboundMessage]]:
+        return self._subscribe(subject, queue)
+
+    @asynccontextmanager
+    async def _subscribe(
+        self, subject: str, queue: str | None
+    ) -> AsyncIterator[AsyncIterator[InboundMessage]]:
+        _check_subject("subscribe", subject)
+        nc = self._conn.client()
+        with _mapped(f"subscribe {subject}"):
+            sub = await nc.subscribe(subject, queue=queue or "")
+            # Make sure the server has registered interest before we return.
+            await nc.flush()
+        self._open.add(sub)
+        try:
+            yield _CoreIterator(sub)
+        finally:
+            self._open.discard(sub)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def consume(
+        self, stream: str, durable: str, filter_subject: str, *, ack_wait: float = 30.0
+    ) -> AbstractAsyncContextManager[AsyncIterator[InboundMessage]]:
+        return self._consume(stream, durable, filter_subject, ack_wait)
+
+    @asynccontextmanager
+    async def _consume(
+        self, stream: str, durable: str, filter_subject: str, ack_wait: float
+    ) -> AsyncIterator[AsyncIterator[InboundMessage]]:
+        consumer = _PullConsumer(self, stream, durable, filter_subject, ack_wait)
+        await consumer.open()
+        self._open.add(consumer)
+        try:
+            yield consumer
+        finally:
+            self._open.discard(consumer)
+            await consumer.aclose()
+
+
+if TYPE_CHECKING:
+
+    def _conforms(backend: NatsBackend) -> Backend:
+        return backend  # mypy checks that NatsBackend implements the Backend protocol
