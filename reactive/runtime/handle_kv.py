@@ -11,7 +11,9 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
-from reactive.codecs import decode
+import msgspec
+
+from reactive.codecs import decode, decoder_for
 from reactive.dsl.context import RuleContext, new_context
 from reactive.dsl.definition import RuleDef
 from reactive.dsl.state import ExecutionState, Status
@@ -137,8 +139,11 @@ class KVHandler:
 
         Not a coroutine: it returns the evaluation to await (one coroutine per event).
         """
-        state = self.rt.decode_state(bound.definition, bucket, key, revision, raw)
-        if state is None:
+        d = bound.definition
+        try:
+            state: ExecutionState = decoder_for(d.state_type).decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.rt.decode_state(d, bucket, key, revision, raw)  # (counted and logged there)
             return DONE
         evaluation = self._evaluate(
             bound, rules, bucket, key, revision, raw, mode, fresh, stale, state
@@ -148,7 +153,7 @@ class KVHandler:
         span = self.tracing.span(
             f"reactive.{mode}",
             parent=self.tracing.parent_from(None, state.trace_parent),
-            workflow=bound.definition.id,
+            workflow=d.id,
             bucket=bucket,
             key=key,
             revision=revision,
@@ -254,10 +259,15 @@ class KVHandler:
                             base.initialize(exec_id, d.id, now, d.timeout)
                     else:
                         base = state  # conditions only read it (and an initialized PENDING is the same)
-                    await self.writer.fire(
+                    commit = self.writer.fire(
                         bound, writer, bucket, key, revision, base, None, mode, key, trigger,
                         fresh, ctx if base is state else None,
                     )  # fmt: skip
+                    await (
+                        commit
+                        if not self.tracing.enabled
+                        else self.writer.in_span(commit, bound, writer)
+                    )
                 elif needs_init:
                     state.updated_at = utc(now)
                     state.owner = self.owner

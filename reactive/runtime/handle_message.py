@@ -208,10 +208,11 @@ class MessageHandler:
                         work = decode(d.state_type, raw)
                         if work.status is _PENDING:
                             work.initialize(work.id or exec_id, d.id, now, d.timeout)
-                    await self.writer.fire(
+                    commit = self.writer.fire(
                         bound, writer, bucket, key, revision, work, decoded[writer.message_type],
                         "message+state", msg.subject, trigger, fresh,
                     )  # fmt: skip
+                    await self.writer.in_span(commit, bound, writer)
                 if writer is not None and deferred:
                     # The later writers are evaluated again, on the revision this one wrote.
                     pending = [r for r in pending if r is not writer]

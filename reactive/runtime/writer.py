@@ -38,7 +38,16 @@ class Writer:
         self.owner = rt.options.instance_id
         self.callback_prefix = rt.options.callback_prefix
 
-    def fire(
+    def in_span(self, firing: Awaitable[None], bound: BoundWorkflow, r: RuleDef) -> Awaitable[None]:
+        """``firing`` (of ``r``) in its dispatch span when tracing is on, else itself."""
+        if not self.tracing.enabled:
+            return firing
+        span = self.tracing.span(
+            "reactive.dispatch", workflow=bound.definition.id, rule=r.id, action=r.action.value
+        )
+        return within(span, firing)
+
+    async def fire(
         self,
         bound: BoundWorkflow,
         r: RuleDef,
@@ -52,40 +61,13 @@ class Writer:
         trigger: str,
         fresh: list[Committed] | None,
         reuse: RuleContext[Any, Any] | None = None,
-    ) -> Awaitable[None]:
-        """Apply ``r`` to ``work`` (a copy of its own) and commit it with one compare-and-set,
-        in a dispatch span when tracing (the firing to await: raises ConflictError when the
-        write lost).
+    ) -> None:
+        """Apply ``r`` to ``work`` (a copy of its own) and commit it with one compare-and-set;
+        raises ConflictError when the write lost. (``in_span`` puts it in its span.)
 
         ``reuse``: the context its condition was evaluated with, when it holds ``work``
         and no message: the rule runs with it (and its instant) instead of a new one.
         """
-        firing = self._fire(
-            bound, r, bucket, key, revision, work, message, mode, info, trigger, fresh, reuse
-        )
-        if not self.tracing.enabled:
-            return firing
-        d = bound.definition
-        span = self.tracing.span(
-            "reactive.dispatch", workflow=d.id, rule=r.id, action=r.action.value
-        )
-        return within(span, firing)
-
-    async def _fire(
-        self,
-        bound: BoundWorkflow,
-        r: RuleDef,
-        bucket: str,
-        key: str,
-        revision: int,
-        work: ExecutionState,
-        message: Any,
-        mode: str,
-        info: str,
-        trigger: str,
-        fresh: list[Committed] | None,
-        reuse: RuleContext[Any, Any] | None,
-    ) -> None:
         rt = self.rt
         d = bound.definition
         started = time.perf_counter()
