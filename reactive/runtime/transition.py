@@ -297,17 +297,7 @@ def apply_rule(
         )
     )
     reason = "max_iterations" if action == "escalate" else "rule_error" if error else "rule"
-    # (_finish, inline: this runs for every transition.)
-    ended = None
-    if not was_terminal and work.status in TERMINAL:
-        ended = end(d, work, outbox, now, owner, reason)
-    else:
-        work.outbox = outbox
-    work.outbox_id = f"{d.id}:{exec_id}:{revision}" if work.outbox else ""
-    work.updated_at = stamp
-    work.owner = owner
-    if d.max_timeline and len(work.timeline) > d.max_timeline:
-        del work.timeline[: len(work.timeline) - d.max_timeline]
+    ended = _finish(d, work, outbox, was_terminal, now, stamp, owner, reason, revision, exec_id)
     return Applied(work, action, ended, error)
 
 
