@@ -12,6 +12,7 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "ReactiveError",
+    "ServerFeatureError",
     "TransientBackendError",
 ]
 
@@ -64,3 +65,7 @@ class PayloadTooLargeError(BackendError):
 
 class ConnectionLostError(BackendError):
     """The NATS connection is closed for good and the backend cannot make a new one."""
+
+
+class ServerFeatureError(BackendError):
+    """The NATS server lacks a feature the engine uses (JetStream, or a newer version)."""

@@ -90,17 +90,28 @@ class Backend(Protocol):
         """The latest revision of ``key``, or None when absent, deleted or purged."""
         ...
 
-    async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
+    # ``ttl`` on a write: the server removes the value that many seconds (at least one)
+    # after it is written; the key then reads as missing, and no delete is watched.
+
+    async def kv_create(
+        self, bucket: str, key: str, value: bytes, *, ttl: float | None = None
+    ) -> int:
         """Write ``key`` only if it does not exist (or is deleted); raise ConflictError otherwise."""
         ...
 
-    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
+    async def kv_update(
+        self, bucket: str, key: str, value: bytes, revision: int, *, ttl: float | None = None
+    ) -> int:
         """Write ``key`` only if its latest revision is ``revision``; raise ConflictError otherwise."""
         ...
 
-    async def kv_put(self, bucket: str, key: str, value: bytes) -> int: ...
+    async def kv_put(
+        self, bucket: str, key: str, value: bytes, *, ttl: float | None = None
+    ) -> int: ...
 
-    async def kv_put_unacked(self, bucket: str, key: str, value: bytes) -> None:
+    async def kv_put_unacked(
+        self, bucket: str, key: str, value: bytes, *, ttl: float | None = None
+    ) -> None:
         """``kv_put`` without waiting for the server to confirm it: for bookkeeping whose
         loss costs only repeated work (the engine's delivered-outbox markers). The write
         can be lost if the connection fails before the server has it."""

@@ -45,6 +45,7 @@ def setup_steps(
     """
     steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
         (f"connect to NATS at {url}", backend.start),
+        ("check the server's version and features", backend.check_server),
         (f"ensure bucket {engine.meta_bucket}", lambda: backend.ensure_bucket(engine.meta_bucket)),
     ]
     buckets = {d.bucket: None for d in workflows}
@@ -69,10 +70,24 @@ def failure_hints(url: str, step: str, error: BaseException) -> list[str]:
     """What to check, for the failure that really happened (not a guess about JetStream)."""
     import nats.js.errors
 
+    from reactive.backends.nats.backend import MIN_SERVER_VERSION
+    from reactive.errors import ServerFeatureError
+
     cause = error.__cause__ or error
     text = f"{error} {cause}".lower()
     # nats-py reports "no responders" to a JetStream request as a 503 without a code.
     no_responders = isinstance(cause, nats.js.errors.ServiceUnavailableError) and not cause.code
+    if isinstance(error, ServerFeatureError):
+        return [
+            "serve needs nats-server "
+            + ".".join(map(str, MIN_SERVER_VERSION))
+            + " or later; the embedded one (serve with no --nats-url) has it"
+        ]
+    if step.startswith("check") and "jetstream is not enabled" in text:
+        return [
+            f"the server at {url} runs without JetStream: start it with -js "
+            "(or a jetstream block in its config)"
+        ]
     if step.startswith("connect"):
         if isinstance(cause, ssl.SSLError) or "authoriz" in text or "authentic" in text:
             return unreachable_error(url, cause).reasons

@@ -89,6 +89,8 @@ class WorkflowDef:
     on_fail: str = ""
     on_escalate: str = ""
     max_timeline: int = 200
+    # Seconds a terminal execution stays in its bucket (None: for ever); see Workflow.
+    retention: float | None = None
     rules_by_id: dict[str, RuleDef] = field(default_factory=dict)
 
     def key(self, execution_id: str) -> str:

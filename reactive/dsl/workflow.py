@@ -35,6 +35,7 @@ _WORKFLOW_OPTIONS = (
     "on_escalate",
     "description",
     "max_timeline",
+    "retention",
 )
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _COOLDOWN_SCOPES = ("execution", "workflow")
@@ -234,6 +235,7 @@ def _compile(
         return seconds
 
     timeout = duration("timeout", None)
+    retention = duration("retention", None)
     task_timeout = duration("task_timeout", 300.0) or 300.0
     max_iterations = _option(cls, namespace, options, "max_iterations", 0) or 0
     if not isinstance(max_iterations, int) or max_iterations < 0:
@@ -302,6 +304,7 @@ def _compile(
         on_fail=events["on_fail"],
         on_escalate=events["on_escalate"],
         max_timeline=max_timeline,
+        retention=retention,
         rules_by_id={r.id: r for r in rules},
     )
 

@@ -249,11 +249,15 @@ class Claims:
                         rt.timers.schedule(ready_at, target)
                     return False
             value = encode_json(CooldownClaim(at=now, key=exec_key, count=count))
+            # It means nothing once the cooldown is over: it goes then.
+            ttl = r.cooldown
             try:
                 if entry is None:
-                    await self.backend.kv_create(self.meta_bucket, meta_key, value)
+                    await self.backend.kv_create(self.meta_bucket, meta_key, value, ttl=ttl)
                 else:
-                    await self.backend.kv_update(self.meta_bucket, meta_key, value, entry.revision)
+                    await self.backend.kv_update(
+                        self.meta_bucket, meta_key, value, entry.revision, ttl=ttl
+                    )
             except ConflictError:
                 rt.metric(rt.metrics.cas_conflicts, d.id).inc()
                 continue

@@ -16,15 +16,16 @@ Guarantees kept here:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 
 from reactive.backends.base import KVEntry
 from reactive.codecs import encode_json
-from reactive.dsl.definition import WorkflowDef
+from reactive.dsl.definition import TriggerMode, WorkflowDef
 from reactive.dsl.state import ExecutionState, Status
 from reactive.errors import BackendError, ConflictError
-from reactive.meta import outbox_marker_key
+from reactive.meta import firing_key, outbox_marker_key
 from reactive.runtime.core import Runtime, log
 from reactive.runtime.decide import FOREVER
 from reactive.runtime.events import Committed
@@ -40,6 +41,7 @@ _DELIVERED_MAX = 10_000
 _DELIVERED_AFTER_BURST = 1_000
 _WAITING = Status.WAITING
 _PENDING = Status.PENDING
+_MESSAGE = TriggerMode.MESSAGE
 
 
 class Replaced(ConflictError):
@@ -95,8 +97,16 @@ class Store:
         replaced = len(data) > self.max_state
         if replaced:
             st, data, ended = await self._too_large(d, bucket, key, revision, st, len(data))
+        # A terminal state leaves the bucket after the workflow's retention (a per-key TTL).
+        ttl = d.retention if d.retention is not None and st.status in TERMINAL else None
         try:
-            if revision == 0:
+            if ttl is not None:
+                new_rev = await (
+                    self.backend.kv_create(bucket, key, data, ttl=ttl)
+                    if revision == 0
+                    else self.backend.kv_update(bucket, key, data, revision, ttl=ttl)
+                )
+            elif revision == 0:
                 new_rev = await self.backend.kv_create(bucket, key, data)
             else:
                 new_rev = await self.backend.kv_update(bucket, key, data, revision)
@@ -120,10 +130,28 @@ class Store:
         elif self.parked:
             self.parked.pop((bucket, key), None)
         if st.outbox:
-            await self.flush(bucket, key, st)
+            await self.flush(bucket, key, st, ttl)
+        if ttl is not None:
+            await self._retire_claims(d, bucket, key, ttl)
         if replaced:
             raise Replaced(f"{key}: the state was too large; the execution failed instead")
         return new_rev
+
+    async def _retire_claims(self, d: WorkflowDef, bucket: str, key: str, ttl: float) -> None:
+        """An execution has ended: the claims of its rules that only publish (which say what
+        fired for which revision) go with it, after the same retention."""
+        for r in d.rules:
+            if r.writes_state or r.mode is _MESSAGE:
+                continue
+            claim = firing_key(f"{d.id}.{r.id}.{bucket}.{key}")
+            entry = await self.backend.kv_get(self.meta_bucket, claim)
+            if entry is None:
+                continue
+            # (Claimed again meanwhile, by a late evaluation of an earlier revision: it stays.)
+            with contextlib.suppress(ConflictError):
+                await self.backend.kv_update(
+                    self.meta_bucket, claim, entry.value, entry.revision, ttl=ttl
+                )
 
     async def write(
         self,
@@ -218,17 +246,24 @@ class Store:
 
     # ------------------------------------------------------------------ outboxes
 
-    async def flush(self, bucket: str, key: str, st: ExecutionState) -> None:
-        """Publish the state's outbox, then mark it delivered."""
+    async def flush(
+        self, bucket: str, key: str, st: ExecutionState, ttl: float | None = None
+    ) -> None:
+        """Publish the state's outbox, then mark it delivered (the marker goes with the state
+        after ``ttl``: the retention of a terminal state)."""
         for m in st.outbox:
             await self.backend.publish(
                 m.subject, m.payload(), headers=m.headers or None, msg_id=m.msg_id
             )
         # Unacknowledged: a marker lost with the connection costs only a repeated
         # delivery (with the same message ids) after a restart.
-        await self.backend.kv_put_unacked(
-            self.meta_bucket, outbox_marker_key(bucket, key), st.outbox_id.encode()
-        )
+        marker = outbox_marker_key(bucket, key)
+        if ttl is None:
+            await self.backend.kv_put_unacked(self.meta_bucket, marker, st.outbox_id.encode())
+        else:
+            await self.backend.kv_put_unacked(
+                self.meta_bucket, marker, st.outbox_id.encode(), ttl=ttl
+            )
         self.mark_delivered(bucket, key, st.outbox_id)
 
     def mark_delivered(self, bucket: str, key: str, outbox_id: str) -> None:

@@ -170,12 +170,14 @@ def _server_without_jetstream(port: int) -> Iterator[None]:
 
 class _SilentJetStream(socketserver.ThreadingTCPServer):
     """Speaks just enough NATS to be connected to (INFO, PONG), and answers no request:
-    every JetStream call times out, whatever the machine's speed."""
+    every JetStream call times out, whatever the machine's speed. It says it is ``version``,
+    with JetStream."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self) -> None:
+    def __init__(self, version: str = "2.11.0") -> None:
+        self.version = version
         super().__init__(("127.0.0.1", 0), _SilentHandler)
         self.port = int(self.server_address[1])
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -188,8 +190,10 @@ class _SilentJetStream(socketserver.ThreadingTCPServer):
 class _SilentHandler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         port = self.server.server_address[1]
-        info = {"server_id": "SILENT", "version": "2.10.0", "proto": 1, "headers": True,
-                "max_payload": 1048576, "host": "127.0.0.1", "port": port}  # fmt: skip
+        version = getattr(self.server, "version", "2.11.0")
+        info = {"server_id": "SILENT", "version": version, "proto": 1, "headers": True,
+                "jetstream": True, "max_payload": 1048576, "host": "127.0.0.1",
+                "port": port}  # fmt: skip
         with contextlib.suppress(OSError):
             self.wfile.write(f"INFO {json.dumps(info)}\r\n".encode())
             for line in self.rfile:
@@ -207,7 +211,9 @@ def test_serve_waits_for_the_server_and_its_jetstream_at_start(tmp_path: Path) -
         assert "retry=1 " in line
         # A server, but no JetStream yet: it retries, naming the call and the hint.
         with _server_without_jetstream(port):
-            line = served.wait_for_log("level=warning", "retrying", "ensure bucket REACTIVE_META")
+            line = served.wait_for_log(
+                "level=warning", "retrying", "JetStream is not enabled", "-js"
+            )
         # Then the real thing (JetStream on), on the same URL: it comes up and serves.
         with NatsServer(port=port, data_dir=tmp_path / "store"):
             served.wait_healthy(timeout=60)
@@ -234,8 +240,8 @@ def test_serve_gives_up_after_the_startup_timeout_naming_what_failed(tmp_path: P
     assert "retrying" in err  # it tried more than once
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert errors == [
-        f"error: serve gave up starting after 5s (--startup-timeout): the last failure: "
-        f"ensure bucket REACTIVE_META: {errors[0].split('REACTIVE_META: ', 1)[1]}"
+        "error: serve gave up starting after 5s (--startup-timeout): the last failure: "
+        "JetStream is not enabled on the server (start nats-server with -js)"
     ], err
     hint = err.split(errors[0], 1)[1]
     assert "JetStream" in hint and "-js" in hint, err
@@ -258,3 +264,19 @@ def test_a_jetstream_call_that_times_out_at_start_is_retried(tmp_path: Path) -> 
     finally:
         silent.close()
     assert code == 0, served.stderr
+
+
+def test_serve_refuses_a_server_too_old_for_what_the_engine_uses(tmp_path: Path) -> None:
+    old = _SilentJetStream(version="2.10.7")
+    try:
+        url = f"nats://127.0.0.1:{old.port}"
+        served = Serve(tmp_path / "data", old.port, WORKFLOWS, nats=("--nats-url", url))
+        code = _exit_code(served)
+    finally:
+        old.close()
+    assert code == 1, served.stderr
+    err = served.stderr
+    assert "nats-server 2.10.7 lacks what the engine uses: per-message TTLs" in err, err
+    assert "needs nats-server 2.11.0 or later" in err, err
+    assert "retrying" not in err  # not something a retry heals
+    assert "Traceback" not in err

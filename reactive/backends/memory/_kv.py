@@ -7,6 +7,8 @@ pattern, in an unbounded queue, so a slow reader never blocks a writer.
 
 from __future__ import annotations
 
+import heapq
+import math
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -15,7 +17,15 @@ from reactive.backends.base import KVEntry
 from reactive.backends.memory._queue import _Queue
 from reactive.subjects import MAX_STORED_KEY_LENGTH, matches_pattern, preview, validate_key_pattern
 
-__all__ = ["_EXPECTING", "_Bucket", "_Watcher", "_bucket_append", "_check_key"]
+__all__ = [
+    "_EXPECTING",
+    "_Bucket",
+    "_Watcher",
+    "_bucket_append",
+    "_check_key",
+    "_expire",
+    "_expires_at",
+]
 
 
 class _Watcher:
@@ -27,7 +37,7 @@ class _Watcher:
 
 
 class _Bucket:
-    __slots__ = ("latest", "name", "revision", "watchers")
+    __slots__ = ("expiring", "latest", "name", "revision", "watchers")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -35,9 +45,13 @@ class _Bucket:
         # Latest entry per key, delete markers included (history=1, like a default KV bucket).
         self.latest: dict[str, KVEntry] = {}
         self.watchers: list[_Watcher] = []
+        # (when, key, revision) of the revisions written with a TTL, earliest first.
+        self.expiring: list[tuple[float, str, int]] = []
 
 
-def _bucket_append(bucket: _Bucket, key: str, value: bytes, deleted: bool) -> KVEntry:
+def _bucket_append(
+    bucket: _Bucket, key: str, value: bytes, deleted: bool, expires_at: float | None = None
+) -> KVEntry:
     """Store a new revision of ``key`` and hand it to every matching watcher."""
     bucket.revision += 1
     entry = (
@@ -46,10 +60,28 @@ def _bucket_append(bucket: _Bucket, key: str, value: bytes, deleted: bool) -> KV
         else KVEntry(bucket.name, key, value, bucket.revision)
     )
     bucket.latest[key] = entry
+    if expires_at is not None:
+        heapq.heappush(bucket.expiring, (expires_at, key, bucket.revision))
     for watcher in bucket.watchers:  # empty list: O(1) put
         if watcher.pattern == ">" or matches_pattern(key, watcher.pattern):
             watcher.queue.put(entry)
     return entry
+
+
+def _expire(bucket: _Bucket, now: float) -> None:
+    """Remove the revisions whose TTL has passed, as NATS does: the key reads as missing
+    (no delete marker, nothing for watchers), unless it was written again since."""
+    expiring = bucket.expiring
+    while expiring and expiring[0][0] <= now:
+        _, key, revision = heapq.heappop(expiring)
+        entry = bucket.latest.get(key)
+        if entry is not None and entry.revision == revision:
+            del bucket.latest[key]
+
+
+def _expires_at(now: float, ttl: float | None) -> float | None:
+    """When a value written now with ``ttl`` goes: whole seconds, at least one (as on NATS)."""
+    return None if ttl is None else now + max(1, math.ceil(ttl))
 
 
 # A compare-and-set travels with this header (its sequence is sized generously here).

@@ -17,7 +17,15 @@ import msgspec
 
 from reactive.backends.base import InboundMessage, KVEntry
 from reactive.backends.memory._consumers import _Consumer, _ConsumerReader
-from reactive.backends.memory._kv import _EXPECTING, _Bucket, _bucket_append, _check_key, _Watcher
+from reactive.backends.memory._kv import (
+    _EXPECTING,
+    _Bucket,
+    _bucket_append,
+    _check_key,
+    _expire,
+    _expires_at,
+    _Watcher,
+)
 from reactive.backends.memory._streams import (
     _CoreMessage,
     _publish_subject_problem,
@@ -146,6 +154,8 @@ class MemoryBackend:
         b = self._buckets.get(bucket)
         if b is None:
             raise NotFoundError(f"bucket {bucket!r} not found")
+        if b.expiring:
+            _expire(b, self.clock.now())
         return b
 
     async def ensure_bucket(self, bucket: str) -> None:
@@ -156,6 +166,8 @@ class MemoryBackend:
     def peek(self, bucket: str, key: str) -> KVEntry | None:
         """``kv_get`` without awaiting, for test assertions; None for a missing bucket too."""
         b = self._buckets.get(bucket)
+        if b is not None and b.expiring:
+            _expire(b, self.clock.now())
         entry = b.latest.get(key) if b is not None else None
         return entry if entry is not None and entry.operation == "PUT" else None
 
@@ -164,6 +176,8 @@ class MemoryBackend:
         b = self._buckets.get(bucket)
         if b is None:
             return []
+        if b.expiring:
+            _expire(b, self.clock.now())
         return sorted(
             k for k, e in b.latest.items() if e.operation == "PUT" and matches_pattern(k, pattern)
         )
@@ -178,7 +192,9 @@ class MemoryBackend:
             return None
         return entry
 
-    async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
+    async def kv_create(
+        self, bucket: str, key: str, value: bytes, *, ttl: float | None = None
+    ) -> int:
         b = self._bucket(bucket)
         entry = b.latest.get(key)
         if entry is None:
@@ -189,10 +205,15 @@ class MemoryBackend:
             )
         if len(value) + 4096 > self.max_payload:
             self._check_size(f"create {bucket}/{key}", value, _EXPECTING)
-        return _bucket_append(b, key, bytes(value), deleted=False).revision
+        expires_at = _expires_at(self.clock.now(), ttl)
+        return _bucket_append(b, key, bytes(value), False, expires_at).revision
 
-    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
+    async def kv_update(
+        self, bucket: str, key: str, value: bytes, revision: int, *, ttl: float | None = None
+    ) -> int:
         b = self._buckets.get(bucket) or self._bucket(bucket)  # (the lookup inline, then its error)
+        if b.expiring:
+            _expire(b, self.clock.now())
         entry = b.latest.get(key)
         if entry is None:
             _check_key(key)
@@ -204,18 +225,30 @@ class MemoryBackend:
             )
         if len(value) + 4096 > self.max_payload:
             self._check_size(f"update {bucket}/{key}", value, _EXPECTING)
+        if ttl is not None:
+            return _bucket_append(
+                b, key, bytes(value), False, _expires_at(self.clock.now(), ttl)
+            ).revision
         return _bucket_append(b, key, bytes(value), deleted=False).revision
 
-    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+    async def kv_put(self, bucket: str, key: str, value: bytes, *, ttl: float | None = None) -> int:
         b = self._bucket(bucket)
         if key not in b.latest:
             _check_key(key)
         if len(value) + 4096 > self.max_payload:
             self._check_size(f"put {bucket}/{key}", value, {})
-        return _bucket_append(b, key, bytes(value), deleted=False).revision
+        expires_at = _expires_at(self.clock.now(), ttl)
+        return _bucket_append(b, key, bytes(value), False, expires_at).revision
 
-    async def kv_put_unacked(self, bucket: str, key: str, value: bytes) -> None:
+    async def kv_put_unacked(
+        self, bucket: str, key: str, value: bytes, *, ttl: float | None = None
+    ) -> None:
         b = self._buckets.get(bucket) or self._bucket(bucket)
+        if b.expiring:
+            _expire(b, self.clock.now())
+        if ttl is not None:
+            await self.kv_put(bucket, key, value, ttl=ttl)
+            return
         if key not in b.latest:
             _check_key(key)
         if len(value) + 4096 > self.max_payload:

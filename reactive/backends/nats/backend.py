@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from reactive.backends.base import InboundMessage, KVEntry
@@ -28,7 +30,7 @@ from reactive.backends.nats._errors import _check_key, _check_size, _check_subje
 from reactive.backends.nats._kv_watch import _KVWatch, _list_keys, _to_entry
 from reactive.backends.nats._pull_consumer import _PullConsumer
 from reactive.backends.nats._replies import _Replies
-from reactive.errors import BackendError, ConflictError, TransientBackendError
+from reactive.errors import BackendError, ConflictError, ServerFeatureError, TransientBackendError
 
 if TYPE_CHECKING:
     from reactive.backends.base import Backend
@@ -40,6 +42,29 @@ log = logging.getLogger("reactive.backends.nats")  # one logger for the whole ba
 _STREAM_NAME_IN_USE: Final = 10058
 _MSG_ID_HEADER: Final = "Nats-Msg-Id"
 _EXPECTED_LAST: Final = "Nats-Expected-Last-Subject-Sequence"
+_TTL: Final = "Nats-TTL"
+
+# What the engine uses of nats-server, by the version that brought it.
+REQUIRED_FEATURES: Final[tuple[tuple[tuple[int, int, int], str], ...]] = (
+    ((2, 10, 0), "multi-filter consumers and subject transforms"),
+    ((2, 11, 0), "per-message TTLs, for a workflow's retention= (ADR-43)"),
+)
+MIN_SERVER_VERSION: Final = max(v for v, _ in REQUIRED_FEATURES)
+
+
+def _ttl_header(ttl: float) -> str:
+    """A per-message TTL as the server reads it: whole seconds, at least one."""
+    return f"{max(1, math.ceil(ttl))}s"
+
+
+async def _allow_ttl(js: JetStreamContext, stream: str) -> None:
+    """Let the bucket's stream take per-message TTLs (buckets made before nats-py 2.16 do not)."""
+    info = await js.stream_info(stream)
+    if not info.config.allow_msg_ttl:
+        info.config.allow_msg_ttl = True
+        await js.update_stream(info.config)
+
+
 _STREAM_CACHE_MAX: Final = 10_000
 
 
@@ -117,6 +142,27 @@ class NatsBackend:
 
     # -- connection -----------------------------------------------------------
 
+    async def check_server(self) -> None:
+        """Refuse a server that lacks what the engine uses: JetStream, and the features of
+        REQUIRED_FEATURES (ServerFeatureError naming each, with the version that has it)."""
+        nc = self._conn.client()
+        info: dict[str, Any] = getattr(nc, "_server_info", None) or {}
+        if not info.get("jetstream"):
+            # (Transient: a server restarted with -js on the same URL heals it.)
+            raise TransientBackendError(
+                "JetStream is not enabled on the server (start nats-server with -js)"
+            )
+        found = nc.connected_server_version
+        have = (found.major, found.minor, found.patch)
+        missing = [
+            f"{what} (nats-server {v[0]}.{v[1]}+)" for v, what in REQUIRED_FEATURES if have < v
+        ]
+        if missing:
+            raise ServerFeatureError(
+                f"nats-server {have[0]}.{have[1]}.{have[2]} lacks what the engine uses: {'; '.join(missing)}; "
+                f"upgrade it to {'.'.join(map(str, MIN_SERVER_VERSION))} or later"
+            )
+
     @property
     def max_payload(self) -> int:
         """The server's max payload (from its INFO)."""
@@ -187,10 +233,12 @@ class NatsBackend:
             with _mapped(f"ensure bucket {bucket}"):
                 try:
                     kv = await js.key_value(bucket)
+                    await _allow_ttl(js, kv._stream)
                 except nats.js.errors.BucketNotFoundError:
                     try:
                         # Direct gets (any replica may answer) only where there is one
                         # replica, so a read never comes from a follower that lags.
+                        # (nats-py makes it with per-message TTLs allowed: retention needs them.)
                         kv = await js.create_key_value(
                             bucket=bucket,
                             history=1,
@@ -231,9 +279,16 @@ class NatsBackend:
         return replies
 
     async def _kv_publish(
-        self, op: str, bucket: str, key: str, value: bytes, last: int | None
+        self,
+        op: str,
+        bucket: str,
+        key: str,
+        value: bytes,
+        last: int | None,
+        ttl: float | None = None,
     ) -> int:
-        """A KV write as JetStream sees it: a publish on the key's subject, compare-and-set on ``last``."""
+        """A KV write as JetStream sees it: a publish on the key's subject, compare-and-set on
+        ``last``; with ``ttl`` the server removes the value that many seconds after it is written."""
         _check_key(op, bucket, key)
         kv = self._kvs.get(bucket) or await self._kv(bucket)
         replies = self._replies or await self._reply_inbox()
@@ -241,6 +296,8 @@ class NatsBackend:
             headers, what = None, f"{op} {bucket}/{key}"
         else:
             headers, what = {_EXPECTED_LAST: str(last)}, f"{op} {bucket}/{key}@{last}"
+        if ttl is not None:
+            headers = {**(headers or {}), _TTL: _ttl_header(ttl)}
         _check_size(what, replies._nc, value, headers)
         with _mapped(what):
             ack = await replies.publish(kv._pre + key, value, headers)
@@ -272,29 +329,36 @@ class NatsBackend:
             raise BackendError(f"get {bucket}/{key}: a reply without Nats-Sequence") from None
         return KVEntry(bucket=bucket, key=key, value=msg.data, revision=revision)
 
-    async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
+    async def kv_create(
+        self, bucket: str, key: str, value: bytes, *, ttl: float | None = None
+    ) -> int:
         try:
-            return await self._kv_publish("create", bucket, key, value, 0)
+            return await self._kv_publish("create", bucket, key, value, 0, ttl)
         except ConflictError:
             pass
         # The key exists, or only its delete marker does: nats-py tells them apart.
         kv = await self._kv(bucket)
         with _mapped(f"create {bucket}/{key}"):
-            return int(await kv.create(key, value))
+            return int(await kv.create(key, value, msg_ttl=ttl))
 
-    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
-        return await self._kv_publish("update", bucket, key, value, revision)
+    async def kv_update(
+        self, bucket: str, key: str, value: bytes, revision: int, *, ttl: float | None = None
+    ) -> int:
+        return await self._kv_publish("update", bucket, key, value, revision, ttl)
 
-    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
-        return await self._kv_publish("put", bucket, key, value, None)
+    async def kv_put(self, bucket: str, key: str, value: bytes, *, ttl: float | None = None) -> int:
+        return await self._kv_publish("put", bucket, key, value, None, ttl)
 
-    async def kv_put_unacked(self, bucket: str, key: str, value: bytes) -> None:
+    async def kv_put_unacked(
+        self, bucket: str, key: str, value: bytes, *, ttl: float | None = None
+    ) -> None:
         _check_key("put", bucket, key)
         kv = self._kvs.get(bucket) or await self._kv(bucket)
         nc = self._conn.client()
-        _check_size(f"put {bucket}/{key}", nc, value, None)
+        headers = {_TTL: _ttl_header(ttl)} if ttl is not None else None
+        _check_size(f"put {bucket}/{key}", nc, value, headers)
         with _mapped(f"put {bucket}/{key}"):
-            await nc.publish(kv._pre + key, value)
+            await nc.publish(kv._pre + key, value, headers=headers)
 
     async def kv_delete(self, bucket: str, key: str) -> None:
         kv = await self._kv(bucket)
