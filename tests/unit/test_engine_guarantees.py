@@ -182,20 +182,22 @@ async def settle(backend: MemoryBackend, *engines: Engine, timeout: float = 10.0
 async def advance(
     clock: ManualClock, backend: MemoryBackend, engines: list[Engine], seconds: float
 ) -> None:
-    """Move the clock, stopping at each engine timer due in between, and settle."""
+    """Move the clock, stopping at each timer due in between (the backend's schedules and
+    each engine's own), and settle."""
     target = clock.now() + seconds
+
+    def next_due() -> float:
+        dues = [e.timers.next_due() for e in engines] + [backend.next_schedule()]
+        return min((d for d in dues if d is not None), default=target)
+
     while True:
-        dues = [d for e in engines if (d := e.timers.next_due()) is not None and d < target]
-        if not dues:
+        due = next_due()
+        if due >= target:
             break
-        due = min(dues)
         if due > clock.now():
             clock.advance(due - clock.now())
         await settle(backend, *engines)
-        if (
-            min((d for e in engines if (d := e.timers.next_due()) is not None), default=target)
-            <= clock.now()
-        ):
+        if next_due() <= clock.now():
             break
     clock.advance(max(target - clock.now(), 0.0))
     await settle(backend, *engines)
