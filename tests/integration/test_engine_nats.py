@@ -1144,6 +1144,23 @@ async def test_the_end_of_a_cooldown_wakes_the_rule_it_held(nats_url: str, nc: C
         assert len(engine.timers) == 1  # the cooldown's end was a schedule in NATS
 
 
+async def test_a_timer_the_server_fires_early_waits_for_the_engines_clock(
+    nats_url: str, nc: Client
+) -> None:
+    flow = idle_workflow(timeout=1.0)
+    clock = SkippingClock()
+    clock.offset = -3600.0  # the engine's clock an hour behind the server's
+    async with engine_on(nats_url, [flow], clock=clock) as engine:
+        started = await engine.start_execution(flow, "e1", ExecutionState(phase="idle"))
+        assert started.deadline is not None
+        # For the server the deadline has long passed: it fires at once, and the engine
+        # hands it back until its own clock has come to the deadline.
+        st = await engine.wait_for(flow, "e1", timeout=WAIT)
+        assert st.status is Status.TIMED_OUT
+        assert st.completed_at is not None
+        assert st.completed_at >= started.deadline
+
+
 async def test_timeout_while_engine_down_is_enforced_on_start(nats_url: str, nc: Client) -> None:
     flow = idle_workflow(timeout=1.0)
     d = definition_of(flow)
