@@ -1,7 +1,7 @@
 """The engine: the facade that wires the runtime's parts, starts and stops them, and offers the
 public methods. The path of an event, and which part keeps which guarantee:
 
-* ``triggers`` turn NATS (KV watches, subscriptions, callback consumers, timers)
+* ``triggers`` turn NATS (KV watches, subscriptions, callback and timer consumers)
   into typed events (``events``) for the ``shards``: events of one key go to one
   worker, in order;
 * a worker sends each event to the handler of its kind: ``handle_kv`` (a revision,
