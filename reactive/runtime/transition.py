@@ -367,7 +367,7 @@ def apply_rule(
     )
     reason = "max_iterations" if action == "escalate" else "rule_error" if error else "rule"
     if (
-        started
+        (started and work.deadline is not None)
         or r.cooldown
         or work.deadline is not deadline_before
         or work.task_deadline is not task_before

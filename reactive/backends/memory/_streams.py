@@ -56,6 +56,8 @@ class _StoredMessage:
         self.removed = False  # acknowledged from a work queue, or a schedule fired or replaced
 
 
+_CAPTURED_MAX = 4096
+
 # What nats-server 2.15 answers, as the reasons of the errors raised here.
 _SCHEDULES_DISABLED = "message schedules is disabled (10188)"
 _SCHEDULE_PATTERN_INVALID = "message schedules pattern is invalid (10189)"
@@ -105,6 +107,7 @@ class _Schedule:
 
 class _Stream:
     __slots__ = (
+        "_captured",
         "consumers",
         "dedupe",
         "dedupe_order",
@@ -120,6 +123,8 @@ class _Stream:
     def __init__(self, name: str, *, work_queue: bool = False, schedules: bool = False) -> None:
         self.name = name
         self.subjects: list[str] = []
+        # subject -> captured: every publish asks every stream (cleared when subjects change)
+        self._captured: dict[str, bool] = {}
         # messages[i].sequence == i + 1; a removed message stays, marked removed.
         self.messages: list[_StoredMessage] = []
         # msg_id -> clock time it was stored, plus the same in insertion order so that
@@ -135,7 +140,18 @@ class _Stream:
         self.schedule_heap: list[_Schedule] = []
 
     def captures(self, subject: str) -> bool:
-        return any(matches_pattern(subject, s) for s in self.subjects)
+        captured = self._captured.get(subject)
+        if captured is None:
+            captured = any(matches_pattern(subject, s) for s in self.subjects)
+            if len(self._captured) >= _CAPTURED_MAX:
+                self._captured.clear()
+            self._captured[subject] = captured
+        return captured
+
+    def add_subject(self, subject: str) -> None:
+        if subject not in self.subjects:
+            self.subjects.append(subject)
+            self._captured.clear()
 
     def store(self, subject: str, data: bytes, headers: Mapping[str, str]) -> _StoredMessage:
         stored = _StoredMessage(len(self.messages) + 1, subject, data, headers)

@@ -290,8 +290,7 @@ class MemoryBackend:
             )
         stream.schedules = stream.schedules or schedules
         for subject in subjects:
-            if subject not in stream.subjects:
-                stream.subjects.append(subject)
+            stream.add_subject(subject)
 
     def next_schedule(self) -> float | None:
         """When the earliest pending message schedule of any stream fires (None: none pending).
