@@ -2,7 +2,8 @@
 
 The runtime sees only this: a key-value store with revisions and compare-and-set,
 watches with an initial replay, publishing (deduplicated where a stream captures
-the subject), core subscriptions and durable consumers with ack / nak / term.
+the subject), message schedules on a stream that allows them, core subscriptions
+and durable consumers with ack / nak / term.
 Backends know nothing of workflows or rules.
 """
 
