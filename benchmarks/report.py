@@ -496,8 +496,8 @@ def _observations(results: dict[str, Any]) -> list[str]:
         out.append(
             f"- **Memory at rest.** After replaying 100,000 executions the engine holds "
             f"{_f(hi['rss_after_mb'])} MB RSS ({_f(hi.get('rss_after_trim_mb'))} MB after "
-            f"`malloc_trim(0)`), {_f(hi.get('timers'))} timers (deadlines beyond the timer horizon "
-            "hold none) and "
+            f"`malloc_trim(0)`), {_f(hi.get('timers'))} timers (an execution's deadlines are schedules "
+            "in NATS, not timers in the engine) and "
             f"{_f((hi.get('allocated_blocks') or 0) - (hi.get('allocated_blocks_before') or 0))} "
             "more small Python blocks than before it started; what remains of the growth is "
             f"pymalloc arenas ({_f(hi.get('pymalloc_arenas'))} of 1 MiB) kept by the few live "

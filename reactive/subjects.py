@@ -15,6 +15,7 @@ __all__ = [
     "is_valid_execution_id",
     "matches_pattern",
     "preview",
+    "subjects_overlap",
     "validate_execution_id",
     "validate_key_pattern",
     "validate_subject",
@@ -128,6 +129,23 @@ def matches_pattern(key: str, pattern: str) -> bool:
         if token != "*" and token != k[i]:
             return False
     return len(k) == len(p)
+
+
+def subjects_overlap(a: str, b: str) -> bool:
+    """Whether some subject matches both NATS wildcard patterns ``a`` and ``b``."""
+    ta, tb = a.split("."), b.split(".")
+    for i in range(max(len(ta), len(tb))):
+        x = ta[i] if i < len(ta) else None
+        y = tb[i] if i < len(tb) else None
+        if x == ">":
+            return y is not None
+        if y == ">":
+            return x is not None
+        if x is None or y is None:
+            return False
+        if x != y and x != "*" and y != "*":
+            return False
+    return True
 
 
 class _Node(Generic[T]):

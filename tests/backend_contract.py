@@ -26,7 +26,13 @@ import anyio
 import anyio.abc
 import pytest
 
-from reactive.backends.base import Backend, InboundMessage, KVEntry
+from reactive.backends.base import (
+    SCHEDULER_HEADER,
+    Backend,
+    InboundMessage,
+    KVEntry,
+    schedule_headers,
+)
 from reactive.errors import BackendError, ConflictError, NotFoundError
 
 T = TypeVar("T")
@@ -122,6 +128,14 @@ class BackendContract:
     ) -> None:
         """With a consume context of ``durable`` open: nothing is left to deliver, now or
         later (no redelivery is pending), and the durable made ``deliveries`` in all."""
+        raise NotImplementedError
+
+    def wall(self, backend: Backend) -> float:
+        """The time message schedules are measured on (seconds since the epoch)."""
+        raise NotImplementedError
+
+    async def stored(self, backend: Backend, stream: str) -> int:
+        """How many messages the stream holds (pending schedules included)."""
         raise NotImplementedError
 
     # -- helpers ------------------------------------------------------------------
@@ -444,6 +458,139 @@ class BackendContract:
             for m in got:
                 await m.ack()
             await self.assert_done(backend, stream, "reader", deliveries=2)
+
+    # -- work queues and message schedules ------------------------------------------
+
+    async def new_timer_stream(self, backend: Backend) -> str:
+        """A work-queue stream that allows schedules: ``<stream>.at.>`` and ``<stream>.due.>``."""
+        stream = uid("T")
+        await backend.ensure_stream(
+            stream, [f"{stream}.at.>", f"{stream}.due.>"], work_queue=True, schedules=True
+        )
+        return stream
+
+    async def holds(self, backend: Backend, stream: str, n: int) -> None:
+        async def check() -> bool:
+            return await self.stored(backend, stream) == n
+
+        await eventually(check)
+
+    async def test_a_schedule_stores_its_target_message_when_its_time_comes(
+        self, backend: Backend
+    ) -> None:
+        stream = await self.new_timer_stream(backend)
+        at = self.wall(backend) + 0.5
+        await backend.publish(
+            f"{stream}.at.k1",
+            b"wake",
+            headers={**schedule_headers(at, f"{stream}.due.k1"), "X-Kind": "deadline"},
+            msg_id="s1",
+        )
+        assert await self.stored(backend, stream) == 1  # the schedule itself
+        async with backend.consume(stream, "timers", f"{stream}.due.>") as msgs:
+            await self.advance(backend, 0.5)
+            msg = await recv(msgs)
+            assert self.wall(backend) >= at
+            assert (msg.subject, msg.data) == (f"{stream}.due.k1", b"wake")
+            # The schedule's own headers go along (not its id); the scheduler is named.
+            assert msg.headers["X-Kind"] == "deadline"
+            assert msg.headers[SCHEDULER_HEADER] == f"{stream}.at.k1"
+            assert "Nats-Msg-Id" not in msg.headers
+            await msg.ack()
+            await self.assert_done(backend, stream, "timers", deliveries=1)
+        # A work queue: the fired schedule and its acknowledged message are gone.
+        await self.holds(backend, stream, 0)
+
+    async def test_a_later_schedule_on_the_same_subject_replaces_the_earlier(
+        self, backend: Backend
+    ) -> None:
+        stream = await self.new_timer_stream(backend)
+        now = self.wall(backend)
+        target = f"{stream}.due.k1"
+        await backend.publish(
+            f"{stream}.at.k1", b"first", headers=schedule_headers(now + 0.5, target)
+        )
+        await backend.publish(
+            f"{stream}.at.k1", b"second", headers=schedule_headers(now + 0.7, target)
+        )
+        assert await self.stored(backend, stream) == 1  # one pending per schedule subject
+        async with backend.consume(stream, "timers", f"{stream}.due.>") as msgs:
+            await self.advance(backend, 0.7)
+            msg = await recv(msgs)
+            assert msg.data == b"second"  # the first never fires
+            await msg.ack()
+            await self.assert_done(backend, stream, "timers", deliveries=1)
+
+    async def test_a_schedule_whose_time_has_passed_fires_at_once(self, backend: Backend) -> None:
+        stream = await self.new_timer_stream(backend)
+        past = self.wall(backend) - 3600
+        await backend.publish(
+            f"{stream}.at.k.with.dots",
+            b"late",
+            headers=schedule_headers(past, f"{stream}.due.k.with.dots"),
+        )
+        async with backend.consume(stream, "timers", f"{stream}.due.>") as msgs:
+            msg = await recv(msgs)
+            assert (msg.subject, msg.data) == (f"{stream}.due.k.with.dots", b"late")
+            await msg.ack()
+        await self.holds(backend, stream, 0)
+
+    async def test_a_work_queue_keeps_what_is_not_acknowledged(self, backend: Backend) -> None:
+        stream = await self.new_timer_stream(backend)
+        for i in range(3):
+            await backend.publish(f"{stream}.due.k{i}", str(i).encode())
+        async with backend.consume(stream, "timers", f"{stream}.due.>", ack_wait=1.0) as msgs:
+            first, second = await recv(msgs), await recv(msgs)
+            await first.ack()
+            await second.term()
+            await self.holds(backend, stream, 1)  # the third, never taken
+            third = await recv(msgs)
+            await third.ack()
+        await self.holds(backend, stream, 0)
+
+    async def test_a_work_queue_refuses_overlapping_durables(self, backend: Backend) -> None:
+        stream = await self.new_timer_stream(backend)
+        async with backend.consume(stream, "wf1", f"{stream}.due.wf1.>"):
+            pass
+        async with backend.consume(stream, "wf2", f"{stream}.due.wf2.>"):  # apart: fine
+            pass
+        with pytest.raises(BackendError, match="not unique"):
+            async with backend.consume(stream, "all", f"{stream}.due.>"):
+                pass
+
+    async def test_schedules_are_refused_where_they_cannot_fire(self, backend: Backend) -> None:
+        plain, subject = await self.new_stream(backend)
+        soon = self.wall(backend) + 60
+        with pytest.raises(BackendError, match="schedules is disabled"):
+            await backend.publish(subject, b"x", headers=schedule_headers(soon, f"{plain}.due"))
+        stream = await self.new_timer_stream(backend)
+        for target in (f"{plain}.due", f"{stream}.due.*"):  # another stream's; a wildcard
+            with pytest.raises(BackendError, match="target is invalid"):
+                await backend.publish(
+                    f"{stream}.at.k", b"x", headers=schedule_headers(soon, target)
+                )
+        with pytest.raises(BackendError, match="pattern is invalid"):
+            await backend.publish(
+                f"{stream}.at.k",
+                b"x",
+                headers={
+                    "Nats-Schedule": "@at tomorrow",
+                    "Nats-Schedule-Target": f"{stream}.due.k",
+                },
+            )
+        assert await self.stored(backend, stream) == 0
+
+    async def test_ensure_stream_gives_schedules_but_never_changes_retention(
+        self, backend: Backend
+    ) -> None:
+        stream, subject = await self.new_stream(backend)
+        with pytest.raises(BackendError, match="work queue"):
+            await backend.ensure_stream(stream, [f"{stream}.>"], work_queue=True)
+        await backend.ensure_stream(stream, [f"{stream}.>"], schedules=True)
+        past = self.wall(backend) - 1
+        await backend.publish(subject, b"x", headers=schedule_headers(past, f"{stream}.fired"))
+        async with backend.consume(stream, "reader", f"{stream}.fired") as msgs:
+            assert (await recv(msgs)).data == b"x"
 
     async def test_core_publish_reaches_the_subscribers_there_are(self, backend: Backend) -> None:
         base = uid("news")

@@ -2,7 +2,8 @@
 
 The runtime sees only this: a key-value store with revisions and compare-and-set,
 watches with an initial replay, publishing (deduplicated where a stream captures
-the subject), core subscriptions and durable consumers with ack / nak / term.
+the subject), message schedules on a stream that allows them, core subscriptions
+and durable consumers with ack / nak / term.
 Backends know nothing of workflows or rules.
 """
 
@@ -10,13 +11,47 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Literal, Protocol
+from datetime import UTC, datetime
+from typing import Final, Literal, Protocol
 
 import msgspec
 
-__all__ = ["Backend", "InboundMessage", "KVEntry", "Operation"]
+__all__ = [
+    "SCHEDULER_HEADER",
+    "SCHEDULE_HEADER",
+    "SCHEDULE_TARGET_HEADER",
+    "Backend",
+    "InboundMessage",
+    "KVEntry",
+    "Operation",
+    "schedule_headers",
+]
 
 Operation = Literal["PUT", "DEL", "PURGE"]
+
+# Message schedules (ADR-51, nats-server 2.12+): a message with these headers, published
+# on a subject of a stream that allows schedules, is held by the server until its time;
+# then the server stores a message on the target subject (a subject of the same stream)
+# with the schedule's data and headers, and ``Nats-Scheduler: <schedule subject>``. One
+# schedule is pending per schedule subject: a later one replaces it.
+SCHEDULE_HEADER: Final = "Nats-Schedule"
+SCHEDULE_TARGET_HEADER: Final = "Nats-Schedule-Target"
+SCHEDULER_HEADER: Final = "Nats-Scheduler"
+
+
+def schedule_headers(at: float, target: str) -> dict[str, str]:
+    """The headers of a one-shot schedule (``@at``) that stores a message on ``target`` at ``at``
+    (seconds since the epoch), or at once if that has passed.
+
+    The time is written in whole microseconds, rounded up: the schedule never fires
+    before ``at`` (``schedule_time(...) >= at`` holds for the floats).
+    """
+    micros = round(at * 1_000_000)
+    if micros / 1_000_000 < at:
+        micros += 1
+    seconds, fraction = divmod(micros, 1_000_000)
+    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return {SCHEDULE_HEADER: f"@at {stamp}.{fraction:06d}Z", SCHEDULE_TARGET_HEADER: target}
 
 
 class KVEntry(msgspec.Struct, frozen=True, gc=False):
@@ -134,8 +169,21 @@ class Backend(Protocol):
         """
         ...
 
-    async def ensure_stream(self, name: str, subjects: list[str]) -> None:
-        """Create the stream if it does not exist; add missing subjects if it does."""
+    async def ensure_stream(
+        self,
+        name: str,
+        subjects: list[str],
+        *,
+        work_queue: bool = False,
+        schedules: bool = False,
+    ) -> None:
+        """Create the stream if it does not exist; add missing subjects if it does.
+
+        ``work_queue``: a message is removed once acknowledged, and no two durables
+        may have overlapping filters (an existing stream with another retention is
+        refused). ``schedules``: the stream takes message schedules
+        (``schedule_headers``; nats-server 2.12+); an existing stream is changed to.
+        """
         ...
 
     async def publish(

@@ -89,7 +89,6 @@ async def _serve(
         workflows,
         workers=args.workers,
         queue_limit=args.queue_limit,
-        timer_horizon=args.timer_horizon,
     )
     state["engine"], state["backend"] = engine, backend
     ids = ",".join(sorted(engine.registry.workflows))
@@ -345,14 +344,6 @@ def add_parser(commands: Subcommands) -> None:
         default=2048,
         metavar="N",
         help="events queued for the workers, all together, before a trigger waits (default: 2048)",
-    )
-    ops.add_argument(
-        "--timer-horizon",
-        type=_seconds_or_none,
-        default=1800.0,
-        metavar="SECONDS",
-        help="deadlines further ahead hold no timer; the bucket is replayed before they come "
-        "('none': every deadline holds a timer; default: 1800)",
     )
     serve.set_defaults(handler=cmd_serve)
 

@@ -14,7 +14,7 @@ Guarantees kept here:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Hashable
+from collections.abc import Awaitable
 from typing import Any
 
 import anyio
@@ -37,6 +37,7 @@ from reactive.runtime.core import Runtime, log, within
 from reactive.runtime.decide import FOREVER, hold_until
 from reactive.runtime.events import SWEEP_TARGET, Committed, SweepDue
 from reactive.runtime.registry import BoundWorkflow
+from reactive.runtime.schedules import cooldown_kind, grace_kind
 from reactive.runtime.transition import outbox_message
 
 __all__ = ["Claims"]
@@ -89,7 +90,7 @@ class Claims:
             return
         suffix = f"{d.id}.{r.id}.{exec_part}"
         meta_key = firing_key(suffix)
-        target = (d.id, ctx.bucket, ctx.key) if ctx.key else None
+        target = (ctx.bucket, ctx.key) if ctx.key else None
         trigger_rev = int(trigger[1:]) if trigger.startswith("r") else 0
         grace = rt.options.outbox_grace
         waited = 0
@@ -106,7 +107,8 @@ class Claims:
                         await anyio.sleep(0.005 * waited)
                         continue
                     if target is not None:
-                        rt.timers.schedule(rec.pending_at + grace, target)
+                        # Look again once its grace is over (the sweep delivers its claim).
+                        await rt.set_timer(d.id, grace_kind(r.id), *target, rec.pending_at + grace)
                     return
                 if not await self.deliver(d, meta_key, rec, rev):
                     continue
@@ -118,7 +120,8 @@ class Claims:
             until = hold_until(r, rec, trigger, now)
             if until is not None:
                 if target is not None and until < FOREVER:
-                    rt.timers.schedule(until, target)
+                    # Held by its cooldown: the rule fires for the key's latest revision then.
+                    await rt.set_timer(d.id, cooldown_kind(r.id), *target, until)
                 return
             if r.shared_cooldown and not await self.claim_cooldown(
                 d, r, exec_part, rec.count, now, target
@@ -227,10 +230,11 @@ class Claims:
         exec_key: str,
         count: int,
         now: float,
-        target: Hashable | None,
+        target: tuple[str, str] | None,
     ) -> bool:
         """Claim the workflow-wide cooldown of ``r`` for its firing number ``count + 1`` for
-        ``exec_key``; False while another firing's cooldown runs (a timer is set for its end).
+        ``exec_key``; False while another firing's cooldown runs (with ``target``, the
+        bucket and key to evaluate again then, a timer is set for its end).
 
         One compare-and-set of ``cool.<workflow>.<rule>`` in the meta bucket, before the
         firing's own commit: of several processes (or executions) only one claims it.
@@ -246,7 +250,7 @@ class Claims:
                     if claim.key == exec_key and claim.count == count:
                         return True  # claimed for this very firing, whose commit was not made yet
                     if target is not None:
-                        rt.timers.schedule(ready_at, target)
+                        await rt.set_timer(d.id, cooldown_kind(r.id), *target, ready_at)
                     return False
             value = encode_json(CooldownClaim(at=now, key=exec_key, count=count))
             # It means nothing once the cooldown is over: it goes then.

@@ -17,6 +17,7 @@ from reactive.dsl.state import ExecutionState
 from reactive.errors import DecodeError, TransientBackendError
 from reactive.runtime.metrics import EngineMetrics, fast_child
 from reactive.runtime.registry import BoundWorkflow, Registry
+from reactive.runtime.schedules import timer_message
 from reactive.runtime.timers import Timers
 from reactive.runtime.tracing import Tracing
 
@@ -59,7 +60,7 @@ class Options:
         "meta_bucket",
         "outbox_grace",
         "sweep_interval",
-        "timer_horizon",
+        "timer_stream",
     )
 
     def __init__(
@@ -72,7 +73,7 @@ class Options:
         conflict_retries: int,
         outbox_grace: float,
         sweep_interval: float,
-        timer_horizon: float | None,
+        timer_stream: str,
         max_deliver: int,
     ) -> None:
         self.instance_id = instance_id
@@ -82,7 +83,7 @@ class Options:
         self.conflict_retries = conflict_retries
         self.outbox_grace = outbox_grace
         self.sweep_interval = sweep_interval
-        self.timer_horizon = timer_horizon
+        self.timer_stream = timer_stream
         self.max_deliver = max_deliver
 
 
@@ -104,7 +105,9 @@ class Runtime:
         self.metrics = metrics
         self.tracing = tracing
         self.options = options
-        self.timers: Timers  # set by the engine, which wires the timers to the shards
+        # This process's own retries and the claim sweep (an execution's time is a schedule
+        # in NATS: ``set_timer``); set by the engine, which wires the timers to the shards.
+        self.timers: Timers
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # Failures in a row per timer target, for the backoff of _retry_later.
         self.retries: dict[Hashable, int] = {}
@@ -163,6 +166,14 @@ class Runtime:
         delay = min(0.1 * 2**n, 10.0)
         log.warning("transient failure on %s/%s (%s); retrying in %.1fs", bucket, key, e, delay)
         self.timers.schedule(self.clock.now() + delay, target)
+
+    async def set_timer(
+        self, workflow_id: str, kind: str, bucket: str, key: str, at: float
+    ) -> None:
+        """Schedule a timer of a key in NATS, decided while evaluating (not by a commit:
+        those travel in the outbox). It replaces the key's pending timer of ``kind``."""
+        m = timer_message(workflow_id, kind, bucket, key, at)
+        await self.backend.publish(m.subject, m.data, headers=m.headers)
 
     def succeeded(self, workflow_id: str, bucket: str, key: str) -> None:
         """An evaluation of the key completed: its next failure backs off from the start."""

@@ -1,7 +1,7 @@
 """The engine: the facade that wires the runtime's parts, starts and stops them, and offers the
 public methods. The path of an event, and which part keeps which guarantee:
 
-* ``triggers`` turn NATS (KV watches, subscriptions, callback consumers, timers)
+* ``triggers`` turn NATS (KV watches, subscriptions, callback and timer consumers)
   into typed events (``events``) for the ``shards``: events of one key go to one
   worker, in order;
 * a worker sends each event to the handler of its kind: ``handle_kv`` (a revision,
@@ -47,6 +47,13 @@ from reactive.runtime.handle_kv import KVHandler
 from reactive.runtime.handle_message import MessageHandler
 from reactive.runtime.metrics import METRICS, EngineMetrics
 from reactive.runtime.registry import Registry
+from reactive.runtime.schedules import (
+    DEADLINE,
+    grace_kind,
+    timer_id,
+    timer_message,
+    timer_subject_length,
+)
 from reactive.runtime.shards import KeyOrder, Shards
 from reactive.runtime.store import Store
 from reactive.runtime.timers import Timers
@@ -79,10 +86,11 @@ class Engine:
     a trigger waits: a replay is taken in at the pace it is processed, 2048),
     ``conflict_retries``, ``outbox_grace`` (how long another engine's
     unfinished outbox is left to it), ``sweep_interval`` (the claim sweep),
-    ``max_deliver``, and ``timer_horizon``: deadlines, task timeouts and cooldown
-    ends further ahead than this (30 minutes by default; None: no limit) hold no
-    timer in memory; the engine replays the bucket shortly before the earliest
-    of them, so memory does not grow with executions that wait.
+    ``max_deliver``, and ``timer_stream``: the work-queue stream of the timers
+    (``reactive.timer.>``). Deadlines, task timeouts, cooldown ends and grace
+    periods are message schedules there (nats-server 2.12+), not timers in the
+    engine: they fire once, whichever engine is alive, and memory does not grow
+    with executions that wait.
     """
 
     def __init__(
@@ -94,12 +102,12 @@ class Engine:
         meta_bucket: str = "REACTIVE_META",
         callback_stream: str = "REACTIVE_CALLBACKS",
         callback_prefix: str = "reactive.callback",
+        timer_stream: str = "REACTIVE_TIMERS",
         workers: int = 128,
         queue_limit: int = 2048,
         conflict_retries: int = 20,
         outbox_grace: float = 5.0,
         sweep_interval: float = 30.0,
-        timer_horizon: float | None = 1800.0,
         max_deliver: int = 20,
         metrics: EngineMetrics | None = None,
         instance_id: str | None = None,
@@ -114,6 +122,7 @@ class Engine:
         self.meta_bucket = meta_bucket
         self.callback_stream = callback_stream
         self.callback_prefix = callback_prefix
+        self.timer_stream = timer_stream
         # Tracing: on with a tracer provider given here or installed globally, or when told.
         self._tracing_choice = True if tracer_provider is not None and tracing is None else tracing
         self._tracer_provider = tracer_provider
@@ -126,7 +135,7 @@ class Engine:
             conflict_retries=conflict_retries,
             outbox_grace=outbox_grace,
             sweep_interval=sweep_interval,
-            timer_horizon=timer_horizon,
+            timer_stream=timer_stream,
             max_deliver=max_deliver,
         )
         self.rt = rt = Runtime(
@@ -136,12 +145,7 @@ class Engine:
         order = KeyOrder()
         self.shards = Shards(rt, order, workers, queue_limit)
         self.triggers = Triggers(rt, self.shards, order)
-        self.timers = rt.timers = Timers(
-            self.clock,
-            self.triggers.on_timer,
-            horizon=timer_horizon,
-            on_far=self.triggers.on_far_timer,
-        )
+        self.timers = rt.timers = Timers(self.clock, self.triggers.on_timer)
         self.store = Store(rt)
         self.claims = Claims(rt)
         writer = Writer(rt, self.store)
@@ -180,6 +184,9 @@ class Engine:
         longest_subject = max(
             len(f"$JS.API.DIRECT.GET.KV_{meta}.$KV.{meta}.") + longest_key,
             len(self.callback_prefix) + len(d.id) + 2 + MAX_EXECUTION_ID_LENGTH,
+            timer_subject_length(
+                d.id, grace_kind("r" * rule), max(buckets, key=len), MAX_KEY_LENGTH
+            ),
         )
         if longest_key > MAX_STORED_KEY_LENGTH or longest_subject > MAX_SUBJECT_LENGTH:
             raise ReactiveError(
@@ -297,8 +304,22 @@ class Engine:
         now = self.clock.now()
         st.initialize(execution_id, d.id, now, d.timeout)
         st.owner = self.instance_id
+        key = d.key(execution_id)
+        if st.deadline is not None:
+            # Its deadline is a timer in NATS, in its outbox: published once it is written.
+            at = st.deadline.timestamp()
+            st.outbox = [
+                timer_message(
+                    d.id, DEADLINE, d.bucket, key, at, timer_id(d.id, execution_id, 0, DEADLINE, at)
+                )
+            ]
+            st.outbox_id = f"{d.id}:{execution_id}:0"
+            await self.triggers.ensure_timer_stream()
+            await self.backend.ensure_bucket(self.meta_bucket)  # (its delivery marker's)
         await self.backend.ensure_bucket(d.bucket)
-        await self.backend.kv_create(d.bucket, d.key(execution_id), encode_json(st))
+        await self.backend.kv_create(d.bucket, key, encode_json(st))
+        if st.outbox:
+            await self.store.flush(d.bucket, key, st)
         self.rt.metric(self.metrics.executions_created, d.id).inc()
         log.info("execution started workflow=%s execution=%s", d.id, execution_id)
         return st

@@ -58,11 +58,14 @@ class CallbackArrival(msgspec.Struct, gc=False):
 
 
 class TimerDue(msgspec.Struct, gc=False):
-    """A deadline, task timeout, cooldown end or grace period of a key has come."""
+    """A deadline, task timeout, cooldown end or grace period of a key has come (``msg``: the
+    timer's message from NATS, acknowledged once the key is evaluated), or this process's
+    retry of the key after a transient failure (no message)."""
 
     workflow_id: str
     bucket: str
     key: str
+    msg: InboundMessage | None = None
 
 
 class SweepDue(msgspec.Struct, gc=False):

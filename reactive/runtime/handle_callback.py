@@ -21,6 +21,7 @@ from reactive.runtime.core import Runtime, log
 from reactive.runtime.decide import FOREVER
 from reactive.runtime.events import CallbackArrival, Committed
 from reactive.runtime.registry import BoundWorkflow
+from reactive.runtime.schedules import GRACE
 from reactive.runtime.store import Replaced, Store
 from reactive.runtime.transition import apply_result, end
 from reactive.runtime.writer import Writer
@@ -96,7 +97,6 @@ class CallbackHandler:
         msg = ev.msg
         key = d.key(exec_id)
         bucket = d.bucket
-        target = (d.id, bucket, key)
         traced = not self.tracing.enabled
         # The waiting state this engine committed, if it still has it: a write based on it
         # is checked by the compare-and-set; anything else is decided on a fresh read.
@@ -128,7 +128,8 @@ class CallbackHandler:
                 )
                 if wait is not None:
                     if wait < FOREVER:
-                        rt.timers.schedule(wait, target)
+                        # Another engine's outbox, in its grace: evaluate the key after it.
+                        await rt.set_timer(d.id, GRACE, bucket, key, wait)
                     if cached is not None:
                         continue  # superseded: read it again
                     raise TransientBackendError(
@@ -141,7 +142,7 @@ class CallbackHandler:
                 # Too late: the deadline or the task timeout came first.
                 try:
                     await self.writer.enforce_deadlines(
-                        bound, bucket, key, entry.revision, state, now, target, fresh
+                        bound, bucket, key, entry.revision, state, now, fresh
                     )
                 except ConflictError:
                     continue

@@ -23,9 +23,10 @@ from reactive.runtime.core import DONE, Runtime, log, within
 from reactive.runtime.decide import FOREVER, select
 from reactive.runtime.events import Committed, KVChange, TimerDue
 from reactive.runtime.registry import BoundWorkflow
+from reactive.runtime.schedules import GRACE
 from reactive.runtime.shards import KeyOrder
 from reactive.runtime.store import Store
-from reactive.runtime.transition import TERMINAL, utc
+from reactive.runtime.transition import TERMINAL, start_timers, utc
 from reactive.runtime.writer import Writer
 
 __all__ = ["KVHandler"]
@@ -75,23 +76,35 @@ class KVHandler:
                 )  # fmt: skip
 
     async def on_timer(self, ev: TimerDue, fresh: list[Committed]) -> None:
+        """A timer of the key: evaluate its latest revision (a missing key: nothing to do).
+
+        A timer from NATS is acknowledged once that is done, or handed back to come
+        again if it failed (a transient failure: so it is not lost with this process).
+        """
         rt = self.rt
         bound = rt.registry.workflows.get(ev.workflow_id)
-        if bound is None:
-            return
         bucket, key = ev.bucket, ev.key
-        try:
-            current = await rt.backend.kv_get(bucket, key)
-        except TransientBackendError as e:
-            rt.retry_later(bound, bucket, key, e)
-            return
-        if current is None:
-            rt.succeeded(ev.workflow_id, bucket, key)
-            return
-        rules = [r for b, rs in rt.registry.match_kv(bucket, key) if b is bound for r in rs]
-        await self.evaluate(
-            bound, rules, bucket, key, current.revision, current.value, "timer", fresh
-        )
+        if bound is not None:
+            try:
+                current = await rt.backend.kv_get(bucket, key)
+            except TransientBackendError as e:
+                rt.retry_later(bound, bucket, key, e)
+            else:
+                if current is None:
+                    rt.succeeded(ev.workflow_id, bucket, key)
+                else:
+                    rules = [
+                        r for b, rs in rt.registry.match_kv(bucket, key) if b is bound for r in rs
+                    ]
+                    await self.evaluate(
+                        bound, rules, bucket, key, current.revision, current.value, "timer", fresh
+                    )
+        if ev.msg is not None:
+            failures = rt.retries.get((ev.workflow_id, bucket, key)) if rt.retries else None
+            if failures:
+                await rt.settle(ev.msg, "nak", min(0.1 * 2**failures, 10.0))
+            else:
+                await rt.settle(ev.msg, "ack")
 
     async def on_delete(
         self, bound: BoundWorkflow, rules: list[RuleDef], bucket: str, key: str, revision: int,
@@ -178,7 +191,6 @@ class KVHandler:
         failed = False
         try:
             now = self.clock.now()
-            target = (d.id, bucket, key)
             exec_id = state.id or d.execution_id_for(key)
             if stale:
                 # Superseded: the newer revision settles outboxes, deadlines and writers.
@@ -189,19 +201,27 @@ class KVHandler:
                 wait = await self.store.outbox_pending(bucket, key, state, now, revision)
                 if wait is not None:
                     if wait < FOREVER:
-                        rt.timers.schedule(wait, target)
+                        # Another engine's outbox, in its grace period: look again after it.
+                        await rt.set_timer(d.id, GRACE, bucket, key, wait)
                     return
-            needs_init = False
+            # Started here (from a PENDING state someone wrote), or by someone else
+            # (no engine wrote it: the CLI's start): its timers are scheduled by the
+            # engine's first write, the writer's or this one's.
+            started = needs_init = False
             if state.status is _PENDING:
                 state.initialize(exec_id, d.id, now, d.timeout)
+                started = True
                 needs_init = d.timeout is not None
+            elif not state.owner:
+                started = True
+                needs_init = state.deadline is not None or state.task_deadline is not None
             if state.status in TERMINAL:
                 return
             try:
                 if (
                     state.deadline is not None or state.task_deadline is not None
                 ) and await self.writer.enforce_deadlines(
-                    bound, bucket, key, revision, state, now, target, fresh
+                    bound, bucket, key, revision, state, now, fresh
                 ):
                     return
             except ConflictError:
@@ -221,13 +241,13 @@ class KVHandler:
                 assert w is not None
                 firing = state.firings.get(w.id)
                 if not await self.claims.claim_cooldown(
-                    d, w, f"{bucket}.{key}", firing.count if firing else 0, now, target
+                    d, w, f"{bucket}.{key}", firing.count if firing else 0, now, (bucket, key)
                 ):
                     chosen.writer = None
                 chosen = select(bound, rules, ctx, state, trigger, now, rt.check, chosen)
             writer, others = chosen.writer, chosen.others
-            if chosen.wake_at < FOREVER:
-                rt.timers.schedule(chosen.wake_at, target)  # a cooldown that held a rule ends
+            # (A rule held by its own cooldown, chosen.wake_at, needs no timer here: the
+            # firing that started the cooldown scheduled its end, in its outbox.)
             if evaluating is not None:
                 evaluating.set_attribute(
                     "reactive.fired", [r.id for r in ([writer] if writer else []) + others]
@@ -261,7 +281,7 @@ class KVHandler:
                         base = state  # conditions only read it (and an initialized PENDING is the same)
                     commit = self.writer.fire(
                         bound, writer, bucket, key, revision, base, None, mode, key, trigger,
-                        fresh, ctx if base is state else None,
+                        fresh, ctx if base is state else None, started,
                     )  # fmt: skip
                     await (
                         commit
@@ -271,6 +291,8 @@ class KVHandler:
                 elif needs_init:
                     state.updated_at = utc(now)
                     state.owner = self.owner
+                    state.outbox = start_timers(d, state, bucket, key, revision)
+                    state.outbox_id = f"{d.id}:{exec_id}:{revision}"
                     await self.store.write(d, bucket, key, revision, state, None, fresh)
             except ConflictError:
                 pass  # a newer revision beat us; the watch brings it, and it is evaluated then

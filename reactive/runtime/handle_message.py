@@ -20,6 +20,7 @@ from reactive.runtime.core import Runtime, log, within
 from reactive.runtime.decide import FOREVER, hold_until
 from reactive.runtime.events import Committed, MessageArrival
 from reactive.runtime.registry import BoundWorkflow
+from reactive.runtime.schedules import GRACE
 from reactive.runtime.store import Store
 from reactive.runtime.transition import TERMINAL
 from reactive.runtime.writer import Writer
@@ -124,11 +125,12 @@ class MessageHandler:
         msg, decoded = ev.msg, ev.decoded
         key = d.key(exec_id)
         bucket = d.bucket
-        target = (d.id, bucket, key)
         pending = list(rules)  # the rules this message has not fired yet
         for _ in range(rt.options.conflict_retries):
             now = self.clock.now()
             entry = await rt.backend.kv_get(bucket, key)
+            # Started now, or by someone other than an engine: its deadline has no timer yet.
+            started = True
             if entry is None:
                 revision, raw = 0, b""
                 state = d.state_type()
@@ -140,17 +142,19 @@ class MessageHandler:
                     wait = await self.store.outbox_pending(bucket, key, state, now)
                     if wait is not None:
                         if wait < FOREVER:
-                            rt.timers.schedule(wait, target)
+                            # Another engine's outbox, in its grace: evaluate the key after it.
+                            await rt.set_timer(d.id, GRACE, bucket, key, wait)
                         raise TransientBackendError(
                             f"{key}: an earlier outbox is still being delivered"
                         )
+                started = state.status is _PENDING or not state.owner
                 if state.status is _PENDING:
                     state.initialize(state.id or exec_id, d.id, now, d.timeout)
             if state.status in TERMINAL:
                 return
             try:
                 if entry is not None and await self.writer.enforce_deadlines(
-                    bound, bucket, key, revision, state, now, target, fresh
+                    bound, bucket, key, revision, state, now, fresh
                 ):
                     return
                 writer: RuleDef | None = None
@@ -210,7 +214,7 @@ class MessageHandler:
                             work.initialize(work.id or exec_id, d.id, now, d.timeout)
                     commit = self.writer.fire(
                         bound, writer, bucket, key, revision, work, decoded[writer.message_type],
-                        "message+state", msg.subject, trigger, fresh,
+                        "message+state", msg.subject, trigger, fresh, None, started,
                     )  # fmt: skip
                     await self.writer.in_span(commit, bound, writer)
                 if writer is not None and deferred:

@@ -26,6 +26,7 @@ from reactive.runtime.events import (
     Committed,
     Event,
     MessageArrival,
+    TimerDue,
 )
 from reactive.runtime.inbox import Inbox
 from reactive.runtime.registry import BoundWorkflow
@@ -206,6 +207,8 @@ class Shards:
 
     async def _release(self, event: Event) -> None:
         if isinstance(event, MessageArrival | CallbackArrival):
+            await self.rt.settle(event.msg, "nak", 0.1)
+        elif isinstance(event, TimerDue) and event.msg is not None:
             await self.rt.settle(event.msg, "nak", 0.1)
 
 

@@ -1,13 +1,12 @@
-"""One timer heap for deadlines, task timeouts, cooldown ends and outbox hand-overs.
+"""One timer heap for what is this process's own business: the claim sweep, and the retry of
+a key after a transient failure (with backoff), or after its worker was saturated.
 
-Timers are kept only in memory; they are rebuilt from state whenever an
-execution is evaluated (and the KV watch replays every execution at start), so
-a restart loses none.
-
-With a ``horizon``, a timer due later than that is offered to ``on_far``
-instead; when it takes it (returns True) the timer is not kept: the engine then
-evaluates the execution again (a replay) before it is due, and its timer is set
-then. So the engine holds nothing per execution that waits far ahead.
+An execution's time (its deadline, its task's timeout, a cooldown's end, another
+engine's grace period) is not kept here: it is a message schedule in NATS
+(``reactive.runtime.schedules``), which fires once whichever engine is alive.
+What is kept here is lost with the process, and needs not outlive it: a new
+process sweeps at its start, and a failed evaluation comes again from NATS (a
+timer's message is handed back, a message redelivered, a revision replayed).
 """
 
 from __future__ import annotations
@@ -26,18 +25,9 @@ __all__ = ["Timers"]
 class Timers:
     """Earliest-first timers, at most one pending per target (the earliest wins)."""
 
-    def __init__(
-        self,
-        clock: Clock,
-        fire: Callable[[Hashable], None],
-        *,
-        horizon: float | None = None,
-        on_far: Callable[[float, Hashable], bool] | None = None,
-    ) -> None:
+    def __init__(self, clock: Clock, fire: Callable[[Hashable], None]) -> None:
         self._clock = clock
         self._fire = fire
-        self.horizon = horizon
-        self._on_far = on_far
         self._heap: list[tuple[float, int, Hashable]] = []
         self._at: dict[Hashable, float] = {}
         self._seq = itertools.count()
@@ -52,13 +42,6 @@ class Timers:
         """Fire ``target`` at ``when`` unless it already has an earlier timer."""
         current = self._at.get(target)
         if current is not None and current <= when:
-            return
-        if (
-            self.horizon is not None
-            and self._on_far is not None
-            and when > self._clock.now() + self.horizon
-            and self._on_far(when, target)
-        ):
             return
         self._at[target] = when
         heapq.heappush(self._heap, (when, next(self._seq), target))

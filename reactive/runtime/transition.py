@@ -3,6 +3,11 @@ and lifecycle event. No I/O: the handlers commit what these functions return.
 
 What a transition that ends an execution must count once its write has committed
 (and never if it lost) is returned as :class:`Ended`, for the store to count.
+
+The execution's timers that a transition decides (its deadline when it starts or
+moves, its task's timeout when a request is parked, the end of the cooldown of the
+rule that fired) are message schedules in its outbox (``schedules``): published
+after the write, never lost.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import msgspec
 
 from reactive.codecs import decode, encode, encode_json, inject_callback_fields
 from reactive.dsl.context import RuleContext
-from reactive.dsl.definition import ActionType, RuleDef, WorkflowDef
+from reactive.dsl.definition import ActionType, RuleDef, TriggerMode, WorkflowDef
 from reactive.dsl.state import (
     ExecutionState,
     Firing,
@@ -28,6 +33,7 @@ from reactive.dsl.state import (
 )
 from reactive.meta import remember
 from reactive.runtime.registry import BoundWorkflow
+from reactive.runtime.schedules import DEADLINE, TASK, cooldown_kind, timer_id, timer_message
 
 __all__ = [
     "TERMINAL",
@@ -38,6 +44,7 @@ __all__ = [
     "completion_event",
     "end",
     "outbox_message",
+    "start_timers",
     "task_timed_out",
     "utc",
 ]
@@ -49,6 +56,8 @@ _COMPLETED = Status.COMPLETED
 _PUBLISH = ActionType.PUBLISH
 _PUBLISH_ASYNC = ActionType.PUBLISH_ASYNC
 _COMPLETE = ActionType.COMPLETE
+_WAITING = Status.WAITING
+_STATE = TriggerMode.STATE
 
 _last_utc: tuple[float, datetime] = (0.0, datetime.fromtimestamp(0.0, UTC))
 
@@ -176,6 +185,60 @@ def task_timed_out(d: WorkflowDef, st: ExecutionState, now: float, owner: str) -
     return end(d, st, None, now, owner, "task_timeout", mode="timer", rule_id="task_timeout")
 
 
+def _timer(
+    d: WorkflowDef,
+    exec_id: str,
+    kind: str,
+    bucket: str,
+    key: str,
+    revision: int,
+    at: float,
+) -> OutboxMessage:
+    return timer_message(d.id, kind, bucket, key, at, timer_id(d.id, exec_id, revision, kind, at))
+
+
+def start_timers(
+    d: WorkflowDef, st: ExecutionState, bucket: str, key: str, revision: int
+) -> list[OutboxMessage]:
+    """The timers of a state an engine writes for the first time (an execution it starts,
+    or one started by someone else): its deadline, and its pending task's timeout."""
+    out = []
+    if st.deadline is not None:
+        out.append(_timer(d, st.id, DEADLINE, bucket, key, revision, st.deadline.timestamp()))
+    if st.status is _WAITING and st.task_deadline is not None:
+        out.append(_timer(d, st.id, TASK, bucket, key, revision, st.task_deadline.timestamp()))
+    return out
+
+
+def _add_timers(
+    d: WorkflowDef,
+    r: RuleDef | None,
+    work: ExecutionState,
+    outbox: list[OutboxMessage],
+    bucket: str,
+    key: str,
+    revision: int,
+    exec_id: str,
+    now: float,
+    started: bool,
+    deadline_before: datetime | None,
+    task_before: datetime | None,
+) -> None:
+    """Add to ``outbox`` the timers the transition decided: the deadline it set (starting)
+    or moved, the timeout of the task it parked, the end of the cooldown of the rule that
+    fired (a rule evaluated on revisions, held until then)."""
+    if work.deadline is not None and (started or work.deadline is not deadline_before):
+        at = work.deadline.timestamp()
+        outbox.append(_timer(d, exec_id, DEADLINE, bucket, key, revision, at))
+    if work.task_deadline is not None and work.task_deadline is not task_before:
+        at = work.task_deadline.timestamp()
+        outbox.append(_timer(d, exec_id, TASK, bucket, key, revision, at))
+    if r is not None and r.cooldown and not r.shared_cooldown and r.mode is _STATE:
+        # (The very sum decide.hold_until compares with: not held at this instant.)
+        at = work.firings[r.id].last_at + r.cooldown
+        outbox.append(_timer(d, exec_id, cooldown_kind(r.id), bucket, key, revision, at))
+
+
 class Applied(msgspec.Struct, gc=False):
     """A transition made: the new state (ready to commit), what the timeline calls it, the end
     it makes (if it ends the execution), and what the rule or handler raised (if it did)."""
@@ -222,13 +285,19 @@ def apply_rule(
     trigger: str,
     owner: str,
     callback_prefix: str,
+    started: bool = False,
 ) -> Applied:
     """Run a state-writing rule on ``work`` (a copy of its own; ``ctx`` holds it) and make the
-    transition: the action's outbox, the firing, the timeline, the max-iterations limit."""
+    transition: the action's outbox, the firing, the timeline, the max-iterations limit.
+
+    ``started``: ``work`` is an execution just started (initialized for this
+    transition, or by someone other than an engine), whose deadline has no timer yet.
+    """
     d = bound.definition
     now = ctx.now
     exec_id = ctx.execution_id
     was_terminal = work.status in TERMINAL
+    deadline_before, task_before = work.deadline, work.task_deadline
     # The state before the rule ran: where an escalation for max iterations starts from.
     before = encode_json(work) if d.max_iterations else b""
     outbox: list[OutboxMessage] = []
@@ -297,6 +366,16 @@ def apply_rule(
         )
     )
     reason = "max_iterations" if action == "escalate" else "rule_error" if error else "rule"
+    if (
+        (started and work.deadline is not None)
+        or r.cooldown
+        or work.deadline is not deadline_before
+        or work.task_deadline is not task_before
+    ) and work.status not in TERMINAL:
+        _add_timers(
+            d, r, work, outbox, ctx.bucket, ctx.key, revision, exec_id, now, started,
+            deadline_before, task_before,
+        )  # fmt: skip
     ended = _finish(d, work, outbox, was_terminal, now, stamp, owner, reason, revision, exec_id)
     return Applied(work, action, ended, error)
 
@@ -328,6 +407,7 @@ def apply_result(
     now = ctx.now
     action = "callback"
     error: Exception | None = None
+    deadline_before = work.deadline
     if failure:
         work.fail(f"task {task_id} of rule {r.id} failed: {failure}")
         action = "invalid_result" if invalid else "callback_error"
@@ -359,5 +439,13 @@ def apply_result(
         )
     )
     reason = _CALLBACK_REASONS.get(action, "rule")
-    ended = _finish(d, work, [], False, now, stamp, owner, reason, ctx.revision, ctx.execution_id)
+    outbox: list[OutboxMessage] = []
+    if work.deadline is not deadline_before and work.status not in TERMINAL:
+        _add_timers(
+            d, None, work, outbox, ctx.bucket, ctx.key, ctx.revision, ctx.execution_id, now,
+            False, deadline_before, work.task_deadline,
+        )  # fmt: skip
+    ended = _finish(
+        d, work, outbox, False, now, stamp, owner, reason, ctx.revision, ctx.execution_id
+    )
     return Applied(work, action, ended, error)

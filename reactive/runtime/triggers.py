@@ -1,10 +1,13 @@
 """Triggers: what turns NATS into events for the shards.
 
 One KV watch per bucket, one subscription (core or durable) per workflow and
-subject, one durable callback consumer per workflow with async rules, and the
-timers. Each is supervised: a failure is retried with backoff. Messages that
-cannot be routed (undecodable, an invalid execution id, a state key that raises)
-are terminated and counted here, before they reach a worker.
+subject, one durable callback consumer per workflow with async rules, one durable
+timer consumer per workflow (the schedules in NATS that have fired: deadlines,
+task timeouts, cooldown ends, grace periods; see ``schedules``), and the
+process's own timers (the claim sweep, retries). Each is supervised: a failure is
+retried with backoff. Messages that cannot be routed (undecodable, an invalid
+execution id, a state key that raises) are terminated and counted here, before
+they reach a worker.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from reactive.runtime.events import (
     TimerDue,
 )
 from reactive.runtime.registry import BoundWorkflow, Subscription
+from reactive.runtime.schedules import TIMER_PREFIX, due_at, due_filter, parse_due
 from reactive.runtime.shards import KeyOrder, Shards
 from reactive.subjects import MAX_KEY_LENGTH, preview, validate_execution_id
 
@@ -54,17 +58,30 @@ class Triggers:
         self.watch_scopes: dict[str, anyio.CancelScope] = {}
         self._sub_started: set[tuple[str, str, str | None]] = set()
         self._callbacks_started: set[str] = set()
+        self._timers_started: set[str] = set()
+        self._timer_stream_ready = False
         self.ready_count = 0
         self.expected_ready = 0
-        # Deadlines further ahead than timer_horizon are not held (see on_far_timer):
-        # per bucket, the earliest one dropped.
-        self._far: dict[str, float] = {}
 
     def stop(self) -> None:
         self.tg = None
         self.watch_scopes.clear()
         self._sub_started.clear()
         self._callbacks_started.clear()
+        self._timers_started.clear()
+        self._timer_stream_ready = False
+
+    async def ensure_timer_stream(self) -> None:
+        """The timer stream: a work queue (a fired timer is removed once evaluated) that
+        keeps message schedules."""
+        if not self._timer_stream_ready:
+            await self.backend.ensure_stream(
+                self.rt.options.timer_stream,
+                [f"{TIMER_PREFIX}.at.>", f"{TIMER_PREFIX}.due.>"],
+                work_queue=True,
+                schedules=True,
+            )
+            self._timer_stream_ready = True
 
     async def start_for(self, bound: BoundWorkflow) -> None:
         """Announce a workflow, make its buckets and streams, and start its triggers."""
@@ -96,6 +113,11 @@ class Triggers:
             await self.backend.ensure_stream(opts.callback_stream, [f"{opts.callback_prefix}.>"])
             self.expected_ready += 1
             self.tg.start_soon(self._run_callbacks, bound)
+        if d.id not in self._timers_started:
+            self._timers_started.add(d.id)
+            await self.ensure_timer_stream()
+            self.expected_ready += 1
+            self.tg.start_soon(self._run_timers, bound)
 
     # ------------------------------------------------------------------ KV watches
 
@@ -165,39 +187,62 @@ class Triggers:
     # ------------------------------------------------------------------ timers
 
     def on_timer(self, target: Hashable) -> None:
-        """A timer is due: its key's evaluation (or the sweep, or a replay) goes to the shards."""
+        """One of this process's timers is due: its key's retry (or the sweep) goes to the shards."""
         wf_id, bucket, key = typing.cast(tuple[str, str, str], target)
         if not self.shards.inboxes:
-            return
-        if not wf_id and bucket:  # a far deadline draws near: replay the bucket
-            self._far.pop(bucket, None)
-            if bucket in self.watch_scopes:
-                log.info("replaying bucket %s for deadlines coming within the horizon", bucket)
-                self.restart_watch(bucket)
             return
         event = SweepDue() if target == SWEEP_TARGET else TimerDue(wf_id, bucket, key)
         if not self.shards.offer(key, event):
             # The worker is saturated: try again shortly rather than block the timer loop.
             self.rt.timers.schedule(self.rt.clock.now() + 0.05, target)
 
-    def on_far_timer(self, when: float, target: Hashable) -> bool:
-        """A timer beyond the horizon: drop it, and replay its bucket before it is due.
+    async def _run_timers(self, bound: BoundWorkflow) -> None:
+        """The workflow's timers that have fired in NATS, each to the worker of its key.
 
-        The replay evaluates every execution of the bucket again (as a restart
-        does), which sets the timers that are then within the horizon. One float
-        per bucket is kept: the earliest deadline dropped.
+        One durable per workflow, shared by every engine (the stream is a work queue:
+        a timer is evaluated by one of them, and removed once it has been). The key's
+        worker acknowledges it after evaluating the key's latest revision.
         """
-        horizon = self.rt.options.timer_horizon
-        _, bucket, key = typing.cast(tuple[str, str, str], target)
-        if not key or bucket not in self.watch_scopes or horizon is None:
-            return False  # only what a watch replays can be left to the replay
-        earliest = self._far.get(bucket)
-        if earliest is None or when < earliest:
-            self._far[bucket] = when
-            # The replay's own timer is kept however far it is (its target has no key):
-            # the bucket is replayed once, half a horizon before the earliest deadline.
-            self.rt.timers.schedule(when - horizon / 2, ("", bucket, ""))
-        return True
+        rt = self.rt
+        d = bound.definition
+        durable = f"reactive_timer_{d.id}".replace("-", "_")
+        buckets = {d.bucket, *(r.bucket for r in d.rules if r.bucket)}
+        clock = rt.clock
+        first = True
+        backoff = 0.1
+        while True:
+            try:
+                async with self.backend.consume(
+                    rt.options.timer_stream, durable, due_filter(d.id)
+                ) as messages:
+                    if first:
+                        self.ready_count += 1
+                        first = False
+                    backoff = 0.1
+                    async for msg in messages:
+                        where = parse_due(msg.subject, d.id)
+                        at = due_at(msg.data)
+                        if where is None or at is None or where[0] not in buckets:
+                            log.warning("terminating unreadable timer on %s", msg.subject)
+                            await rt.settle(msg, "term")
+                            continue
+                        early = at - clock.now()
+                        if early > 0:
+                            # The server's clock is ahead of this engine's: hand it back
+                            # until the engine's clock has come to its time too.
+                            await rt.settle(msg, "nak", early)
+                            continue
+                        full = self.shards.enqueue(where[1], TimerDue(d.id, *where, msg))
+                        if full is not None:
+                            await full
+            except ConnectionLostError:
+                raise  # nothing to retry on: the engine stops, with this error
+            except BackendError as e:
+                log.warning(
+                    "timer consumer for %s failed (%s); retrying in %.1fs", d.id, e, backoff
+                )
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     # ------------------------------------------------------------------ messages
 

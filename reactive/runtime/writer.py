@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Hashable
+from collections.abc import Awaitable
 from typing import Any
 
 from reactive.dsl.context import RuleContext, new_context
 from reactive.dsl.definition import ActionType, RuleDef
 from reactive.dsl.state import ExecutionState, Status
 from reactive.runtime.core import Runtime, log, within
-from reactive.runtime.decide import FOREVER, overdue
+from reactive.runtime.decide import overdue
 from reactive.runtime.events import Committed
 from reactive.runtime.registry import BoundWorkflow
 from reactive.runtime.store import Store
@@ -61,12 +61,14 @@ class Writer:
         trigger: str,
         fresh: list[Committed] | None,
         reuse: RuleContext[Any, Any] | None = None,
+        new: bool = False,
     ) -> None:
         """Apply ``r`` to ``work`` (a copy of its own) and commit it with one compare-and-set;
         raises ConflictError when the write lost. (``in_span`` puts it in its span.)
 
         ``reuse``: the context its condition was evaluated with, when it holds ``work``
         and no message: the rule runs with it (and its instant) instead of a new one.
+        ``new``: ``work`` has just been started, and its deadline has no timer yet.
         """
         rt = self.rt
         d = bound.definition
@@ -91,7 +93,7 @@ class Writer:
                 info if mode != "kv" else "",
             )
         applied = apply_rule(
-            bound, r, work, ctx, revision, trigger, self.owner, self.callback_prefix
+            bound, r, work, ctx, revision, trigger, self.owner, self.callback_prefix, new
         )
         if applied.error is not None:
             e = applied.error
@@ -133,15 +135,15 @@ class Writer:
         revision: int,
         state: ExecutionState,
         now: float,
-        target: Hashable,
         fresh: list[Committed] | None,
     ) -> bool:
-        """Time out or fail an overdue execution (True if it did); else wake up at the next deadline.
+        """Time out or fail an overdue execution (True if it did).
 
-        Raises ConflictError when the write lost.
+        Raises ConflictError when the write lost. (The next deadline needs no timer
+        here: the write that set it scheduled it, in its outbox.)
         """
         d = bound.definition
-        passed, wake_at = overdue(d, state, now)
+        passed, _ = overdue(d, state, now)
         if passed == "deadline":
             state.time_out()
             ended = end(
@@ -157,6 +159,4 @@ class Writer:
             rt.metric(rt.metrics.pending_callbacks, d.id).dec()
             rt.metric(rt.metrics.callbacks_received, d.id, rule_id, "timeout").inc()
             return True
-        if wake_at < FOREVER:
-            self.rt.timers.schedule(wake_at, target)
         return False

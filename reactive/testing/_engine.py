@@ -111,18 +111,22 @@ class TestEngine:
 
     async def advance(self, seconds: float) -> None:
         """Move the clock forward (firing deadlines, timeouts, cooldown ends) and settle."""
-        step = seconds
-        # Move in steps so that timers due in between fire in order, as they would in real time.
-        due = self.engine.timers.next_due()
-        target = self.clock.now() + step
+        # Move in steps so that timers due in between fire in order, as they would in real
+        # time: the backend's message schedules (an execution's time) and the engine's own.
+        due = self._next_due()
+        target = self.clock.now() + seconds
         while due is not None and due < target:
             self.clock.advance(max(due - self.clock.now(), 0.0))
             await self.settle()
-            due = self.engine.timers.next_due()
+            due = self._next_due()
             if due is not None and due <= self.clock.now():
                 break
         self.clock.advance(max(target - self.clock.now(), 0.0))
         await self.settle()
+
+    def _next_due(self) -> float | None:
+        dues = (self.engine.timers.next_due(), self.backend.next_schedule())
+        return min((d for d in dues if d is not None), default=None)
 
     async def start(
         self, workflow: WorkflowRef, execution_id: str, state: ExecutionState | None = None

@@ -176,7 +176,7 @@ class _SilentJetStream(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, version: str = "2.11.0") -> None:
+    def __init__(self, version: str = "2.12.0") -> None:
         self.version = version
         super().__init__(("127.0.0.1", 0), _SilentHandler)
         self.port = int(self.server_address[1])
@@ -190,7 +190,7 @@ class _SilentJetStream(socketserver.ThreadingTCPServer):
 class _SilentHandler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         port = self.server.server_address[1]
-        version = getattr(self.server, "version", "2.11.0")
+        version = getattr(self.server, "version", "2.12.0")
         info = {"server_id": "SILENT", "version": version, "proto": 1, "headers": True,
                 "jetstream": True, "max_payload": 1048576, "host": "127.0.0.1",
                 "port": port}  # fmt: skip
@@ -277,6 +277,6 @@ def test_serve_refuses_a_server_too_old_for_what_the_engine_uses(tmp_path: Path)
     assert code == 1, served.stderr
     err = served.stderr
     assert "nats-server 2.10.7 lacks what the engine uses: per-message TTLs" in err, err
-    assert "needs nats-server 2.11.0 or later" in err, err
+    assert "needs nats-server 2.12.0 or later" in err, err
     assert "retrying" not in err  # not something a retry heals
     assert "Traceback" not in err

@@ -7,6 +7,7 @@ session's server do not see each other's messages.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -43,6 +44,7 @@ from reactive import (
 from reactive.backends.server import NatsServer
 from reactive.conditions import phase_is
 from reactive.errors import TransientBackendError
+from reactive.runtime.events import TimerDue
 from reactive.runtime.metrics import REGISTRY
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -243,10 +245,19 @@ async def effects_settled(engine: Engine, flow: type[Workflow], exec_ids: Iterab
     return not await engine.backend.kv_keys(engine.meta_bucket, f"pend.{d.id}.>")
 
 
-def holds_timer(engine: Engine, flow: type[Workflow], exec_id: str) -> bool:
-    """The engine keeps a timer for the execution (its deadline, task timeout or cooldown end)."""
+async def scheduled(engine: Engine, flow: type[Workflow], exec_id: str, kind: str) -> bool:
+    """The server holds a timer of the execution (its schedule, or the message it stored
+    when due, not yet evaluated), and the engine none: its only timer is the claim sweep."""
     d = definition_of(flow)
-    return (d.id, d.bucket, d.key(exec_id)) in engine.timers._at
+    js = engine.backend.nc.jetstream()  # type: ignore[attr-defined]
+    tail = f"{d.id}.{kind}.{d.bucket}.{d.key(exec_id)}"
+    for subject in (f"reactive.timer.at.{tail}", f"reactive.timer.due.{tail}"):
+        try:
+            await js.get_last_msg(engine.timer_stream, subject)
+        except nats.js.errors.NotFoundError:
+            continue
+        return len(engine.timers) == 1
+    return False
 
 
 class SkippingClock:
@@ -440,7 +451,7 @@ async def test_async_task_without_callback_times_out(
     async with engine_on(nats_url, [flow], clock=clock) as engine:
         await engine.start_execution(flow, "slow", CbState(phase="ask", value="v"))
         req = await requests.next()
-        await eventually(lambda: holds_timer(engine, flow, "slow"), what="its task timer")
+        await eventually(lambda: scheduled(engine, flow, "slow", "task"), what="its task timer")
         parked = await engine.get(flow, "slow")
         assert parked.status is Status.WAITING and parked.pending_since is not None
         clock.advance(1.0)
@@ -1011,8 +1022,8 @@ async def test_timeout_fires_with_no_other_event(nats_url: str, nc: Client) -> N
     async with engine_on(nats_url, [flow], clock=clock) as engine:
         started = await engine.start_execution(flow, "t1", ExecutionState(phase="idle"))
         assert started.deadline is not None
-        # The engine has seen it and holds its deadline; then time reaches it.
-        await eventually(lambda: holds_timer(engine, flow, "t1"), what="its deadline's timer")
+        # Its deadline is a schedule on the server (the engine holds none); time reaches it.
+        await eventually(lambda: scheduled(engine, flow, "t1", "deadline"), what="its deadline")
         clock.advance(1.0)
         st = await engine.wait_for(flow, "t1", timeout=WAIT)
         assert st.status is Status.TIMED_OUT
@@ -1024,28 +1035,130 @@ async def test_timeout_fires_with_no_other_event(nats_url: str, nc: Client) -> N
         assert event["phase"] == "idle"
 
 
-async def test_a_timeout_beyond_the_timer_horizon_fires_after_a_replay(
+@asynccontextmanager
+async def engines_recording_timers(
+    url: str, flow: type[Workflow], n: int
+) -> AsyncIterator[tuple[list[Engine], list[tuple[str, str]]]]:
+    """``n`` engines on ``flow``, and each timer from NATS they evaluate: (instance id, key).
+
+    The record is in place before they start, so no timer comes unseen."""
+    seen: list[tuple[str, str]] = []
+    engines = [Engine(NatsBackend(url), [flow], workers=8, outbox_grace=1.0) for _ in range(n)]
+    for engine in engines:
+        on_timer = engine.shards.handlers[TimerDue]
+
+        async def recording(
+            ev: TimerDue, fresh: Any, engine: Engine = engine, on_timer: Any = on_timer
+        ) -> None:
+            if ev.msg is not None:
+                seen.append((engine.instance_id, ev.key))
+            await on_timer(ev, fresh)
+
+        engine.shards.handlers[TimerDue] = recording
+    async with contextlib.AsyncExitStack() as stack:
+        for engine in engines:
+            stack.push_async_callback(engine.backend.close)
+            await stack.enter_async_context(engine)
+        await eventually(lambda: all(e.ready for e in engines), what="engines ready")
+        yield engines, seen
+
+
+class DeafToTimers(NatsBackend):
+    """An engine's backend that never takes a fired timer: the engine sets timers, and is
+    as good as dead for them (however long the test takes to stop it)."""
+
+    def consume(
+        self, stream: str, durable: str, filter_subject: str, *, ack_wait: float = 30.0
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Any]]:
+        if stream == "REACTIVE_TIMERS":
+            return _nothing_ever()
+        return super().consume(stream, durable, filter_subject, ack_wait=ack_wait)
+
+
+@asynccontextmanager
+async def _nothing_ever() -> AsyncIterator[AsyncIterator[Any]]:
+    async def never() -> AsyncIterator[Any]:
+        await anyio.sleep_forever()
+        yield  # pragma: no cover
+
+    yield never()
+
+
+async def test_a_deadline_fires_once_in_another_engine_when_the_one_that_set_it_is_gone(
     nats_url: str, nc: Client
 ) -> None:
-    flow = idle_workflow(timeout=2.0)
+    flow = idle_workflow(timeout=1.0)
     d = definition_of(flow)
-    clock = ManualClock()
-    async with engine_on(nats_url, [flow], timer_horizon=0.5, clock=clock) as engine:
-        started = await engine.start_execution(flow, "far", ExecutionState(phase="idle"))
-        assert started.deadline is not None
-        # Seen: its deadline is beyond the horizon, so the bucket's replay is planned
-        # (half a horizon before it) instead of a timer of its own.
-        await eventually(lambda: d.bucket in engine.triggers._far, what="the replay planned")
-        assert not holds_timer(engine, flow, "far")
-        clock.advance(1.8)  # past the replay: the replay sets its timer
-        await eventually(
-            lambda: holds_timer(engine, flow, "far"), what="its timer after the replay"
+    js = nc.jetstream()
+    ids = [f"d{i}" for i in range(3)]
+    async with engine_on(nats_url, [flow], backend=DeafToTimers(nats_url)) as a:
+        for exec_id in ids:
+            await a.start_execution(flow, exec_id, ExecutionState(phase="idle"))
+        # Each deadline is a schedule on the server; the engine holds no timer for it.
+        for exec_id in ids:
+            assert await scheduled(a, flow, exec_id, "deadline")
+    # The engine that set them is gone. Two others run (they started after it, or
+    # their start replayed the bucket before the deadlines: either way the timers come).
+    async with engines_recording_timers(nats_url, flow, 2) as (engines, seen):
+        b = engines[0]
+        for exec_id in ids:
+            st = await b.wait_for(flow, exec_id, timeout=WAIT)
+            assert st.status is Status.TIMED_OUT
+            assert [e.rule_id for e in st.timeline].count("deadline") == 1
+        # Each fired once, evaluated by one of the two: the server delivered the
+        # workflow's timers three times in all, and has none left to deliver again.
+        await eventually(lambda: len(seen) >= 3, what="the three timers evaluated")
+        durable = f"reactive_timer_{d.id}".replace("-", "_")
+        await eventually(lambda: consumer_settled(js, "REACTIVE_TIMERS", durable))
+        info = await js.consumer_info("REACTIVE_TIMERS", durable)
+        assert info.delivered.consumer_seq == 3
+        assert sorted(key for _, key in seen) == sorted(d.key(i) for i in ids)
+        assert all(len(e.timers) == 1 for e in engines)
+
+
+class TickState(ExecutionState):
+    ticks: list[float] = []
+
+
+def ticking_workflow(cooldown: float) -> type[Workflow]:
+    wid = uid("tick")
+
+    class Ticking(Workflow, id=wid, state=TickState):
+        # Its condition stays true: only the end of its cooldown makes it fire again.
+        @rule(
+            watch_kv=True, when=lambda ctx: len(ctx.state.ticks) < 3, mutate=True, cooldown=cooldown
         )
-        clock.advance(0.2)
-        st = await engine.wait_for(flow, "far", timeout=WAIT)
+        def tick(self, ctx: RuleContext[TickState, None]) -> None:
+            ctx.state.ticks.append(ctx.now)
+
+    return Ticking
+
+
+async def test_the_end_of_a_cooldown_wakes_the_rule_it_held(nats_url: str, nc: Client) -> None:
+    flow = ticking_workflow(cooldown=0.5)
+    async with engine_on(nats_url, [flow]) as engine:
+        await engine.start_execution(flow, "c1", TickState())
+        st = await engine.wait_for(flow, "c1", lambda s: len(s.ticks) == 3, timeout=WAIT)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(st.ticks)]
+        assert all(g >= 0.5 for g in gaps), gaps
+        assert len(engine.timers) == 1  # the cooldown's end was a schedule in NATS
+
+
+async def test_a_timer_the_server_fires_early_waits_for_the_engines_clock(
+    nats_url: str, nc: Client
+) -> None:
+    flow = idle_workflow(timeout=1.0)
+    clock = SkippingClock()
+    clock.offset = -3600.0  # the engine's clock an hour behind the server's
+    async with engine_on(nats_url, [flow], clock=clock) as engine:
+        started = await engine.start_execution(flow, "e1", ExecutionState(phase="idle"))
+        assert started.deadline is not None
+        # For the server the deadline has long passed: it fires at once, and the engine
+        # hands it back until its own clock has come to the deadline.
+        st = await engine.wait_for(flow, "e1", timeout=WAIT)
         assert st.status is Status.TIMED_OUT
         assert st.completed_at is not None
-        assert st.completed_at.timestamp() == pytest.approx(started.deadline.timestamp(), abs=1e-5)
+        assert st.completed_at >= started.deadline
 
 
 async def test_timeout_while_engine_down_is_enforced_on_start(nats_url: str, nc: Client) -> None:

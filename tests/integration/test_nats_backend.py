@@ -10,6 +10,7 @@ a connection given by the caller, failing fast without a server).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from typing import Any, TypeVar, cast
@@ -88,6 +89,13 @@ class TestNatsBackend(BackendContract):
     ) -> None:
         info = await settled(cast(NatsBackend, backend), stream, durable)
         assert info.delivered.consumer_seq == deliveries
+
+    def wall(self, backend: Backend) -> float:
+        return time.time()
+
+    async def stored(self, backend: Backend, stream: str) -> int:
+        info = await cast(NatsBackend, backend).nc.jetstream().stream_info(stream)
+        return info.state.messages
 
 
 async def _stream_with(b: NatsBackend) -> tuple[str, str]:

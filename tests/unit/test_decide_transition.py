@@ -6,6 +6,7 @@ reads what it returns (the new state, its outbox, what to count, when to wake up
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from typing import Any
@@ -14,6 +15,7 @@ import msgspec
 import pytest
 
 from reactive import ExecutionState, RuleContext, Status, Workflow, rule
+from reactive.backends.base import schedule_headers
 from reactive.conditions import phase_is
 from reactive.dsl.context import new_context
 from reactive.dsl.state import Firing
@@ -212,7 +214,7 @@ def test_a_publish_async_rule_parks_the_execution_with_an_unguessable_task() -> 
     assert out.status is Status.WAITING and out.pending_rule_id == "work"
     assert out.pending_task_id.startswith("j1-work-7-") and len(out.pending_task_id) == 34
     assert out.task_deadline == utc(NOW + 30)
-    [msg] = out.outbox
+    msg, timer = out.outbox
     request = json.loads(msg.payload())
     assert request == {
         "payload": "p",
@@ -224,6 +226,67 @@ def test_a_publish_async_rule_parks_the_execution_with_an_unguessable_task() -> 
     assert msg.msg_id == "jobs:j1:7:0:work" and out.outbox_id == "jobs:j1:7"
     assert out.firings["work"].count == 1 and out.firings["work"].last_trigger == "r7"
     assert (out.timeline[-1].rule_id, out.timeline[-1].action) == ("work", "publish_async")
+    # The task's timeout is a schedule in the same outbox: published once the state is written.
+    assert timer.subject == "reactive.timer.at.jobs.task.JOBS.jobs.j1"
+    assert timer.headers == schedule_headers(NOW + 30, "reactive.timer.due.jobs.task.JOBS.jobs.j1")
+    assert float(timer.payload()) == NOW + 30
+    assert timer.msg_id == f"jobs:j1:7:task@{NOW + 30!r}"
+
+
+class Timed(Workflow, id="timed", state=Job, timeout="1h"):
+    @rule(watch_kv=True, when=phase_is("new"), mutate=True)
+    def begin(self, ctx: RuleContext[Job, None]) -> None:
+        ctx.state.phase = "begun"
+
+    @rule(watch_kv=True, when=phase_is("begun"), mutate=True)
+    def extend(self, ctx: RuleContext[Job, None]) -> None:
+        ctx.state.set_deadline(utc(ctx.now + 7200))
+        ctx.state.phase = "extended"
+
+    @rule(watch_kv=True, when=phase_is("extended"), mutate=True, cooldown="10s")
+    def tick(self, ctx: RuleContext[Job, None]) -> None:
+        ctx.state.iteration += 1
+
+    @rule(on_subject="timed.poke", state_key=lambda m: m["id"], mutate=True, cooldown="10s")
+    def poke(self, ctx: RuleContext[Job, dict[str, str]]) -> None:
+        ctx.state.iteration += 1
+
+
+def timers_of(st: Job) -> list[tuple[str, float]]:
+    """The timers in a state's outbox: (kind, time)."""
+    return [
+        (m.subject.split(".")[4], float(m.payload()))
+        for m in st.outbox
+        if m.subject.startswith("reactive.timer.at.")
+    ]
+
+
+def test_the_transitions_that_decide_a_time_schedule_it_in_their_outbox() -> None:
+    bound = bound_of(Timed)
+    d = bound.definition
+    st = Job(phase="new")
+    st.initialize("j1", "timed", NOW, d.timeout)
+
+    def fire(rule_id: str, st: Job, **kw: Any) -> Job:
+        r = d.rules_by_id[rule_id]
+        return apply_rule(bound, r, st, ctx_for(st), 7, "r7", "me", "cb", **kw).state
+
+    # Starting: the deadline. A later transition that leaves it alone schedules nothing.
+    assert timers_of(fire("begin", copy.deepcopy(st), started=True)) == [("deadline", NOW + 3600)]
+    begun = fire("begin", copy.deepcopy(st))
+    assert timers_of(begun) == [] and begun.outbox_id == ""
+    # Moving it schedules the new one (the same subject: it replaces the old).
+    assert timers_of(fire("extend", begun)) == [("deadline", NOW + 7200)]
+    # A rule evaluated on revisions, with a cooldown of its own: its end, when it fires.
+    ticked = fire("tick", Job(phase="extended", id="j1", status=Status.RUNNING))
+    assert timers_of(ticked) == [("cool-tick", NOW + 10)]
+    assert hold_until(d.rules_by_id["tick"], ticked.firings["tick"], "r8", NOW + 10) is None
+    # A rule on messages is not evaluated again when its cooldown ends: no timer.
+    assert timers_of(fire("poke", Job(phase="x", id="j1", status=Status.RUNNING))) == []
+    # A transition that ends the execution needs none.
+    ended = Job(phase="begun", id="j1", status=Status.RUNNING, deadline=utc(NOW + 1))
+    ended.fail("over")
+    assert timers_of(fire("extend", ended)) == []
 
 
 def test_a_completing_rule_ends_the_execution_with_its_events_counted_once_committed() -> None:

@@ -301,55 +301,34 @@ async def test_a_callback_for_a_task_replaced_elsewhere_is_stale_and_nothing_is_
         te.assert_not_published("asking.done")
 
 
-# --------------------------------------------------------------------------- far deadlines
+# --------------------------------------------------------------------------- waiting executions
 
 
 class Slow(AskOnce, id="slow", timeout="3h", task_timeout="2h"):
     pass
 
 
-async def test_deadlines_beyond_the_horizon_hold_no_timer_and_still_fire() -> None:
-    async with TestEngine(Slow, timer_horizon=600.0) as te:
+async def test_waiting_executions_hold_no_timer_in_the_engine_and_their_timers_still_fire() -> None:
+    async with TestEngine(Slow) as te:
         for i in range(50):
             await te.start(Slow, f"s{i}", Asked(question="?"))
         assert all(st.status is Status.WAITING for st in te.executions(Slow))
-        # 50 executions waiting two hours: the engine holds no timer for any of them.
-        assert len(te.engine.timers) <= 2  # the claim sweep and the bucket's replay
+        # 50 executions waiting hours: the engine holds no timer for any of them (its one
+        # timer is the claim sweep); their deadlines and task timeouts wait in the backend.
+        assert len(te.engine.timers) == 1
+        schedules = te.backend.peek_stream("REACTIVE_TIMERS", "reactive.timer.at.>")
+        assert sorted(subject.split(".")[4] for subject, _, _ in schedules) == sorted(
+            ["deadline", "task"] * 50
+        )
         await te.callback(Slow, "s0", Answer(answer="quick"))
         await te.advance(2 * 3600 + 1)
         states = {st.id: st for st in te.executions(Slow)}
         assert states["s0"].status is Status.RUNNING and states["s0"].answer == "quick"
         assert all(states[f"s{i}"].status is Status.FAILED for i in range(1, 50))
         assert all("no callback" in states[f"s{i}"].error for i in range(1, 50))
+        assert len(te.engine.timers) == 1
         # s0 still has its workflow deadline, an hour later.
         await te.advance(3600)
         assert te.state(Slow, "s0").status is Status.TIMED_OUT
-
-
-async def test_without_a_horizon_every_deadline_holds_a_timer() -> None:
-    async with TestEngine(Slow, timer_horizon=None) as te:
-        for i in range(5):
-            await te.start(Slow, f"s{i}", Asked(question="?"))
-        assert len(te.engine.timers) >= 5
-        await te.advance(2 * 3600 + 1)
-        assert all(st.status is Status.FAILED for st in te.executions(Slow))
-
-
-async def test_far_deadlines_replay_the_bucket_once_shortly_before_they_come() -> None:
-    async with TestEngine(Slow, timer_horizon=600.0) as te:
-        await te.start(Slow, "s1", Asked(question="?"))
-        replays = 0
-        restart = te.engine.triggers.restart_watch
-
-        def counting(bucket: str) -> None:
-            nonlocal replays
-            replays += 1
-            restart(bucket)
-
-        te.engine.triggers.restart_watch = counting  # type: ignore[method-assign]
-        await te.advance(2 * 3600 - 600)  # well before the task timeout: no replay yet
-        assert replays == 0
-        assert te.state(Slow, "s1").status is Status.WAITING
-        await te.advance(601)
-        assert replays == 1  # half a horizon before the deadline
-        assert te.state(Slow, "s1").status is Status.FAILED
+        # Every timer fired and, once evaluated, left the work queue.
+        assert te.backend.peek_stream("REACTIVE_TIMERS") == []

@@ -182,20 +182,22 @@ async def settle(backend: MemoryBackend, *engines: Engine, timeout: float = 10.0
 async def advance(
     clock: ManualClock, backend: MemoryBackend, engines: list[Engine], seconds: float
 ) -> None:
-    """Move the clock, stopping at each engine timer due in between, and settle."""
+    """Move the clock, stopping at each timer due in between (the backend's schedules and
+    each engine's own), and settle."""
     target = clock.now() + seconds
+
+    def next_due() -> float:
+        dues = [e.timers.next_due() for e in engines] + [backend.next_schedule()]
+        return min((d for d in dues if d is not None), default=target)
+
     while True:
-        dues = [d for e in engines if (d := e.timers.next_due()) is not None and d < target]
-        if not dues:
+        due = next_due()
+        if due >= target:
             break
-        due = min(dues)
         if due > clock.now():
             clock.advance(due - clock.now())
         await settle(backend, *engines)
-        if (
-            min((d for e in engines if (d := e.timers.next_due()) is not None), default=target)
-            <= clock.now()
-        ):
+        if next_due() <= clock.now():
             break
     clock.advance(max(target - clock.now(), 0.0))
     await settle(backend, *engines)
@@ -1254,6 +1256,44 @@ async def test_claimed_publish_of_a_dead_engine_is_delivered_by_another_after_th
         assert [msgspec.json.decode(p.data) for p in outs] == [{"rev": rev}]
         await advance(clock, backend, [b], 60)
         assert len([p for p in backend.published if p.subject == "announce.out"]) == 1
+
+
+async def test_a_revision_held_by_a_dead_engines_claim_fires_once_the_grace_is_over() -> None:
+    clock = ManualClock()
+    backend = FaultyBackend(clock)
+    a = Engine(backend, [Announce], clock=clock, instance_id="a", outbox_grace=5.0, workers=2)
+    died = anyio.Event()
+
+    async def die(_: str) -> None:
+        died.set()
+        await kill(a)
+
+    backend.before_publish["announce.out"] = die
+    await a.start()
+    await settle(backend, a)
+    first = await backend.kv_put(
+        "ANNOUNCE", "announce.e1", msgspec.json.encode(running("e1", "announce"))
+    )
+    with anyio.fail_after(5):
+        await died.wait()
+    await a.stop()
+    backend.before_publish.clear()
+
+    async with Engine(
+        backend, [Announce], clock=clock, instance_id="b", outbox_grace=5.0, workers=2
+    ) as b:
+        await settle(backend, b)
+        # A new revision while a's claim is in its grace: the rule waits for it, and
+        # a timer in the backend (not in b) brings the key back once the grace is over.
+        second = await backend.kv_put(
+            "ANNOUNCE", "announce.e1", msgspec.json.encode(running("e1", "announce"))
+        )
+        await settle(backend, b)
+        assert [p for p in backend.published if p.subject == "announce.out"] == []
+        assert backend.next_schedule() == pytest.approx(clock.now() + 5.0, abs=0.5)
+        await advance(clock, backend, [b], 5)
+        outs = [p for p in backend.published if p.subject == "announce.out"]
+        assert sorted(msgspec.json.decode(p.data)["rev"] for p in outs) == [first, second]
 
 
 async def test_request_of_an_engine_that_died_after_parking_goes_out_once_and_completes() -> None:

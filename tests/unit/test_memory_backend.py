@@ -19,8 +19,9 @@ from backend_contract import BackendContract
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reactive.backends.base import Backend, KVEntry
+from reactive.backends.base import Backend, KVEntry, schedule_headers
 from reactive.backends.memory import MemoryBackend, PublishedMessage
+from reactive.backends.memory._streams import schedule_time
 from reactive.clock import ManualClock
 from reactive.errors import ConflictError
 
@@ -87,6 +88,12 @@ class TestMemoryBackend(BackendContract):
         memory = cast(MemoryBackend, backend)
         cast(ManualClock, memory.clock).advance(3600)
         assert memory.idle()
+
+    def wall(self, backend: Backend) -> float:
+        return cast(MemoryBackend, backend).clock.now()
+
+    async def stored(self, backend: Backend, stream: str) -> int:
+        return len(cast(MemoryBackend, backend).peek_stream(stream))
 
 
 # ---------------------------------------------------------------------------
@@ -332,6 +339,79 @@ async def test_idle_tracks_undelivered_work() -> None:
         m = await recv(c)
         await m.ack()
         assert b.idle()
+
+
+# ---------------------------------------------------------------------------
+# Message schedules on the manual clock
+# ---------------------------------------------------------------------------
+
+
+async def timer_stream(b: MemoryBackend) -> None:
+    await b.ensure_stream("T", ["t.at.>", "t.due.>"], work_queue=True, schedules=True)
+
+
+async def test_a_schedule_fires_exactly_when_the_clock_reaches_it() -> None:
+    clock = ManualClock()
+    b = MemoryBackend(clock=clock)
+    await timer_stream(b)
+    at = clock.now() + 10
+    await b.publish("t.at.k", b"wake", headers=schedule_headers(at, "t.due.k"))
+    assert b.next_schedule() == at
+    async with b.consume("T", "timers", "t.due.>") as c, anyio.create_task_group() as tg:
+        got: list[bytes] = []
+
+        async def wait_one() -> None:
+            m = await c.__anext__()
+            got.append(m.data)
+            await m.ack()
+
+        tg.start_soon(wait_one)
+        await anyio.wait_all_tasks_blocked()
+        clock.advance(9.999)
+        await anyio.wait_all_tasks_blocked()
+        assert got == [] and b.idle()  # not yet: nothing is deliverable
+        clock.advance(0.001)
+        await anyio.wait_all_tasks_blocked()
+        assert got == [b"wake"]  # the waiting reader woke at the schedule's time
+    assert b.next_schedule() is None
+    assert b.peek_stream("T") == []
+
+
+async def test_next_schedule_follows_replacements_and_idle_sees_a_due_one() -> None:
+    clock = ManualClock()
+    b = MemoryBackend(clock=clock)
+    await timer_stream(b)
+    now = clock.now()
+    await b.publish("t.at.a", b"a", headers=schedule_headers(now + 30, "t.due.a"))
+    await b.publish("t.at.b", b"b", headers=schedule_headers(now + 20, "t.due.b"))
+    assert b.next_schedule() == now + 20
+    await b.publish("t.at.b", b"b2", headers=schedule_headers(now + 40, "t.due.b"))  # replaces
+    assert b.next_schedule() == now + 30
+    async with b.consume("T", "timers", "t.due.>") as c:
+        assert b.idle()
+        clock.advance(30)
+        assert not b.idle()  # due: it fires for the reader to take
+        assert (await recv(c)).data == b"a"
+        await nothing(c)
+        assert b.next_schedule() == now + 40
+        clock.advance(10)
+        m = await recv(c)
+        assert (m.subject, m.data) == ("t.due.b", b"b2")
+        assert dict(m.headers) == {"Nats-Scheduler": "t.at.b", "Nats-Schedule-Next": "purge"}
+
+
+@given(st.floats(min_value=1.0e9, max_value=4.0e9, allow_nan=False))
+def test_a_schedule_time_is_never_before_the_time_asked(at: float) -> None:
+    written = schedule_time(schedule_headers(at, "t.due.k")["Nats-Schedule"])
+    assert written is not None
+    assert at <= written < at + 2e-6
+
+
+def test_schedule_times_are_read_as_rfc_3339() -> None:
+    assert schedule_time("@at 2026-01-01T00:00:01Z") == 1_767_225_601.0
+    assert schedule_time("@at 2026-01-01T01:00:01.5+01:00") == 1_767_225_601.5
+    for bad in ("@at 2026-13-01T00:00:00Z", "@every 5s", "2026-01-01T00:00:01Z", ""):
+        assert schedule_time(bad) is None
 
 
 # ---------------------------------------------------------------------------

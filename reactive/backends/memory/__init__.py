@@ -16,6 +16,12 @@ It keeps the semantics the runtime depends on (see /work/shared/NATS-NOTES.md):
 * Durable pull consumers persist across contexts, share messages between every open
   context, and redeliver on ``nak(delay)`` or after ``ack_wait`` — all measured on the
   injected clock, so a ``ManualClock`` drives redelivery deterministically.
+* A work-queue stream removes a message once it is acknowledged and refuses
+  durables with overlapping filters. A stream that allows message schedules
+  holds a message published with ``Nats-Schedule: @at <time>`` until the clock
+  gets there, then stores its target message (one schedule per subject, the later
+  replacing the earlier; a time that has passed fires at once), as nats-server
+  2.12+ does; ``next_schedule()`` says when the next one fires.
 
 The modules follow those concepts: ``_kv`` (buckets and watches), ``_streams``
 (streams and core subscriptions), ``_consumers`` (durable consumers), ``_queue``

@@ -3,7 +3,10 @@
 A durable persists across consume contexts and shares its messages between every
 open context; a message not acknowledged within ``ack_wait``, or nak'ed with a
 delay, is delivered again when the clock gets there, so a ``ManualClock`` drives
-redelivery deterministically.
+redelivery deterministically. So do message schedules: a consumer fires its stream's
+schedules that are due before it looks for messages, and a waiting reader wakes when
+the next one is due. On a work-queue stream an acknowledged (or terminated) message
+is removed.
 """
 
 from __future__ import annotations
@@ -89,17 +92,30 @@ class _Consumer:
         messages = self.stream.messages
         while self.next_index < len(messages):
             stored = messages[self.next_index]
-            if matches_pattern(stored.subject, self.filter_subject):
+            if not stored.removed and matches_pattern(stored.subject, self.filter_subject):
                 return stored
             self.next_index += 1
         return None
 
+    def next_wake(self) -> float | None:
+        """When something may become deliverable: the next redelivery or schedule."""
+        deadline = self.next_deadline()
+        if self.stream.schedule_heap:
+            due = self.stream.next_schedule()
+            if due is not None and (deadline is None or due < deadline):
+                return due
+        return deadline
+
     def has_deliverable(self, now: float) -> bool:
+        if self.stream.schedule_heap:
+            self.stream.fire_due(now)
         deadline = self.next_deadline()
         return (deadline is not None and deadline <= now) or self._peek_new() is not None
 
     def take(self, now: float) -> _ConsumerMessage | None:
         """Hand out the next deliverable message: due redeliveries first, then new ones."""
+        if self.stream.schedule_heap:
+            self.stream.fire_due(now)
         deadline = self.next_deadline()
         if deadline is not None and deadline <= now:
             _, seq, _ = heapq.heappop(self.timers)
@@ -123,7 +139,8 @@ class _Consumer:
     def ack(self, seq: int) -> None:
         # No wake-up needed: an ack never makes anything deliverable, and a reader
         # sleeping until this message's old deadline just wakes and re-checks.
-        self.pending.pop(seq, None)
+        if self.pending.pop(seq, None) is not None and self.stream.work_queue:
+            self.stream.remove(seq)
 
     def term(self, seq: int) -> None:
         self.ack(seq)
@@ -213,12 +230,12 @@ class _ConsumerReader:
             msg = consumer.take(clock.now())
             if msg is not None:
                 return msg
-            deadline = consumer.next_deadline()
+            deadline = consumer.next_wake()
             if deadline is None:
                 await woken.wait()
                 continue
             # Wait for whichever comes first: a change to the consumer (new message,
-            # nak, ack, close) or the clock reaching the next redelivery deadline.
+            # nak, ack, close) or the clock reaching the next redelivery or schedule.
             async with anyio.create_task_group() as tg:
 
                 async def timer(deadline: float = deadline) -> None:

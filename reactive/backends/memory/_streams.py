@@ -1,19 +1,34 @@
 """Streams and core subscriptions in memory.
 
 A stream stores what its subjects capture, deduplicated by message id within a
-window of clock time. Core subscriptions are at-most-once: a message reaches the
-subscribers there are when it is published, and one member of each queue group.
+window of clock time. A work-queue stream removes a message once it is
+acknowledged. A stream that allows message schedules holds a message published
+with ``Nats-Schedule: @at <time>`` until the clock reaches that time, then stores
+its target message (one pending schedule per subject: a later one replaces it; a
+time that has passed fires at once). Core subscriptions are at-most-once: a
+message reaches the subscribers there are when it is published, and one member
+of each queue group.
 """
 
 from __future__ import annotations
 
+import calendar
 import functools
+import heapq
+import re
 from collections import deque
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from reactive.backends.base import InboundMessage
+from reactive.backends.base import (
+    SCHEDULE_HEADER,
+    SCHEDULE_TARGET_HEADER,
+    SCHEDULER_HEADER,
+    InboundMessage,
+)
 from reactive.backends.memory._queue import _Queue
+from reactive.errors import BackendError
 from reactive.subjects import MAX_SUBJECT_LENGTH, matches_pattern, preview, validate_subject
 
 if TYPE_CHECKING:
@@ -29,7 +44,7 @@ __all__ = [
 
 
 class _StoredMessage:
-    __slots__ = ("data", "headers", "sequence", "subject")
+    __slots__ = ("data", "headers", "removed", "sequence", "subject")
 
     def __init__(
         self, sequence: int, subject: str, data: bytes, headers: Mapping[str, str]
@@ -38,23 +53,170 @@ class _StoredMessage:
         self.subject = subject
         self.data = data
         self.headers = headers
+        self.removed = False  # acknowledged from a work queue, or a schedule fired or replaced
+
+
+_CAPTURED_MAX = 4096
+
+# What nats-server 2.15 answers, as the reasons of the errors raised here.
+_SCHEDULES_DISABLED = "message schedules is disabled (10188)"
+_SCHEDULE_PATTERN_INVALID = "message schedules pattern is invalid (10189)"
+_SCHEDULE_TARGET_INVALID = "message schedules target is invalid (10190)"
+# Not copied from a schedule to the message it stores.
+_SCHEDULE_ONLY = frozenset({SCHEDULE_HEADER, SCHEDULE_TARGET_HEADER, "Nats-Msg-Id"})
+_AT_RE = re.compile(
+    r"@at (\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(Z|[+-]\d{2}:\d{2})"
+)
+
+
+def schedule_time(pattern: str) -> float | None:
+    """The time (seconds since the epoch) of an ``@at <RFC 3339>`` schedule, or None if
+    ``pattern`` is not one. Whole microseconds, as ``schedule_headers`` writes them (the
+    server keeps nanoseconds; no schedule the engine writes has more)."""
+    found = _AT_RE.fullmatch(pattern)
+    if found is None:
+        return None
+    year, month, day, hour, minute, second, fraction, zone = found.groups()
+    try:
+        seconds = calendar.timegm(
+            (int(year), int(month), int(day), int(hour), int(minute), int(second))
+        )
+    except ValueError:
+        return None
+    if zone != "Z":
+        offset = int(zone[1:3]) * 3600 + int(zone[4:6]) * 60
+        seconds -= offset if zone[0] == "+" else -offset
+    micros = int((fraction or "").ljust(6, "0")[:6])
+    return (seconds * 1_000_000 + micros) / 1_000_000
+
+
+class _Schedule:
+    """A schedule held by a stream: its message, when it fires, and its target subject."""
+
+    __slots__ = ("at", "stored", "target")
+
+    def __init__(self, at: float, stored: _StoredMessage, target: str) -> None:
+        self.at = at
+        self.stored = stored
+        self.target = target
+
+    def __lt__(self, other: _Schedule) -> bool:
+        return (self.at, self.stored.sequence) < (other.at, other.stored.sequence)
 
 
 class _Stream:
-    __slots__ = ("consumers", "dedupe", "dedupe_order", "messages", "name", "subjects")
+    __slots__ = (
+        "_captured",
+        "consumers",
+        "dedupe",
+        "dedupe_order",
+        "messages",
+        "name",
+        "schedule_heap",
+        "scheduled",
+        "schedules",
+        "subjects",
+        "work_queue",
+    )
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, work_queue: bool = False, schedules: bool = False) -> None:
         self.name = name
         self.subjects: list[str] = []
-        self.messages: list[_StoredMessage] = []  # messages[i].sequence == i + 1 (no limits)
+        # subject -> captured: every publish asks every stream (cleared when subjects change)
+        self._captured: dict[str, bool] = {}
+        # messages[i].sequence == i + 1; a removed message stays, marked removed.
+        self.messages: list[_StoredMessage] = []
         # msg_id -> clock time it was stored, plus the same in insertion order so that
         # expired ids are dropped from the front in amortised O(1).
         self.dedupe: dict[str, float] = {}
         self.dedupe_order: deque[tuple[float, str]] = deque()
         self.consumers: list[_Consumer] = []
+        self.work_queue = work_queue
+        self.schedules = schedules
+        # The pending schedule of each schedule subject, and all of them earliest first
+        # (entries of replaced schedules are skipped when they come up).
+        self.scheduled: dict[str, _Schedule] = {}
+        self.schedule_heap: list[_Schedule] = []
 
     def captures(self, subject: str) -> bool:
-        return any(matches_pattern(subject, s) for s in self.subjects)
+        captured = self._captured.get(subject)
+        if captured is None:
+            captured = any(matches_pattern(subject, s) for s in self.subjects)
+            if len(self._captured) >= _CAPTURED_MAX:
+                self._captured.clear()
+            self._captured[subject] = captured
+        return captured
+
+    def add_subject(self, subject: str) -> None:
+        if subject not in self.subjects:
+            self.subjects.append(subject)
+            self._captured.clear()
+
+    def store(self, subject: str, data: bytes, headers: Mapping[str, str]) -> _StoredMessage:
+        stored = _StoredMessage(len(self.messages) + 1, subject, data, headers)
+        self.messages.append(stored)
+        for consumer in self.consumers:
+            consumer.signal.fire()
+        return stored
+
+    def remove(self, sequence: int) -> None:
+        self.messages[sequence - 1].removed = True
+
+    # -- message schedules ----------------------------------------------------
+
+    def check_schedule(self, headers: Mapping[str, str]) -> tuple[float, str]:
+        """When a schedule published with ``headers`` fires, and its target; or the
+        BackendError the server answers with."""
+        if not self.schedules:
+            raise BackendError(f"stream {self.name}: {_SCHEDULES_DISABLED}")
+        at = schedule_time(headers[SCHEDULE_HEADER])
+        if at is None:
+            raise BackendError(
+                f"stream {self.name}: {_SCHEDULE_PATTERN_INVALID}: "
+                f"{headers[SCHEDULE_HEADER]!r} (the in-memory backend knows '@at <RFC 3339>')"
+            )
+        target = headers.get(SCHEDULE_TARGET_HEADER, "")
+        if (
+            validate_subject(target, wildcards=False) is not None
+            or len(target) > MAX_SUBJECT_LENGTH
+            or not self.captures(target)
+        ):
+            raise BackendError(f"stream {self.name}: {_SCHEDULE_TARGET_INVALID}: {target!r}")
+        return at, target
+
+    def schedule(self, stored: _StoredMessage, at: float, target: str) -> None:
+        """Hold ``stored`` (just stored) as the schedule of its subject, replacing the one before."""
+        old = self.scheduled.get(stored.subject)
+        if old is not None:
+            old.stored.removed = True
+        entry = self.scheduled[stored.subject] = _Schedule(at, stored, target)
+        heapq.heappush(self.schedule_heap, entry)
+
+    def next_schedule(self) -> float | None:
+        """When the earliest pending schedule fires (None: none is pending)."""
+        heap = self.schedule_heap
+        while heap:
+            first = heap[0]
+            if self.scheduled.get(first.stored.subject) is first:
+                return first.at
+            heapq.heappop(heap)
+        return None
+
+    def fire_due(self, now: float) -> None:
+        """Store the target message of every schedule whose time has come, and drop the schedule."""
+        heap = self.schedule_heap
+        while heap and heap[0].at <= now:
+            entry = heapq.heappop(heap)
+            subject = entry.stored.subject
+            if self.scheduled.get(subject) is not entry:
+                continue  # replaced
+            del self.scheduled[subject]
+            entry.stored.removed = True
+            headers = {k: v for k, v in entry.stored.headers.items() if k not in _SCHEDULE_ONLY}
+            headers[SCHEDULER_HEADER] = subject
+            headers["Nats-Schedule-Next"] = "purge"
+            self.store(entry.target, entry.stored.data, MappingProxyType(headers))
 
     def is_duplicate(self, msg_id: str, now: float, window: float) -> bool:
         order, dedupe = self.dedupe_order, self.dedupe

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from reactive.backends.base import InboundMessage, KVEntry
+from reactive.backends.base import SCHEDULE_HEADER, InboundMessage, KVEntry
 from reactive.backends.memory._consumers import _Consumer, _ConsumerReader
 from reactive.backends.memory._kv import (
     _EXPECTING,
@@ -29,13 +29,17 @@ from reactive.backends.memory._kv import (
 from reactive.backends.memory._streams import (
     _CoreMessage,
     _publish_subject_problem,
-    _StoredMessage,
     _Stream,
     _Subscription,
 )
 from reactive.clock import Clock, SystemClock
 from reactive.errors import BackendError, ConflictError, NotFoundError, PayloadTooLargeError
-from reactive.subjects import matches_pattern, validate_key_pattern, validate_subject
+from reactive.subjects import (
+    matches_pattern,
+    subjects_overlap,
+    validate_key_pattern,
+    validate_subject,
+)
 
 if TYPE_CHECKING:
     from reactive.backends.base import Backend
@@ -131,9 +135,9 @@ class MemoryBackend:
         """True when nothing is deliverable right now that its reader has not yet taken.
 
         Counts buffered watch entries, buffered subscription messages, and for every
-        durable consumer with at least one open context: new matching messages and
-        redeliveries already due on the clock. Redeliveries due in the future, and
-        consumers nobody is reading, do not count.
+        durable consumer with at least one open context: new matching messages, and
+        redeliveries and message schedules already due on the clock. What is due in
+        the future, and consumers nobody is reading, do not count.
         """
         for bucket in self._buckets.values():
             for watcher in bucket.watchers:
@@ -296,7 +300,14 @@ class MemoryBackend:
 
     # -- streams and publishing -------------------------------------------
 
-    async def ensure_stream(self, name: str, subjects: list[str]) -> None:
+    async def ensure_stream(
+        self,
+        name: str,
+        subjects: list[str],
+        *,
+        work_queue: bool = False,
+        schedules: bool = False,
+    ) -> None:
         _check_name(name, "stream")
         for subject in subjects:
             reason = validate_subject(subject)
@@ -304,10 +315,39 @@ class MemoryBackend:
                 raise ValueError(reason)
         stream = self._streams.get(name)
         if stream is None:
-            stream = self._streams[name] = _Stream(name)
+            stream = self._streams[name] = _Stream(name, work_queue=work_queue, schedules=schedules)
+        elif work_queue and not stream.work_queue:
+            raise BackendError(
+                f"stream {name} exists with limits retention; it must be a work queue: "
+                "delete it, or give the engine another stream name"
+            )
+        stream.schedules = stream.schedules or schedules
         for subject in subjects:
-            if subject not in stream.subjects:
-                stream.subjects.append(subject)
+            stream.add_subject(subject)
+
+    def next_schedule(self) -> float | None:
+        """When the earliest pending message schedule of any stream fires (None: none pending).
+
+        ``TestEngine.advance`` moves the clock from one to the next, as it does through
+        the engine's own timers."""
+        dues = [due for s in self._streams.values() if (due := s.next_schedule()) is not None]
+        return min(dues, default=None)
+
+    def peek_stream(
+        self, stream: str, subject: str = ">"
+    ) -> list[tuple[str, bytes, Mapping[str, str]]]:
+        """The messages a stream holds (subject, data, headers) on ``subject``, for test
+        assertions: neither removed (acknowledged from a work queue) nor fired schedules;
+        schedules due on the clock have fired."""
+        s = self._streams.get(stream)
+        if s is None:
+            raise NotFoundError(f"stream {stream!r} not found")
+        s.fire_due(self.clock.now())
+        return [
+            (m.subject, m.data, m.headers)
+            for m in s.messages
+            if not m.removed and matches_pattern(m.subject, subject)
+        ]
 
     async def publish(
         self,
@@ -337,19 +377,22 @@ class MemoryBackend:
         first_stream: str | None = None
         first_duplicate = False
         now = self.clock.now()
+        scheduling = bool(given) and SCHEDULE_HEADER in given
         for stream in self._streams.values():
             if not stream.captures(subject):
                 continue
+            if scheduling:
+                at, target = stream.check_schedule(given)
             duplicate = dedupe_id is not None and stream.is_duplicate(
                 dedupe_id, now, self.duplicate_window
             )
             if not duplicate:
-                stored = _StoredMessage(len(stream.messages) + 1, subject, data, delivered)
-                stream.messages.append(stored)
+                stored = stream.store(subject, data, delivered)
                 if dedupe_id is not None:
                     stream.remember(dedupe_id, now)
-                for consumer in stream.consumers:
-                    consumer.signal.fire()
+                if scheduling:
+                    stream.schedule(stored, at, target)
+                    stream.fire_due(now)  # (a time that has passed fires at once)
             if first_stream is None:
                 first_stream, first_duplicate = stream.name, duplicate
 
@@ -409,6 +452,14 @@ class MemoryBackend:
         if reason is not None:
             raise ValueError(reason)
         consumer = self._consumers.get((stream, durable))
+        if s.work_queue:
+            for other in s.consumers:
+                if other is not consumer and subjects_overlap(other.filter_subject, filter_subject):
+                    raise BackendError(
+                        f"consume {stream}/{durable}: filtered consumer not unique on workqueue "
+                        f"stream (10100): {filter_subject!r} overlaps {other.durable}'s "
+                        f"{other.filter_subject!r}"
+                    )
         if consumer is None:
             consumer = _Consumer(s, durable, filter_subject, ack_wait, self.clock)
             self._consumers[(stream, durable)] = consumer

@@ -21,6 +21,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js.api import RetentionPolicy
 from nats.js.kv import KeyValue
 
 from reactive.backends.base import InboundMessage, KVEntry
@@ -48,6 +49,7 @@ _TTL: Final = "Nats-TTL"
 REQUIRED_FEATURES: Final[tuple[tuple[tuple[int, int, int], str], ...]] = (
     ((2, 10, 0), "multi-filter consumers and subject transforms"),
     ((2, 11, 0), "per-message TTLs, for a workflow's retention= (ADR-43)"),
+    ((2, 12, 0), "message schedules, where deadlines and timeouts live (ADR-51)"),
 )
 MIN_SERVER_VERSION: Final = max(v for v, _ in REQUIRED_FEATURES)
 
@@ -387,28 +389,52 @@ class NatsBackend:
 
     # -- streams and publishing -------------------------------------------------
 
-    async def ensure_stream(self, name: str, subjects: list[str]) -> None:
+    async def ensure_stream(
+        self,
+        name: str,
+        subjects: list[str],
+        *,
+        work_queue: bool = False,
+        schedules: bool = False,
+    ) -> None:
         js = self._conn.jetstream()
+        retention = RetentionPolicy.WORK_QUEUE if work_queue else RetentionPolicy.LIMITS
         with _mapped(f"ensure stream {name}"):
             try:
                 info = await js.stream_info(name)
             except nats.js.errors.NotFoundError:
                 try:
-                    await js.add_stream(
-                        name=name, subjects=list(subjects), num_replicas=self._replicas
+                    info = await js.add_stream(
+                        name=name,
+                        subjects=list(subjects),
+                        num_replicas=self._replicas,
+                        retention=retention,
+                        # (None: not sent, so a stream without schedules asks nothing new)
+                        allow_msg_schedules=True if schedules else None,
                     )
-                    info = None
                 except nats.js.errors.APIError as exc:
                     if exc.err_code != _STREAM_NAME_IN_USE:
                         raise
                     info = await js.stream_info(name)  # created meanwhile by someone else
-            if info is not None:
-                existing = list(info.config.subjects or [])
-                missing = [s for s in subjects if s not in existing]
-                if missing:
-                    config = info.config
-                    config.subjects = existing + missing
-                    await js.update_stream(config)
+            config = info.config
+            if work_queue and config.retention != RetentionPolicy.WORK_QUEUE:
+                raise BackendError(
+                    f"stream {name} exists with {RetentionPolicy(config.retention).value} retention; it "
+                    "must be a work queue: delete it, or give the engine another stream name"
+                )
+            existing = list(config.subjects or [])
+            missing = [s for s in subjects if s not in existing]
+            if missing or (schedules and not config.allow_msg_schedules):
+                config.subjects = existing + missing
+                if schedules:
+                    config.allow_msg_schedules = True
+                config = (await js.update_stream(config)).config
+        if schedules and not config.allow_msg_schedules:
+            # A server before 2.12 ignores the field it does not know.
+            raise BackendError(
+                f"stream {name}: the server does not keep message schedules "
+                "(nats-server 2.12 or later is needed)"
+            )
         self._invalidate_stream_cache(subjects)
 
     def _invalidate_stream_cache(self, patterns: list[str]) -> None:
