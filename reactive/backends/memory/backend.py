@@ -26,6 +26,11 @@ from reactive.backends.memory._kv import (
     _expires_at,
     _Watcher,
 )
+from reactive.backends.memory._partitioned import (
+    _PartitionedBuckets,
+    _PartitionReader,
+    _PartitionSet,
+)
 from reactive.backends.memory._streams import (
     _CoreMessage,
     _publish_subject_problem,
@@ -70,8 +75,11 @@ def _check_name(name: str, what: str) -> None:
         raise ValueError(f"invalid {what} name {name!r}")
 
 
-class MemoryBackend:
-    """The ``Backend`` protocol in process, with NATS JetStream semantics."""
+class MemoryBackend(_PartitionedBuckets):
+    """The ``Backend`` protocol in process, with NATS JetStream semantics.
+
+    (Partitioned buckets are in ``_partitioned``.)
+    """
 
     def __init__(
         self,
@@ -92,6 +100,8 @@ class MemoryBackend:
         self._round_robin: dict[str, int] = {}  # queue group -> deliveries so far
         self._consumers: dict[tuple[str, str], _Consumer] = {}
         self._readers: set[_ConsumerReader] = set()
+        self._partition_sets: dict[str, _PartitionSet] = {}
+        self._partition_readers: set[_PartitionReader] = set()
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -111,6 +121,7 @@ class MemoryBackend:
             reader.closed = True
         for consumer in self._consumers.values():
             consumer.signal.fire()
+        self._close_partitions()
 
     def _check_size(self, op: str, data: bytes, headers: Mapping[str, str]) -> None:
         """Refuse what NATS would: more than ``max_payload`` bytes, headers included."""
@@ -146,7 +157,7 @@ class MemoryBackend:
         for consumer in self._consumers.values():
             if consumer.readers and consumer.has_deliverable(now):
                 return False
-        return True
+        return self._partitions_idle(now)
 
     # -- KV ----------------------------------------------------------------
 

@@ -28,6 +28,8 @@ from reactive.backends.nats._connection import _Backoff, _Connection
 from reactive.backends.nats._core_subscriber import _CoreIterator
 from reactive.backends.nats._errors import _check_key, _check_size, _check_subject, _mapped
 from reactive.backends.nats._kv_watch import _KVWatch, _list_keys, _to_entry
+from reactive.backends.nats._partition_puller import _PartitionPuller
+from reactive.backends.nats._partitioned import _PartitionedBuckets
 from reactive.backends.nats._pull_consumer import _PullConsumer
 from reactive.backends.nats._replies import _Replies
 from reactive.errors import BackendError, ConflictError, ServerFeatureError, TransientBackendError
@@ -86,7 +88,7 @@ def _subjects_overlap(a: str, b: str) -> bool:
     return _subject_matches(a, b) or _subject_matches(b, a)
 
 
-class NatsBackend:
+class NatsBackend(_PartitionedBuckets):
     """The :class:`~reactive.backends.base.Backend` on NATS JetStream.
 
     ``connect_options`` go to :func:`nats.connect` (``user``, ``password``,
@@ -136,7 +138,7 @@ class NatsBackend:
         self._kv_locks: dict[str, asyncio.Lock] = {}
         # subject -> (stream name or None, expiry on the monotonic clock)
         self._stream_cache: dict[str, tuple[str | None, float]] = {}
-        self._open: set[_KVWatch | _PullConsumer | Subscription] = set()
+        self._open: set[_KVWatch | _PullConsumer | _PartitionPuller | Subscription] = set()
         self._replies: _Replies | None = None
         self._replies_lock = asyncio.Lock()
 
