@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 import anyio
 import nats
 import pytest
-from partition_contract import PIN_TIMEOUT, Member, N, keys_per_partition, uid, wait_for
+from partition_contract import Member, N, keys_per_partition, uid, wait_for
 
 from reactive.backends.nats import NatsBackend
 from reactive.backends.partitions import (
@@ -40,10 +40,13 @@ async def api(b: NatsBackend, subject: str, body: object = None) -> dict[str, ob
     return dict(json.loads(reply.data))
 
 
+PIN_TIMEOUT = 1.0  # (short: a member that dies loses its partitions after it)
+
+
 async def partitioned(b: NatsBackend, **options: float) -> str:
     bucket = uid("pb")
     await b.ensure_bucket(bucket)
-    await b.ensure_partitioned(bucket, N, pin_timeout=PIN_TIMEOUT, **options)
+    await b.ensure_partitioned(bucket, N, **{"pin_timeout": PIN_TIMEOUT, **options})
     return bucket
 
 
@@ -247,3 +250,31 @@ async def test_processes_make_the_set_at_once_without_conflict(nats_url: str) ->
                 tg.start_soon(lambda be=backend: be.ensure_partitioned(bucket, N))
         info = await api(b, f"STREAM.INFO.{partitioned_stream(bucket)}")
         assert info["state"]["consumer_count"] == N + 1  # type: ignore[index]
+
+
+async def test_a_member_closing_hands_its_partitions_over_at_once(nats_url: str) -> None:
+    """Its context ends (by a cancellation here): it gives its pins up (UNPIN), so the
+    other takes them without waiting for a pin_timeout (an hour here)."""
+    async with NatsBackend(nats_url) as b, NatsBackend(nats_url) as other:
+        bucket = await partitioned(b, pin_timeout=3600.0)
+        warm = keys_per_partition(N, "warm")
+
+        async def write_all() -> None:
+            for keys in warm.values():
+                await b.kv_put(bucket, keys[0], b"w")
+
+        one, two = Member(b, bucket), Member(other, bucket)
+        async with running(one, two):
+
+            async def split() -> bool:
+                await write_all()
+                return len(one.held) == len(two.held) == N // 2
+
+            await wait_for(split)
+            two.scope.cancel()
+
+            async def all_mine() -> bool:
+                await write_all()
+                return one.held == set(range(N))
+
+            await wait_for(all_mine)

@@ -15,9 +15,9 @@ there too under their own subjects, ``<partition>.$KV.<bucket>.<key>``:
   it goes to the new holder now;
 * no answer by the pull's expiry and a grace: the pull is taken as lost and renewed.
 
-Balance: each pull cycle the task reads how many processes keep a pull waiting on the
-``members`` durable (the server's count; a process that disconnects or unsubscribes
-drops out of it at once), and gives up (UNPIN) the partitions it holds beyond
+Balance: every second (or pull expiry, if sooner) the task reads how many processes keep
+a pull waiting on the ``members`` durable (the server's count; a process that
+disconnects or unsubscribes drops out of it at once), and gives up (UNPIN) what it holds beyond
 ``ceil(partitions / members)``. A process at its share pulls on its own partitions
 only, so what it gave up goes to those below their share; one below it stands by on
 every partition it does not hold. Flow control: a partition is pulled again once
@@ -119,6 +119,8 @@ class _PartitionPuller(_Supervised):
         # The pinned process renews its pin with each pull: well within priority_timeout.
         self._expires = min(max(info.pin_timeout / 3, 0.05), 30.0)
         self._grace = max(1.0, self._expires)
+        # How often the members are counted (and a pull overdue, or due again, looked for).
+        self._every = min(self._expires, 1.0)
         self._batch = backend._fetch_batch
         self._low = self._batch // 2
         api = self._conn.jetstream()._prefix
@@ -144,6 +146,7 @@ class _PartitionPuller(_Supervised):
         self._inbox = ""
         self._cut = 0
         self._task: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
 
     # -- what the engine sees -------------------------------------------------------
@@ -209,7 +212,15 @@ class _PartitionPuller(_Supervised):
         self._presence_req = 0
 
     async def aclose(self) -> None:
-        """Stop pulling; hand back what was fetched and not handed out; give the pins up."""
+        """Stop pulling; hand back what was fetched and not handed out; give the pins up.
+
+        Once, whoever calls it (the context's end, the backend's close) and however often.
+        """
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         self._closed = True
         self._arrived.set()
         task, self._task = self._task, None
@@ -224,7 +235,8 @@ class _PartitionPuller(_Supervised):
         for msg in buffered:
             with contextlib.suppress(Exception):
                 await msg._msg.nak()
-        if held and not self._conn.closing:
+        nc = self._conn.nc
+        if held and nc is not None and nc.is_connected:  # (then the others need not wait)
             await asyncio.gather(*(self._unpin(p) for p in held), return_exceptions=True)
 
     # -- replies ----------------------------------------------------------------------
@@ -285,7 +297,7 @@ class _PartitionPuller(_Supervised):
         if status in ("503", "404") or "deleted" in description.lower():
             self._missing = True
         log.warning("%s: a pull on partition %d got %s %s", self._what, p, status, description)
-        self._cooloff[p] = asyncio.get_running_loop().time() + self._expires
+        self._cooloff[p] = asyncio.get_running_loop().time() + self._every
 
     async def _lose(self, p: int) -> None:
         """The pin of ``p`` is gone: what was fetched of it goes back, for its new holder."""
@@ -313,7 +325,7 @@ class _PartitionPuller(_Supervised):
                         await self._make_set_again()
                     await self._pull(loop.time())
                     if loop.time() >= self._next_balance:
-                        self._next_balance = loop.time() + self._expires
+                        self._next_balance = loop.time() + self._every
                         await self._balance()
                 except ConnectionLostError:
                     raise
@@ -322,7 +334,7 @@ class _PartitionPuller(_Supervised):
                     log.warning("%s; again in %.1fs", exc, delay)
                     await asyncio.sleep(delay)
                     continue
-                timeout = max(0.01, min(self._next_balance - loop.time(), self._expires))
+                timeout = max(0.01, min(self._next_balance - loop.time(), self._every))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
         except StopAsyncIteration:
@@ -390,7 +402,7 @@ class _PartitionPuller(_Supervised):
                 p,
             )
             await self._unpin(p)
-            self._cooloff[p] = asyncio.get_running_loop().time() + self._expires
+            self._cooloff[p] = asyncio.get_running_loop().time() + self._every
             await self._lose(p)
 
     async def _unpin(self, p: int) -> None:

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, cast
 
+import anyio
 import nats.js.errors
 
 from reactive.backends.base import PartitionedConsumer
@@ -180,4 +181,8 @@ class _PartitionedBuckets:
             yield puller
         finally:
             backend._open.discard(puller)
-            await puller.aclose()
+            # Even when the context ends by a cancellation: the partitions move at once,
+            # not after pin_timeout. (Bounded: the requests time out after ack_timeout.)
+            with anyio.CancelScope(shield=True) as scope:
+                scope.deadline = anyio.current_time() + 2 * backend._ack_timeout
+                await puller.aclose()
