@@ -160,6 +160,9 @@ class PartitionContract:
         for bad in (0, -1, 100_000):
             with pytest.raises(ValueError, match="partitions"):
                 await backend.ensure_partitioned(bucket, bad)
+        for timeouts in ({"ack_wait": 0.0}, {"pin_timeout": -1.0}):
+            with pytest.raises(ValueError, match="positive"):
+                await backend.ensure_partitioned(bucket, N, **timeouts)
         with pytest.raises(NotFoundError):
             await backend.ensure_partitioned(uid("missing"), N)
         other = uid("b")

@@ -232,12 +232,15 @@ class Backend(Protocol):
         Every open context (in this process or another) is a member; the server gives
         each partition to one member at a time (the others stand by) and a member
         holding more than its share (``ceil(partitions / members)``) gives the excess
-        up. A partition moves when its member closes its context (at once) or stops
-        asking (after ``pin_timeout``); its changes not acknowledged come again. While
-        a partition moves, the old member's unacknowledged changes may overlap the new
-        member's first ones: handle each change idempotently. Changes of one key come
-        in revision order; a revision overwritten before the server took it in comes
-        only as the newer one. ``ensure_partitioned`` first (NotFoundError otherwise;
+        up. A partition moves when its member's context ends (at once) or when its
+        member stops pulling (after ``pin_timeout``: it died, or did not read for that
+        long); what that member took and did not acknowledge comes to the next one
+        after ``ack_wait``. Around a move the old member's unacknowledged changes may
+        overlap the new member's first ones: handle each change idempotently.
+
+        A key's changes are first delivered in revision order; one overwritten before
+        the server took it in comes only as the newer revision (the bucket keeps one
+        revision per key). ``ensure_partitioned`` first (NotFoundError otherwise;
         PartitionCountError for another number of partitions).
         """
         ...

@@ -12,6 +12,7 @@ puts ``cb.wf.e3`` in the partition of the key ``wf.e3``).
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
 __all__ = [
@@ -52,6 +53,7 @@ def check_partitions(partitions: int) -> None:
         )
 
 
+@functools.lru_cache(maxsize=1 << 16)  # (a key's changes come again and again)
 def partition_of(key: str, partitions: int) -> int:
     """The partition of ``key`` among ``partitions``, as nats-server's ``{{partition()}}``
     places it: FNV-1a (32 bits) of the key's first 16 tokens concatenated, modulo

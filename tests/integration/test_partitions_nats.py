@@ -278,3 +278,15 @@ async def test_a_member_closing_hands_its_partitions_over_at_once(nats_url: str)
                 return one.held == set(range(N))
 
             await wait_for(all_mine)
+
+
+async def test_a_later_ensure_replaces_the_timeouts(nats_url: str) -> None:
+    async with NatsBackend(nats_url) as b:
+        bucket = await partitioned(b, ack_wait=30.0, pin_timeout=5.0)
+        await b.ensure_partitioned(bucket, N, ack_wait=7.0, pin_timeout=2.5)
+        for p in range(N):
+            config = (
+                await api(b, f"CONSUMER.INFO.{partitioned_stream(bucket)}.{consumer_name(p)}")
+            )["config"]
+            assert config["ack_wait"] == 7_000_000_000  # type: ignore[index]
+            assert config["priority_timeout"] == 2_500_000_000  # type: ignore[index]

@@ -16,9 +16,13 @@ It keeps the semantics the runtime depends on (see /work/shared/NATS-NOTES.md):
 * Durable pull consumers persist across contexts, share messages between every open
   context, and redeliver on ``nak(delay)`` or after ``ack_wait`` — all measured on the
   injected clock, so a ``ManualClock`` drives redelivery deterministically.
+* Partitioned buckets take every change into a durable per partition (placed as the
+  server's ``{{partition()}}`` places it); each partition is pinned to one open
+  ``consume_partitions`` context at a time, none holding more than its share.
 
 The modules follow those concepts: ``_kv`` (buckets and watches), ``_streams``
-(streams and core subscriptions), ``_consumers`` (durable consumers), ``_queue``
+(streams and core subscriptions), ``_consumers`` (durable consumers), ``_partitioned``
+(partitioned buckets), ``_queue``
 (the wake-ups and queues they share) and ``backend`` (``MemoryBackend``, which
 ties them together).
 """

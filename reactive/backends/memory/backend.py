@@ -142,9 +142,10 @@ class MemoryBackend(_PartitionedBuckets):
         """True when nothing is deliverable right now that its reader has not yet taken.
 
         Counts buffered watch entries, buffered subscription messages, and for every
-        durable consumer with at least one open context: new matching messages and
-        redeliveries already due on the clock. Redeliveries due in the future, and
-        consumers nobody is reading, do not count.
+        durable consumer with at least one open context, and for every partitioned
+        bucket with a member: new matching messages and redeliveries already due on the
+        clock. Redeliveries due in the future, and consumers nobody is reading, do not
+        count.
         """
         for bucket in self._buckets.values():
             for watcher in bucket.watchers:
