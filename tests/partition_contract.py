@@ -184,6 +184,9 @@ class PartitionContract:
             revisions[key] = await backend.kv_put(bucket, key, str(depth).encode())
         deep = ".".join(f"d20x{i}" for i in range(16)) + ".other"
         revisions[deep] = await backend.kv_put(bucket, deep, b"deep")
+        # The engine's writes: compare-and-set, and with a TTL (retention).
+        revisions["wf.created"] = await backend.kv_create(bucket, "wf.created", b"c")
+        revisions["wf.ttl"] = await backend.kv_put(bucket, "wf.ttl", b"t", ttl=3600)
         async with self.members(backend, bucket, 1) as (member,):
             await wait_for(lambda: len(member.got) == len(revisions))
             got = {m.entry.key: m for m in member.got}
@@ -204,9 +207,13 @@ class PartitionContract:
     async def test_each_change_of_a_key_comes_in_order_once_per_ack(self, backend: Backend) -> None:
         bucket = await self.partitioned(backend)
         async with self.members(backend, bucket, 1) as (member,):
-            revisions = []
-            for i in range(5):  # one at a time: each one is taken in before the next
-                revisions.append(await backend.kv_put(bucket, "wf.one", str(i).encode()))
+            # One at a time (each one taken in before the next), by compare-and-set.
+            revisions = [await backend.kv_create(bucket, "wf.one", b"0")]
+            await self._take(member, 1)
+            for i in range(1, 5):
+                revisions.append(
+                    await backend.kv_update(bucket, "wf.one", str(i).encode(), revisions[-1])
+                )
                 await self._take(member, i + 1)
             await backend.kv_delete(bucket, "wf.one")
             (*_, gone) = await self._take(member, 6)
