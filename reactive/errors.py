@@ -10,6 +10,7 @@ __all__ = [
     "DefinitionError",
     "InvalidExecutionId",
     "NotFoundError",
+    "PartitionCountError",
     "PayloadTooLargeError",
     "ReactiveError",
     "ServerFeatureError",
@@ -57,6 +58,10 @@ class ConflictError(BackendError):
 
 class NotFoundError(BackendError):
     """A bucket, key or stream that does not exist."""
+
+
+class PartitionCountError(BackendError):
+    """A bucket is partitioned already, into another number of partitions."""
 
 
 class PayloadTooLargeError(BackendError):

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 import pytest
+from partition_contract import PartitionContract
 
 from reactive.backends.base import (
     SCHEDULER_HEADER,
@@ -93,8 +94,9 @@ class _Members:
         return [[d for d in got if d != marker] for got in self.got]
 
 
-class BackendContract:
-    """The behaviour every backend shares. Subclasses provide:
+class BackendContract(PartitionContract):
+    """The behaviour every backend shares (partitioned buckets: ``PartitionContract``).
+    Subclasses provide:
 
     * a ``backend`` fixture: a started backend, closed after the test;
     * the hooks below.

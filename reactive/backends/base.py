@@ -24,6 +24,8 @@ __all__ = [
     "InboundMessage",
     "KVEntry",
     "Operation",
+    "PartitionedConsumer",
+    "PartitionedMessage",
     "schedule_headers",
 ]
 
@@ -103,6 +105,41 @@ class InboundMessage(Protocol):
         ...
 
     async def in_progress(self) -> None: ...
+
+
+class PartitionedMessage(InboundMessage, Protocol):
+    """A change of one key of a partitioned bucket, from the consumer of its partition.
+
+    Acknowledging it removes it for good: a process that starts later gets only the
+    changes not acknowledged yet.
+    """
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def entry(self) -> KVEntry:
+        """The change: key, value, KV revision and operation (``value`` is empty for a
+        delete or a purge)."""
+        ...
+
+
+class PartitionedConsumer(Protocol):
+    """The changes of the partitions this process holds, as they come."""
+
+    def __aiter__(self) -> AsyncIterator[PartitionedMessage]: ...
+
+    async def __anext__(self) -> PartitionedMessage: ...
+
+    @property
+    def held(self) -> frozenset[int]:
+        """The partitions this process holds now (for health and metrics)."""
+        ...
+
+    @property
+    def members(self) -> int:
+        """How many processes consume the partitions, as last counted."""
+        ...
 
 
 class Backend(Protocol):
@@ -209,5 +246,44 @@ class Backend(Protocol):
         """A durable consumer on ``stream``, shared by every process using the same ``durable`` name.
 
         The backend supervises the fetch loop and recreates it after a server restart.
+        """
+        ...
+
+    # -- partitioned buckets (reactive.backends.partitions) ---------------------------
+
+    async def ensure_partitioned(
+        self, bucket: str, partitions: int, *, ack_wait: float = 30.0, pin_timeout: float = 5.0
+    ) -> None:
+        """Partition the changes of ``bucket`` (which must exist) into ``partitions``.
+
+        Each change of a key goes to the partition
+        :func:`~reactive.backends.partitions.partition_of` names (a hash of the key's
+        first 16 tokens), and waits there until a consumer acknowledges it; a change not
+        acknowledged within ``ack_wait`` seconds comes again. The first call takes every
+        key's latest revision in; later changes follow. A process that holds a partition
+        and stops asking for more (it died) loses it after ``pin_timeout`` seconds.
+        Idempotent (the timeouts of a later call replace the earlier ones);
+        PartitionCountError where the bucket is partitioned into another number.
+        """
+        ...
+
+    def consume_partitions(
+        self, bucket: str, partitions: int
+    ) -> AbstractAsyncContextManager[PartitionedConsumer]:
+        """The changes of the partitions this process holds, for as long as the context is open.
+
+        Every open context (in this process or another) is a member; the server gives
+        each partition to one member at a time (the others stand by) and a member
+        holding more than its share (``ceil(partitions / members)``) gives the excess
+        up. A partition moves when its member's context ends (at once) or when its
+        member stops pulling (after ``pin_timeout``: it died, or did not read for that
+        long); what that member took and did not acknowledge comes to the next one
+        after ``ack_wait``. Around a move the old member's unacknowledged changes may
+        overlap the new member's first ones: handle each change idempotently.
+
+        A key's changes are first delivered in revision order; one overwritten before
+        the server took it in comes only as the newer revision (the bucket keeps one
+        revision per key). ``ensure_partitioned`` first (NotFoundError otherwise;
+        PartitionCountError for another number of partitions).
         """
         ...

@@ -70,7 +70,7 @@ def failure_hints(url: str, step: str, error: BaseException) -> list[str]:
     """What to check, for the failure that really happened (not a guess about JetStream)."""
     import nats.js.errors
 
-    from reactive.backends.nats.backend import MIN_SERVER_VERSION
+    from reactive.backends.nats._features import MIN_SERVER_VERSION
     from reactive.errors import ServerFeatureError
 
     cause = error.__cause__ or error

@@ -23,6 +23,7 @@ from nats.js.api import ConsumerInfo
 
 from reactive.backends.base import Backend, InboundMessage, KVEntry
 from reactive.backends.nats import NatsBackend
+from reactive.backends.partitions import partitioned_stream
 from reactive.backends.server import NatsServer, free_port
 from reactive.errors import BackendError, TransientBackendError
 
@@ -43,6 +44,14 @@ async def settled(b: NatsBackend, stream: str, durable: str) -> ConsumerInfo:
             await anyio.sleep(0.02)
             info = await js.consumer_info(stream, durable)
     return info
+
+
+async def eventually_empty(b: NatsBackend, stream: str) -> None:
+    """Wait until ``stream`` holds no message."""
+    js = b.nc.jetstream()
+    with anyio.fail_after(10):
+        while (await js.stream_info(stream)).state.messages:
+            await anyio.sleep(0.02)
 
 
 async def retry(fn: Callable[[], Awaitable[T]], timeout: float = 10.0) -> T:
@@ -96,6 +105,10 @@ class TestNatsBackend(BackendContract):
     async def stored(self, backend: Backend, stream: str) -> int:
         info = await cast(NatsBackend, backend).nc.jetstream().stream_info(stream)
         return info.state.messages
+
+    async def assert_partitions_done(self, backend: Backend, bucket: str) -> None:
+        # A work queue deletes what is acknowledged: an empty stream has nothing to give.
+        await eventually_empty(cast(NatsBackend, backend), partitioned_stream(bucket))
 
 
 async def _stream_with(b: NatsBackend) -> tuple[str, str]:

@@ -95,6 +95,14 @@ class TestMemoryBackend(BackendContract):
     async def stored(self, backend: Backend, stream: str) -> int:
         return len(cast(MemoryBackend, backend).peek_stream(stream))
 
+    async def assert_partitions_done(self, backend: Backend, bucket: str) -> None:
+        # Every change taken in was delivered and acknowledged: none is pending, none new.
+        # (The members' tasks may still be acknowledging: they are let run.)
+        target = cast(MemoryBackend, backend)._partition_sets[bucket]
+        with anyio.fail_after(5):
+            while any(c.pending or c._peek_new() is not None for c in target.consumers):
+                await anyio.sleep(0.01)
+
 
 # ---------------------------------------------------------------------------
 # KV

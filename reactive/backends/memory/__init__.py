@@ -22,9 +22,13 @@ It keeps the semantics the runtime depends on (see /work/shared/NATS-NOTES.md):
   gets there, then stores its target message (one schedule per subject, the later
   replacing the earlier; a time that has passed fires at once), as nats-server
   2.12+ does; ``next_schedule()`` says when the next one fires.
+* Partitioned buckets take every change into a durable per partition (placed as the
+  server's ``{{partition()}}`` places it); each partition is pinned to one open
+  ``consume_partitions`` context at a time, none holding more than its share.
 
 The modules follow those concepts: ``_kv`` (buckets and watches), ``_streams``
-(streams and core subscriptions), ``_consumers`` (durable consumers), ``_queue``
+(streams and core subscriptions), ``_consumers`` (durable consumers), ``_partitioned``
+(partitioned buckets), ``_queue``
 (the wake-ups and queues they share) and ``backend`` (``MemoryBackend``, which
 ties them together).
 """

@@ -39,6 +39,7 @@ __all__ = [
     "_StoredMessage",
     "_Stream",
     "_Subscription",
+    "_fan_out",
     "_publish_subject_problem",
 ]
 
@@ -273,3 +274,29 @@ def _publish_subject_problem(subject: str) -> str | None:
     if len(subject) > MAX_SUBJECT_LENGTH:
         return f"subject {preview(subject)} is longer than {MAX_SUBJECT_LENGTH} characters"
     return validate_subject(subject, wildcards=False)
+
+
+def _fan_out(
+    subscriptions: list[_Subscription],
+    round_robin: dict[str, int],
+    subject: str,
+    data: bytes,
+    headers: Mapping[str, str],
+) -> None:
+    """Core NATS delivery: every plain subscriber, one member per queue group (in turn)."""
+    groups: dict[str, list[_Subscription]] | None = None
+    for sub in subscriptions:
+        if not matches_pattern(subject, sub.pattern):
+            continue
+        if sub.queue_group is None:
+            sub.queue.put(_CoreMessage(subject, data, headers))
+        else:
+            if groups is None:
+                groups = {}
+            groups.setdefault(sub.queue_group, []).append(sub)
+    if groups is None:
+        return
+    for group, members in groups.items():
+        n = round_robin.get(group, 0)
+        round_robin[group] = n + 1
+        members[n % len(members)].queue.put(_CoreMessage(subject, data, headers))

@@ -26,8 +26,13 @@ from reactive.backends.memory._kv import (
     _expires_at,
     _Watcher,
 )
+from reactive.backends.memory._partitioned import (
+    _PartitionedBuckets,
+    _PartitionReader,
+    _PartitionSet,
+)
 from reactive.backends.memory._streams import (
-    _CoreMessage,
+    _fan_out,
     _publish_subject_problem,
     _Stream,
     _Subscription,
@@ -74,8 +79,11 @@ def _check_name(name: str, what: str) -> None:
         raise ValueError(f"invalid {what} name {name!r}")
 
 
-class MemoryBackend:
-    """The ``Backend`` protocol in process, with NATS JetStream semantics."""
+class MemoryBackend(_PartitionedBuckets):
+    """The ``Backend`` protocol in process, with NATS JetStream semantics.
+
+    (Partitioned buckets are in ``_partitioned``.)
+    """
 
     def __init__(
         self,
@@ -96,6 +104,8 @@ class MemoryBackend:
         self._round_robin: dict[str, int] = {}  # queue group -> deliveries so far
         self._consumers: dict[tuple[str, str], _Consumer] = {}
         self._readers: set[_ConsumerReader] = set()
+        self._partition_sets: dict[str, _PartitionSet] = {}
+        self._partition_readers: set[_PartitionReader] = set()
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -115,6 +125,7 @@ class MemoryBackend:
             reader.closed = True
         for consumer in self._consumers.values():
             consumer.signal.fire()
+        self._close_partitions()
 
     def _check_size(self, op: str, data: bytes, headers: Mapping[str, str]) -> None:
         """Refuse what NATS would: more than ``max_payload`` bytes, headers included."""
@@ -135,9 +146,10 @@ class MemoryBackend:
         """True when nothing is deliverable right now that its reader has not yet taken.
 
         Counts buffered watch entries, buffered subscription messages, and for every
-        durable consumer with at least one open context: new matching messages, and
-        redeliveries and message schedules already due on the clock. What is due in
-        the future, and consumers nobody is reading, do not count.
+        durable consumer with at least one open context, and for every partitioned
+        bucket with a member: new matching messages, and redeliveries and message
+        schedules already due on the clock. What is due in the future, and consumers
+        nobody is reading, do not count.
         """
         for bucket in self._buckets.values():
             for watcher in bucket.watchers:
@@ -150,7 +162,7 @@ class MemoryBackend:
         for consumer in self._consumers.values():
             if consumer.readers and consumer.has_deliverable(now):
                 return False
-        return True
+        return self._partitions_idle(now)
 
     # -- KV ----------------------------------------------------------------
 
@@ -400,26 +412,7 @@ class MemoryBackend:
             PublishedMessage(subject, data, given, msg_id, first_duplicate, first_stream)
         )
         if self._subscriptions:
-            self._fan_out(subject, data, delivered)
-
-    def _fan_out(self, subject: str, data: bytes, headers: Mapping[str, str]) -> None:
-        """Core NATS delivery: every plain subscriber, one member per queue group."""
-        groups: dict[str, list[_Subscription]] | None = None
-        for sub in self._subscriptions:
-            if not matches_pattern(subject, sub.pattern):
-                continue
-            if sub.queue_group is None:
-                sub.queue.put(_CoreMessage(subject, data, headers))
-            else:
-                if groups is None:
-                    groups = {}
-                groups.setdefault(sub.queue_group, []).append(sub)
-        if groups is None:
-            return
-        for group, members in groups.items():
-            n = self._round_robin.get(group, 0)
-            self._round_robin[group] = n + 1
-            members[n % len(members)].queue.put(_CoreMessage(subject, data, headers))
+            _fan_out(self._subscriptions, self._round_robin, subject, data, delivered)
 
     @asynccontextmanager
     async def subscribe(

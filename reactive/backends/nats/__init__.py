@@ -22,9 +22,11 @@ where that matters.
 One module per concern, as FastStream's ``faststream/nats/subscriber/usecases``:
 ``_errors`` (the translation above, and what is refused before the wire),
 ``_connection`` (connecting, failing fast, renewing a connection closed for good),
-``_replies`` (the reply inbox of JetStream requests), ``_supervised`` (what a watch
-and a pull consumer share), ``_kv_watch``, ``_pull_consumer``, ``_core_subscriber``
-(one per subscription kind) and ``backend`` (``NatsBackend``).
+``_replies`` (the reply inbox of JetStream requests), ``_jsapi`` (JetStream's JSON
+API, for what nats-py lacks), ``_supervised`` (what a watch and a pull consumer
+share), ``_kv_watch``, ``_pull_consumer``, ``_core_subscriber``, ``_partition_puller``
+(one per subscription kind), ``_partitioned`` (partitioned buckets: the stream and
+durables, and the context of a member) and ``backend`` (``NatsBackend``).
 """
 
 from __future__ import annotations

@@ -21,17 +21,20 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy
 from nats.js.kv import KeyValue
 
 from reactive.backends.base import InboundMessage, KVEntry
 from reactive.backends.nats._connection import _Backoff, _Connection
 from reactive.backends.nats._core_subscriber import _CoreIterator
 from reactive.backends.nats._errors import _check_key, _check_size, _check_subject, _mapped
+from reactive.backends.nats._features import check_server
 from reactive.backends.nats._kv_watch import _KVWatch, _list_keys, _to_entry
+from reactive.backends.nats._partition_puller import _PartitionPuller
+from reactive.backends.nats._partitioned import _PartitionedBuckets
 from reactive.backends.nats._pull_consumer import _PullConsumer
 from reactive.backends.nats._replies import _Replies
-from reactive.errors import BackendError, ConflictError, ServerFeatureError, TransientBackendError
+from reactive.backends.nats._streams import _ensure_stream
+from reactive.errors import BackendError, ConflictError, TransientBackendError
 
 if TYPE_CHECKING:
     from reactive.backends.base import Backend
@@ -44,14 +47,6 @@ _STREAM_NAME_IN_USE: Final = 10058
 _MSG_ID_HEADER: Final = "Nats-Msg-Id"
 _EXPECTED_LAST: Final = "Nats-Expected-Last-Subject-Sequence"
 _TTL: Final = "Nats-TTL"
-
-# What the engine uses of nats-server, by the version that brought it.
-REQUIRED_FEATURES: Final[tuple[tuple[tuple[int, int, int], str], ...]] = (
-    ((2, 10, 0), "multi-filter consumers and subject transforms"),
-    ((2, 11, 0), "per-message TTLs, for a workflow's retention= (ADR-43)"),
-    ((2, 12, 0), "message schedules, where deadlines and timeouts live (ADR-51)"),
-)
-MIN_SERVER_VERSION: Final = max(v for v, _ in REQUIRED_FEATURES)
 
 
 def _ttl_header(ttl: float) -> str:
@@ -88,7 +83,7 @@ def _subjects_overlap(a: str, b: str) -> bool:
     return _subject_matches(a, b) or _subject_matches(b, a)
 
 
-class NatsBackend:
+class NatsBackend(_PartitionedBuckets):
     """The :class:`~reactive.backends.base.Backend` on NATS JetStream.
 
     ``connect_options`` go to :func:`nats.connect` (``user``, ``password``,
@@ -138,32 +133,15 @@ class NatsBackend:
         self._kv_locks: dict[str, asyncio.Lock] = {}
         # subject -> (stream name or None, expiry on the monotonic clock)
         self._stream_cache: dict[str, tuple[str | None, float]] = {}
-        self._open: set[_KVWatch | _PullConsumer | Subscription] = set()
+        self._open: set[_KVWatch | _PullConsumer | _PartitionPuller | Subscription] = set()
         self._replies: _Replies | None = None
         self._replies_lock = asyncio.Lock()
 
     # -- connection -----------------------------------------------------------
 
     async def check_server(self) -> None:
-        """Refuse a server that lacks what the engine uses: JetStream, and the features of
-        REQUIRED_FEATURES (ServerFeatureError naming each, with the version that has it)."""
-        nc = self._conn.client()
-        info: dict[str, Any] = getattr(nc, "_server_info", None) or {}
-        if not info.get("jetstream"):
-            # (Transient: a server restarted with -js on the same URL heals it.)
-            raise TransientBackendError(
-                "JetStream is not enabled on the server (start nats-server with -js)"
-            )
-        found = nc.connected_server_version
-        have = (found.major, found.minor, found.patch)
-        missing = [
-            f"{what} (nats-server {v[0]}.{v[1]}+)" for v, what in REQUIRED_FEATURES if have < v
-        ]
-        if missing:
-            raise ServerFeatureError(
-                f"nats-server {have[0]}.{have[1]}.{have[2]} lacks what the engine uses: {'; '.join(missing)}; "
-                f"upgrade it to {'.'.join(map(str, MIN_SERVER_VERSION))} or later"
-            )
+        """Refuse a server that lacks what the engine uses (see ``_features``)."""
+        check_server(self._conn.client())
 
     @property
     def max_payload(self) -> int:
@@ -398,43 +376,7 @@ class NatsBackend:
         schedules: bool = False,
     ) -> None:
         js = self._conn.jetstream()
-        retention = RetentionPolicy.WORK_QUEUE if work_queue else RetentionPolicy.LIMITS
-        with _mapped(f"ensure stream {name}"):
-            try:
-                info = await js.stream_info(name)
-            except nats.js.errors.NotFoundError:
-                try:
-                    info = await js.add_stream(
-                        name=name,
-                        subjects=list(subjects),
-                        num_replicas=self._replicas,
-                        retention=retention,
-                        # (None: not sent, so a stream without schedules asks nothing new)
-                        allow_msg_schedules=True if schedules else None,
-                    )
-                except nats.js.errors.APIError as exc:
-                    if exc.err_code != _STREAM_NAME_IN_USE:
-                        raise
-                    info = await js.stream_info(name)  # created meanwhile by someone else
-            config = info.config
-            if work_queue and config.retention != RetentionPolicy.WORK_QUEUE:
-                raise BackendError(
-                    f"stream {name} exists with {RetentionPolicy(config.retention).value} retention; it "
-                    "must be a work queue: delete it, or give the engine another stream name"
-                )
-            existing = list(config.subjects or [])
-            missing = [s for s in subjects if s not in existing]
-            if missing or (schedules and not config.allow_msg_schedules):
-                config.subjects = existing + missing
-                if schedules:
-                    config.allow_msg_schedules = True
-                config = (await js.update_stream(config)).config
-        if schedules and not config.allow_msg_schedules:
-            # A server before 2.12 ignores the field it does not know.
-            raise BackendError(
-                f"stream {name}: the server does not keep message schedules "
-                "(nats-server 2.12 or later is needed)"
-            )
+        await _ensure_stream(js, name, subjects, self._replicas, work_queue, schedules)
         self._invalidate_stream_cache(subjects)
 
     def _invalidate_stream_cache(self, patterns: list[str]) -> None:

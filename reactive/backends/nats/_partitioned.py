@@ -1,0 +1,192 @@
+"""Partitioned buckets on NATS: a work-queue stream sourcing the bucket, one pinned durable
+per partition, and the messages they hand out.
+
+The server does the partitioning and the membership (orbit.go's ``pcgroups`` shape):
+
+* the stream ``KVPART_<bucket>`` (work-queue retention, no subjects of its own)
+  sources ``KV_<bucket>`` with one subject transform per key depth (1 to 16 tokens,
+  and one for deeper keys, hashed on their first 16): ``$KV.<bucket>.<key>`` ->
+  ``{{partition(n,1,...)}}.$KV.<bucket>.<key>``. A change is stored under its
+  partition's subject until it is acknowledged, then removed. (One source with 17
+  transforms, although its messages' ``Nats-Stream-Source`` header lists them all,
+  1.7 KB, where one source per depth would write 100 bytes: with several sources of
+  one stream, nats-server 2.15.1 lost messages of the work-queue stream once it
+  deleted what was acknowledged, in every try.)
+* one durable per partition (``p<n>``, filter ``<n>.>``) in the pinned-client
+  priority group ``engines`` (ADR-42): the server pins each partition to one of the
+  processes pulling on it; the others stand by, and take over when the pinned one
+  stops pulling for ``priority_timeout`` or gives the pin up (UNPIN);
+* the durable ``members`` (a filter nothing matches): every process keeps one pull
+  waiting on it, so its ``num_waiting`` counts the processes (the server drops the
+  pull of a process that disconnects or unsubscribes, at once).
+
+nats-py 2.16 has no priority groups: consumers are created, pulled and unpinned by
+JetStream's JSON API here (``_api``); the pulling is in ``_partition_puller``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import anyio
+import nats.js.errors
+
+from reactive.backends.base import PartitionedConsumer
+from reactive.backends.nats._jsapi import _api
+from reactive.backends.nats._partition_puller import _PartitionPuller, _SetInfo
+from reactive.backends.partitions import (
+    PRIORITY_GROUP,
+    check_partitions,
+    consumer_name,
+    partitioned_stream,
+    presence_consumer,
+    source_transforms,
+)
+from reactive.errors import BackendError, NotFoundError, PartitionCountError
+
+if TYPE_CHECKING:
+    from reactive.backends.nats.backend import NatsBackend
+
+__all__ = ["_PartitionedBuckets"]
+
+_STREAM_NAME_IN_USE: Final = 10058
+_NANOS: Final = 1_000_000_000
+_PARTITION_COUNT: Final = re.compile(r"\{\{\s*partition\(\s*(\d+)")
+
+
+def _partition_count(stream_info: dict[str, Any]) -> int | None:
+    """How many partitions an existing partitioned stream has (from its transforms)."""
+    for source in stream_info.get("config", {}).get("sources") or []:
+        for transform in source.get("subject_transforms") or []:
+            found = _PARTITION_COUNT.search(transform.get("dest", ""))
+            if found:
+                return int(found.group(1))
+    return None
+
+
+async def _set_info(backend: NatsBackend, bucket: str, partitions: int) -> _SetInfo:
+    """Check that ``bucket`` is partitioned into ``partitions``; read its consumers' timeouts."""
+    check_partitions(partitions)
+    stream = partitioned_stream(bucket)
+    try:
+        info = await _api(backend, f"STREAM.INFO.{stream}", None, f"partitions of {bucket}")
+    except NotFoundError:
+        raise NotFoundError(
+            f"bucket {bucket!r} is not partitioned (call ensure_partitioned first)"
+        ) from None
+    found = _partition_count(info)
+    if found != partitions:
+        raise PartitionCountError(
+            f"bucket {bucket!r} is partitioned into {found} partitions, not {partitions}"
+        )
+    first = await _api(
+        backend, f"CONSUMER.INFO.{stream}.{consumer_name(0)}", None, f"partitions of {bucket}"
+    )
+    config = first.get("config", {})
+    return _SetInfo(
+        partitions,
+        config.get("ack_wait", 30 * _NANOS) / _NANOS,
+        config.get("priority_timeout", 5 * _NANOS) / _NANOS,
+    )
+
+
+class _PartitionedBuckets:
+    """The partitioned-bucket part of ``NatsBackend`` (see the module's docstring)."""
+
+    async def ensure_partitioned(
+        self, bucket: str, partitions: int, *, ack_wait: float = 30.0, pin_timeout: float = 5.0
+    ) -> None:
+        backend = cast("NatsBackend", self)
+        check_partitions(partitions)
+        if ack_wait <= 0 or pin_timeout <= 0:
+            raise ValueError("ack_wait and pin_timeout must be positive")
+        kv = await backend._kv(bucket)  # (NotFoundError for a missing bucket)
+        stream = partitioned_stream(bucket)
+        what = f"partition {bucket}"
+        config = {
+            "name": stream,
+            "retention": "workqueue",
+            "storage": "file",
+            "num_replicas": backend._replicas,
+            "subjects": [],
+            "sources": [
+                {"name": kv._stream, "subject_transforms": source_transforms(bucket, partitions)}
+            ],
+        }
+        try:
+            await _api(backend, f"STREAM.CREATE.{stream}", config, what)
+        except BackendError as exc:
+            if not isinstance(exc.__cause__, nats.js.errors.APIError) or (
+                exc.__cause__.err_code != _STREAM_NAME_IN_USE
+            ):
+                raise
+            # It exists with another configuration: fine if it has this many partitions.
+            found = _partition_count(await _api(backend, f"STREAM.INFO.{stream}", None, what))
+            if found is None:
+                raise BackendError(
+                    f"{what}: a stream {stream} exists and is not a partitioned bucket's"
+                ) from None
+            if found != partitions:
+                raise PartitionCountError(
+                    f"bucket {bucket!r} is partitioned into {found} partitions, not {partitions}"
+                ) from None
+        consumers = [
+            {
+                "durable_name": consumer_name(p),
+                "filter_subject": f"{p}.>",
+                "ack_policy": "explicit",
+                "ack_wait": round(ack_wait * _NANOS),
+                "max_deliver": -1,
+                "deliver_policy": "all",
+                "priority_groups": [PRIORITY_GROUP],
+                "priority_policy": "pinned_client",
+                "priority_timeout": round(pin_timeout * _NANOS),
+            }
+            for p in range(partitions)
+        ]
+        consumers.append(
+            # (A work queue's consumers need explicit acks; this one delivers nothing.)
+            {
+                "durable_name": presence_consumer(),
+                "filter_subject": "members",
+                "ack_policy": "explicit",
+            }
+        )
+        await asyncio.gather(
+            *(
+                _api(
+                    backend,
+                    f"CONSUMER.CREATE.{stream}.{c['durable_name']}",
+                    {"stream_name": stream, "config": c},
+                    what,
+                )
+                for c in consumers
+            )
+        )
+
+    def consume_partitions(
+        self, bucket: str, partitions: int
+    ) -> AbstractAsyncContextManager[PartitionedConsumer]:
+        return self._consume_partitions(bucket, partitions)
+
+    @asynccontextmanager
+    async def _consume_partitions(
+        self, bucket: str, partitions: int
+    ) -> AsyncIterator[PartitionedConsumer]:
+        backend = cast("NatsBackend", self)
+        puller = _PartitionPuller(backend, bucket, await _set_info(backend, bucket, partitions))
+        await puller.open()
+        backend._open.add(puller)
+        try:
+            yield puller
+        finally:
+            backend._open.discard(puller)
+            # Even when the context ends by a cancellation: the partitions move at once,
+            # not after pin_timeout. (Bounded: the requests time out after ack_timeout.)
+            with anyio.CancelScope(shield=True) as scope:
+                scope.deadline = anyio.current_time() + 2 * backend._ack_timeout
+                await puller.aclose()
