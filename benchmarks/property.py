@@ -1,0 +1,392 @@
+"""Property-based tests of rule sets: where the time of ``workflow_machine(...)`` goes.
+
+    python benchmarks/property.py                       # 1,000 examples of each machine
+    python benchmarks/property.py --examples 200 --only saga
+    python benchmarks/property.py --out benchmarks/PROPERTY.md   # also write the report
+
+Each machine runs ``--examples`` examples (Hypothesis's other settings as
+``workflow_machine`` sets them; no database, nothing fails) of the machine of
+an example workflow: ``plan-review`` (examples/plan_review.py) and ``saga``
+(examples/order_saga.py). The time of the run is split into
+
+* **set-up**: building and closing the machine of each example (engine, backend, event loop);
+* **engine**: applying the steps (the engine processes each event and settles),
+  and the teardown's final rounds (the clock moved past every deadline);
+* **checks**: the invariants after every step and at teardown;
+* **draws**: Hypothesis drawing each step's rule and arguments (the strategies);
+* **Hypothesis**: everything else (its generation loop, statistics, the rest).
+
+The same run measures two baselines, so the ratios hold on a shared machine:
+Hypothesis's own cost (a machine whose one rule draws nothing and does
+nothing, the same number of examples and steps) and the engine's (the same
+workflow's happy path driven directly on a ``TestEngine``, one event loop, no
+Hypothesis: its time per transition). It prints the breakdown, the ratios,
+and how deep the runs went (rules fired, phases visited, how executions ended).
+No test under tests/ measures time; this is where these timings live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import hypothesis
+import msgspec
+from hypothesis import HealthCheck, settings
+from hypothesis.internal.conjecture.data import ConjectureData
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from reactive import Status  # noqa: E402
+from reactive.__main__ import load_example  # noqa: E402
+from reactive.testing import TestEngine  # noqa: E402
+from reactive.testing import strategies as rts  # noqa: E402
+
+pr = load_example(ROOT / "examples" / "plan_review.py")
+saga = load_example(ROOT / "examples" / "order_saga.py")
+
+
+# --------------------------------------------------------------------------- instrumentation
+
+
+@dataclass
+class Tally:
+    """Seconds per part, and what the run reached."""
+
+    setup: float = 0.0
+    engine: float = 0.0
+    checks: float = 0.0
+    draws: float = 0.0
+    total: float = 0.0
+    examples: int = 0
+    steps: int = 0
+    choices: int = 0
+    executions: collections.Counter[str] = field(default_factory=collections.Counter)
+    rules: collections.Counter[str] = field(default_factory=collections.Counter)
+    phases: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    @property
+    def hypothesis(self) -> float:
+        return max(0.0, self.total - self.setup - self.engine - self.checks - self.draws)
+
+
+class Meter:
+    """Times the parts by wrapping the machine's methods and Hypothesis's top-level draws."""
+
+    def __init__(self) -> None:
+        self.tally = Tally()
+        self._depth = 0
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self.tally, name, getattr(self.tally, name) + time.perf_counter() - t0)
+
+    def timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        meter = self
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with meter.part(name):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    @contextmanager
+    def draws(self) -> Iterator[None]:
+        """Time ConjectureData.draw at its outermost level (a draw inside a rule is the rule's)."""
+        original = ConjectureData.draw
+        meter = self
+
+        def draw(data: ConjectureData, *args: Any, **kwargs: Any) -> Any:
+            if meter._depth:
+                return original(data, *args, **kwargs)
+            meter._depth += 1
+            t0 = time.perf_counter()
+            try:
+                return original(data, *args, **kwargs)
+            finally:
+                meter.tally.draws += time.perf_counter() - t0
+                meter._depth -= 1
+
+        ConjectureData.draw = draw  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            ConjectureData.draw = original  # type: ignore[method-assign]
+
+
+def instrument(machine: type[Any], meter: Meter) -> type[Any]:
+    """A subclass of ``machine`` whose parts report to ``meter``."""
+    tally = meter.tally
+    base_init = machine.__init__
+    base_apply = machine.apply
+    base_invariants = machine.engine_invariants
+    base_teardown = machine.teardown
+    base_close = machine._close
+
+    class Measured(machine):  # type: ignore[misc,valid-type]
+        def __init__(self) -> None:
+            with meter.part("setup"):
+                base_init(self)
+            tally.examples += 1
+
+        def apply(self, event: Any) -> None:
+            tally.steps += 1
+            with meter.part("engine"):
+                base_apply(self, event)
+
+        @invariant()
+        def engine_invariants(self) -> None:
+            with meter.part("checks"):
+                base_invariants(self)
+
+        def teardown(self) -> None:
+            with meter.part("engine"):  # the final rounds and their checks
+                base_teardown(self)
+
+        def _close(self) -> None:
+            record(self, tally)
+            data = hypothesis.control.current_build_context().data
+            tally.choices += len(data.nodes)
+            t0 = time.perf_counter()
+            try:
+                base_close(self)
+            finally:
+                spent = time.perf_counter() - t0
+                tally.setup += spent
+                tally.engine -= spent  # (inside teardown)
+
+    Measured.__name__ = Measured.__qualname__ = machine.__name__
+    return Measured
+
+
+def record(machine: Any, tally: Tally) -> None:
+    """How the example's executions ended, which rules fired, which phases they went through."""
+    te = machine.te
+    for d in machine.definitions:
+        for key in te.backend.peek_keys(d.bucket, f"{d.id}.*"):
+            entry = te.backend.peek(d.bucket, key)
+            if entry is None:
+                continue
+            state = msgspec.json.decode(entry.value, type=d.state_type)
+            tally.executions[state.status.value] += 1
+            for e in state.timeline:
+                if e.rule_id in d.rules_by_id or e.action == "callback":
+                    tally.rules[e.rule_id if e.action != "callback" else e.rule_id + "*"] += 1
+                tally.phases[e.phase] += 1
+
+
+# --------------------------------------------------------------------------- the machines
+
+
+def machines() -> dict[str, tuple[type[Any], Any]]:
+    return {
+        "plan-review": (rts.workflow_machine(pr.PlanReview), pr.PlanReview),
+        "saga": (rts.workflow_machine(saga.OrderSaga), saga.OrderSaga),
+    }
+
+
+def run_settings(machine: type[Any], examples: int) -> settings:
+    base = getattr(machine.TestCase, "settings", None) or settings()
+    return settings(
+        base,
+        max_examples=examples,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+    )
+
+
+def measure(machine: type[Any], examples: int) -> Tally:
+    meter = Meter()
+    measured = instrument(machine, meter)
+    gc.collect()
+    t0 = time.perf_counter()
+    with meter.draws():
+        run_state_machine_as_test(measured, settings=run_settings(machine, examples))
+    meter.tally.total = time.perf_counter() - t0
+    return meter.tally
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+class Idle(RuleBasedStateMachine):
+    """Hypothesis's own cost: one rule that draws nothing, one invariant, nothing else."""
+
+    @rule()
+    def step(self) -> None:
+        pass
+
+    @invariant()
+    def holds(self) -> None:
+        pass
+
+
+def hypothesis_floor(examples: int, steps: int) -> float:
+    """Seconds for ``examples`` examples of ``steps`` steps of a machine that does nothing."""
+    t0 = time.perf_counter()
+    run_state_machine_as_test(
+        Idle,
+        settings=settings(
+            max_examples=examples,
+            stateful_step_count=steps,
+            database=None,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+        ),
+    )
+    return time.perf_counter() - t0
+
+
+async def _happy_paths(n: int) -> tuple[int, float]:
+    """The plan-review and saga happy paths on TestEngine, one event at a time: (transitions, s)."""
+    transitions = 0
+    t0 = time.perf_counter()
+    async with TestEngine(pr.PlanReview, saga.OrderSaga) as te:
+        for i in range(n):
+            await te.trigger_message(
+                pr.SUBMITTED, pr.PlanSubmitted(plan_id=f"p{i}", title="t", plan="p")
+            )
+            await te.callback(pr.PlanReview, f"p{i}", {"verdict": "approved"})
+            await te.trigger_message(
+                saga.PLACED,
+                saga.OrderPlaced(order_id=f"o{i}", sku="mug", quantity=1, amount_cents=100),
+            )
+            await te.callback(saga.OrderSaga, f"o{i}", {"reserved": True})
+            await te.callback(saga.OrderSaga, f"o{i}", {"approved": True})
+            await te.callback(saga.OrderSaga, f"o{i}", {"tracking": "t"})
+        elapsed = time.perf_counter() - t0
+        for wf in (pr.PlanReview, saga.OrderSaga):
+            for state in te.executions(wf):
+                assert state.status is Status.COMPLETED
+                transitions += len(state.timeline)
+    return transitions, elapsed
+
+
+def engine_floor(n: int) -> float:
+    """Seconds per transition of the engine alone (TestEngine, settling after each event)."""
+    transitions, elapsed = anyio.run(_happy_paths, n)
+    return elapsed / transitions
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine_info() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "reactive", "benchmarks"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        commit, dirty = "?", ""
+    return (
+        f"{os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}, "
+        f"Hypothesis {hypothesis.__version__}, msgspec {msgspec.__version__}; "
+        f"commit `{commit}`{' (with uncommitted changes)' if dirty else ' (clean)'}"
+    )
+
+
+def report(
+    results: dict[str, Tally],
+    examples: int,
+    hyp_floor: dict[str, float],
+    per_transition: float,
+    command: str,
+) -> str:
+    lines = [
+        f"`{command}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        f"- {machine_info()}",
+        f"- engine alone (happy paths on TestEngine, settling after each event): "
+        f"{per_transition * 1e6:.0f} µs per transition",
+        "",
+        "| machine | examples | total s | per example ms | set-up s | engine s | checks s "
+        "| draws s | Hypothesis s | steps/example | choices/example | x Hypothesis floor "
+        "| x engine floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, t in results.items():
+        steps = t.steps / max(1, t.examples)
+        transitions = sum(t.rules.values())
+        engine_alone = transitions * per_transition
+        lines.append(
+            f"| {name} | {t.examples} | {t.total:.1f} | {1000 * t.total / max(1, t.examples):.1f} "
+            f"| {t.setup:.1f} | {t.engine:.1f} | {t.checks:.1f} | {t.draws:.1f} "
+            f"| {t.hypothesis:.1f} | {steps:.1f} | {t.choices / max(1, t.examples):.0f} "
+            f"| {t.total / hyp_floor[name]:.1f} | {t.total / max(engine_alone, 1e-9):.1f} |"
+        )
+    lines += [
+        "",
+        "x Hypothesis floor: total / the same examples and steps of a machine that does nothing "
+        f"({', '.join(f'{k}: {v:.1f} s' for k, v in hyp_floor.items())}). x engine floor: total / "
+        "the engine alone making the run's transitions at the happy paths' cost per transition.",
+        "",
+        "| machine | executions | ended (share of executions) | completed | rules fired (callbacks *) "
+        "| phases visited |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, t in results.items():
+        n = sum(t.executions.values())
+        ended = ", ".join(f"{s} {100 * c / max(1, n):.0f} %" for s, c in t.executions.most_common())
+        lines.append(
+            f"| {name} | {n} | {ended} | {100 * t.executions['completed'] / max(1, n):.0f} % "
+            f"| {', '.join(f'{r} {c}' for r, c in sorted(t.rules.items()))} "
+            f"| {', '.join(sorted(p or '(none)' for p in t.phases))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", type=int, default=1000)
+    parser.add_argument("--only", choices=["plan-review", "saga"], action="append")
+    parser.add_argument("--out", help="append the report to this markdown file")
+    args = parser.parse_args()
+    command = "python benchmarks/property.py " + " ".join(sys.argv[1:])
+    results: dict[str, Tally] = {}
+    hyp_floor: dict[str, float] = {}
+    for name, (machine, _wf) in machines().items():
+        if args.only and name not in args.only:
+            continue
+        print(f"{name}: {args.examples} examples ...", flush=True)
+        results[name] = t = measure(machine, args.examples)
+        print(f"  {t.total:.1f} s", flush=True)
+        steps = round(t.steps / max(1, t.examples))
+        hyp_floor[name] = hypothesis_floor(args.examples, steps)
+    per_transition = engine_floor(50)
+    text = report(results, args.examples, hyp_floor, per_transition, command.strip())
+    print()
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
