@@ -72,9 +72,12 @@ class Tally:
     checks: float = 0.0
     draws: float = 0.0
     total: float = 0.0
+    cpu: float = 0.0  # CPU seconds of this process over the run
+    others: float = 0.0  # share of the machine's CPU that other processes used meanwhile
     examples: int = 0
     steps: int = 0
     choices: int = 0
+    transitions: int = 0
     executions: collections.Counter[str] = field(default_factory=collections.Counter)
     rules: collections.Counter[str] = field(default_factory=collections.Counter)
     phases: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -135,62 +138,53 @@ class Meter:
 def instrument(machine: type[Any], meter: Meter) -> type[Any]:
     """A subclass of ``machine`` whose parts report to ``meter``."""
     tally = meter.tally
-    base_init = machine.__init__
-    base_apply = machine.apply
-    base_invariants = machine.engine_invariants
-    base_teardown = machine.teardown
-    base_close = machine._close
 
     class Measured(machine):  # type: ignore[misc,valid-type]
         def __init__(self) -> None:
             with meter.part("setup"):
-                base_init(self)
+                super().__init__()
             tally.examples += 1
+            self.host.close = meter.timed("setup", self.host.close)  # type: ignore[method-assign]
 
         def apply(self, event: Any) -> None:
             tally.steps += 1
             with meter.part("engine"):
-                base_apply(self, event)
+                super().apply(event)
 
         @invariant()
         def engine_invariants(self) -> None:
             with meter.part("checks"):
-                base_invariants(self)
+                super().engine_invariants()
+
+        def _finish(self) -> Any:
+            return meter.timed("engine", super()._finish)()
+
+        def reached(self) -> Any:
+            for d in self.definitions:
+                for _key, _rev, _raw, state in self.checks.entries(self.te, d):
+                    tally.transitions += len(state.timeline)
+            return super().reached()
 
         def teardown(self) -> None:
-            with meter.part("engine"):  # the final rounds and their checks
-                base_teardown(self)
-
-        def _close(self) -> None:
-            record(self, tally)
             data = hypothesis.control.current_build_context().data
             tally.choices += len(data.nodes)
-            t0 = time.perf_counter()
-            try:
-                base_close(self)
-            finally:
-                spent = time.perf_counter() - t0
-                tally.setup += spent
-                tally.engine -= spent  # (inside teardown)
+            self.checks.check_all = meter.timed("checks", self.checks.check_all)  # type: ignore[method-assign]
+            super().teardown()
 
     Measured.__name__ = Measured.__qualname__ = machine.__name__
     return Measured
 
 
-def record(machine: Any, tally: Tally) -> None:
-    """How the example's executions ended, which rules fired, which phases they went through."""
-    te = machine.te
-    for d in machine.definitions:
-        for key in te.backend.peek_keys(d.bucket, f"{d.id}.*"):
-            entry = te.backend.peek(d.bucket, key)
-            if entry is None:
-                continue
-            state = msgspec.json.decode(entry.value, type=d.state_type)
-            tally.executions[state.status.value] += 1
-            for e in state.timeline:
-                if e.rule_id in d.rules_by_id or e.action == "callback":
-                    tally.rules[e.rule_id if e.action != "callback" else e.rule_id + "*"] += 1
-                tally.phases[e.phase] += 1
+def record(coverage: Any, tally: Tally) -> None:
+    """How the run's executions ended, which rules fired, which phases they went through."""
+    for (_wf, status), n in coverage.ended.items():
+        tally.executions[status.value] += n
+    for (_wf, r), n in coverage.rules.items():
+        tally.rules[r] += n
+    for (_wf, r), n in coverage.results.items():
+        tally.rules[r + "*"] += n
+    for (_wf, p), n in coverage.phases.items():
+        tally.phases[p] += n
 
 
 # --------------------------------------------------------------------------- the machines
@@ -219,11 +213,41 @@ def measure(machine: type[Any], examples: int) -> Tally:
     meter = Meter()
     measured = instrument(machine, meter)
     gc.collect()
-    t0 = time.perf_counter()
+    busy0, cpu0, t0 = machine_busy(), time.process_time(), time.perf_counter()
     with meter.draws():
         run_state_machine_as_test(measured, settings=run_settings(machine, examples))
-    meter.tally.total = time.perf_counter() - t0
-    return meter.tally
+    t = meter.tally
+    t.total = time.perf_counter() - t0
+    t.cpu = time.process_time() - cpu0
+    busy = machine_busy() - busy0
+    t.others = max(0.0, busy - t.cpu) / (t.total * CORES)
+    record(measured.coverage, t)
+    return t
+
+
+CORES = os.cpu_count() or 1
+
+
+def machine_busy() -> float:
+    """CPU seconds all cores have spent busy so far (from /proc/stat; 0 where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            parts = f.readline().split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in parts[:7])
+        return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return 0.0
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.2) -> float:
+    """Wait (up to ``max_wait`` s) until the machine is mostly idle; the busy share last seen."""
+    deadline = time.perf_counter() + max_wait
+    while True:
+        b0, t0 = machine_busy(), time.perf_counter()
+        time.sleep(0.5)
+        share = (machine_busy() - b0) / ((time.perf_counter() - t0) * CORES)
+        if share <= threshold or time.perf_counter() >= deadline:
+            return share
 
 
 # --------------------------------------------------------------------------- baselines
@@ -313,12 +337,13 @@ def machine_info() -> str:
 
 
 def report(
-    results: dict[str, Tally],
+    runs: dict[str, list[Tally]],
     examples: int,
     hyp_floor: dict[str, float],
     per_transition: float,
     command: str,
 ) -> str:
+    results = {name: median(ts) for name, ts in runs.items()}
     lines = [
         f"`{command}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
@@ -326,29 +351,32 @@ def report(
         f"- engine alone (happy paths on TestEngine, settling after each event): "
         f"{per_transition * 1e6:.0f} µs per transition",
         "",
-        "| machine | examples | total s | per example ms | set-up s | engine s | checks s "
-        "| draws s | Hypothesis s | steps/example | choices/example | x Hypothesis floor "
-        "| x engine floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| machine | examples | total s (runs) | CPU s | others busy | per example ms "
+        "| set-up s | engine s | checks s | draws s | Hypothesis s | steps/example "
+        "| choices/example | x Hypothesis floor | x engine floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, t in results.items():
         steps = t.steps / max(1, t.examples)
-        transitions = sum(t.rules.values())
-        engine_alone = transitions * per_transition
+        engine_alone = t.transitions * per_transition
+        every = ", ".join(f"{r.total:.1f}" for r in runs[name])
         lines.append(
-            f"| {name} | {t.examples} | {t.total:.1f} | {1000 * t.total / max(1, t.examples):.1f} "
+            f"| {name} | {t.examples} | {t.total:.1f} ({every}) | {t.cpu:.1f} "
+            f"| {100 * t.others:.0f} % | {1000 * t.total / max(1, t.examples):.1f} "
             f"| {t.setup:.1f} | {t.engine:.1f} | {t.checks:.1f} | {t.draws:.1f} "
             f"| {t.hypothesis:.1f} | {steps:.1f} | {t.choices / max(1, t.examples):.0f} "
             f"| {t.total / hyp_floor[name]:.1f} | {t.total / max(engine_alone, 1e-9):.1f} |"
         )
     lines += [
         "",
+        "The breakdown is that of the median run (by total). Others busy: the share of the "
+        "machine's CPU other processes used during it. "
         "x Hypothesis floor: total / the same examples and steps of a machine that does nothing "
         f"({', '.join(f'{k}: {v:.1f} s' for k, v in hyp_floor.items())}). x engine floor: total / "
         "the engine alone making the run's transitions at the happy paths' cost per transition.",
         "",
-        "| machine | executions | ended (share of executions) | completed | rules fired (callbacks *) "
-        "| phases visited |",
+        "| machine | executions | ended (share of executions) | completed "
+        "| examples in which each rule fired (its result was handled: *) | phases visited |",
         "|---|---|---|---|---|---|",
     ]
     for name, t in results.items():
@@ -357,30 +385,45 @@ def report(
         lines.append(
             f"| {name} | {n} | {ended} | {100 * t.executions['completed'] / max(1, n):.0f} % "
             f"| {', '.join(f'{r} {c}' for r, c in sorted(t.rules.items()))} "
-            f"| {', '.join(sorted(p or '(none)' for p in t.phases))} |"
+            f"| {', '.join(sorted(repr(p) for p in t.phases))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def median(runs: list[Tally]) -> Tally:
+    return sorted(runs, key=lambda t: t.total)[len(runs) // 2]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per machine (median shown)")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=10.0,
+        help="before each run, wait up to this many seconds for the machine to be mostly idle",
+    )
     parser.add_argument("--only", choices=["plan-review", "saga"], action="append")
     parser.add_argument("--out", help="append the report to this markdown file")
     args = parser.parse_args()
     command = "python benchmarks/property.py " + " ".join(sys.argv[1:])
-    results: dict[str, Tally] = {}
+    runs: dict[str, list[Tally]] = {}
     hyp_floor: dict[str, float] = {}
     for name, (machine, _wf) in machines().items():
         if args.only and name not in args.only:
             continue
-        print(f"{name}: {args.examples} examples ...", flush=True)
-        results[name] = t = measure(machine, args.examples)
-        print(f"  {t.total:.1f} s", flush=True)
-        steps = round(t.steps / max(1, t.examples))
-        hyp_floor[name] = hypothesis_floor(args.examples, steps)
+        for i in range(args.repeat):
+            if args.quiet_wait:
+                wait_quiet(args.quiet_wait)
+            print(f"{name}: {args.examples} examples, run {i + 1} ...", flush=True)
+            t = measure(machine, args.examples)
+            runs.setdefault(name, []).append(t)
+            print(f"  {t.total:.1f} s (CPU {t.cpu:.1f} s, others busy {100 * t.others:.0f} %)")
+        t = median(runs[name])
+        hyp_floor[name] = hypothesis_floor(args.examples, round(t.steps / max(1, t.examples)))
     per_transition = engine_floor(50)
-    text = report(results, args.examples, hyp_floor, per_transition, command.strip())
+    text = report(runs, args.examples, hyp_floor, per_transition, command.strip())
     print()
     print(text)
     if args.out:

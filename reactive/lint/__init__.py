@@ -1,0 +1,1 @@
+"""The rule-set lint (in progress)."""
