@@ -1,28 +1,33 @@
-"""Property-based tests of rule sets: where the time of ``workflow_machine(...)`` goes.
+"""Property-based tests of rule sets: where the time of ``workflow_machine(...)`` goes, and how deep.
 
     python benchmarks/property.py                       # 1,000 examples of each machine
-    python benchmarks/property.py --examples 200 --only saga
-    python benchmarks/property.py --out benchmarks/PROPERTY.md   # also write the report
+    python benchmarks/property.py --examples 200 --only saga --repeat 1
+    python benchmarks/property.py --out benchmarks/PROPERTY.md   # also append the report
 
 Each machine runs ``--examples`` examples (Hypothesis's other settings as
-``workflow_machine`` sets them; no database, nothing fails) of the machine of
-an example workflow: ``plan-review`` (examples/plan_review.py) and ``saga``
-(examples/order_saga.py). The time of the run is split into
+``workflow_machine`` sets them, no database, derandomized; nothing fails) of the
+machine of an example workflow: ``plan-review`` (examples/plan_review.py) and
+``saga`` (examples/order_saga.py), ``--repeat`` times each (the median shown: the
+targets are theirs), then ``issue-to-pr`` and ``cold-storage`` once. The time of
+a run is split into
 
-* **set-up**: building and closing the machine of each example (engine, backend, event loop);
+* **set-up**: building and closing the machine of each example (engine, backend);
 * **engine**: applying the steps (the engine processes each event and settles),
   and the teardown's final rounds (the clock moved past every deadline);
 * **checks**: the invariants after every step and at teardown;
-* **draws**: Hypothesis drawing each step's rule and arguments (the strategies);
+* **draws**: Hypothesis drawing each step's rule and arguments (with the event decoded);
 * **Hypothesis**: everything else (its generation loop, statistics, the rest).
 
 The same run measures two baselines, so the ratios hold on a shared machine:
 Hypothesis's own cost (a machine whose one rule draws nothing and does
 nothing, the same number of examples and steps) and the engine's (the same
-workflow's happy path driven directly on a ``TestEngine``, one event loop, no
-Hypothesis: its time per transition). It prints the breakdown, the ratios,
-and how deep the runs went (rules fired, phases visited, how executions ended).
-No test under tests/ measures time; this is where these timings live.
+workflows' happy paths driven directly on a ``TestEngine``, one event loop, no
+Hypothesis: its time per transition). It prints the breakdown, the ratios, how
+deep the runs went (how executions ended, in how many examples each rule fired,
+the phases visited, what no example reached), and a hunt for the planted saga
+bug (``tests/unit/saga_planted.py``) with the machine's default settings: the
+time until the shrunk failure is reported, and its steps. No test under tests/
+measures time; this is where these timings live.
 """
 
 from __future__ import annotations
@@ -58,7 +63,10 @@ from reactive.testing import strategies as rts  # noqa: E402
 
 pr = load_example(ROOT / "examples" / "plan_review.py")
 saga = load_example(ROOT / "examples" / "order_saga.py")
-
+gh = load_example(ROOT / "examples" / "github_issue_to_pr.py")
+cs = load_example(ROOT / "examples" / "cold_storage.py")
+sys.path.insert(0, str(ROOT / "tests" / "unit"))
+from saga_planted import ForgetfulSaga, released_when_declined  # noqa: E402
 
 # --------------------------------------------------------------------------- instrumentation
 
@@ -81,6 +89,7 @@ class Tally:
     executions: collections.Counter[str] = field(default_factory=collections.Counter)
     rules: collections.Counter[str] = field(default_factory=collections.Counter)
     phases: collections.Counter[str] = field(default_factory=collections.Counter)
+    unreached: list[str] = field(default_factory=list)
 
     @property
     def hypothesis(self) -> float:
@@ -177,6 +186,7 @@ def instrument(machine: type[Any], meter: Meter) -> type[Any]:
 
 def record(coverage: Any, tally: Tally) -> None:
     """How the run's executions ended, which rules fired, which phases they went through."""
+    tally.unreached = coverage.unreached()
     for (_wf, status), n in coverage.ended.items():
         tally.executions[status.value] += n
     for (_wf, r), n in coverage.rules.items():
@@ -194,7 +204,34 @@ def machines() -> dict[str, tuple[type[Any], Any]]:
     return {
         "plan-review": (rts.workflow_machine(pr.PlanReview), pr.PlanReview),
         "saga": (rts.workflow_machine(saga.OrderSaga), saga.OrderSaga),
+        "issue-to-pr": (rts.workflow_machine(gh.IssueToPR), gh.IssueToPR),
+        "cold-storage": (rts.workflow_machine(cs.ColdStorageMonitor), cs.ColdStorageMonitor),
     }
+
+
+TARGETS = {"plan-review": 10.0, "saga": 15.0}  # seconds for 1,000 examples (issue 13)
+
+
+def bug_hunt(runs: int) -> list[tuple[float, int]]:
+    """The planted saga bug with the machine's default settings (no database): per run, the
+    seconds until Hypothesis reports it shrunk, and the steps of the shrunk example."""
+    out = []
+    for _ in range(runs):
+        machine = rts.workflow_machine(ForgetfulSaga, invariants=[released_when_declined])
+        t0 = time.perf_counter()
+        try:
+            run_state_machine_as_test(
+                machine, settings=settings(machine.TestCase.settings, database=None)
+            )
+        except AssertionError as e:
+            notes = getattr(e, "__notes__", [])
+            steps = sum(
+                1 for n in notes for line in n.splitlines() if line.startswith("state.step(")
+            )
+            out.append((time.perf_counter() - t0, steps))
+        else:
+            out.append((time.perf_counter() - t0, 0))  # not found
+    return out
 
 
 def run_settings(machine: type[Any], examples: int) -> settings:
@@ -342,6 +379,7 @@ def report(
     hyp_floor: dict[str, float],
     per_transition: float,
     command: str,
+    hunts: list[tuple[float, int]],
 ) -> str:
     results = {name: median(ts) for name, ts in runs.items()}
     lines = [
@@ -365,7 +403,8 @@ def report(
             f"| {100 * t.others:.0f} % | {1000 * t.total / max(1, t.examples):.1f} "
             f"| {t.setup:.1f} | {t.engine:.1f} | {t.checks:.1f} | {t.draws:.1f} "
             f"| {t.hypothesis:.1f} | {steps:.1f} | {t.choices / max(1, t.examples):.0f} "
-            f"| {t.total / hyp_floor[name]:.1f} | {t.total / max(engine_alone, 1e-9):.1f} |"
+            f"| {t.total / hyp_floor[name]:.1f} "
+            f"| {f'{t.total / engine_alone:.1f}' if engine_alone else '-'} |"
         )
     lines += [
         "",
@@ -381,12 +420,34 @@ def report(
     ]
     for name, t in results.items():
         n = sum(t.executions.values())
-        ended = ", ".join(f"{s} {100 * c / max(1, n):.0f} %" for s, c in t.executions.most_common())
+        ended = ", ".join(f"{s} {c}" for s, c in t.executions.most_common())
         lines.append(
-            f"| {name} | {n} | {ended} | {100 * t.executions['completed'] / max(1, n):.0f} % "
+            f"| {name} | {n} | {ended or '-'} | {100 * t.executions['completed'] / max(1, n):.0f} % "
             f"| {', '.join(f'{r} {c}' for r, c in sorted(t.rules.items()))} "
             f"| {', '.join(sorted(repr(p) for p in t.phases))} |"
         )
+    lines += [
+        "",
+        "Not reached (rules, results, phases the rules name, reachable terminal statuses):",
+    ]
+    lines += [f"- {name}: {'; '.join(t.unreached) or 'nothing'}" for name, t in results.items()]
+    targets = [
+        f"{name} {results[name].total:.1f} s (target {limit:g} s: "
+        f"{'met' if results[name].total <= limit else 'NOT met'})"
+        for name, limit in TARGETS.items()
+        if name in results
+    ]
+    if targets and examples == 1000:
+        lines += ["", f"Targets, 1,000 examples: {'; '.join(targets)}."]
+    if hunts:
+        found = [h for h in hunts if h[1]]
+        lines += [
+            "",
+            f"The planted saga bug (tests/unit/saga_planted.py), default settings, no database, "
+            f"{len(hunts)} runs: found in {len(found)}; seconds to the shrunk report "
+            f"{', '.join(f'{s:.1f}' for s, _ in hunts)} (target 15 s); steps of the shrunk "
+            f"example {', '.join(str(k) for _, k in hunts)} (target <= 4).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -404,16 +465,21 @@ def main() -> None:
         default=10.0,
         help="before each run, wait up to this many seconds for the machine to be mostly idle",
     )
-    parser.add_argument("--only", choices=["plan-review", "saga"], action="append")
+    parser.add_argument(
+        "--only", choices=["plan-review", "saga", "issue-to-pr", "cold-storage"], action="append"
+    )
+    parser.add_argument("--hunts", type=int, default=5, help="runs of the planted-bug hunt")
     parser.add_argument("--out", help="append the report to this markdown file")
     args = parser.parse_args()
     command = "python benchmarks/property.py " + " ".join(sys.argv[1:])
     runs: dict[str, list[Tally]] = {}
     hyp_floor: dict[str, float] = {}
     for name, (machine, _wf) in machines().items():
-        if args.only and name not in args.only:
+        if (args.only and name not in args.only) or (
+            not args.only and name not in TARGETS and False
+        ):
             continue
-        for i in range(args.repeat):
+        for i in range(args.repeat if name in TARGETS else 1):
             if args.quiet_wait:
                 wait_quiet(args.quiet_wait)
             print(f"{name}: {args.examples} examples, run {i + 1} ...", flush=True)
@@ -423,7 +489,8 @@ def main() -> None:
         t = median(runs[name])
         hyp_floor[name] = hypothesis_floor(args.examples, round(t.steps / max(1, t.examples)))
     per_transition = engine_floor(50)
-    text = report(runs, args.examples, hyp_floor, per_transition, command.strip())
+    hunts = bug_hunt(args.hunts) if args.hunts else []
+    text = report(runs, args.examples, hyp_floor, per_transition, command.strip(), hunts)
     print()
     print(text)
     if args.out:

@@ -53,7 +53,7 @@ class _Published:
         self.by_execution: dict[str, list[PublishedMessage]] = {}
         self.events: dict[str, int] = {}  # lifecycle events per execution id
         self.nonwriting: dict[str, int] = {}  # publishes by rules that do not write state, per key
-        # Rules that fired without writing state: per execution id, and message rules with none.
+        # Rules that fired without writing state: per execution id, and all of them.
         self.fired: dict[str, set[str]] = {}
         self.fired_without_state: set[str] = set()
 
@@ -89,6 +89,7 @@ class _Published:
                     self.nonwriting[key] = self.nonwriting.get(key, 0) + 1
                     exec_id = self.d.execution_id_for(key)
                     self.fired.setdefault(exec_id, set()).add(rule_prefix[:-1])
+                    self.fired_without_state.add(rule_prefix[:-1])
                     return exec_id
         return None
 

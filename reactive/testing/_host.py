@@ -39,8 +39,14 @@ def _thread_loop() -> asyncio.AbstractEventLoop:
     loop: asyncio.AbstractEventLoop | None = getattr(_loops, "loop", None)
     if loop is None or loop.is_closed():
         loop = _loops.loop = asyncio.new_event_loop()
-        atexit.register(loop.close)
+        atexit.register(_close_loop, loop)
     return loop
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    if not loop.is_closed() and not loop.is_running():
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 class EngineHost:
@@ -108,4 +114,3 @@ class EngineHost:
             t.cancel()
         if rest:
             loop.run_until_complete(asyncio.wait(rest))
-        loop.run_until_complete(loop.shutdown_asyncgens())

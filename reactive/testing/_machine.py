@@ -103,6 +103,12 @@ def _seeded_event(seed: int) -> Event:
     return _running_machine().draw_event(Seeded(seed))
 
 
+# Hypothesis prints a mapped value as the call that made it (``_seeded_event(412)``) when that
+# is valid Python and shorter than its repr; a name that is not an identifier makes it print
+# the event itself, so a failing example reads as the events it is made of.
+_seeded_event.__name__ = "event from seed"
+
+
 # One choice per step: a seed (a few thousand of them: Hypothesis draws small indices of a
 # large range far more often than large ones, and seeds should differ).
 _SEEDS = st.sampled_from(range(4096)).map(_seeded_event)
@@ -304,10 +310,13 @@ class WorkflowMachine(RuleBasedStateMachine):
             *self.workflows, clock=previous.clock, backend=previous.backend, **options
         )
 
-    def restart(self) -> None:
-        """Stop the engine and start a new one (new instance id, empty memory) on the same backend and clock."""
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop the engine and start a new one (new instance id, empty memory) on the same
+        backend and clock, ``down_for`` seconds later."""
         old = self.te
         self.host.stop(old)
+        if down_for:
+            old.clock.advance(down_for)
         self.te = self.host.start(self._make_engine(old))
 
     # ------------------------------------------------------------------ running
@@ -336,7 +345,7 @@ class WorkflowMachine(RuleBasedStateMachine):
         """Apply one event in the engine's event loop and wait until it settles."""
         try:
             if isinstance(event, Restart):
-                self.restart()
+                self.restart(event.down_for)
             else:
                 self.run(event.apply, self.te)
             if self._others:

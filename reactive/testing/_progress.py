@@ -22,7 +22,10 @@ The bias, step by step:
 * the clock moves mostly by a second, sometimes just past a task timeout, the
   workflow's timeout or a cooldown;
 * outside writes (mostly a sample of the state in a phase the rules test) and
-  engine restarts are rarer than the rest.
+  engine restarts are rarer than the rest;
+* for rules that watch keys other than the workflow's executions (an entity
+  bucket: ``watch_kv="unit.*"``), an outside writer puts a sample of the state
+  at such a key (the wildcard filled with a pool id).
 
 With ``message_strategies`` or ``result_strategies`` (Hypothesis strategies of
 your own), the picks are drawn one by one instead, and the values from them.
@@ -39,10 +42,11 @@ from typing import Any, Protocol
 import msgspec
 from hypothesis import strategies as st
 
-from reactive.compiled import ActionType, RuleDef, WorkflowDef
+from reactive.compiled import ActionType, RuleDef, TriggerMode, WorkflowDef
 from reactive.dsl.context import RuleContext
 from reactive.dsl.state import ExecutionState, Status
 from reactive.lint._model import Model, model_of
+from reactive.subjects import matches_pattern
 from reactive.testing._events import (
     Advance,
     BadMessage,
@@ -50,6 +54,7 @@ from reactive.testing._events import (
     Event,
     Message,
     Restart,
+    WriteKey,
     WriteState,
     _steer,
     phases_of,
@@ -93,6 +98,11 @@ class Pools:
     edge_states: list[Any]
     iterations: list[int]
     starts: dict[str, bool]  # message rule id -> it can start an execution
+    # message rule id -> pool id -> the execution id its messages steered to that id name
+    # (the same, unless state_key computes the id from more than the field it is steered by)
+    aliases: dict[str, dict[str, str]]
+    entity_keys: list[tuple[str, str]]  # (bucket, key) watched by a rule, not an execution's
+    own_keys: bool  # some rule watches the workflow's own execution keys
 
 
 @functools.lru_cache(maxsize=256)
@@ -106,10 +116,13 @@ def pools_for(
     model = model_of(d)
     hints = hints_of(d)
     messages: list[tuple[RuleDef, str, Any]] = []
+    aliases: dict[str, dict[str, str]] = {}
     for r in d.rules:
         if not r.subject:
             continue
         payloads = samples(r.message_type, hints) if r.message_type is not None else [None]
+        if r.state_key is not None:
+            payloads, aliases[r.id] = _keyed(r, payloads, execution_ids)
         payloads += [_EDGE] * max(1, len(payloads) // 9)  # about one in ten
         for subject in _concrete_subjects(r.subject):
             messages += [(r, subject, p) for p in payloads]
@@ -118,7 +131,12 @@ def pools_for(
         for r in d.rules
         if r.action is ActionType.PUBLISH_ASYNC
     }
-    pool = list(phases) if phases is not None else [*phases_of(d), ""]
+    # The phases the rules test, and those their code sets (a phase no rule takes up, too).
+    pool = (
+        list(phases)
+        if phases is not None
+        else [*phases_of(d), *sorted(model.named - set(phases_of(d)))]
+    )
     own = [f for f in d.state_type.__struct_fields__ if f not in _BASE_FIELDS]
     top = d.max_iterations or 5
     return Pools(
@@ -135,7 +153,51 @@ def pools_for(
         edge_states=samples(d.state_type, only=own, edge=True) or [d.state_type()],
         iterations=[0] * (top + 1) + list(range(1, top + 1)),  # half of the writes at 0
         starts={m.rule.id: m.runs_in(model.initial) for m in model.rules if m.rule.subject},
+        aliases=aliases,
+        entity_keys=_entity_keys(d, execution_ids),
+        own_keys=any(
+            r.mode is TriggerMode.STATE
+            and r.bucket == d.bucket
+            and matches_pattern(d.key(execution_ids[0] if execution_ids else "e1"), r.pattern)
+            for r in d.rules
+        )
+        or any(r.mode is not TriggerMode.STATE for r in d.rules),
     )
+
+
+def _entity_keys(d: WorkflowDef, ids: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Keys (one per pool id) of the patterns KV rules watch that are not the executions'."""
+    out: list[tuple[str, str]] = []
+    for r in d.rules:
+        if r.mode is not TriggerMode.STATE:
+            continue
+        for i in ids:
+            key = ".".join(i if tok in ("*", ">") else tok for tok in r.pattern.split("."))
+            if (r.bucket == d.bucket and key == d.key(i)) or (r.bucket, key) in out:
+                continue
+            out.append((r.bucket, key))
+    return out
+
+
+def _keyed(
+    r: RuleDef, payloads: list[Any], ids: tuple[str, ...]
+) -> tuple[list[Any], dict[str, str]]:
+    """The payloads that, steered to a pool id, name the same execution as the first does
+    (so that messages keep to a few executions when ``state_key`` reads more than one field),
+    and the execution id each pool id then stands for."""
+    state_key = r.state_key
+    assert state_key is not None
+
+    def key(payload: Any, exec_id: str) -> str | None:
+        try:
+            return str(state_key(_steer(payload, state_key, exec_id)))
+        except Exception:
+            return None
+
+    base = payloads[0] if payloads else None
+    probe = ids[0] if ids else "e1"
+    kept = [p for p in payloads if key(p, probe) == key(base, probe)] or payloads
+    return kept, {i: key(base, i) or i for i in ids}
 
 
 def _concrete_subjects(subject: str) -> list[str]:
@@ -302,27 +364,36 @@ def draw_event(
     execution_ids: Sequence[str],
     kinds: Kinds,
 ) -> Event:
-    """One event for the machine, given the executions there are now (``live``: workflow -> id -> state)."""
+    """One event for the machine, given the executions there are now (``live``: workflow -> id -> state).
+
+    The kind of event comes from a menu that does not depend on the executions (so that
+    dropping one step leaves the others' kinds alone, and a failing example shrinks step by
+    step); a kind that would be wasted now stands in for one that is not: a callback with
+    nothing waiting for one is a message, a restart with nothing running an advance.
+    """
     menu: list[tuple[Pools, str, int]] = []
     for p in pools:
-        mine = live.get(p.definition.id, {})
-        waiting = any(s.status is Status.WAITING for s in mine.values())
-        moving = any(not s.status.is_terminal for s in mine.values())
-        unused = any(i not in mine for i in execution_ids)
-        # Out of about a hundred: the kinds that move executions on, while they can.
+        # Out of about a hundred: the kinds that move executions on first.
         if p.messages:
-            menu.append((p, "message", 25 if unused else 5))
+            menu.append((p, "message", 25))
         if p.results:
-            menu.append((p, "callback", 50 if waiting else 3))
+            menu.append((p, "callback", 50))
         menu.append((p, "advance", 10))
-        if kinds.writes:
+        if kinds.writes and p.own_keys:
             menu.append((p, "write", 6))
-        if kinds.restarts and moving:  # (a restart costs a dozen other events: when it matters)
+        if kinds.writes and p.entity_keys:
+            menu.append((p, "entity", 25))
+        if kinds.restarts:  # (a restart costs a dozen other events)
             menu.append((p, "restart", 2))
         if kinds.bad_input and p.messages:
             menu.append((p, "bad", 3))
     (i,) = c.index(sum(w for _, _, w in menu))
     p, kind = _weighted(menu, i)
+    mine = live.get(p.definition.id, {})
+    if kind == "callback" and p.messages and not any(s.is_waiting for s in mine.values()):
+        kind = "message"
+    elif kind == "restart" and not any(not s.is_terminal for s in mine.values()):
+        kind = "advance"
     mine = live.get(p.definition.id, {})
     if kind == "message":
         return _message(c, p, mine, execution_ids, kinds)
@@ -332,9 +403,16 @@ def draw_event(
         (j,) = c.index(len(p.advances))
         return Advance(p.advances[j])
     if kind == "write":
-        return _write(c, p, execution_ids)
+        return _write(c, p, mine, execution_ids)
     if kind == "restart":
-        return Restart()
+        # Mostly at once; now and then after an outage (deadlines pass while no engine runs).
+        (j,) = c.index(len(p.advances) * 2)
+        return Restart(p.advances[j] if j < len(p.advances) and p.advances[j] > 1.0 else 0.0)
+    if kind == "entity":
+        k, s, e = c.index(len(p.entity_keys), len(p.states), 10)
+        states = p.edge_states if e == 0 else p.states  # one in ten: an edge case
+        bucket, key = p.entity_keys[k]
+        return WriteKey(bucket, key, states[s % len(states)])
     return _bad(c, p)
 
 
@@ -347,20 +425,29 @@ def _weighted(menu: list[tuple[Pools, str, int]], i: int) -> tuple[Pools, str]:
     raise IndexError(i)
 
 
-def _targets(p: Pools, r: RuleDef, mine: Mapping[str, Any], ids: Sequence[str]) -> list[str]:
-    """Execution ids to send a message of ``r`` to: any id, and more often those where it can
-    do something: ids with no execution yet for a rule that starts executions, else existing ones."""
-    starts = p.starts.get(r.id, False)
-    favoured = [i for i in ids if (i not in mine) == starts]
-    return [*ids, *favoured, *favoured, *favoured]
+def _prefer(candidates: Sequence[str], preferred: Sequence[str], i: int, keep: bool) -> str:
+    """``candidates[i]``, moved on to the next preferred candidate (in their order) unless it is
+    preferred itself, there is none, or ``keep``.
+
+    A pick that depends on the executions there are only where it must: drop a step that
+    touched another execution, and the pick stays the same (steps shrink one at a time).
+    """
+    chosen = candidates[i % len(candidates)]
+    if keep or not preferred or chosen in preferred:
+        return chosen
+    n = len(candidates)
+    for k in range(1, n):
+        nxt = candidates[(i + k) % n]
+        if nxt in preferred:
+            return nxt
+    return preferred[0]
 
 
 def _message(
     c: Chooser, p: Pools, mine: Mapping[str, Any], ids: Sequence[str], kinds: Kinds
 ) -> Event:
-    m, t, e = c.index(len(p.messages), 4 * len(ids), 64)
+    m, t, keep, e = c.index(len(p.messages), len(ids), 4, 64)
     r, subject, payload = p.messages[m]
-    targets = _targets(p, r, mine, ids)
     custom = kinds.message_strategies.get(r.subject)
     if custom is not None:
         return Message(subject, c.value(custom))
@@ -368,7 +455,13 @@ def _message(
         edge = p.edge_messages[r.id]
         payload = edge[e % len(edge)]
     if r.state_key is not None:
-        payload = _steer(payload, r.state_key, targets[t % len(targets)])
+        # Mostly where it can do something: an id with no execution yet for a rule that starts
+        # executions, else one that exists.
+        starts = p.starts.get(r.id, False)
+        alias = p.aliases.get(r.id, {})
+        favoured = [i for i in ids if (alias.get(i, i) not in mine) == starts]
+        target = _prefer(ids, favoured, t, keep == 0) if ids else "e1"
+        payload = _steer(payload, r.state_key, target)
     return Message(subject, payload)
 
 
@@ -376,10 +469,10 @@ def _callback(
     c: Chooser, p: Pools, mine: Mapping[str, Any], ids: Sequence[str], kinds: Kinds
 ) -> Event:
     d = p.definition
-    waiting = [i for i, s in mine.items() if s.status is Status.WAITING]
-    targets = waiting * 9 + list(ids) if waiting else list(ids)
-    (t,) = c.index(len(targets))
-    target = targets[t]
+    known = [*ids, *sorted(i for i in mine if i not in ids)]
+    waiting = [i for i in known if i in mine and mine[i].status is Status.WAITING]
+    t, keep = c.index(len(known), 10)
+    target = _prefer(known, waiting, t, keep == 0)  # nine in ten answer a waiting execution
     state = mine.get(target)
     rule_id = state.pending_rule_id if state is not None else ""
     pool = p.results.get(rule_id) or next(iter(p.results.values()))
@@ -406,12 +499,16 @@ def _callback(
     )
 
 
-def _write(c: Chooser, p: Pools, ids: Sequence[str]) -> Event:
+def _write(c: Chooser, p: Pools, mine: Mapping[str, Any], ids: Sequence[str]) -> Event:
     d = p.definition
-    t, s, ph, it = c.index(len(ids) * 10, len(p.states), len(p.phases), len(p.iterations))
-    target = ids[t % len(ids)]
-    # One in ten: an edge case of the state.
-    states = p.edge_states if t >= len(ids) * 9 else p.states
+    t, keep, s, ph, it, e = c.index(
+        len(ids), 2, len(p.states), len(p.phases), len(p.iterations), 10
+    )
+    # Half of the writes start an execution where there is none (an edit of one that has
+    # ended changes nothing), the others edit any.
+    live = [i for i in ids if i not in mine or not mine[i].is_terminal]
+    target = _prefer(ids, live, t, keep == 0) if ids else "e1"
+    states = p.edge_states if e == 0 else p.states  # one in ten: an edge case of the state
     state = msgspec.structs.replace(
         states[s % len(states)],
         id=target,
