@@ -186,7 +186,7 @@ def instrument(machine: type[Any], meter: Meter) -> type[Any]:
 
 def record(coverage: Any, tally: Tally) -> None:
     """How the run's executions ended, which rules fired, which phases they went through."""
-    tally.unreached = coverage.unreached()
+    tally.unreached = coverage.unreached(outside=True)
     for (_wf, status), n in coverage.ended.items():
         tally.executions[status.value] += n
     for (_wf, r), n in coverage.rules.items():

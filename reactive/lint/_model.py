@@ -151,13 +151,25 @@ class Model:
                         todo.append((dist + cost, nxt))
         return 1 + sum(1 for m in self.rules if m.rule.action is ActionType.PUBLISH_ASYNC)
 
-    def terminal_statuses(self) -> set[Status]:
-        """Terminal statuses an execution can reach: through the rules, and the engine's own ends."""
+    def idle(self) -> set[str]:
+        """Reachable phases in which no rule that writes state runs: an execution stays there."""
+        return {
+            p
+            for p in self.reachable()
+            if not any(m.writes and m.runs_in(p) for m in self.rules)
+            and not (p == self.initial and self.starts)
+        }
+
+    def terminal_statuses(self, *, outside: bool = False) -> set[Status]:
+        """Terminal statuses an execution can reach through the rules and the engine's own ends
+        (a worker's error, a task's timeout, max iterations, the timeout of an execution left
+        with nothing to do). With ``outside``, also through what happens to it from outside
+        (an outside writer's state, an engine down past its deadline): any with a timeout."""
         d = self.workflow
         reached: set[Status] = set()
         for p in self.reachable():
             reached |= {s for s in self.successors(p) if isinstance(s, Status)}
-        if d.timeout:
+        if d.timeout and (outside or self.idle() or (d.has_async and d.timeout <= d.task_timeout)):
             reached.add(Status.TIMED_OUT)
         if d.has_async:
             reached.add(Status.FAILED)  # a worker's error, a result that does not decode

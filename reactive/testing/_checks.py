@@ -116,8 +116,10 @@ class Checks:
         self._cursor = 0
         # Per (workflow, key): the revision last decoded, and its state.
         self._decoded: dict[tuple[str, str], tuple[int, bytes, Any]] = {}
-        # Per (workflow, key): the (revision, clock) at which no rule was left undone.
+        # Per (workflow, key): the (revision, clock) at which no rule was left undone, and the
+        # (revision, clock, messages) at which every invariant last held.
         self._at_rest: dict[tuple[str, str], tuple[int, float]] = {}
+        self._checked: dict[tuple[str, str], tuple[int, float, int]] = {}
         # Per workflow id: the executions as of the last refresh, by execution id; stale
         # (set by whoever changes them) until the next refresh.
         self.live: dict[str, dict[str, Any]] = {d.id: {} for d in definitions}
@@ -198,6 +200,12 @@ class Checks:
                 live[exec_id] = state
                 present.add(key)
                 seen.add(key)
+                # The engine's invariants of an execution depend on its revision, the clock
+                # and what it published: unchanged since it was last checked, they still hold.
+                mark = (revision, now, len(published.by_execution.get(exec_id, ())))
+                if self._checked.get((d.id, key)) == mark:
+                    self._hooks(d, key, revision, state, now)
+                    continue
                 where = f"{d.id}/{exec_id} (status {state.status.value}, phase {state.phase!r})"
                 check_fields(d, exec_id, state, where)
                 terminal = state.status in _TERMINAL
@@ -219,15 +227,20 @@ class Checks:
                 )
                 if self.rules_at_rest and not terminal:
                     self._check_nothing_left(te, d, key, revision, state, now, where)
-                if self.hook is not None:
-                    self.hook(d, key, state)
-                if self.invariants:
-                    execution = self._execution(d, key, revision, state, now)
-                    for invariant in self.invariants:
-                        invariant(execution)
+                self._checked[(d.id, key)] = mark
+                self._hooks(d, key, revision, state, now)
             lost = seen - present
             assert not lost, f"{d.id}: executions vanished: {sorted(lost)}"
         self.stale = False
+
+    def _hooks(self, d: WorkflowDef, key: str, revision: int, state: Any, now: float) -> None:
+        """The user's checks: ``check_execution`` and the invariants (after every step)."""
+        if self.hook is not None:
+            self.hook(d, key, state)
+        if self.invariants:
+            execution = self._execution(d, key, revision, state, now)
+            for invariant in self.invariants:
+                invariant(execution)
 
     def _check_absorbed(
         self, d: WorkflowDef, key: str, revision: int, raw: bytes, state: Any, where: str

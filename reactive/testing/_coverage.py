@@ -100,8 +100,10 @@ class Coverage:
         n = sum(c for (wf, _), c in self.ended.items() if wf == workflow_id)
         return self.ended[(workflow_id, Status.COMPLETED)] / n if n else 0.0
 
-    def unreached(self) -> list[str]:
-        """What no example reached: rules, results, phases the rules name, reachable terminal statuses."""
+    def unreached(self, *, outside: bool = False) -> list[str]:
+        """What no example reached: rules, results, phases the rules name, the terminal statuses
+        the rules and the engine's own ends can reach (with ``outside``, also those only what
+        happens from outside can: an outside writer, an engine down past a deadline)."""
         out = []
         for d in self.definitions:
             model = model_of(d)
@@ -113,7 +115,9 @@ class Coverage:
             ]
             phases = sorted(p for p in model.named - {model.initial} if not self.phases[(d.id, p)])
             statuses = sorted(
-                s.value for s in model.terminal_statuses() if not self.ended[(d.id, s)]
+                s.value
+                for s in model.terminal_statuses(outside=outside)
+                if not self.ended[(d.id, s)]
             )
             for what, missing in (
                 ("rules never fired", rules),
