@@ -381,7 +381,7 @@ def draw_event(
         menu.append((p, "advance", 10))
         if kinds.writes and p.own_keys:
             menu.append((p, "write", 6))
-        if kinds.writes and p.entity_keys:
+        if p.entity_keys:  # (what drives such rules: on even without writes of executions)
             menu.append((p, "entity", 25))
         if kinds.restarts:  # (a restart costs a dozen other events)
             menu.append((p, "restart", 2))
