@@ -79,7 +79,10 @@ def explore(workflow: type[Workflow] | Workflow, model: Model, examples: int) ->
 def _observe(model: Model, state: Any, found: Exploration) -> None:
     """One execution at the end of an example: the phases it went through, where it stopped."""
     timeline = state.timeline
-    for e in timeline:
+    # The last transition of an ended execution left it in its phase, but ended: no rule runs
+    # there. (A timeout's own entry repeats the phase it was in, alive, before.)
+    alive = timeline[:-1] if state.status.is_terminal else timeline
+    for e in alive:
         for m in model.rules:
             if m.writes and m.rule.mode is TriggerMode.STATE and m.runs_in(e.phase):
                 found.visits[m.rule.id] += 1
@@ -136,7 +139,7 @@ def exploration_findings(model: Model, found: Exploration, static: list[Finding]
                 Finding(
                     "never-fires",
                     wf,
-                    f"no execution reached a phase it runs in, in {n} examples",
+                    f"no execution was alive in a phase it runs in, in {n} examples",
                     rule=r.id,
                     source="exploration",
                 )

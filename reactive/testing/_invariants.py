@@ -18,7 +18,7 @@ from reactive.testing._states import _TERMINAL
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Execution:
     """One execution as an invariant sees it after a step: its state, its timeline, what it published.
 
@@ -36,6 +36,12 @@ class Execution:
     state: Any
     published: tuple[PublishedMessage, ...]
     now: float  # the test clock
+
+    def __repr__(self) -> str:
+        return (
+            f"<Execution {self.workflow.id}/{self.id}: {self.status.value}, phase "
+            f"{self.phase!r}, {len(self.timeline)} transitions, {len(self.published)} published>"
+        )
 
     @property
     def status(self) -> Status:
