@@ -428,7 +428,8 @@ def report(
         )
     lines += [
         "",
-        "Not reached (rules, results, phases the rules name, reachable terminal statuses):",
+        "Not reached (rules, results, phases the rules name, terminal statuses reachable, "
+        "also through outside writes and outages):",
     ]
     lines += [f"- {name}: {'; '.join(t.unreached) or 'nothing'}" for name, t in results.items()]
     targets = [

@@ -74,12 +74,12 @@ def default_steps(definitions: Sequence[WorkflowDef], execution_ids: Sequence[st
     """Steps an example takes by default: enough to run every execution of the pool to its end.
 
     An execution needs ``depth`` events (its start, and a result per async step: see
-    ``Model.depth``); about half of the steps move one on, so twice that per execution id,
-    and two more; at least 12, at most Hypothesis's default of 50. Past that, an example
+    ``Model.depth``); about half of the steps move one on, so twice that per execution id;
+    at least 12, at most Hypothesis's default of 50. Past that, an example
     mostly sends events to executions that have ended: more examples find more than longer ones.
     """
     depth = max(model_of(d).depth() for d in definitions)
-    return max(12, min(50, 2 * len(execution_ids) * depth + 2))
+    return max(12, min(50, 2 * len(execution_ids) * depth))
 
 
 # The machine whose steps are being drawn, on this thread (Hypothesis runs one example at a

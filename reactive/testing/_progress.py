@@ -369,7 +369,9 @@ def draw_event(
     The kind of event comes from a menu that does not depend on the executions (so that
     dropping one step leaves the others' kinds alone, and a failing example shrinks step by
     step); a kind that would be wasted now stands in for one that is not: a callback with
-    nothing waiting for one is a message, a restart with nothing running an advance.
+    nothing waiting for one is a message (or, when every execution of the pool has started,
+    an advance), a message to executions that have all ended or a restart with nothing
+    running is an advance.
     """
     menu: list[tuple[Pools, str, int]] = []
     for p in pools:
@@ -390,11 +392,19 @@ def draw_event(
     (i,) = c.index(sum(w for _, _, w in menu))
     p, kind = _weighted(menu, i)
     mine = live.get(p.definition.id, {})
-    if kind == "callback" and p.messages and not any(s.is_waiting for s in mine.values()):
-        kind = "message"
-    elif kind == "restart" and not any(not s.is_terminal for s in mine.values()):
+    moving = any(not s.is_terminal for s in mine.values())
+    starting = any(
+        alias.get(i, i) not in mine
+        for r_id, alias in p.aliases.items()
+        if p.starts.get(r_id)
+        for i in execution_ids
+    )
+    if kind == "callback" and not any(s.is_waiting for s in mine.values()):
+        kind = "message" if p.messages and (starting or not p.aliases) else "advance"
+    elif kind == "restart" and not moving:
         kind = "advance"
-    mine = live.get(p.definition.id, {})
+    elif kind == "message" and p.aliases and not starting and not moving:
+        kind = "advance"  # every execution of the pool has ended: a message would be a repeat
     if kind == "message":
         return _message(c, p, mine, execution_ids, kinds)
     if kind == "callback":

@@ -73,15 +73,17 @@ def test_every_rule_fires_and_executions_complete_in_a_short_run(workflow: type[
     d = definition_of(workflow)
     coverage = machine.coverage
     assert {r.id for r in d.rules} <= {r for (_, r) in coverage.rules}
-    assert coverage.completed_share(d.id) >= 0.2
+    # (Over 1,000 examples at least a fifth complete: benchmarks/property.py. The first examples
+    # Hypothesis makes are its simplest, so a short run completes fewer.)
+    assert coverage.completed_share(d.id) >= 0.1
     assert coverage.ended[(d.id, Status.COMPLETED)] and coverage.ended[(d.id, Status.FAILED)]
 
 
 def test_the_default_step_count_follows_the_workflow_depth() -> None:
     assert model_of(definition_of(pr.PlanReview)).depth() == 2  # a submission, a verdict
     assert model_of(definition_of(saga.OrderSaga)).depth() == 4  # the order, three results
-    assert workflow_machine(pr.PlanReview).TestCase.settings.stateful_step_count == 14
-    assert workflow_machine(saga.OrderSaga).TestCase.settings.stateful_step_count == 26
+    assert workflow_machine(pr.PlanReview).TestCase.settings.stateful_step_count == 12
+    assert workflow_machine(saga.OrderSaga).TestCase.settings.stateful_step_count == 24
     assert (
         workflow_machine(saga.OrderSaga, execution_ids=("a",)).TestCase.settings.stateful_step_count
         == 12
