@@ -1,6 +1,6 @@
 """The rule-set lint: mistakes a workflow's rules can make, found before they run in production.
 
-``lint(Workflow)`` reads the compiled definition and the rules' code (``_model``:
+``lint(Workflow)`` reads the compiled definition and the rules' code (``reactive.phases``:
 the phases each rule runs in and the phases and statuses each path through its
 method or result handler leaves), reports what that proves (``_static``), and
 runs the property machine (``_explore``, needs Hypothesis) to decide what it
@@ -24,8 +24,8 @@ import dataclasses
 import importlib.util
 
 from reactive.dsl.workflow import Workflow, definition_of
-from reactive.lint._model import model_of
 from reactive.lint._static import KINDS, Finding, static_findings
+from reactive.phases import model_of
 
 __all__ = ["KINDS", "Finding", "hypothesis_installed", "lint"]
 

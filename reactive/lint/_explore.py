@@ -18,8 +18,8 @@ from typing import Any
 from reactive.compiled import ActionType, TriggerMode, WorkflowDef
 from reactive.dsl.state import Status
 from reactive.dsl.workflow import Workflow
-from reactive.lint._model import Model
 from reactive.lint._static import Finding
+from reactive.phases import Model
 
 __all__ = ["Exploration", "exploration_findings", "explore"]
 

@@ -1,4 +1,4 @@
-"""What the phase graph tells without running anything (see ``_model``).
+"""What the phase graph tells without running anything (see ``reactive.phases``).
 
 Each check returns ``Finding``s; where the graph cannot decide (a condition that
 reads more than the phase, a phase assigned from a variable), it says nothing
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from reactive.compiled import ActionType, TriggerMode
 from reactive.dsl.state import Status
-from reactive.lint._model import DYNAMIC, Model, RuleModel
+from reactive.phases import DYNAMIC, Model, RuleModel
 
 __all__ = ["KINDS", "Finding", "static_findings"]
 

@@ -16,7 +16,7 @@ import hypothesis
 
 from reactive.compiled import ActionType, WorkflowDef
 from reactive.dsl.state import Status
-from reactive.lint._model import model_of
+from reactive.phases import model_of
 
 __all__ = ["Coverage", "ExampleCoverage", "UnreachedWarning"]
 

@@ -21,7 +21,7 @@ from hypothesis.stateful import rule as _machine_rule
 from reactive.compiled import WorkflowDef
 from reactive.dsl.state import ExecutionState
 from reactive.dsl.workflow import Workflow, definition_of
-from reactive.lint._model import model_of
+from reactive.phases import model_of
 from reactive.testing._checks import Checks, Invariant, shared_cooldown_end
 from reactive.testing._coverage import Coverage, ExampleCoverage, UnreachedWarning
 from reactive.testing._engine import TestEngine, nothing_else_ready

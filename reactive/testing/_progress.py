@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 from reactive.compiled import ActionType, RuleDef, TriggerMode, WorkflowDef
 from reactive.dsl.context import RuleContext
 from reactive.dsl.state import ExecutionState, Status
-from reactive.lint._model import Model, model_of
+from reactive.phases import Model, model_of
 from reactive.subjects import matches_pattern
 from reactive.testing._events import (
     Advance,

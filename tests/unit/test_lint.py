@@ -14,8 +14,8 @@ from reactive.cli import main
 from reactive.conditions import phase_is
 from reactive.dsl.workflow import definition_of
 from reactive.lint import Finding, lint
-from reactive.lint._model import model_of
 from reactive.lint._static import static_findings
+from reactive.phases import model_of
 
 REPO = Path(__file__).resolve().parents[2]
 PLANTED = Path(planted.__file__)

@@ -20,7 +20,7 @@ from saga_planted import ForgetfulSaga, released_when_declined, saga
 
 from reactive import ExecutionState, RuleContext, Status, Workflow, definition_of, rule
 from reactive.conditions import phase_is
-from reactive.lint._model import model_of
+from reactive.phases import model_of
 from reactive.testing.strategies import (
     UnreachedWarning,
     WorkflowMachine,

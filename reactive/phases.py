@@ -1,5 +1,9 @@
 """A workflow's rules as a graph of phases, read from its compiled definition and its code.
 
+The rule-set lint (``reactive.lint``) reports what it proves; the property machine
+(``reactive.testing``) biases its events toward the phases that lead to completion and
+sizes its examples by it.
+
 Each rule enters in the phases its conditions require (``phase_is``,
 ``phase_in``, and what combines them), or in any phase. What it does is read
 from the source of its method (and, for an async rule, of its result
