@@ -119,9 +119,9 @@ class WorkflowMachine(RuleBasedStateMachine):
 
     Subclass it and set ``workflows`` (and any option below), or use
     ``workflow_machine(...)`` / ``workflow_test(...)``; run it with
-    ``YourMachine.TestCase``. The engine runs on an event loop of the test's
-    own thread for the whole example; every step applies one event and runs
-    the loop until the engine has settled. The events are biased toward
+    ``YourMachine.TestCase`` (from a synchronous test: the engine runs on an
+    event loop of the test's own thread for the whole example; every step
+    applies one event and runs the loop until the engine has settled). The events are biased toward
     progress (see ``reactive.testing._progress``: callbacks answer waiting
     executions with results their handlers accept, messages go to the
     executions of ``execution_ids``, the clock moves mostly by a second, writes
