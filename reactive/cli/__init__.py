@@ -11,7 +11,8 @@ Commands (each has its own ``--help``):
 * ``show ID``: one execution's state and timeline.
 * ``watch [--workflow W]``: a live tail of transitions.
 * ``graph TARGET [--format mermaid]``: a workflow's rules as a Mermaid flowchart.
-* ``validate TARGET``: the definition checks; exit 1 with the reasons.
+* ``validate TARGET``: the definition checks (with ``--lint``, the rule-set lint); exit 1
+  with the reasons.
 * ``demo [EXAMPLE_FILE]``: run an example on an embedded nats-server.
 
 Where the commands find NATS: ``--nats-url``, else ``$REACTIVE_NATS_URL``, else

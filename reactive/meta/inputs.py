@@ -8,6 +8,7 @@ on the hot path.
 from __future__ import annotations
 
 import dis
+import functools
 import inspect
 import operator
 from collections.abc import Callable
@@ -26,7 +27,19 @@ _VARIADIC = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
 
 def input_schema(tp: Any) -> dict[str, Any] | None:
     """The JSON Schema of ``tp`` as msgspec writes it, or None where there is nothing to check
-    (raw bytes, Any) or msgspec cannot describe the type."""
+    (raw bytes, Any) or msgspec cannot describe the type.
+
+    Worked out once per type (every engine start announces it: a test that starts an engine
+    per example would work it out each time); the answer is shared, not to be changed.
+    """
+    try:
+        return _schema(tp)
+    except TypeError:  # an unhashable type annotation
+        return _schema.__wrapped__(tp)
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema(tp: Any) -> dict[str, Any] | None:
     if tp is bytes or tp is Any:
         return None
     try:
@@ -51,6 +64,15 @@ def id_field(state_key: Callable[[Any], str] | None, message_type: Any) -> str:
     Anything else (``lambda m: f"{m.a}-{m.b}"``, a call, a lookup) gives "": the id is then
     known only to the code.
     """
+    try:
+        return _id_field(state_key, message_type)
+    except TypeError:  # unhashable
+        return _id_field.__wrapped__(state_key, message_type)
+
+
+@functools.lru_cache(maxsize=1024)
+def _id_field(state_key: Callable[[Any], str] | None, message_type: Any) -> str:
+    # (worked out once per function and type: see input_schema)
     name = _attribute_returned(state_key) if state_key is not None else ""
     if not name or not (
         isinstance(message_type, type) and issubclass(message_type, msgspec.Struct)

@@ -11,8 +11,10 @@ time, never by sleeping::
         te.assert_status(PlanReview, "p1", Status.COMPLETED)
         te.assert_published("plans.approved")
 
-Hypothesis strategies and a stateful machine for property-based tests of a
-rule set live in ``reactive.testing.strategies``.
+Property-based tests of a rule set live in ``reactive.testing.strategies``:
+``TestOrders = workflow_test(Orders)`` is one (a Hypothesis state machine that
+drives the engine with progress-biased events and checks its invariants after
+every step), with the strategies it is made of.
 """
 
 from __future__ import annotations

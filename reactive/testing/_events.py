@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import abc
 import ast
+import dataclasses
+import enum
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ __all__ = [
     "Event",
     "Message",
     "Restart",
+    "WriteKey",
     "WriteState",
     "events",
     "phases_of",
@@ -35,16 +39,28 @@ __all__ = [
 DEFAULT_EXECUTION_IDS: tuple[str, ...] = ("e1", "e2", "e3")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Event(abc.ABC):
-    """Something that happens to a running engine; ``apply`` makes it happen and settles."""
+    """Something that happens to a running engine; ``apply`` makes it happen and settles.
+
+    Its repr is Python that builds it again (enums as ``Status.PENDING``, a struct with
+    only the fields that are not at their default), so a failing example reads as code.
+    """
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{f.name}={plain_repr(getattr(self, f.name))}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        )
+        return f"{type(self).__name__}({fields})"
 
     @abc.abstractmethod
     async def apply(self, te: TestEngine) -> None:
         """Make it happen on ``te`` and let the engine settle."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Message(Event):
     """A message published on ``subject`` (as a producer would)."""
 
@@ -55,7 +71,7 @@ class Message(Event):
         await te.trigger_message(self.subject, self.payload)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class BadMessage(Event):
     """Bytes that are not a valid message (or carry an invalid execution id)."""
 
@@ -66,7 +82,7 @@ class BadMessage(Event):
         await te.trigger_message(self.subject, self.data)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Callback(Event):
     """A worker's answer to the task an execution waits for.
 
@@ -100,7 +116,7 @@ class Callback(Event):
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Advance(Event):
     """The clock moves forward ``seconds`` (deadlines, task timeouts and cooldown ends fire)."""
 
@@ -110,14 +126,18 @@ class Advance(Event):
         await te.advance(self.seconds)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Restart(Event):
     """The engine process stops and a new one (new instance id, nothing in memory) starts.
 
     It runs on the same backend and clock, so it must pick up every execution
-    where the last committed state left it. Only ``WorkflowMachine`` can apply
-    it (it replaces the machine's ``TestEngine``); ``apply`` refuses.
+    where the last committed state left it; ``down_for`` seconds pass in
+    between, while no engine runs (deadlines can pass meanwhile). Only
+    ``WorkflowMachine`` can apply it (it replaces the machine's ``TestEngine``);
+    ``apply`` refuses.
     """
+
+    down_for: float = 0.0
 
     async def apply(self, te: TestEngine) -> None:
         raise TypeError("Restart replaces the TestEngine: it is applied by WorkflowMachine")
@@ -139,7 +159,7 @@ _ENGINE_FIELDS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class WriteState(Event):
     """An outside writer puts an execution's state in KV.
 
@@ -165,6 +185,60 @@ class WriteState(Event):
             for name in _ENGINE_FIELDS:
                 setattr(new, name, getattr(current, name))
         await te.trigger_kv(self.workflow_id, self.execution_id, new)
+
+
+@dataclass(frozen=True, repr=False)
+class WriteKey(Event):
+    """An outside writer (a sensor, another service) puts ``value`` at a key a rule watches.
+
+    For rules that watch an entity-state bucket, or keys other than the
+    workflow's own executions (``watch_kv="unit.*"``).
+    """
+
+    bucket: str
+    key: str
+    value: Any
+
+    async def apply(self, te: TestEngine) -> None:
+        await te.put(self.bucket, self.key, self.value)
+
+
+def plain_repr(value: Any) -> str:
+    """``repr`` that is valid Python: enum members by name, structs by their non-default fields."""
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
+    if isinstance(value, msgspec.Struct):
+        parts = [
+            f"{name}={plain_repr(getattr(value, name))}"
+            for name, default in _defaults(type(value))
+            if default is _REQUIRED or getattr(value, name) != default
+        ]
+        return f"{type(value).__name__}({', '.join(parts)})"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(plain_repr, value)) + "]"
+    if isinstance(value, tuple):
+        inner = ", ".join(map(plain_repr, value))
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{plain_repr(k)}: {plain_repr(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+_REQUIRED: Any = object()
+
+
+@functools.cache
+def _defaults(tp: type[msgspec.Struct]) -> tuple[tuple[str, Any], ...]:
+    """Each field of the struct type and its default (``_REQUIRED`` if it has none)."""
+    out = []
+    for f in msgspec.structs.fields(tp):
+        if f.default is not msgspec.NODEFAULT:
+            out.append((f.name, f.default))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            out.append((f.name, f.default_factory()))
+        else:
+            out.append((f.name, _REQUIRED))
+    return tuple(out)
 
 
 _PHASE_CALL = re.compile(r"phase_(?:is|in)\(([^()]*)\)")

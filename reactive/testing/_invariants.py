@@ -1,27 +1,90 @@
-"""What ``WorkflowMachine`` checks on every execution: field consistency, and the counts of what was published."""
+"""What ``WorkflowMachine`` checks on every execution, and ``Execution``: what an invariant sees of one."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import msgspec
 
+from reactive.backends.memory import PublishedMessage
+from reactive.codecs import decode
 from reactive.compiled import ActionType, WorkflowDef
-from reactive.dsl.state import ExecutionState, Status
+from reactive.dsl.state import ExecutionState, Status, TimelineEntry
+from reactive.subjects import matches_pattern
 from reactive.testing._states import _TERMINAL
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Execution:
+    """One execution as an invariant sees it after a step: its state, its timeline, what it published.
+
+    ``published`` holds every message the engine published for this execution,
+    in order: the messages of its rules (publish, async requests), those of
+    rules that publish without writing state, and its lifecycle event (not
+    the copies a stream dropped as duplicates). The timeline is the state's
+    (the last ``max_timeline`` entries).
+    """
+
+    workflow: WorkflowDef
+    key: str
+    id: str
+    revision: int
+    state: Any
+    published: tuple[PublishedMessage, ...]
+    now: float  # the test clock
+
+    def __repr__(self) -> str:
+        return (
+            f"<Execution {self.workflow.id}/{self.id}: {self.status.value}, phase "
+            f"{self.phase!r}, {len(self.timeline)} transitions, {len(self.published)} published>"
+        )
+
+    @property
+    def status(self) -> Status:
+        return self.state.status  # type: ignore[no-any-return]
+
+    @property
+    def phase(self) -> str:
+        return self.state.phase  # type: ignore[no-any-return]
+
+    @property
+    def timeline(self) -> list[TimelineEntry]:
+        return self.state.timeline  # type: ignore[no-any-return]
+
+    @property
+    def phases(self) -> frozenset[str]:
+        """The phases its timeline went through (each transition's phase after it)."""
+        return frozenset(e.phase for e in self.state.timeline)
+
+    @property
+    def rules(self) -> frozenset[str]:
+        """The rules its timeline shows firing (an async rule also for its result)."""
+        return frozenset(e.rule_id for e in self.state.timeline)
+
+    @overload
+    def sent(self, subject: str) -> list[Any]: ...
+    @overload
+    def sent(self, subject: str, type: type[T]) -> list[T]: ...
+    def sent(self, subject: str, type: Any = None) -> list[Any]:
+        """The payloads it published on ``subject`` (a pattern), decoded into ``type`` (default: JSON)."""
+        return [
+            decode(type, m.data) if type is not None else msgspec.json.decode(m.data)
+            for m in self.published
+            if matches_pattern(m.subject, subject)
+        ]
+
+
 __all__ = [
+    "Execution",
     "Terminal",
     "check_fields",
     "event_subject",
     "iso_time",
-    "lifecycle_counts",
     "lifecycle_subjects",
-    "nonwriting_counts",
-    "request_counts",
     "time_points",
 ]
 
@@ -100,46 +163,3 @@ def event_subject(d: WorkflowDef, status: Status) -> str:
 
 def lifecycle_subjects(d: WorkflowDef) -> set[str]:
     return {s for s in (d.on_complete, d.on_fail, d.on_escalate) if s}
-
-
-def lifecycle_counts(d: WorkflowDef, published: Sequence[Any]) -> dict[str, int]:
-    """Lifecycle events of ``d`` per execution id (events name both the execution and the workflow)."""
-    subjects = lifecycle_subjects(d)
-    counts: dict[str, int] = {}
-    for m in published:
-        if m.subject not in subjects:
-            continue
-        try:
-            body = msgspec.json.decode(m.data)
-        except msgspec.DecodeError:
-            continue
-        if isinstance(body, dict) and body.get("workflow_id") == d.id and "execution_id" in body:
-            eid = str(body["execution_id"])
-            counts[eid] = counts.get(eid, 0) + 1
-    return counts
-
-
-def request_counts(published: Sequence[Any]) -> dict[tuple[str, str], int]:
-    """Async requests per (subject, task id)."""
-    counts: dict[tuple[str, str], int] = {}
-    for m in published:
-        task_id = m.headers.get("Reactive-Task-Id") if m.headers else None
-        if task_id:
-            k = (m.subject, task_id)
-            counts[k] = counts.get(k, 0) + 1
-    return counts
-
-
-def nonwriting_counts(d: WorkflowDef, published: Sequence[Any]) -> dict[str, int]:
-    """Publishes by rules that do not write state, per KV key (from their message ids)."""
-    prefixes = {f"{d.id}:{r.id}:{d.bucket}.": r for r in d.rules if not r.writes_state}
-    counts: dict[str, int] = {}
-    if not prefixes:
-        return counts
-    for m in published:
-        mid = m.msg_id or ""
-        for prefix in prefixes:
-            if mid.startswith(prefix):
-                key = mid[len(prefix) :].rsplit(":", 1)[0]
-                counts[key] = counts.get(key, 0) + 1
-    return counts

@@ -18,30 +18,31 @@ Strategies:
   outside writes of state. Each is a small frozen dataclass with
   ``async apply(test_engine)``.
 
-The machine: ``workflow_machine(*workflows, **options)`` (or subclass
-``WorkflowMachine`` and set ``workflows``) gives a
-``hypothesis.stateful.RuleBasedStateMachine`` that runs a ``TestEngine`` and,
-after every step, checks the engine's invariants on every execution (see
-``WorkflowMachine``)::
+The machine: ``workflow_test(*workflows, invariants=[...])`` is a property test
+(a ``unittest.TestCase`` pytest collects); ``workflow_machine(*workflows,
+**options)`` (or subclass ``WorkflowMachine`` and set ``workflows``) gives the
+``hypothesis.stateful.RuleBasedStateMachine`` behind it, which runs a
+``TestEngine`` and, after every step, checks the engine's invariants on every
+execution (see ``WorkflowMachine``), and yours: functions of an ``Execution``
+(its state, timeline and the messages it published)::
 
-    from reactive.testing.strategies import workflow_machine
+    from reactive.testing.strategies import Execution, workflow_test
 
-    PlanReviewMachine = workflow_machine(PlanReview, execution_ids=("p1", "p2"))
-    TestPlanReview = PlanReviewMachine.TestCase          # collected by pytest
+    def released_when_declined(execution: Execution) -> None:
+        if "payment_declined" in execution.phases:
+            assert execution.sent("inventory.release")
 
-    # or, with checks of your own:
-    class ReviewMachine(WorkflowMachine):
-        workflows = (PlanReview,)
+    TestOrders = workflow_test(OrderSaga, invariants=[released_when_declined])
 
-        def check_execution(self, definition, key, state):
-            assert state.iteration <= 3
-
-    TestReview = ReviewMachine.TestCase
-    TestReview.settings = settings(max_examples=50, deadline=None)
+Each example reports what it reached (rules fired, results handled, phases
+visited, how executions ended) to Hypothesis's statistics (``pytest
+--hypothesis-show-statistics``); a run that passes warns (``UnreachedWarning``)
+of the rules, phases and terminal statuses no example reached.
 """
 
 from __future__ import annotations
 
+from reactive.testing._coverage import Coverage, UnreachedWarning
 from reactive.testing._events import (
     DEFAULT_EXECUTION_IDS as DEFAULT_EXECUTION_IDS,  # events()' default, kept importable
 )
@@ -52,11 +53,18 @@ from reactive.testing._events import (
     Event,
     Message,
     Restart,
+    WriteKey,
     WriteState,
     events,
     phases_of,
 )
-from reactive.testing._machine import WorkflowMachine, workflow_machine
+from reactive.testing._invariants import Execution
+from reactive.testing._machine import (
+    WorkflowMachine,
+    machine_settings,
+    workflow_machine,
+    workflow_test,
+)
 from reactive.testing._states import execution_ids, states
 from reactive.testing._values import messages, values
 
@@ -64,31 +72,41 @@ __all__ = [
     "Advance",
     "BadMessage",
     "Callback",
+    "Coverage",
     "Event",
+    "Execution",
     "Message",
     "Restart",
+    "UnreachedWarning",
     "WorkflowMachine",
+    "WriteKey",
     "WriteState",
     "events",
     "execution_ids",
+    "machine_settings",
     "messages",
     "phases_of",
     "states",
     "values",
     "workflow_machine",
+    "workflow_test",
 ]
 
 # Shown as reactive.testing.strategies.X, where users import them from. The event
-# dataclasses keep their module: dataclasses and Hypothesis resolve their annotations there.
+# dataclasses, Execution and Coverage keep their module: dataclasses and Hypothesis resolve their
+# annotations there.
 for _obj in (
+    UnreachedWarning,
     WorkflowMachine,
     events,
     execution_ids,
+    machine_settings,
     messages,
     phases_of,
     states,
     values,
     workflow_machine,
+    workflow_test,
 ):
     _obj.__module__ = __name__
 del _obj

@@ -66,6 +66,17 @@ async def test_plan_review_demo_on_nats(nats_url: str) -> None:
 
 
 @pytest.mark.anyio
+async def test_order_saga_demo_on_nats(nats_url: str) -> None:
+    saga = example("order_saga")
+    lines, states = await run_demo_on_nats(saga, nats_url)
+    for order_id, status in saga.EXPECTED.items():
+        st = states[order_id]
+        assert st is not None and st.status is status, (order_id, st)
+    assert states["o-102"].phase == "released"
+    assert "inventory.release  o-102    res-o-102" in "\n".join(lines)
+
+
+@pytest.mark.anyio
 async def test_github_issue_to_pr_demo_on_nats(nats_url: str) -> None:
     gh = example("github_issue_to_pr")
     lines, states = await run_demo_on_nats(gh, nats_url)

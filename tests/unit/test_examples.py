@@ -27,6 +27,7 @@ def example(name: str) -> ModuleType:
 pr = example("plan_review")
 gh = example("github_issue_to_pr")
 cs = example("cold_storage")
+saga = example("order_saga")
 
 pytestmark = pytest.mark.anyio
 
@@ -443,3 +444,79 @@ async def test_cold_storage_demo_in_memory() -> None:
     assert "pressure     dock-c" in text
     assert "freezer-a" in text and "all readings in range" in text
     assert "temperature: 3 out of range, 1 alerted" in text
+
+
+# =========================================================================== order saga
+
+
+def services(te: TestEngine, stock: dict[str, int]) -> None:
+    """Answer the saga's requests with the example's simulated services."""
+    te.respond(
+        saga.INVENTORY_RESERVE,
+        lambda r: saga.reserve_stock(msgspec.convert(r, saga.ReserveStock), stock),
+    )
+    te.respond(saga.PAYMENTS, lambda r: saga.charge_card(msgspec.convert(r, saga.Charge)))
+    te.respond(saga.SHIPPING, lambda r: saga.ship_order(msgspec.convert(r, saga.Ship)))
+
+
+def order(order_id: str, sku: str = "mug", quantity: int = 1, cents: int = 1_000) -> Any:
+    return saga.OrderPlaced(order_id=order_id, sku=sku, quantity=quantity, amount_cents=cents)
+
+
+async def test_saga_order_reserved_charged_and_shipped_completes() -> None:
+    async with TestEngine(saga.OrderSaga) as te:
+        stock = {"mug": 3}
+        services(te, stock)
+        await te.trigger_message(saga.PLACED, order("o1", quantity=2))
+        st = await te.wait_for_status(saga.OrderSaga, "o1", Status.COMPLETED)
+        assert [e.rule_id for e in st.timeline] == [
+            "place",
+            "reserve",
+            "reserve",
+            "charge",
+            "charge",
+            "ship",
+            "ship",
+            "done",
+        ]
+        assert st.tracking == "trk-o1" and stock == {"mug": 1}
+        te.assert_published(saga.COMPLETED, count=1)
+        te.assert_not_published(saga.INVENTORY_RELEASE)
+
+
+async def test_saga_out_of_stock_fails_without_a_release() -> None:
+    async with TestEngine(saga.OrderSaga) as te:
+        services(te, {"mug": 0})
+        await te.trigger_message(saga.PLACED, order("o1"))
+        st = await te.wait_for_status(saga.OrderSaga, "o1", Status.FAILED)
+        assert st.phase == "out_of_stock" and "out of stock" in st.error
+        te.assert_not_published(saga.INVENTORY_RELEASE)
+        te.assert_not_published(saga.PAYMENTS)
+
+
+async def test_saga_declined_payment_releases_the_reservation_and_fails() -> None:
+    async with TestEngine(saga.OrderSaga) as te:
+        services(te, {"mug": 5})
+        await te.trigger_message(saga.PLACED, order("o1", cents=saga.CREDIT_LIMIT_CENTS + 1))
+        st = await te.wait_for_status(saga.OrderSaga, "o1", Status.FAILED)
+        assert st.phase == "released" and st.error == "payment declined: over the credit limit"
+        released = te.assert_published(saga.INVENTORY_RELEASE, count=1)
+        assert released[0]["reservation_id"] == "res-o1"
+        te.assert_not_published(saga.SHIPPING)
+
+
+async def test_saga_order_placed_twice_is_taken_once() -> None:
+    async with TestEngine(saga.OrderSaga) as te:
+        await te.trigger_message(saga.PLACED, order("o1"))
+        await te.trigger_message(saga.PLACED, order("o1", quantity=9))
+        st = te.state(saga.OrderSaga, "o1")
+        assert st.quantity == 1 and len(te.published(saga.INVENTORY_RESERVE)) == 1
+
+
+async def test_saga_demo_in_memory() -> None:
+    engine, lines = await run_demo_in_memory(saga)
+    for order_id, status in saga.EXPECTED.items():
+        st = await engine.get(saga.OrderSaga, order_id)
+        assert st.status is status, (order_id, st)
+    text = "\n".join(lines)
+    assert "inventory.release  o-102    res-o-102" in text
