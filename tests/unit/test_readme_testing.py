@@ -44,6 +44,9 @@ def pytest_run(cwd: Path, *files: str) -> str:
             "-p",
             "no:cacheprovider",
             "--hypothesis-show-statistics",
+            # One seed: the same examples, the same shrinking, whatever the machine (Hypothesis
+            # otherwise draws a new seed per run, and how far a failure shrinks varies).
+            "--hypothesis-seed=0",
             *files,
         ],
         cwd=cwd,
