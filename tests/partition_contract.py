@@ -313,7 +313,8 @@ class PartitionContract:
             key = warm[min(theirs)][0]
             rev = await backend.kv_put(bucket, key, b"after")
             await wait_for(lambda: any(m.entry.revision == rev for m in one.got[count:]))
-            await self.assert_partitions_done(backend, bucket)
+            # (Not "everything acknowledged" here: what the closed member had taken and not
+            # acknowledged comes back after the ack wait, however long the machine takes.)
 
     async def test_a_second_member_gets_its_share(self, backend: Backend) -> None:
         bucket = await self.partitioned(backend)
