@@ -61,7 +61,12 @@ class NotFoundError(BackendError):
 
 
 class PartitionCountError(BackendError):
-    """A bucket is partitioned already, into another number of partitions."""
+    """A bucket is partitioned already, into another number of partitions (``found``)."""
+
+    def __init__(self, bucket: str, found: int | None, wanted: int) -> None:
+        super().__init__(f"bucket {bucket!r} is partitioned into {found} partitions, not {wanted}")
+        self.found = found
+        self.wanted = wanted
 
 
 class PayloadTooLargeError(BackendError):

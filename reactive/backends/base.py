@@ -136,6 +136,10 @@ class PartitionedConsumer(Protocol):
         """The partitions this process holds now (for health and metrics)."""
         ...
 
+    def holds(self, partition: int) -> bool:
+        """Whether this process holds ``partition`` now (``partition in held``, cheaply)."""
+        ...
+
     @property
     def members(self) -> int:
         """How many processes consume the partitions, as last counted."""
@@ -252,9 +256,16 @@ class Backend(Protocol):
     # -- partitioned buckets (reactive.backends.partitions) ---------------------------
 
     async def ensure_partitioned(
-        self, bucket: str, partitions: int, *, ack_wait: float = 30.0, pin_timeout: float = 5.0
+        self,
+        bucket: str,
+        partitions: int,
+        *,
+        group: str = "",
+        ack_wait: float = 30.0,
+        pin_timeout: float = 5.0,
     ) -> None:
-        """Partition the changes of ``bucket`` (which must exist) into ``partitions``.
+        """Partition the changes of ``bucket`` (which must exist) into ``partitions``, for
+        ``group``: each group of a bucket gets every change, its members share them.
 
         Each change of a key goes to the partition
         :func:`~reactive.backends.partitions.partition_of` names (a hash of the key's
@@ -268,7 +279,7 @@ class Backend(Protocol):
         ...
 
     def consume_partitions(
-        self, bucket: str, partitions: int
+        self, bucket: str, partitions: int, *, group: str = ""
     ) -> AbstractAsyncContextManager[PartitionedConsumer]:
         """The changes of the partitions this process holds, for as long as the context is open.
 

@@ -65,9 +65,14 @@ def partition_of(key: str, partitions: int) -> int:
     return h % partitions
 
 
-def partitioned_stream(bucket: str) -> str:
-    """The work-queue stream that holds a partitioned bucket's unacknowledged changes."""
-    return f"KVPART_{bucket}"
+def partitioned_stream(bucket: str, group: str = "") -> str:
+    """The work-queue stream that holds a partitioned bucket's unacknowledged changes.
+
+    A bucket may be partitioned once per ``group`` (each group gets every change: the
+    engine makes one per workflow that watches the bucket). The group's length comes
+    first, so no two (group, bucket) pairs share a name.
+    """
+    return f"KVPART_{len(group)}_{group}_{bucket}" if group else f"KVPART_{bucket}"
 
 
 def consumer_name(partition: int) -> str:

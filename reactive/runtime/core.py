@@ -52,6 +52,7 @@ class Options:
     """The engine's settings the runtime's parts read (see ``Engine``)."""
 
     __slots__ = (
+        "ack_wait",
         "callback_prefix",
         "callback_stream",
         "conflict_retries",
@@ -59,6 +60,8 @@ class Options:
         "max_deliver",
         "meta_bucket",
         "outbox_grace",
+        "partitions",
+        "pin_timeout",
         "sweep_interval",
         "timer_stream",
     )
@@ -75,6 +78,9 @@ class Options:
         sweep_interval: float,
         timer_stream: str,
         max_deliver: int,
+        partitions: int = 8,
+        ack_wait: float = 8.0,
+        pin_timeout: float = 4.0,
     ) -> None:
         self.instance_id = instance_id
         self.meta_bucket = meta_bucket
@@ -85,6 +91,9 @@ class Options:
         self.sweep_interval = sweep_interval
         self.timer_stream = timer_stream
         self.max_deliver = max_deliver
+        self.partitions = partitions
+        self.ack_wait = ack_wait
+        self.pin_timeout = pin_timeout
 
 
 class Runtime:

@@ -26,6 +26,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from reactive.backends.base import Backend
+from reactive.backends.partitions import check_partitions
 from reactive.clock import Clock, SystemClock
 from reactive.codecs import decode, encode, encode_json
 from reactive.dsl.definition import WorkflowDef
@@ -91,6 +92,13 @@ class Engine:
     periods are message schedules there (nats-server 2.12+), not timers in the
     engine: they fire once, whichever engine is alive, and memory does not grow
     with executions that wait.
+
+    Engines share the work: the changes of each bucket a workflow watches are split
+    into ``partitions`` (8; the first engine's number stays), each processed by one
+    of the engines that run the workflow at a time. An engine that stops pulling for
+    ``pin_timeout`` seconds (4: it died) loses its partitions to the others, and a
+    message it took and did not acknowledge comes again after ``ack_wait`` (8; also
+    for the callback, timer and subject consumers the engine creates).
     """
 
     def __init__(
@@ -109,11 +117,17 @@ class Engine:
         outbox_grace: float = 5.0,
         sweep_interval: float = 30.0,
         max_deliver: int = 20,
+        partitions: int = 8,
+        ack_wait: float = 8.0,
+        pin_timeout: float = 4.0,
         metrics: EngineMetrics | None = None,
         instance_id: str | None = None,
         tracing: bool | None = None,
         tracer_provider: Any = None,
     ) -> None:
+        check_partitions(partitions)
+        if not (ack_wait > 0 and pin_timeout > 0):
+            raise ValueError("ack_wait and pin_timeout must be positive")
         self.backend = backend
         self.clock: Clock = clock or SystemClock()
         self.registry = Registry()
@@ -137,6 +151,9 @@ class Engine:
             sweep_interval=sweep_interval,
             timer_stream=timer_stream,
             max_deliver=max_deliver,
+            partitions=partitions,
+            ack_wait=ack_wait,
+            pin_timeout=pin_timeout,
         )
         self.rt = rt = Runtime(
             backend, self.clock, self.registry, self.metrics, self.tracing, options
@@ -160,6 +177,7 @@ class Engine:
             }
         )
         self.shards.evaluate = kv.evaluate
+        self.shards.owns = self.triggers.owns
         self.shards.after_burst = self._after_burst
         self._tg: TaskGroup | None = None
         self._stack: AsyncExitStack | None = None

@@ -31,10 +31,13 @@ __all__ = [
 
 
 class KVChange(msgspec.Struct, gc=False):
-    """A revision of a watched key, with the rules of every workflow that watches it."""
+    """A revision of a watched key, for the rules of one workflow that watch it (``msg``: the
+    change from the key's partition in the workflow's set, acknowledged once evaluated)."""
 
     entry: KVEntry
-    matches: list[tuple[BoundWorkflow, list[Any]]]
+    bound: BoundWorkflow
+    rules: list[Any]
+    msg: InboundMessage | None = None
 
 
 class MessageArrival(msgspec.Struct, gc=False):

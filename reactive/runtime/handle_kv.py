@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from reactive.backends.base import InboundMessage
 from reactive.codecs import decode, decoder_for
 from reactive.dsl.context import RuleContext, new_context
 from reactive.dsl.definition import RuleDef
@@ -52,6 +53,7 @@ class KVHandler:
     async def on_change(self, ev: KVChange, fresh: list[Committed]) -> None:
         entry = ev.entry
         order = self.order
+        bound = ev.bound
         k = (entry.bucket, entry.key)
         latest = order.latest.get(k, entry.revision)
         # A newer revision of this key is queued behind this one: rules that write
@@ -60,13 +62,13 @@ class KVHandler:
         stale = entry.revision < latest
         if latest == entry.revision:
             order.latest.pop(k, None)
-        if order.chained and order.seen(k, entry.revision):
-            return  # queued before its evaluation right after the commit; done
-        for bound, rules in ev.matches:
-            if stale:
-                rules = [r for r in rules if not r.writes_state]
-                if not rules:
-                    continue
+        rules = ev.rules
+        if stale:
+            rules = [r for r in rules if not r.writes_state]
+        if rules and not (
+            order.chained
+            and order.seen((bound.definition.id, entry.bucket, entry.key), entry.revision)
+        ):  # (seen: queued before its evaluation right after the commit; done)
             if entry.operation != "PUT":
                 await self.on_delete(bound, rules, entry.bucket, entry.key, entry.revision, "kv")
             else:
@@ -74,6 +76,20 @@ class KVHandler:
                     bound, rules, entry.bucket, entry.key, entry.revision, entry.value, "kv",
                     fresh, stale,
                 )  # fmt: skip
+        if ev.msg is not None:
+            await self._settle(ev.msg, bound, entry.bucket, entry.key)
+
+    async def _settle(
+        self, msg: InboundMessage, bound: BoundWorkflow, bucket: str, key: str
+    ) -> None:
+        """Acknowledge a change or a timer once evaluated. While its evaluation fails, this
+        process retries it (``Runtime.retry_later``) and hands the message back to come
+        again after ``ack_wait``, in case this process is gone by then."""
+        rt = self.rt
+        if rt.retries and rt.retries.get((bound.definition.id, bucket, key)):
+            await rt.settle(msg, "nak", rt.options.ack_wait)
+        else:
+            await rt.settle(msg, "ack")
 
     async def on_timer(self, ev: TimerDue, fresh: list[Committed]) -> None:
         """A timer of the key: evaluate its latest revision (a missing key: nothing to do).
@@ -99,12 +115,10 @@ class KVHandler:
                     await self.evaluate(
                         bound, rules, bucket, key, current.revision, current.value, "timer", fresh
                     )
-        if ev.msg is not None:
-            failures = rt.retries.get((ev.workflow_id, bucket, key)) if rt.retries else None
-            if failures:
-                await rt.settle(ev.msg, "nak", min(0.1 * 2**failures, 10.0))
-            else:
-                await rt.settle(ev.msg, "ack")
+        if ev.msg is not None and bound is not None:
+            await self._settle(ev.msg, bound, bucket, key)
+        elif ev.msg is not None:
+            await rt.settle(ev.msg, "ack")
 
     async def on_delete(
         self, bound: BoundWorkflow, rules: list[RuleDef], bucket: str, key: str, revision: int,

@@ -25,6 +25,7 @@ from reactive.runtime.events import (
     CallbackArrival,
     Committed,
     Event,
+    KVChange,
     MessageArrival,
     TimerDue,
 )
@@ -55,9 +56,10 @@ class KeyOrder:
 
     def __init__(self) -> None:
         self.latest: dict[tuple[str, str], int] = {}
-        self.chained: dict[tuple[str, str], tuple[int, int]] = {}
+        self.chained: dict[tuple[str, str, str], tuple[int, int]] = {}
 
-    def seen(self, k: tuple[str, str], revision: int) -> bool:
+    def seen(self, k: tuple[str, str, str], revision: int) -> bool:
+        """(``k``: the workflow, the bucket and the key.)"""
         """Whether this revision of the key was evaluated already, right after this engine committed it."""
         span = self.chained.get(k)
         if span is None:
@@ -80,6 +82,8 @@ class Shards:
         self.inboxes: list[Inbox[Event]] = []
         self.handlers: dict[type, Handler] = {}
         self.evaluate: Evaluate  # the KV handler's evaluation of one revision (for follow)
+        # Whether this engine holds the partition of a workflow's key (the triggers know).
+        self.owns: Callable[[BoundWorkflow, str, str], bool] = lambda bound, bucket, key: True
         self.after_burst: Callable[[], None] = lambda: None
         self.inflight = 0
         self._burst = 0  # items processed since the heap was last handed back
@@ -149,6 +153,10 @@ class Shards:
             except Exception:
                 fresh.clear()
                 log.exception("unexpected error processing %s", type(event).__name__)
+                if isinstance(event, KVChange) and event.msg is not None:
+                    # Dropped, as a revision is whose evaluation fails for good: it would
+                    # fail again every time it came.
+                    await self.rt.settle(event.msg, "ack")
             except anyio.get_cancelled_exc_class():
                 # Stopping: hand back the message in hand and those queued behind it, so
                 # they are redelivered now rather than after the consumer's ack wait.
@@ -183,6 +191,7 @@ class Shards:
         chained = order.chained
         match_kv = self.rt.registry.match_kv
         evaluate = self.evaluate
+        owns = self.owns
         hops = 0
         while fresh:
             c = fresh.pop(0)
@@ -190,14 +199,22 @@ class Shards:
             if hops >= CHAIN_LIMIT or order.latest.get(k, c.revision) > c.revision:
                 continue  # a newer revision is queued (or the chain is long): the watch goes on
             matches = match_kv(c.bucket, c.key)
-            if not matches:
-                continue
+            if len(matches) != 1 or not owns(matches[0][0], c.bucket, c.key):
+                # (Another engine holds the key's partition in a workflow's set: the
+                # revision goes to that engine.)
+                matches = [m for m in matches if owns(m[0], c.bucket, c.key)]
+                if not matches:
+                    continue
             hops += 1
             # The chain of this key goes on if this revision was written on its last one.
-            span = chained.get(k)
-            chained[k] = (
-                (span[0], c.revision) if span and span[1] == c.base else (c.revision, c.revision)
-            )
+            for bound, _ in matches:
+                ck = (bound.definition.id, c.bucket, c.key)
+                span = chained.get(ck)
+                chained[ck] = (
+                    (span[0], c.revision)
+                    if span and span[1] == c.base
+                    else (c.revision, c.revision)
+                )
             if not c.value:
                 continue  # terminal: nothing to evaluate, only its echo to skip
             for bound, rules in matches:
@@ -208,7 +225,7 @@ class Shards:
     async def _release(self, event: Event) -> None:
         if isinstance(event, MessageArrival | CallbackArrival):
             await self.rt.settle(event.msg, "nak", 0.1)
-        elif isinstance(event, TimerDue) and event.msg is not None:
+        elif isinstance(event, TimerDue | KVChange) and event.msg is not None:
             await self.rt.settle(event.msg, "nak", 0.1)
 
 

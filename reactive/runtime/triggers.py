@@ -1,6 +1,7 @@
 """Triggers: what turns NATS into events for the shards.
 
-One KV watch per bucket, one subscription (core or durable) per workflow and
+One set of partitions per workflow and watched bucket (the engines that run the
+workflow share them: see ``_run_partitions``), one subscription (core or durable) per workflow and
 subject, one durable callback consumer per workflow with async rules, one durable
 timer consumer per workflow (the schedules in NATS that have fired: deadlines,
 task timeouts, cooldown ends, grace periods; see ``schedules``), and the
@@ -12,14 +13,21 @@ they reach a worker.
 
 from __future__ import annotations
 
+import functools
 import typing
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-from reactive.backends.base import InboundMessage, KVEntry
+from reactive.backends.base import (
+    InboundMessage,
+    KVEntry,
+    PartitionedConsumer,
+    PartitionedMessage,
+)
+from reactive.backends.partitions import partition_of
 from reactive.codecs import decode, encode_json
 from reactive.dsl.definition import TriggerMode
 from reactive.errors import (
@@ -27,6 +35,7 @@ from reactive.errors import (
     ConnectionLostError,
     DecodeError,
     InvalidExecutionId,
+    PartitionCountError,
 )
 from reactive.meta import describe_workflow, workflow_key
 from reactive.runtime.core import Runtime, log
@@ -55,7 +64,10 @@ class Triggers:
         self.order = order
         self.backend = rt.backend
         self.tg: TaskGroup | None = None
-        self.watch_scopes: dict[str, anyio.CancelScope] = {}
+        # Per workflow and bucket: the partitions this engine consumes, and how many there are.
+        self.partitions: dict[tuple[str, str], tuple[PartitionedConsumer, int]] = {}
+        self._partitions_started: set[tuple[str, str]] = set()
+        self._told: dict[tuple[str, str], int] = {}
         self._sub_started: set[tuple[str, str, str | None]] = set()
         self._callbacks_started: set[str] = set()
         self._timers_started: set[str] = set()
@@ -65,7 +77,8 @@ class Triggers:
 
     def stop(self) -> None:
         self.tg = None
-        self.watch_scopes.clear()
+        self.partitions.clear()
+        self._partitions_started.clear()
         self._sub_started.clear()
         self._callbacks_started.clear()
         self._timers_started.clear()
@@ -98,69 +111,147 @@ class Triggers:
         for r in d.rules:
             if r.bucket:
                 await self.backend.ensure_bucket(r.bucket)
-        # One watcher per bucket, however many rules watch it.
+        # One set of partitions per workflow and bucket, however many of its rules watch it.
         for bucket in dict.fromkeys(r.bucket for r in d.rules if r.mode is TriggerMode.STATE):
-            self.restart_watch(bucket)
+            if (d.id, bucket) not in self._partitions_started:
+                self._partitions_started.add((d.id, bucket))
+                self._start(
+                    f"partitions of {bucket} for {d.id}",
+                    functools.partial(self._run_partitions, bound, bucket),
+                )
         for key, sub in rt.registry.subscriptions.items():
             if sub.bound is bound and key not in self._sub_started:
                 self._sub_started.add(key)
                 if sub.stream:
                     await self.backend.ensure_stream(sub.stream, [sub.subject])
-                self.expected_ready += 1
-                self.tg.start_soon(self._run_subscription, sub)
+                self._start(
+                    f"subscription to {sub.subject}",
+                    functools.partial(self._run_subscription, sub),
+                )
         if d.has_async and d.id not in self._callbacks_started:
             self._callbacks_started.add(d.id)
             await self.backend.ensure_stream(opts.callback_stream, [f"{opts.callback_prefix}.>"])
-            self.expected_ready += 1
-            self.tg.start_soon(self._run_callbacks, bound)
+            self._start(
+                f"callback consumer for {d.id}", functools.partial(self._run_callbacks, bound)
+            )
         if d.id not in self._timers_started:
             self._timers_started.add(d.id)
             await self.ensure_timer_stream()
-            self.expected_ready += 1
-            self.tg.start_soon(self._run_timers, bound)
+            self._start(f"timer consumer for {d.id}", functools.partial(self._run_timers, bound))
 
-    # ------------------------------------------------------------------ KV watches
+    # ------------------------------------------------------------------ supervision
 
-    def restart_watch(self, bucket: str) -> None:
-        """One watcher per bucket; re-created (replaying every key) when rules are added."""
-        assert self.tg is not None
-        old = self.watch_scopes.pop(bucket, None)
-        if old is not None:
-            old.cancel()
-        else:
-            self.expected_ready += 1
-        scope = anyio.CancelScope()
-        self.watch_scopes[bucket] = scope
-        self.tg.start_soon(self._run_watch, bucket, scope)
+    async def _supervise(
+        self, what: str, run: Callable[[Callable[[], None]], Awaitable[None]]
+    ) -> None:
+        """Run one trigger for good: a backend failure is retried with backoff.
 
-    async def _run_watch(self, bucket: str, scope: anyio.CancelScope) -> None:
-        order = self.order
-        with scope:
+        ``run`` calls the function it is given once its subscription is open: the
+        first time, the trigger counts as ready (``Engine.ready``); each time, the
+        backoff starts over.
+        """
+        first = True
+        backoff = 0.1
+
+        def opened() -> None:
+            nonlocal first, backoff
+            if first:
+                self.ready_count += 1
+                first = False
             backoff = 0.1
-            first = True
-            while True:
-                try:
-                    async with self.backend.kv_watch(bucket, ">") as entries:
-                        if first:
-                            self.ready_count += 1
-                            first = False
-                        backoff = 0.1
-                        async for entry in entries:
-                            if order.chained and order.seen(
-                                (entry.bucket, entry.key), entry.revision
-                            ):
-                                continue  # an echo of this engine's own commit, evaluated already
-                            await self._enqueue_kv(entry)
-                except ConnectionLostError:
-                    raise  # nothing to retry on: the engine stops, with this error
-                except BackendError as e:
-                    log.warning(
-                        "watch of bucket %s failed (%s); retrying in %.1fs", bucket, e, backoff
-                    )
-                    await anyio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
 
-    async def _enqueue_kv(self, entry: KVEntry) -> None:
+        while True:
+            try:
+                await run(opened)
+            except ConnectionLostError:
+                raise  # nothing to retry on: the engine stops, with this error
+            except BackendError as e:
+                log.warning("%s failed (%s); retrying in %.1fs", what, e, backoff)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _start(self, what: str, run: Callable[[Callable[[], None]], Awaitable[None]]) -> None:
+        assert self.tg is not None
+        self.expected_ready += 1
+        self.tg.start_soon(self._supervise, what, run)
+
+    # ------------------------------------------------------------------ partitioned buckets
+
+    def owns(self, bound: BoundWorkflow, bucket: str, key: str) -> bool:
+        """Whether this engine holds the partition of ``key`` in ``bound``'s set of ``bucket``:
+        its revisions come here, so this engine evaluates them."""
+        held = self.partitions.get((bound.definition.id, bucket))
+        return held is not None and held[0].holds(partition_of(key, held[1]))
+
+    async def _partitioned(self, bound: BoundWorkflow, bucket: str) -> int:
+        """Partition ``bucket`` for ``bound``; the number of partitions (the first engine's
+        choice, if it is partitioned already)."""
+        opts = self.rt.options
+        n = opts.partitions
+        try:
+            await self.backend.ensure_partitioned(
+                bucket,
+                n,
+                group=bound.definition.id,
+                ack_wait=opts.ack_wait,
+                pin_timeout=opts.pin_timeout,
+            )
+        except PartitionCountError as e:
+            if e.found is None:
+                raise
+            if e.found != self._told.get((bound.definition.id, bucket)):
+                self._told[(bound.definition.id, bucket)] = e.found
+                log.info(
+                    "%s: bucket %s is partitioned into %d partitions already (not %d): using them",
+                    bound.definition.id,
+                    bucket,
+                    e.found,
+                    n,
+                )
+            n = e.found
+            await self.backend.ensure_partitioned(
+                bucket,
+                n,
+                group=bound.definition.id,
+                ack_wait=opts.ack_wait,
+                pin_timeout=opts.pin_timeout,
+            )
+        return n
+
+    async def _run_partitions(
+        self, bound: BoundWorkflow, bucket: str, opened: Callable[[], None]
+    ) -> None:
+        """The changes of the partitions of ``bucket`` this engine holds, each to its key's worker.
+
+        Every workflow that watches a bucket has its own set of partitions (each gets
+        every change); the engines that run the workflow share them. A change is
+        acknowledged once it has been evaluated and what that decided is committed (an
+        echo of this engine's own commit, evaluated already, at once): an engine that
+        dies leaves the changes it had not finished to the engine that takes its
+        partitions, and one that starts resumes from them, not from every key.
+        """
+        order = self.order
+        settle = self.rt.settle
+        wf = bound.definition.id
+        n = await self._partitioned(bound, bucket)
+        async with self.backend.consume_partitions(bucket, n, group=wf) as consumer:
+            self.partitions[(wf, bucket)] = (consumer, n)
+            opened()
+            try:
+                async for msg in consumer:
+                    entry = msg.entry
+                    if order.chained and order.seen((wf, entry.bucket, entry.key), entry.revision):
+                        # An echo of this engine's own commit, evaluated right after it.
+                        await settle(msg, "ack")
+                        continue
+                    await self._enqueue_kv(bound, entry, msg)
+            finally:
+                if self.partitions.get((wf, bucket), (None,))[0] is consumer:
+                    del self.partitions[(wf, bucket)]
+
+    async def _enqueue_kv(
+        self, bound: BoundWorkflow, entry: KVEntry, msg: PartitionedMessage
+    ) -> None:
         if len(entry.key) > MAX_KEY_LENGTH:
             # Written by someone else: the keys the engine would build from it are too
             # long for NATS. Skipped (it is left as it is), counted and logged.
@@ -172,15 +263,21 @@ class Triggers:
                 entry.revision,
                 MAX_KEY_LENGTH,
             )
+            await self.rt.settle(msg, "ack")
             return
-        matches = self.rt.registry.match_kv(entry.bucket, entry.key)
-        if not matches:
+        # (Other workflows' rules on this bucket: their own partitions bring it to them.)
+        rules = next(
+            (rs for b, rs in self.rt.registry.match_kv(entry.bucket, entry.key) if b is bound),
+            None,
+        )
+        if rules is None:
+            await self.rt.settle(msg, "ack")  # a key none of its rules watch
             return
         k = (entry.bucket, entry.key)
         latest = self.order.latest
         if latest.get(k, -1) < entry.revision:
             latest[k] = entry.revision
-        full = self.shards.enqueue(entry.key, KVChange(entry, matches))
+        full = self.shards.enqueue(entry.key, KVChange(entry, bound, rules, msg))
         if full is not None:
             await full
 
@@ -196,7 +293,7 @@ class Triggers:
             # The worker is saturated: try again shortly rather than block the timer loop.
             self.rt.timers.schedule(self.rt.clock.now() + 0.05, target)
 
-    async def _run_timers(self, bound: BoundWorkflow) -> None:
+    async def _run_timers(self, bound: BoundWorkflow, opened: Callable[[], None]) -> None:
         """The workflow's timers that have fired in NATS, each to the worker of its key.
 
         One durable per workflow, shared by every engine (the stream is a work queue:
@@ -208,68 +305,40 @@ class Triggers:
         durable = f"reactive_timer_{d.id}".replace("-", "_")
         buckets = {d.bucket, *(r.bucket for r in d.rules if r.bucket)}
         clock = rt.clock
-        first = True
-        backoff = 0.1
-        while True:
-            try:
-                async with self.backend.consume(
-                    rt.options.timer_stream, durable, due_filter(d.id)
-                ) as messages:
-                    if first:
-                        self.ready_count += 1
-                        first = False
-                    backoff = 0.1
-                    async for msg in messages:
-                        where = parse_due(msg.subject, d.id)
-                        at = due_at(msg.data)
-                        if where is None or at is None or where[0] not in buckets:
-                            log.warning("terminating unreadable timer on %s", msg.subject)
-                            await rt.settle(msg, "term")
-                            continue
-                        early = at - clock.now()
-                        if early > 0:
-                            # The server's clock is ahead of this engine's: hand it back
-                            # until the engine's clock has come to its time too.
-                            await rt.settle(msg, "nak", early)
-                            continue
-                        full = self.shards.enqueue(where[1], TimerDue(d.id, *where, msg))
-                        if full is not None:
-                            await full
-            except ConnectionLostError:
-                raise  # nothing to retry on: the engine stops, with this error
-            except BackendError as e:
-                log.warning(
-                    "timer consumer for %s failed (%s); retrying in %.1fs", d.id, e, backoff
-                )
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        async with self.backend.consume(
+            rt.options.timer_stream, durable, due_filter(d.id), ack_wait=rt.options.ack_wait
+        ) as messages:
+            opened()
+            async for msg in messages:
+                where = parse_due(msg.subject, d.id)
+                at = due_at(msg.data)
+                if where is None or at is None or where[0] not in buckets:
+                    log.warning("terminating unreadable timer on %s", msg.subject)
+                    await rt.settle(msg, "term")
+                    continue
+                early = at - clock.now()
+                if early > 0:
+                    # The server's clock is ahead of this engine's: hand it back
+                    # until the engine's clock has come to its time too.
+                    await rt.settle(msg, "nak", early)
+                    continue
+                full = self.shards.enqueue(where[1], TimerDue(d.id, *where, msg))
+                if full is not None:
+                    await full
 
     # ------------------------------------------------------------------ messages
 
-    async def _run_subscription(self, sub: Subscription) -> None:
-        first = True
-        backoff = 0.1
-        while True:
-            try:
-                if sub.stream:
-                    cm = self.backend.consume(sub.stream, sub.durable, sub.subject)
-                else:
-                    cm = self.backend.subscribe(sub.subject, queue=sub.queue)
-                async with cm as messages:
-                    if first:
-                        self.ready_count += 1
-                        first = False
-                    backoff = 0.1
-                    async for msg in messages:
-                        await self._route_message(sub, msg)
-            except ConnectionLostError:
-                raise  # nothing to retry on: the engine stops, with this error
-            except BackendError as e:
-                log.warning(
-                    "subscription to %s failed (%s); retrying in %.1fs", sub.subject, e, backoff
-                )
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+    async def _run_subscription(self, sub: Subscription, opened: Callable[[], None]) -> None:
+        if sub.stream:
+            cm = self.backend.consume(
+                sub.stream, sub.durable, sub.subject, ack_wait=self.rt.options.ack_wait
+            )
+        else:
+            cm = self.backend.subscribe(sub.subject, queue=sub.queue)
+        async with cm as messages:
+            opened()
+            async for msg in messages:
+                await self._route_message(sub, msg)
 
     async def _route_message(self, sub: Subscription, msg: InboundMessage) -> None:
         """Decode a message once per message type and find its executions; then queue it
@@ -316,41 +385,24 @@ class Triggers:
         if full is not None:
             await full
 
-    async def _run_callbacks(self, bound: BoundWorkflow) -> None:
+    async def _run_callbacks(self, bound: BoundWorkflow, opened: Callable[[], None]) -> None:
         rt = self.rt
         d = bound.definition
         durable = f"reactive_cb_{d.id}".replace("-", "_")
         prefix = f"{rt.options.callback_prefix}.{d.id}."
-        first = True
-        backoff = 0.1
-        while True:
-            try:
-                async with self.backend.consume(
-                    rt.options.callback_stream, durable, prefix + ">"
-                ) as messages:
-                    if first:
-                        self.ready_count += 1
-                        first = False
-                    backoff = 0.1
-                    async for msg in messages:
-                        exec_id = msg.subject[len(prefix) :]
-                        try:
-                            validate_execution_id(exec_id)
-                        except InvalidExecutionId as e:
-                            rt.metric(rt.metrics.invalid_ids, d.id).inc()
-                            log.warning("terminating callback on %s: %s", msg.subject, e)
-                            await rt.settle(msg, "term")
-                            continue
-                        full = self.shards.enqueue(
-                            d.key(exec_id), CallbackArrival(bound, msg, exec_id)
-                        )
-                        if full is not None:
-                            await full
-            except ConnectionLostError:
-                raise  # nothing to retry on: the engine stops, with this error
-            except BackendError as e:
-                log.warning(
-                    "callback consumer for %s failed (%s); retrying in %.1fs", d.id, e, backoff
-                )
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        async with self.backend.consume(
+            rt.options.callback_stream, durable, prefix + ">", ack_wait=rt.options.ack_wait
+        ) as messages:
+            opened()
+            async for msg in messages:
+                exec_id = msg.subject[len(prefix) :]
+                try:
+                    validate_execution_id(exec_id)
+                except InvalidExecutionId as e:
+                    rt.metric(rt.metrics.invalid_ids, d.id).inc()
+                    log.warning("terminating callback on %s: %s", msg.subject, e)
+                    await rt.settle(msg, "term")
+                    continue
+                full = self.shards.enqueue(d.key(exec_id), CallbackArrival(bound, msg, exec_id))
+                if full is not None:
+                    await full

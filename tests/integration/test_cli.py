@@ -650,6 +650,19 @@ async def _read_states(url: str, keys: list[tuple[str, str, int]]) -> dict[str, 
         await backend.close()
 
 
+async def _rewrite(url: str, keys: list[str]) -> None:
+    """Write each key's latest value again: a new revision, the same state."""
+    backend = NatsBackend(url, initial_connect_attempts=2)
+    await backend.start()
+    try:
+        for key in keys:
+            entry = await backend.kv_get("CLI_COUNTDOWN", key)
+            assert entry is not None
+            await backend.kv_update("CLI_COUNTDOWN", key, entry.value, entry.revision)
+    finally:
+        await backend.close()
+
+
 def _completed(states: dict[str, dict[str, Any]]) -> int:
     return sum(1 for s in states.values() if s.get("status") == "completed")
 
@@ -686,12 +699,15 @@ def test_sigterm_during_load_loses_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "data" / "nats.url").exists()  # its server is gone
 
     # The held ones were still at their first step when the SIGTERM came (and could
-    # not move on): the next serve's replay, the file gone, carries them on.
+    # not move on). Their revisions were evaluated: a serve resumes from the changes
+    # not acknowledged, not from every key. With the file gone, each is written again
+    # (as is): the next serve takes those changes up.
     hold.unlink()
 
     second = Serve(tmp_path / "data", port, WORKFLOWS)
     try:
         second.wait_healthy()
+        anyio.run(_rewrite, second.url, held)
         deadline = time.monotonic() + 30
         while True:
             states = anyio.run(_read_states, second.url, keys)

@@ -699,8 +699,14 @@ async def test_cooldown_and_max_firings_survive_restart_and_hold_across_two_engi
         assert (st.hits, st.capped) == (1, 2)
         assert await notes("e1") == 2
 
-        # Once the cooldown is over the rule fires again.
-        clock.skip(first_hit + COOLDOWN - clock.now())
+        # Once the cooldown is over the rule fires again (and so does the alert, whose
+        # cooldown began with its first firing, on the revision the ping writes).
+        async def alert_times() -> list[float]:
+            msgs = await stream_messages(js, out, f"{d.id}.out.alert")
+            return [body(m)["at"] for m in msgs if body(m)["id"] == "e1"]
+
+        first_alert = min(await eventually(alert_times, what="the first alert for e1"))
+        clock.skip(max(first_hit, first_alert) + COOLDOWN - clock.now())
         await send("ping", "e1", 1)
         await all_consumed(js, b, flow)
         st = await b.get(flow, "e1")
@@ -1734,10 +1740,15 @@ async def test_engine_restart_mid_workflow_every_execution_completes(
         assert at_stop[exec_id]["status"] == "waiting", exec_id
 
     # Callbacks for the waiting ones arrive while no engine runs; a new engine
-    # takes them, and carries the others on from their last committed state (the
-    # held ones from step3, which it replays with the gate open).
+    # takes them, and carries the others on from the changes the first one had not
+    # acknowledged. The held ones' step3 was evaluated (the gate held them): with the
+    # gate open, each is written again as it is, a change the new engine takes up.
     await worker.release()
     gate.open()
+    kv = await js.key_value(d.bucket)
+    for exec_id in held:
+        entry = await kv.get(d.key(exec_id))
+        await kv.update(d.key(exec_id), entry.value or b"", entry.revision)
     async with engine_on(nats_url, [flow], outbox_grace=0.5) as b:
         final = [await b.wait_for(flow, exec_id, timeout=WAIT) for exec_id in ids]
     for i, st in enumerate(final):

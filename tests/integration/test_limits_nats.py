@@ -150,7 +150,7 @@ async def test_too_long_execution_id_is_terminated_and_the_engine_stays_connecte
         assert [s.id for s in await engine.executions(flow)] == [longest]
 
 
-async def test_too_long_watched_key_is_skipped_counted_and_skipped_again_after_restart(
+async def test_too_long_watched_key_is_skipped_and_counted_and_the_engine_keeps_its_connection(
     nats_url: str, nc: Client
 ) -> None:
     flow, bucket = watcher_workflow()
@@ -163,7 +163,9 @@ async def test_too_long_watched_key_is_skipped_counted_and_skipped_again_after_r
 
     await nc.subscribe(f"{wid}.alert", cb=on_alert)
     long_key = "ent." + "k" * (MAX_KEY_LENGTH + 500)
-    for attempt in range(2):  # the second engine replays the bucket, the long key with it
+    # (The second engine resumes from the changes not acknowledged: the long key was
+    # skipped and acknowledged, so it is counted once.)
+    for attempt in range(2):
         async with engine_on(nats_url, [flow]) as engine:
             conn = engine.backend.nc  # type: ignore[attr-defined]
             kv = await js.key_value(bucket)
@@ -171,7 +173,7 @@ async def test_too_long_watched_key_is_skipped_counted_and_skipped_again_after_r
                 await kv.put(long_key, b"{}")
                 await kv.put("ent.ok", b"{}")
             await eventually(
-                lambda n=attempt + 1: metric("reactive_invalid_keys_total", bucket=bucket) >= n,
+                lambda: metric("reactive_invalid_keys_total", bucket=bucket) >= 1,
                 what="the long key counted",
             )
             await eventually(lambda: len(alerts) >= 1, what="the alert for ent.ok")

@@ -460,7 +460,7 @@ async def test_external_pending_state_is_initialized_before_a_writer_runs() -> N
         assert st.deadline is None
 
 
-async def test_one_watcher_per_bucket_however_many_rules_watch_it() -> None:
+async def test_one_partitioned_consumer_per_bucket_however_many_rules_watch_it() -> None:
     from reactive import MemoryBackend
     from reactive.runtime.engine import Engine
 
@@ -477,17 +477,17 @@ async def test_one_watcher_per_bucket_however_many_rules_watch_it() -> None:
         namespace[f"r{i}"] = make()
     Many = type("Many", (Workflow,), namespace, id="many")
     backend = MemoryBackend()
-    opened: list[str] = []
-    original = backend.kv_watch
+    opened: list[tuple[str, str]] = []
+    original = backend.consume_partitions
 
-    def counting_watch(bucket: str, pattern: str = ">"):  # type: ignore[no-untyped-def]
-        opened.append(bucket)
-        return original(bucket, pattern)
+    def counting(bucket: str, partitions: int, *, group: str = ""):  # type: ignore[no-untyped-def]
+        opened.append((bucket, group))
+        return original(bucket, partitions, group=group)
 
-    backend.kv_watch = counting_watch  # type: ignore[method-assign]
+    backend.consume_partitions = counting  # type: ignore[method-assign]
     async with Engine(backend, [Many]) as engine:
         await engine.wait_ready()
-    assert opened == ["MANY"]
+    assert opened == [("MANY", "many")]
 
 
 class Late(ExecutionState):

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from reactive.backends.base import Backend, KVEntry, schedule_headers
 from reactive.backends.memory import MemoryBackend, PublishedMessage
 from reactive.backends.memory._streams import schedule_time
+from reactive.backends.partitions import partitioned_stream
 from reactive.clock import ManualClock
 from reactive.errors import ConflictError
 
@@ -98,7 +99,7 @@ class TestMemoryBackend(BackendContract):
     async def assert_partitions_done(self, backend: Backend, bucket: str) -> None:
         # Every change taken in was delivered and acknowledged: none is pending, none new.
         # (The members' tasks may still be acknowledging: they are let run.)
-        target = cast(MemoryBackend, backend)._partition_sets[bucket]
+        target = cast(MemoryBackend, backend)._partition_sets[partitioned_stream(bucket)]
         with anyio.fail_after(5):
             while any(c.pending or c._peek_new() is not None for c in target.consumers):
                 await anyio.sleep(0.01)

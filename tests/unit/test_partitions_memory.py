@@ -126,4 +126,4 @@ async def test_close_ends_the_members_iterators() -> None:
                 await anyio.wait_all_tasks_blocked()
                 await b.close()
     assert sorted(ended) == [1, 2]
-    assert cast(MemoryBackend, b)._partition_sets["b"].members == []
+    assert cast(MemoryBackend, b)._partition_sets["KVPART_b"].members == []

@@ -80,11 +80,13 @@ class _Member:
 class _PartitionSet:
     """One partitioned bucket: its stream, a durable per partition, the members and pins."""
 
-    def __init__(self, bucket: str, partitions: int, ack_wait: float, clock: Clock) -> None:
+    def __init__(
+        self, bucket: str, group: str, partitions: int, ack_wait: float, clock: Clock
+    ) -> None:
         self.bucket = bucket
         self.partitions = partitions
         self.clock = clock
-        self.stream = _Stream(partitioned_stream(bucket))
+        self.stream = _Stream(partitioned_stream(bucket, group))
         self.signal = _Signal()  # one for every partition: a reader looks at them all
         self.consumers = [
             _Consumer(self.stream, consumer_name(p), f"{p}.>", ack_wait, clock)
@@ -168,6 +170,8 @@ class _PartitionSet:
                     continue
                 self.pins[p] = member
                 member.held.add(p)
+                # Whom the other free partitions go to may have changed: wake the others.
+                self.signal.fire()
             elif owner is not member:
                 continue
             msg = consumer.take(now)
@@ -276,6 +280,9 @@ class _PartitionReader:
     def held(self) -> frozenset[int]:
         return frozenset(self.member.held)
 
+    def holds(self, partition: int) -> bool:
+        return partition in self.member.held
+
     @property
     def members(self) -> int:
         return len(self._set.members)
@@ -318,7 +325,13 @@ class _PartitionedBuckets:
     _partition_readers: set[_PartitionReader]
 
     async def ensure_partitioned(
-        self, bucket: str, partitions: int, *, ack_wait: float = 30.0, pin_timeout: float = 5.0
+        self,
+        bucket: str,
+        partitions: int,
+        *,
+        group: str = "",
+        ack_wait: float = 30.0,
+        pin_timeout: float = 5.0,
     ) -> None:
         backend = cast("MemoryBackend", self)
         check_partitions(partitions)
@@ -326,12 +339,13 @@ class _PartitionedBuckets:
             raise ValueError("ack_wait and pin_timeout must be positive")
         b = backend._bucket(bucket)
         sets = self._partition_sets
-        found = sets.get(bucket)
+        name = partitioned_stream(bucket, group)
+        found = sets.get(name)
         if found is not None:
             _check_count(bucket, found, partitions)
             found.set_ack_wait(ack_wait)
             return
-        target = sets[bucket] = _PartitionSet(bucket, partitions, ack_wait, backend.clock)
+        target = sets[name] = _PartitionSet(bucket, group, partitions, ack_wait, backend.clock)
         # The latest revision of every key (delete markers too) in revision order, as a
         # new source reads the bucket's stream; then every change.
         for entry in sorted(b.latest.values(), key=lambda e: e.revision):
@@ -341,17 +355,17 @@ class _PartitionedBuckets:
         b.watchers.append(watcher)
 
     def consume_partitions(
-        self, bucket: str, partitions: int
+        self, bucket: str, partitions: int, *, group: str = ""
     ) -> AbstractAsyncContextManager[PartitionedConsumer]:
-        return self._consume_partitions(bucket, partitions)
+        return self._consume_partitions(bucket, partitions, group)
 
     @asynccontextmanager
     async def _consume_partitions(
-        self, bucket: str, partitions: int
+        self, bucket: str, partitions: int, group: str
     ) -> AsyncIterator[PartitionedConsumer]:
         cast("MemoryBackend", self)._check_open()
         check_partitions(partitions)
-        target = self._partition_sets.get(bucket)
+        target = self._partition_sets.get(partitioned_stream(bucket, group))
         if target is None:
             raise NotFoundError(
                 f"bucket {bucket!r} is not partitioned (call ensure_partitioned first)"
@@ -381,7 +395,4 @@ class _PartitionedBuckets:
 
 def _check_count(bucket: str, target: _PartitionSet, partitions: int) -> None:
     if target.partitions != partitions:
-        raise PartitionCountError(
-            f"bucket {bucket!r} is partitioned into {target.partitions} partitions, "
-            f"not {partitions}"
-        )
+        raise PartitionCountError(bucket, target.partitions, partitions)

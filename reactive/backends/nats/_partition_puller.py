@@ -70,6 +70,7 @@ class _SetInfo(msgspec.Struct, frozen=True):
     """What a process reads of a partitioned set before it pulls."""
 
     partitions: int
+    group: str
     ack_wait: float
     pin_timeout: float
 
@@ -114,7 +115,7 @@ class _PartitionPuller(_Supervised):
         self._info = info
         self._bucket = bucket
         self._n = n
-        self._stream = stream = partitioned_stream(bucket)
+        self._stream = stream = partitioned_stream(bucket, info.group)
         self._what = f"partitions of {bucket}"
         # The pinned process renews its pin with each pull: well within priority_timeout.
         self._expires = min(max(info.pin_timeout / 3, 0.05), 30.0)
@@ -154,6 +155,9 @@ class _PartitionPuller(_Supervised):
     @property
     def held(self) -> frozenset[int]:
         return frozenset(p for p, pin in enumerate(self._pins) if pin is not None)
+
+    def holds(self, partition: int) -> bool:
+        return 0 <= partition < self._n and self._pins[partition] is not None
 
     @property
     def members(self) -> int:
@@ -417,6 +421,10 @@ class _PartitionPuller(_Supervised):
         """A consumer of the set is gone (deleted by hand?): make the set again."""
         info = self._info
         await self._backend.ensure_partitioned(
-            self._bucket, info.partitions, ack_wait=info.ack_wait, pin_timeout=info.pin_timeout
+            self._bucket,
+            info.partitions,
+            group=info.group,
+            ack_wait=info.ack_wait,
+            pin_timeout=info.pin_timeout,
         )
         self._missing = False

@@ -68,10 +68,10 @@ def _partition_count(stream_info: dict[str, Any]) -> int | None:
     return None
 
 
-async def _set_info(backend: NatsBackend, bucket: str, partitions: int) -> _SetInfo:
+async def _set_info(backend: NatsBackend, bucket: str, partitions: int, group: str) -> _SetInfo:
     """Check that ``bucket`` is partitioned into ``partitions``; read its consumers' timeouts."""
     check_partitions(partitions)
-    stream = partitioned_stream(bucket)
+    stream = partitioned_stream(bucket, group)
     try:
         info = await _api(backend, f"STREAM.INFO.{stream}", None, f"partitions of {bucket}")
     except NotFoundError:
@@ -80,15 +80,14 @@ async def _set_info(backend: NatsBackend, bucket: str, partitions: int) -> _SetI
         ) from None
     found = _partition_count(info)
     if found != partitions:
-        raise PartitionCountError(
-            f"bucket {bucket!r} is partitioned into {found} partitions, not {partitions}"
-        )
+        raise PartitionCountError(bucket, found, partitions)
     first = await _api(
         backend, f"CONSUMER.INFO.{stream}.{consumer_name(0)}", None, f"partitions of {bucket}"
     )
     config = first.get("config", {})
     return _SetInfo(
         partitions,
+        group,
         config.get("ack_wait", 30 * _NANOS) / _NANOS,
         config.get("priority_timeout", 5 * _NANOS) / _NANOS,
     )
@@ -98,14 +97,20 @@ class _PartitionedBuckets:
     """The partitioned-bucket part of ``NatsBackend`` (see the module's docstring)."""
 
     async def ensure_partitioned(
-        self, bucket: str, partitions: int, *, ack_wait: float = 30.0, pin_timeout: float = 5.0
+        self,
+        bucket: str,
+        partitions: int,
+        *,
+        group: str = "",
+        ack_wait: float = 30.0,
+        pin_timeout: float = 5.0,
     ) -> None:
         backend = cast("NatsBackend", self)
         check_partitions(partitions)
         if ack_wait <= 0 or pin_timeout <= 0:
             raise ValueError("ack_wait and pin_timeout must be positive")
         kv = await backend._kv(bucket)  # (NotFoundError for a missing bucket)
-        stream = partitioned_stream(bucket)
+        stream = partitioned_stream(bucket, group)
         what = f"partition {bucket}"
         config = {
             "name": stream,
@@ -131,9 +136,7 @@ class _PartitionedBuckets:
                     f"{what}: a stream {stream} exists and is not a partitioned bucket's"
                 ) from None
             if found != partitions:
-                raise PartitionCountError(
-                    f"bucket {bucket!r} is partitioned into {found} partitions, not {partitions}"
-                ) from None
+                raise PartitionCountError(bucket, found, partitions) from None
         consumers = [
             {
                 "durable_name": consumer_name(p),
@@ -169,16 +172,17 @@ class _PartitionedBuckets:
         )
 
     def consume_partitions(
-        self, bucket: str, partitions: int
+        self, bucket: str, partitions: int, *, group: str = ""
     ) -> AbstractAsyncContextManager[PartitionedConsumer]:
-        return self._consume_partitions(bucket, partitions)
+        return self._consume_partitions(bucket, partitions, group)
 
     @asynccontextmanager
     async def _consume_partitions(
-        self, bucket: str, partitions: int
+        self, bucket: str, partitions: int, group: str
     ) -> AsyncIterator[PartitionedConsumer]:
         backend = cast("NatsBackend", self)
-        puller = _PartitionPuller(backend, bucket, await _set_info(backend, bucket, partitions))
+        info = await _set_info(backend, bucket, partitions, group)
+        puller = _PartitionPuller(backend, bucket, info)
         await puller.open()
         backend._open.add(puller)
         try:
