@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from reactive.backends.partitions import MAX_PARTITIONS
 from reactive.cli.common import (
     DEFAULT_DATA_DIR,
     URL_ENV,
@@ -89,6 +90,9 @@ async def _serve(
         workflows,
         workers=args.workers,
         queue_limit=args.queue_limit,
+        partitions=args.partitions,
+        pin_timeout=args.pin_timeout,
+        ack_wait=args.ack_wait,
     )
     state["engine"], state["backend"] = engine, backend
     ids = ",".join(sorted(engine.registry.workflows))
@@ -181,6 +185,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     if args.replicas < 1:
         raise CLIError("--replicas must be at least 1")
+    if args.partitions > MAX_PARTITIONS:
+        raise CLIError(f"--partitions must be at most {MAX_PARTITIONS}")
+    if not (args.pin_timeout > 0 and args.ack_wait > 0):
+        raise CLIError("--pin-timeout and --ack-wait must be positive")
     workflows = load_targets(args.targets)
     ids = [definition_of(w).id for w in workflows]
     if len(set(ids)) != len(ids):
@@ -344,6 +352,33 @@ def add_parser(commands: Subcommands) -> None:
         default=2048,
         metavar="N",
         help="events queued for the workers, all together, before a trigger waits (default: 2048)",
+    )
+    ops.add_argument(
+        "--partitions",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help=(
+            "partitions of each watched bucket, shared by the engines that serve a workflow: "
+            "at most N engines share its work (default: 8; the first engine's number stays)"
+        ),
+    )
+    ops.add_argument(
+        "--pin-timeout",
+        type=float,
+        default=4.0,
+        metavar="SECONDS",
+        help="an engine silent this long loses its partitions to the others (default: 4)",
+    )
+    ops.add_argument(
+        "--ack-wait",
+        type=float,
+        default=8.0,
+        metavar="SECONDS",
+        help=(
+            "a message an engine took and did not acknowledge comes again after this long "
+            "(default: 8)"
+        ),
     )
     serve.set_defaults(handler=cmd_serve)
 

@@ -76,6 +76,18 @@ class EngineMetrics:
             ["workflow"],
             registry=r,
         )
+        self.partitions_held = Gauge(
+            "reactive_partitions_held",
+            "Partitions of a workflow's watched bucket this process holds now",
+            ["workflow", "bucket"],
+            registry=r,
+        )
+        self.partition_members = Gauge(
+            "reactive_partition_members",
+            "Processes sharing a workflow's partitions of a bucket, as last counted",
+            ["workflow", "bucket"],
+            registry=r,
+        )
         self.rule_duration = Histogram(
             "reactive_rule_duration_seconds",
             "Time to evaluate and dispatch a firing rule",

@@ -234,8 +234,13 @@ class Triggers:
         settle = self.rt.settle
         wf = bound.definition.id
         n = await self._partitioned(bound, bucket)
+        metrics = self.rt.metrics
+        held = metrics.partitions_held.labels(wf, bucket)
+        members = metrics.partition_members.labels(wf, bucket)
         async with self.backend.consume_partitions(bucket, n, group=wf) as consumer:
             self.partitions[(wf, bucket)] = (consumer, n)
+            held.set_function(lambda: len(consumer.held))
+            members.set_function(lambda: consumer.members)
             opened()
             try:
                 async for msg in consumer:
@@ -248,6 +253,8 @@ class Triggers:
             finally:
                 if self.partitions.get((wf, bucket), (None,))[0] is consumer:
                     del self.partitions[(wf, bucket)]
+                    held.set(0)  # (a value instead of the function: it holds nothing now)
+                    members.set(0)
 
     async def _enqueue_kv(
         self, bound: BoundWorkflow, entry: KVEntry, msg: PartitionedMessage

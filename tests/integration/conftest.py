@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import nats
 import pytest
+from nats.aio.client import Client
 
 from reactive.backends.server import NatsServer
 
@@ -41,3 +43,13 @@ def restartable_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Client]:
+    """A plain nats-py connection for the test's own publishing, subscribing and inspecting."""
+    conn = await nats.connect(nats_url)
+    try:
+        yield conn
+    finally:
+        await conn.drain()

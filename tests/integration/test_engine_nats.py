@@ -305,16 +305,6 @@ async def engine_on(
         await backend.close()
 
 
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[Client]:
-    """A plain nats-py connection for the test's own publishing, subscribing and inspecting."""
-    conn = await nats.connect(nats_url)
-    try:
-        yield conn
-    finally:
-        await conn.drain()
-
-
 # ---------------------------------------------------------------------------
 # 1. async callbacks end to end
 # ---------------------------------------------------------------------------

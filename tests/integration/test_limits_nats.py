@@ -107,15 +107,6 @@ def watcher_workflow() -> tuple[type[Workflow], str]:
     return Watcher, bucket
 
 
-@pytest.fixture
-async def nc(nats_url: str) -> Any:
-    conn = await nats.connect(nats_url)
-    try:
-        yield conn
-    finally:
-        await conn.drain()
-
-
 async def summarizer(nc: Client, flow: type[Workflow]) -> Responder:
     wid = flow.__reactive__.id  # type: ignore[attr-defined]
     return await Responder(nc, f"{wid}.summarize", lambda req: {"summary": "ok"}).start()

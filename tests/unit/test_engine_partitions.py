@@ -1,0 +1,129 @@
+"""Engines share the work through partitioned consumers (in memory, as on NATS): each change
+of a watched bucket goes to the one engine holding its key's partition; a starting engine
+resumes from the changes not acknowledged, not from every key; every workflow watching a
+bucket gets every change."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import msgspec
+import pytest
+from prometheus_client import CollectorRegistry
+
+from reactive import MemoryBackend, RuleContext, Workflow, rule
+from reactive.backends.partitions import partition_of
+from reactive.clock import ManualClock
+from reactive.conditions import condition
+from reactive.runtime.engine import Engine
+from reactive.runtime.metrics import EngineMetrics
+from reactive.testing import TestEngine
+
+pytestmark = pytest.mark.anyio
+
+BUCKET = "ENTITIES"
+
+
+class Entity(msgspec.Struct):
+    level: int = 0
+
+
+def watcher(workflow_id: str, seen: Counter[tuple[str, int]]) -> type[Workflow]:
+    """A workflow that records each revision of each ``ent.>`` key it evaluates."""
+
+    @condition
+    def record(ctx: RuleContext[Any, Any]) -> bool:
+        seen[(ctx.key, ctx.revision)] += 1
+        return False
+
+    class Watcher(Workflow, id=workflow_id):
+        @rule(watch_kv="ent.>", bucket=BUCKET, when=record, publish="never")
+        def alert(self, ctx: RuleContext[Any, None]) -> None:
+            return None
+
+    return Watcher
+
+
+def evaluations(metrics: EngineMetrics, workflow_id: str) -> float:
+    return metrics.rule_evaluations.labels(workflow_id, "alert", "false")._value.get()
+
+
+def held(engine: Engine, workflow_id: str) -> frozenset[int]:
+    consumer, _ = engine.triggers.partitions[(workflow_id, BUCKET)]
+    return consumer.held
+
+
+async def settle(*tes: TestEngine) -> None:
+    for _ in range(2):
+        for te in tes:
+            await te.settle()
+
+
+async def put(backend: MemoryBackend, keys: list[str], level: int = 1) -> None:
+    for key in keys:
+        await backend.kv_put(BUCKET, key, msgspec.json.encode(Entity(level=level)))
+
+
+async def test_two_engines_share_the_partitions_and_evaluate_each_change_once() -> None:
+    seen: Counter[tuple[str, int]] = Counter()
+    wf = watcher("shared", seen)
+    clock = ManualClock()
+    backend = MemoryBackend(clock=clock)
+    ma, mb = EngineMetrics(CollectorRegistry()), EngineMetrics(CollectorRegistry())
+    keys = [f"ent.k{i}" for i in range(64)]
+    async with (
+        TestEngine(wf, clock=clock, backend=backend, instance_id="a", metrics=ma) as a,
+        TestEngine(wf, clock=clock, backend=backend, instance_id="b", metrics=mb) as b,
+    ):
+        await put(backend, keys)
+        await settle(a, b)
+        await put(backend, keys, level=2)
+        await settle(a, b)
+        held_a, held_b = held(a.engine, "shared"), held(b.engine, "shared")
+    # Every revision was evaluated, once.
+    assert len(seen) == 2 * len(keys)
+    assert set(seen.values()) == {1}
+    # The partitions are split between the two (four each: none holds more than its
+    # share), and each engine evaluated the keys of the partitions it holds.
+    assert len(held_a) == len(held_b) == 4
+    assert not held_a & held_b
+    mine_a = [k for k in keys if partition_of(k, 8) in held_a]
+    assert evaluations(ma, "shared") == 2 * len(mine_a)
+    assert evaluations(mb, "shared") == 2 * (len(keys) - len(mine_a))
+
+
+async def test_a_starting_engine_resumes_from_the_changes_not_acknowledged() -> None:
+    seen: Counter[tuple[str, int]] = Counter()
+    wf = watcher("resume", seen)
+    clock = ManualClock()
+    backend = MemoryBackend(clock=clock)
+    async with TestEngine(wf, clock=clock, backend=backend) as te:
+        await put(backend, ["ent.a", "ent.b", "ent.c"])
+        await te.settle()
+    assert sorted(seen) == [("ent.a", 1), ("ent.b", 2), ("ent.c", 3)]
+    # Written while no engine runs: the next one takes these changes up, and only them.
+    await put(backend, ["ent.b", "ent.d"], level=2)
+    async with TestEngine(wf, clock=clock, backend=backend) as te:
+        await te.settle()
+    assert sorted(seen) == [("ent.a", 1), ("ent.b", 2), ("ent.b", 4), ("ent.c", 3), ("ent.d", 5)]
+    assert set(seen.values()) == {1}
+
+
+async def test_every_workflow_watching_a_bucket_gets_every_change_with_engines_apart() -> None:
+    # Two workflows on one bucket, each served by its own engine (process): each has its
+    # own partitions of the bucket, so neither takes the other's changes away.
+    seen_one: Counter[tuple[str, int]] = Counter()
+    seen_two: Counter[tuple[str, int]] = Counter()
+    one, two = watcher("one", seen_one), watcher("two", seen_two)
+    clock = ManualClock()
+    backend = MemoryBackend(clock=clock)
+    keys = [f"ent.k{i}" for i in range(16)]
+    async with (
+        TestEngine(one, clock=clock, backend=backend) as a,
+        TestEngine(two, clock=clock, backend=backend) as b,
+    ):
+        await put(backend, keys)
+        await settle(a, b)
+        assert len(held(a.engine, "one")) == len(held(b.engine, "two")) == 8
+    assert seen_one == seen_two == Counter({(k, i + 1): 1 for i, k in enumerate(keys)})
