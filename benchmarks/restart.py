@@ -22,13 +22,16 @@ whichever ``reactive`` is installed. Engines are stopped with SIGTERM.
      into the bucket: copies of the template's final state and of the records the engine
      left about it in the meta bucket, its id replaced (the ids have the same length);
   3. a second engine starts, takes in that history and is stopped once at rest: from
-     then on the history is as an engine leaves it (nothing left to process);
+     then on the history is as an engine leaves it (an engine that consumes changes
+     rather than replaying the bucket would otherwise find the copies as new work);
   4. measured: a third engine starts; right after its process starts, a ``restart.go``
      message is published (to its stream) for every active execution. Reported: the
      time from the process start to the first new transition committed (the timestamp
      the server stored on the revision, read with an ordered consumer that delivers only
-     new revisions), the time until every active execution has completed, the peak RSS
-     (VmHWM) read once it is at rest, before it is stopped, and the RSS at rest (VmRSS).
+     new revisions), the time to the first transition a KV change triggered (an active
+     execution's completion, after its ``go``), the time until every active execution has
+     completed, the peak RSS (VmHWM) read once it is at rest, before it is stopped, and
+     the RSS at rest (VmRSS).
 
 (b): an engine starts 10^3 executions that park with deadlines; at rest its RSS is read
   (the creating engine), it is stopped, a fresh engine starts on the same bucket and its
@@ -465,6 +468,7 @@ async def measure_restart(url: str, tmp: Path, args: argparse.Namespace) -> None
         # 4. Measured.
         say("(a) measured start: the engine starts, the go messages follow at once")
         firsts: list[tuple[float, float, str]] = []  # (server time, arrival, key)
+        first_done: list[float] = []  # server time of the first completion (a KV-triggered rule)
         done: set[str] = set()
         all_done = asyncio.Event()
         prefix = f"$KV.{BUCKET}."
@@ -477,6 +481,9 @@ async def measure_restart(url: str, tmp: Path, args: argparse.Namespace) -> None
                     (msg.metadata.timestamp.timestamp(), arrival, msg.subject[len(prefix) :])
                 )
             if b'"status":"completed"' in msg.data:
+                if not first_done:
+                    assert msg.metadata.timestamp is not None
+                    first_done.append(msg.metadata.timestamp.timestamp())
                 done.add(msg.subject)
                 if len(done) >= n_active:
                     all_done.set()
@@ -526,6 +533,7 @@ async def measure_restart(url: str, tmp: Path, args: argparse.Namespace) -> None
                 "first_transition_s": round(first, 3),
                 "first_transition_observed_s": round(arrival - engine.started, 3),
                 "first_key": key,
+                "first_kv_triggered_s": round(first_done[0] - engine.started, 3),
                 "go_published_s": round(go_took, 3),
                 "healthy_s": round(healthy, 2),
                 "all_active_done_s": round(every_active, 2),
