@@ -1,7 +1,8 @@
 """The engine: the facade that wires the runtime's parts, starts and stops them, and offers the
 public methods. The path of an event, and which part keeps which guarantee:
 
-* ``triggers`` turn NATS (KV watches, subscriptions, callback and timer consumers)
+* ``triggers`` turn NATS (partitioned consumers of the watched buckets, subscriptions,
+  callback and timer consumers)
   into typed events (``events``) for the ``shards``: events of one key go to one
   worker, in order;
 * a worker sends each event to the handler of its kind: ``handle_kv`` (a revision,
@@ -289,7 +290,7 @@ class Engine:
         return self.running and self.triggers.ready_count >= self.triggers.expected_ready
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Wait until every trigger is set up (watches replaying, subscriptions and consumers open)."""
+        """Wait until every trigger is set up (partitioned consumers, subscriptions and consumers open)."""
         with anyio.fail_after(timeout):
             while not self.ready:
                 await anyio.sleep(0.01)

@@ -85,7 +85,7 @@ class Committed(msgspec.Struct, gc=False):
     """A state a worker has just committed, to be evaluated next (see ``Shards.follow``).
 
     ``value`` is empty for a terminal state: nothing fires for it; only its echo
-    from the watch is to be skipped.
+    from the partition is to be skipped.
     """
 
     bucket: str

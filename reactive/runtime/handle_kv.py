@@ -239,7 +239,7 @@ class KVHandler:
                 ):
                     return
             except ConflictError:
-                return  # a newer revision beat us; the watch brings it
+                return  # a newer revision beat us; its partition brings it
             ctx: RuleContext[Any, Any] = new_context(
                 state, None, d.id, exec_id, key, bucket, revision, mode, now
             )
@@ -309,7 +309,7 @@ class KVHandler:
                     state.outbox_id = f"{d.id}:{exec_id}:{revision}"
                     await self.store.write(d, bucket, key, revision, state, None, fresh)
             except ConflictError:
-                pass  # a newer revision beat us; the watch brings it, and it is evaluated then
+                pass  # a newer revision beat us; its partition brings it, to be evaluated then
         except TransientBackendError as e:
             failed = True
             rt.retry_later(bound, bucket, key, e)

@@ -5,8 +5,9 @@ Guarantees kept here:
 
 * Events of one key are handled one at a time, in the order they came.
 * Each revision is evaluated once, as soon as it exists: a state a worker has just
-  committed is evaluated right away, and its echo from the watch is skipped
-  (``KeyOrder``); revisions written by anyone else come through the watch.
+  committed is evaluated right away (where this engine holds the key's partition), and
+  its echo from the partition is skipped (``KeyOrder``); revisions written by anyone
+  else come through the partitions.
 * At most ``queue_limit`` events wait for the workers, so a replay is taken in at
   the pace it is processed; the heap a large burst used is handed back after it.
 """
@@ -35,7 +36,7 @@ from reactive.runtime.registry import BoundWorkflow
 __all__ = ["CHAIN_LIMIT", "KeyOrder", "Shards"]
 
 # follow: at most this many transitions in a row are evaluated right after their
-# commit; a longer chain (a loop) goes on through the watch, so one busy key does
+# commit; a longer chain (a loop) goes on through the partition, so one busy key does
 # not hold its worker's other keys back.
 CHAIN_LIMIT = 8
 _CHAINED_MAX = 100_000
@@ -52,7 +53,7 @@ Evaluate = Callable[
 
 class KeyOrder:
     """Per key: the latest revision queued, and the chain of this engine's own commits
-    evaluated right after committing them (whose echoes from the watch are skipped)."""
+    evaluated right after committing them (whose echoes from the partition are skipped)."""
 
     def __init__(self) -> None:
         self.latest: dict[tuple[str, str], int] = {}
@@ -179,13 +180,14 @@ class Shards:
                         _release_free_heap()
 
     async def follow(self, fresh: list[Committed]) -> None:
-        """Evaluate the revisions this worker just committed, without waiting for the watch.
+        """Evaluate the revisions this worker just committed, without waiting for their partition.
 
-        The watch brings every committed revision back; evaluating it here instead
+        The key's partition brings every committed revision back; evaluating it here instead
         saves the round trip (each transition of a chain starts as soon as the one
         before has committed) and the echo's decoding and queueing: the echo is
         recognized and skipped (KeyOrder.seen). A chain stops after CHAIN_LIMIT
-        transitions; the watch takes it from there.
+        transitions; the partition takes it from there. A key whose partition another
+        engine holds is left to it.
         """
         order = self.order
         chained = order.chained
@@ -197,7 +199,7 @@ class Shards:
             c = fresh.pop(0)
             k = (c.bucket, c.key)
             if hops >= CHAIN_LIMIT or order.latest.get(k, c.revision) > c.revision:
-                continue  # a newer revision is queued (or the chain is long): the watch goes on
+                continue  # a newer revision is queued (or the chain is long): the partition goes on
             matches = match_kv(c.bucket, c.key)
             if len(matches) != 1 or not owns(matches[0][0], c.bucket, c.key):
                 # (Another engine holds the key's partition in a workflow's set: the
@@ -220,7 +222,7 @@ class Shards:
             for bound, rules in matches:
                 await evaluate(bound, rules, c.bucket, c.key, c.revision, c.value, "kv", fresh)
         if len(chained) > _CHAINED_MAX:
-            chained.clear()  # echoes lost (a watch re-created): evaluating twice is harmless
+            chained.clear()  # echoes forgotten: evaluating twice is harmless
 
     async def _release(self, event: Event) -> None:
         if isinstance(event, MessageArrival | CallbackArrival):

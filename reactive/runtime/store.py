@@ -279,8 +279,8 @@ class Store:
         """None once the outbox of this revision has gone out (delivering it if its writer is
         gone); else when to look again (FOREVER: never, the revision is stale).
 
-        ``revision``: the revision ``st`` was read at, when it may be stale (a KV
-        watch entry). A superseded revision's outbox is never delivered again:
+        ``revision``: the revision ``st`` was read at, when it may be stale (a change
+        from a partition). A superseded revision's outbox is never delivered again:
         every engine write settles the outbox it replaces first.
         """
         if self.delivered.get((bucket, key)) == st.outbox_id:
@@ -292,7 +292,7 @@ class Store:
         if revision is not None:
             latest = await self.backend.kv_get(bucket, key)
             if latest is not None and latest.revision != revision:
-                return FOREVER  # stale: the watch brings the newer revision
+                return FOREVER  # stale: the newer revision comes next
         written = st.updated_at.timestamp() if st.updated_at else 0.0
         grace_ends = written + self.rt.options.outbox_grace
         if st.owner != self.instance_id and now < grace_ends:
