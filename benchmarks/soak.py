@@ -31,11 +31,12 @@ Counted at the end, from NATS itself:
 Prints one JSON line; exits 1 when any is not zero.
 
 Also measured, never a pass/fail condition: for each kill (engine or node), the executions
-in flight at that instant (a transition in their timeline before it, not completed before
-it), and the time from the kill to each one's next transition (the timelines' timestamps,
+in flight at that instant (started before it, by the start message sent or a transition in
+their timeline, and not completed before it), and the time from the kill to each one's next transition (the timelines' timestamps,
 the engines' wall clock). ``max_stall_after_kill_s`` is the longest over the engine kills,
 ``max_stall_after_node_kill_s`` over the node kills; ``kill_stalls`` has one entry per
-kill (how many were in flight, the longest and the median wait, how many never moved).
+kill (how many were in flight, the longest and the median wait, which execution waited
+longest and for which rule, how many never moved).
 The wait includes any queue the load has built, not only the hand-over.
 """
 
@@ -52,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -68,7 +70,7 @@ sys.path.insert(0, str(HERE / "scenarios"))
 from cluster import NatsCluster  # noqa: E402
 from soak_workflow import EXPECTED  # noqa: E402
 
-from reactive.backends.server import NatsServer  # noqa: E402
+from reactive.backends.server import NatsServer, free_port  # noqa: E402
 
 TARGET = f"{HERE / 'scenarios' / 'soak_workflow.py'}:Soak"
 
@@ -80,10 +82,14 @@ class Engines:
         self.url = url
         self.logs = logs
         self.replicas = replicas
-        self.procs: list[subprocess.Popen[bytes]] = [self._spawn(i) for i in range(k)]
+        self.ports: list[int] = [0] * k
+        self.procs: list[subprocess.Popen[bytes]] = []
+        for i in range(k):
+            self.procs.append(self._spawn(i))
         self.started = k
 
     def _spawn(self, i: int) -> subprocess.Popen[bytes]:
+        self.ports[i] = port = free_port()
         log = (self.logs / f"engine-{i}-{time.monotonic_ns()}.log").open("wb")
         env = dict(os.environ, PYTHONPATH=str(REPO))
         return subprocess.Popen(
@@ -98,7 +104,7 @@ class Engines:
                 "--replicas",
                 str(self.replicas),
                 "--metrics-port",
-                "0",
+                str(port),
                 "--log-level",
                 "warning",
             ],
@@ -108,12 +114,27 @@ class Engines:
             stderr=subprocess.STDOUT,
         )
 
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until every engine's /healthz says 200 (connected, every trigger running)."""
+        deadline = time.monotonic() + timeout
+        for proc, port in zip(self.procs, self.ports, strict=True):
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"an engine exited with {proc.returncode} while starting")
+                with contextlib.suppress(OSError):
+                    url = f"http://127.0.0.1:{port}/healthz"
+                    with urllib.request.urlopen(url, timeout=1.0):
+                        break  # 200; a 503 raises HTTPError, an OSError
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the engines were not ready within {timeout:g}s")
+                time.sleep(0.1)
+
     def kill_and_replace(self, i: int) -> None:
         proc = self.procs[i]
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGKILL)
         proc.wait()
-        self.procs[i] = self._spawn(self.started)
+        self.procs[i] = self._spawn(i)
         self.started += 1
 
     def stop(self) -> None:
@@ -261,32 +282,40 @@ def _when(stamp: str) -> float:
     return datetime.fromisoformat(stamp).timestamp()
 
 
-def _stalls(kill_at: float, states: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The executions in flight at ``kill_at`` and how long each waited for its next
-    transition (``never``: none came before the end of the run)."""
-    waits: list[float] = []
+def _stalls(
+    kill_at: float, published: dict[str, float], states: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The executions in flight at ``kill_at`` (started before it, by the start message's
+    publication or a transition, and not completed before it) and how long each waited for
+    its next transition (``never``: none came before the end of the run)."""
+    waits: list[tuple[float, str, str]] = []  # (wait, execution, the next transition's rule)
     never = 0
-    for s in states.values():
-        times = sorted(_when(e["timestamp"]) for e in s.get("timeline", ()))
-        if not times or times[0] > kill_at:
+    for exec_id, sent in published.items():
+        s = states.get(exec_id, {})
+        steps = sorted((_when(e["timestamp"]), e["rule_id"]) for e in s.get("timeline", ()))
+        if sent > kill_at and (not steps or steps[0][0] > kill_at):
             continue  # not begun
-        later = [t for t in times if t > kill_at]
+        later = [(t, rule) for t, rule in steps if t > kill_at]
         if not later:
             if s.get("status") != "completed":
                 never += 1
-            continue  # completed before the kill, or stuck (counted as ``never``)
-        waits.append(later[0] - kill_at)
+            continue  # completed before the kill, or stuck or lost (counted as ``never``)
+        waits.append((later[0][0] - kill_at, exec_id, later[0][1]))
     waits.sort()
     return {
         "in_flight": len(waits) + never,
-        "max_stall_s": round(waits[-1], 2) if waits else None,
-        "median_stall_s": round(waits[len(waits) // 2], 2) if waits else None,
+        "max_stall_s": round(waits[-1][0], 2) if waits else None,
+        "median_stall_s": round(waits[len(waits) // 2][0], 2) if waits else None,
+        "slowest": f"{waits[-1][1]} then {waits[-1][2]}" if waits else None,
         "never": never,
     }
 
 
-async def _publish_starts(js: Any, ids: list[str], on_each: Any) -> None:
+async def _publish_starts(
+    js: Any, ids: list[str], published: dict[str, float], on_each: Any
+) -> None:
     for n, exec_id in enumerate(ids):
+        published[exec_id] = time.time()  # before: a start is in flight once it may be stored
         for _ in range(100):
             try:
                 await js.publish(
@@ -323,6 +352,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     node_rng = random.Random(f"node-{args.seed}")  # apart: the engine kills stay the same
     replicas = 3 if args.cluster else 1
     engine_kills: list[dict[str, Any]] = []
+    published: dict[str, float] = {}  # execution id -> when its start was first sent
     node_kills: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="reactive-soak-") as tmp:
         cluster: NatsCluster | None = None
@@ -351,6 +381,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 worker.held = []
             await worker.start()
             engines = Engines(url, args.engines, Path(tmp), replicas)
+            # The load (and the kill clock) starts once every engine serves: a kill then
+            # lands on an engine at work, not on one still importing.
+            await asyncio.to_thread(engines.wait_ready, 120.0)
 
             def kill_an_engine() -> None:
                 assert engines is not None
@@ -378,7 +411,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     kill_an_engine()
                     next_kill = time.monotonic() + rng.uniform(0.5, 2.0)
 
-            await _publish_starts(js, ids, maybe_kill)
+            await _publish_starts(js, ids, published, maybe_kill)
             if args.short:
                 # Half the executions wait for the worker: an engine dies with work in flight.
                 deadline = time.monotonic() + args.deadline
@@ -440,14 +473,15 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         )
     )
     kill_stalls = [
-        {"engine": k["engine"], "at_s": k["at_s"], **_stalls(k["at"], states)} for k in engine_kills
+        {"engine": k["engine"], "at_s": k["at_s"], **_stalls(k["at"], published, states)}
+        for k in engine_kills
     ]
     node_stalls = [
         {
             "node": k["node"],
             "at_s": k["at_s"],
             "down_s": k.get("down_s"),
-            **_stalls(k["at"], states),
+            **_stalls(k["at"], published, states),
         }
         for k in node_kills
     ]
