@@ -314,7 +314,7 @@ def _stalls(
 
 
 async def _publish_starts(
-    js: Any, ids: list[str], published: dict[str, float], started: float, span: float, on_each: Any
+    js: Any, ids: list[str], published: dict[str, float], started: float, span: float
 ) -> None:
     """Send every start, the n-th at ``started + span * n / len(ids)`` (at once when behind)."""
     for n, exec_id in enumerate(ids):
@@ -332,7 +332,6 @@ async def _publish_starts(
                 break
             except Exception:  # no stream yet (the first engine is starting), or a failover
                 await asyncio.sleep(0.1)
-        on_each()
         if n % 50 == 49:
             await asyncio.sleep(0)
 
@@ -381,6 +380,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         engines: Engines | None = None
         worker: Worker | None = None
         node_killer: asyncio.Task[None] | None = None
+        engine_killer: asyncio.Task[None] | None = None
         try:
             js = nc.jetstream()
             await js.add_stream(name="SOAK_EVENTS", subjects=["soak.done"], num_replicas=replicas)
@@ -417,14 +417,13 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     _kill_a_node(cluster, node_rng, started + when, started, node_kills)
                 )
 
-            def kill_due() -> None:
-                while len(engine_kills) < len(plan):
-                    due, victim = plan[len(engine_kills)]
-                    if time.monotonic() < started + due:
-                        return
+            async def kill_engines() -> None:  # on time even while a publish waits
+                for due, victim in plan:
+                    await asyncio.sleep(max(0.0, started + due - time.monotonic()))
                     kill_an_engine(victim)
 
-            await _publish_starts(js, ids, published, started, span, kill_due)
+            engine_killer = asyncio.create_task(kill_engines())
+            await _publish_starts(js, ids, published, started, span)
             if args.short:
                 # Half the executions wait for the worker: an engine dies with work in flight.
                 deadline = time.monotonic() + args.deadline
@@ -434,9 +433,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     await asyncio.sleep(0.05)
                 kill_an_engine(0)
                 await worker.release()
-            for due, _ in plan[len(engine_kills) :]:
-                await asyncio.sleep(max(0.0, started + due - time.monotonic()))
-                kill_due()
+            await engine_killer
             if node_killer is not None:
                 await node_killer  # the node is back before the end is judged
             deadline = time.monotonic() + args.deadline
@@ -457,10 +454,11 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     worker.tasks.setdefault(req["execution_id"], set()).add(req["task_id"])
             streams = await _replicas(js)
         finally:
-            if node_killer is not None and not node_killer.done():
-                node_killer.cancel()
-                with contextlib.suppress(BaseException):
-                    await node_killer
+            for task in (engine_killer, node_killer):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
             if engines is not None:
                 engines.stop()
             if worker is not None:
