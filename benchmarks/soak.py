@@ -38,7 +38,7 @@ their timeline, and not completed before it), and the time from the kill to each
 the engines' wall clock). ``max_stall_after_kill_s`` is the longest over the engine kills,
 ``max_stall_after_node_kill_s`` over the node kills; ``kill_stalls`` has one entry per
 kill (how many were in flight, the longest and the median wait, which execution waited
-longest and for which rule, how many never moved).
+longest and for which rule and trigger, how many never moved).
 The wait includes any queue the load has built, not only the hand-over.
 """
 
@@ -290,11 +290,14 @@ def _stalls(
     """The executions in flight at ``kill_at`` (started before it, by the start message's
     publication or a transition, and not completed before it) and how long each waited for
     its next transition (``never``: none came before the end of the run)."""
-    waits: list[tuple[float, str, str]] = []  # (wait, execution, the next transition's rule)
+    waits: list[tuple[float, str, str]] = []  # (wait, execution, the next rule (trigger))
     never = 0
     for exec_id, sent in published.items():
         s = states.get(exec_id, {})
-        steps = sorted((_when(e["timestamp"]), e["rule_id"]) for e in s.get("timeline", ()))
+        steps = sorted(
+            (_when(e["timestamp"]), f"{e['rule_id']} ({e.get('trigger_mode') or '?'})")
+            for e in s.get("timeline", ())
+        )
         if sent > kill_at and (not steps or steps[0][0] > kill_at):
             continue  # not begun
         later = [(t, rule) for t, rule in steps if t > kill_at]
