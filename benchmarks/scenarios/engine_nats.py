@@ -31,7 +31,8 @@ from reactive import ConflictError, Engine, NatsBackend, Status, TransientBacken
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    p.add_argument("--url", required=True)
+    p.add_argument("--url", required=True, help="a server URL, or several joined by commas")
+    p.add_argument("--replicas", type=int, default=1, help="of the buckets and streams it makes")
     p.add_argument("--bucket", required=True)
     p.add_argument("--workflow", choices=["kv", "async"], default="kv")
     p.add_argument("--done-subject", required=True)
@@ -85,7 +86,8 @@ def main() -> None:
 
     @contextlib.asynccontextmanager
     async def start() -> AsyncIterator[dict[str, Any]]:
-        backend = NatsBackend(args.url)
+        urls = args.url.split(",")
+        backend = NatsBackend(urls if len(urls) > 1 else urls[0], replicas=args.replicas)
         engine = Engine(
             backend,
             [wf],

@@ -58,6 +58,8 @@ class StallError(RuntimeError):
 
 
 class Harness:
+    """The load side; ``url`` is one server URL, or several joined by commas (a cluster)."""
+
     def __init__(
         self,
         url: str,
@@ -87,8 +89,12 @@ class Harness:
             self.conn_errors.append(f"{type(e).__name__}: {e}")
 
     async def start(self) -> None:
-        driver = await nats.connect(self.url, name="bench-driver", error_cb=self._on_error)
-        observer = await nats.connect(self.url, name="bench-observer", error_cb=self._on_error)
+        driver = await nats.connect(
+            self.url.split(","), name="bench-driver", error_cb=self._on_error
+        )
+        observer = await nats.connect(
+            self.url.split(","), name="bench-observer", error_cb=self._on_error
+        )
         self._conns += [driver, observer]
         self._js = driver.jetstream()
         self._kv = await self._js.key_value(self.bucket)
@@ -97,7 +103,9 @@ class Harness:
         self._spawn(self._observe())
         await driver.subscribe(self.done_subject, cb=self._on_done)
         if self.work_subject:
-            worker = await nats.connect(self.url, name="bench-worker", error_cb=self._on_error)
+            worker = await nats.connect(
+                self.url.split(","), name="bench-worker", error_cb=self._on_error
+            )
             self._conns.append(worker)
             wjs = worker.jetstream()
 
