@@ -53,7 +53,7 @@ def check_partitions(partitions: int) -> None:
         )
 
 
-@functools.lru_cache(maxsize=1 << 16)  # (a key's changes come again and again)
+@functools.lru_cache(maxsize=4096)  # (a key's changes come in bursts: a transition, its echo)
 def partition_of(key: str, partitions: int) -> int:
     """The partition of ``key`` among ``partitions``, as nats-server's ``{{partition()}}``
     places it: FNV-1a (32 bits) of the key's first 16 tokens concatenated, modulo

@@ -373,11 +373,11 @@ def add_parser(commands: Subcommands) -> None:
     ops.add_argument(
         "--ack-wait",
         type=float,
-        default=8.0,
+        default=6.0,
         metavar="SECONDS",
         help=(
             "a message an engine took and did not acknowledge comes again after this long "
-            "(default: 8)"
+            "(default: 6)"
         ),
     )
     serve.set_defaults(handler=cmd_serve)

@@ -254,6 +254,17 @@ async def test_consumer_recreates_a_deleted_durable(nats_url: str) -> None:
             assert b"2" in data
 
 
+async def test_consume_gives_a_durable_that_exists_its_ack_wait(nats_url: str) -> None:
+    # A durable made with another ack wait (by an older engine, say) takes this one's.
+    async with NatsBackend(nats_url) as b:
+        stream, subject = await _stream_with(b)
+        async with b.consume(stream, "older", subject, ack_wait=30.0):
+            pass
+        async with b.consume(stream, "older", subject, ack_wait=6.0):
+            info = await b.nc.jetstream().consumer_info(stream, "older")
+            assert info.config.ack_wait == 6.0
+
+
 async def test_watch_recreates_a_deleted_consumer(nats_url: str) -> None:
     async with NatsBackend(nats_url, poll_interval=0.2, health_check_interval=0.5) as b:
         bucket = uid("b")

@@ -137,6 +137,12 @@ class _PullConsumer(_Supervised):
                 stream=self._stream,
                 config=self._config(),
             )
+            # nats-py takes a durable that exists as it is: one made with another ack
+            # wait (by an older engine, say) gets this one.
+            info = await js.consumer_info(self._stream, self._durable)
+            if info.config.ack_wait != self._ack_wait:
+                info.config.ack_wait = self._ack_wait
+                await js.add_consumer(self._stream, config=info.config)
         self._subscribed_now(reconnects)
 
     async def _unsubscribe(self) -> None:
