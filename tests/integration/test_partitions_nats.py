@@ -66,6 +66,19 @@ async def running(*members: Member) -> AsyncIterator[None]:
 # -- the server's placement and pinning ----------------------------------------------------
 
 
+async def test_ensure_partitioned_returns_once_the_server_sources_the_bucket(
+    nats_url: str,
+) -> None:
+    # A new stream's source starts a moment after the stream; until it does, a key
+    # written twice would come only as its later revision. From the return on, the
+    # source runs.
+    async with NatsBackend(nats_url) as b:
+        bucket = await partitioned(b)
+        info = await api(b, f"STREAM.INFO.{partitioned_stream(bucket)}")
+        [source] = info["sources"]  # type: ignore[misc]
+        assert source["active"] >= 0
+
+
 async def test_the_server_places_every_key_where_partition_of_says(nats_url: str) -> None:
     async with NatsBackend(nats_url) as b:
         bucket = await partitioned(b)

@@ -55,6 +55,7 @@ __all__ = ["_PartitionedBuckets"]
 
 _STREAM_NAME_IN_USE: Final = 10058
 _NANOS: Final = 1_000_000_000
+_SOURCE_WAIT: Final = 10.0
 _PARTITION_COUNT: Final = re.compile(r"\{\{\s*partition\(\s*(\d+)")
 
 
@@ -91,6 +92,23 @@ async def _set_info(backend: NatsBackend, bucket: str, partitions: int, group: s
         config.get("ack_wait", 30 * _NANOS) / _NANOS,
         config.get("priority_timeout", 5 * _NANOS) / _NANOS,
     )
+
+
+async def _sourcing(backend: NatsBackend, stream: str, what: str) -> None:
+    """Wait until the server sources the bucket into ``stream`` (at most _SOURCE_WAIT seconds).
+
+    A new stream's source starts a moment (~0.2 s) after the stream: a key written
+    twice before then would come only as its later revision (the bucket keeps one).
+    Once it runs, every change is taken in as it is made.
+    """
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + _SOURCE_WAIT
+    while True:
+        info = await _api(backend, f"STREAM.INFO.{stream}", None, what)
+        sources = info.get("sources") or []
+        if all(s.get("active", -1) >= 0 for s in sources) or loop.time() > give_up:
+            return
+        await asyncio.sleep(0.01)
 
 
 class _PartitionedBuckets:
@@ -170,6 +188,7 @@ class _PartitionedBuckets:
                 for c in consumers
             )
         )
+        await _sourcing(backend, stream, what)
 
     def consume_partitions(
         self, bucket: str, partitions: int, *, group: str = ""
