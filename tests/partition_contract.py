@@ -204,6 +204,26 @@ class PartitionContract:
             assert member.consumer is not None and member.consumer.members == 1
             await self.assert_partitions_done(backend, bucket)
 
+    async def test_only_keys_of_the_depths_given_are_taken_in(self, backend: Backend) -> None:
+        bucket = uid("pb")
+        await backend.ensure_bucket(bucket)
+        await backend.ensure_partitioned(bucket, N, depths={2}, pin_timeout=PIN_TIMEOUT)
+        with pytest.raises(ValueError, match="depths"):
+            await backend.ensure_partitioned(bucket, N, depths={0})
+        with pytest.raises(ValueError, match="depths"):
+            await backend.ensure_partitioned(bucket, N, depths=set())
+        async with self.members(backend, bucket, 1) as (member,):
+            for key in ("a", "a.b.c", "a.b"):  # (the last is taken in: after the others)
+                await backend.kv_put(bucket, key, key.encode())
+            await wait_for(lambda: member.keys() == ["a.b"])
+            # Other depths from now on (the workflow's patterns changed): a key of depth
+            # 3 is taken in too.
+            await backend.ensure_partitioned(bucket, N, depths={2, 3}, pin_timeout=PIN_TIMEOUT)
+            for key in ("x", "x.y.z", "x.y"):
+                await backend.kv_put(bucket, key, key.encode())
+            await wait_for(lambda: sorted(member.keys()) == ["a.b", "x.y", "x.y.z"])
+            await self.assert_partitions_done(backend, bucket)
+
     async def test_each_change_of_a_key_comes_in_order_once_per_ack(self, backend: Backend) -> None:
         bucket = await self.partitioned(backend)
         async with self.members(backend, bucket, 1) as (member,):

@@ -9,12 +9,14 @@ Backends know nothing of workflows or rules.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Final, Literal, Protocol
 
 import msgspec
+
+from reactive.backends.partitions import ALL_DEPTHS
 
 __all__ = [
     "SCHEDULER_HEADER",
@@ -261,11 +263,14 @@ class Backend(Protocol):
         partitions: int,
         *,
         group: str = "",
+        depths: Collection[int] = ALL_DEPTHS,
         ack_wait: float = 30.0,
         pin_timeout: float = 5.0,
     ) -> None:
         """Partition the changes of ``bucket`` (which must exist) into ``partitions``, for
         ``group``: each group of a bucket gets every change, its members share them.
+        Only keys of ``depths`` tokens are taken in (``partitions.key_depths`` of the
+        patterns watched; a later call with other depths changes it for what follows).
 
         Each change of a key goes to the partition
         :func:`~reactive.backends.partitions.partition_of` names (a hash of the key's

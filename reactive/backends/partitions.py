@@ -13,14 +13,20 @@ puts ``cb.wf.e3`` in the partition of the key ``wf.e3``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection, Iterable
 from typing import Final
 
 __all__ = [
+    "ALL_DEPTHS",
+    "DEEPER",
     "MAX_KEY_DEPTH",
     "MAX_PARTITIONS",
     "PRIORITY_GROUP",
+    "check_depths",
     "check_partitions",
     "consumer_name",
+    "depth_of",
+    "key_depths",
     "kv_revision",
     "partition_of",
     "partitioned_stream",
@@ -37,6 +43,10 @@ MAX_KEY_DEPTH: Final = 16
 # Every process pulls on every partition, so each partition costs one outstanding pull
 # request per process and one durable consumer on the server.
 MAX_PARTITIONS: Final = 1024
+
+# The depth of every key of more than MAX_KEY_DEPTH tokens (one transform takes them all).
+DEEPER: Final = MAX_KEY_DEPTH + 1
+ALL_DEPTHS: Final = frozenset(range(1, DEEPER + 1))
 
 # The priority group of the partitions' consumers (ADR-42: at most 16 characters).
 PRIORITY_GROUP: Final = "engines"
@@ -89,12 +99,39 @@ def presence_consumer() -> str:
     return "members"
 
 
-def source_transforms(bucket: str, partitions: int) -> list[dict[str, str]]:
+def check_depths(depths: Collection[int]) -> None:
+    """Refuse key depths that are not 1 to DEEPER, or none (ValueError)."""
+    if not depths or not all(type(d) is int and 1 <= d <= DEEPER for d in depths):
+        raise ValueError(f"depths must be key depths from 1 to {DEEPER}, not {depths!r}")
+
+
+def depth_of(key: str) -> int:
+    """A key's depth as the partitions see it: its tokens, DEEPER for more than 16."""
+    return min(key.count(".") + 1, DEEPER)
+
+
+def key_depths(patterns: Iterable[str]) -> frozenset[int]:
+    """The depths of the keys that ``patterns`` (NATS wildcards) can match."""
+    depths: set[int] = set()
+    for pattern in patterns:
+        tokens = pattern.split(".")
+        if tokens[-1] == ">":
+            depths.update(range(min(len(tokens), DEEPER), DEEPER + 1))
+        else:
+            depths.add(min(len(tokens), DEEPER))
+    return frozenset(depths)
+
+
+def source_transforms(
+    bucket: str, partitions: int, depths: Collection[int] = ALL_DEPTHS
+) -> list[dict[str, str]]:
     """The subject transforms of the bucket's source: ``$KV.<bucket>.<key>`` becomes
     ``<partition>.$KV.<bucket>.<key>``, one transform per key depth up to 16 and one for
-    deeper keys. (``$n`` rather than ``{{wildcard(n)}}``: half the header.)"""
+    deeper keys (DEEPER), for the ``depths`` given: keys of other depths are not taken
+    in. (``$n`` rather than ``{{wildcard(n)}}``: half the header. Each sourced message's
+    header lists every transform: a workflow whose keys have one depth writes one.)"""
     transforms = []
-    for depth in range(1, MAX_KEY_DEPTH + 2):
+    for depth in sorted(depths):
         hashed = range(1, min(depth, MAX_KEY_DEPTH) + 1)
         rest = ".>" if depth > MAX_KEY_DEPTH else ""
         transforms.append(

@@ -27,7 +27,7 @@ from reactive.backends.base import (
     PartitionedConsumer,
     PartitionedMessage,
 )
-from reactive.backends.partitions import partition_of
+from reactive.backends.partitions import key_depths, partition_of
 from reactive.codecs import decode, encode_json
 from reactive.dsl.definition import TriggerMode
 from reactive.errors import (
@@ -188,11 +188,17 @@ class Triggers:
         choice, if it is partitioned already)."""
         opts = self.rt.options
         n = opts.partitions
+        d = bound.definition
+        # Only the keys its rules can match are taken in (one transform per depth).
+        depths = key_depths(
+            r.pattern for r in d.rules if r.mode is TriggerMode.STATE and r.bucket == bucket
+        )
         try:
             await self.backend.ensure_partitioned(
                 bucket,
                 n,
-                group=bound.definition.id,
+                group=d.id,
+                depths=depths,
                 ack_wait=opts.ack_wait,
                 pin_timeout=opts.pin_timeout,
             )
@@ -212,7 +218,8 @@ class Triggers:
             await self.backend.ensure_partitioned(
                 bucket,
                 n,
-                group=bound.definition.id,
+                group=d.id,
+                depths=depths,
                 ack_wait=opts.ack_wait,
                 pin_timeout=opts.pin_timeout,
             )

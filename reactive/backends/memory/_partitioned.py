@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, cast
@@ -32,8 +32,11 @@ from reactive.backends.memory._kv import _Watcher
 from reactive.backends.memory._queue import _Queue, _Signal
 from reactive.backends.memory._streams import _StoredMessage, _Stream
 from reactive.backends.partitions import (
+    ALL_DEPTHS,
+    check_depths,
     check_partitions,
     consumer_name,
+    depth_of,
     partition_of,
     partitioned_stream,
     source_transforms,
@@ -81,7 +84,13 @@ class _PartitionSet:
     """One partitioned bucket: its stream, a durable per partition, the members and pins."""
 
     def __init__(
-        self, bucket: str, group: str, partitions: int, ack_wait: float, clock: Clock
+        self,
+        bucket: str,
+        group: str,
+        partitions: int,
+        depths: Collection[int],
+        ack_wait: float,
+        clock: Clock,
     ) -> None:
         self.bucket = bucket
         self.partitions = partitions
@@ -99,8 +108,13 @@ class _PartitionSet:
         self.members: list[_Member] = []
         self._joined = itertools.count()
         self._prefix = f"$KV.{bucket}."
+        self.set_depths(depths)
+
+    def set_depths(self, depths: Collection[int]) -> None:
+        """Take in the keys of these depths from now on (as the server's updated source)."""
+        self.depths = frozenset(depths)
         # (The filters and transforms, as the server writes them in Nats-Stream-Source.)
-        transforms = source_transforms(bucket, partitions)
+        transforms = source_transforms(self.bucket, self.partitions, self.depths)
         self._source = " ".join("\f".join(t[part] for t in transforms) for part in ("src", "dest"))
 
     def set_ack_wait(self, ack_wait: float) -> None:
@@ -110,7 +124,9 @@ class _PartitionSet:
     # -- sourcing ---------------------------------------------------------------
 
     def source(self, entry: KVEntry) -> None:
-        """Take a change in, as the server's sourcing does."""
+        """Take a change in, as the server's sourcing does (a key of another depth: not)."""
+        if depth_of(entry.key) not in self.depths:
+            return
         p = partition_of(entry.key, self.partitions)
         subject = self._prefix + entry.key
         headers = {
@@ -330,11 +346,13 @@ class _PartitionedBuckets:
         partitions: int,
         *,
         group: str = "",
+        depths: Collection[int] = ALL_DEPTHS,
         ack_wait: float = 30.0,
         pin_timeout: float = 5.0,
     ) -> None:
         backend = cast("MemoryBackend", self)
         check_partitions(partitions)
+        check_depths(depths)
         if ack_wait <= 0 or pin_timeout <= 0:
             raise ValueError("ack_wait and pin_timeout must be positive")
         b = backend._bucket(bucket)
@@ -344,8 +362,12 @@ class _PartitionedBuckets:
         if found is not None:
             _check_count(bucket, found, partitions)
             found.set_ack_wait(ack_wait)
+            if found.depths != frozenset(depths):
+                found.set_depths(depths)
             return
-        target = sets[name] = _PartitionSet(bucket, group, partitions, ack_wait, backend.clock)
+        target = sets[name] = _PartitionSet(
+            bucket, group, partitions, depths, ack_wait, backend.clock
+        )
         # The latest revision of every key (delete markers too) in revision order, as a
         # new source reads the bucket's stream; then every change.
         for entry in sorted(b.latest.values(), key=lambda e: e.revision):

@@ -71,6 +71,7 @@ class _SetInfo(msgspec.Struct, frozen=True):
 
     partitions: int
     group: str
+    depths: frozenset[int]
     ack_wait: float
     pin_timeout: float
 
@@ -424,6 +425,7 @@ class _PartitionPuller(_Supervised):
             self._bucket,
             info.partitions,
             group=info.group,
+            depths=info.depths,
             ack_wait=info.ack_wait,
             pin_timeout=info.pin_timeout,
         )

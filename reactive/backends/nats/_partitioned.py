@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -39,7 +39,10 @@ from reactive.backends.base import PartitionedConsumer
 from reactive.backends.nats._jsapi import _api
 from reactive.backends.nats._partition_puller import _PartitionPuller, _SetInfo
 from reactive.backends.partitions import (
+    ALL_DEPTHS,
+    DEEPER,
     PRIORITY_GROUP,
+    check_depths,
     check_partitions,
     consumer_name,
     partitioned_stream,
@@ -69,6 +72,16 @@ def _partition_count(stream_info: dict[str, Any]) -> int | None:
     return None
 
 
+def _depths(stream_info: dict[str, Any]) -> frozenset[int]:
+    """The key depths an existing partitioned stream takes in (from its transforms)."""
+    depths = set()
+    for source in stream_info.get("config", {}).get("sources") or []:
+        for transform in source.get("subject_transforms") or []:
+            tokens = transform.get("src", "").split(".")[2:]  # ($KV.<bucket>.)
+            depths.add(DEEPER if tokens[-1:] == [">"] else len(tokens))
+    return frozenset(depths) or ALL_DEPTHS
+
+
 async def _set_info(backend: NatsBackend, bucket: str, partitions: int, group: str) -> _SetInfo:
     """Check that ``bucket`` is partitioned into ``partitions``; read its consumers' timeouts."""
     check_partitions(partitions)
@@ -89,6 +102,7 @@ async def _set_info(backend: NatsBackend, bucket: str, partitions: int, group: s
     return _SetInfo(
         partitions,
         group,
+        _depths(info),
         config.get("ack_wait", 30 * _NANOS) / _NANOS,
         config.get("priority_timeout", 5 * _NANOS) / _NANOS,
     )
@@ -120,25 +134,26 @@ class _PartitionedBuckets:
         partitions: int,
         *,
         group: str = "",
+        depths: Collection[int] = ALL_DEPTHS,
         ack_wait: float = 30.0,
         pin_timeout: float = 5.0,
     ) -> None:
         backend = cast("NatsBackend", self)
+        check_depths(depths)
         check_partitions(partitions)
         if ack_wait <= 0 or pin_timeout <= 0:
             raise ValueError("ack_wait and pin_timeout must be positive")
         kv = await backend._kv(bucket)  # (NotFoundError for a missing bucket)
         stream = partitioned_stream(bucket, group)
         what = f"partition {bucket}"
+        transforms = source_transforms(bucket, partitions, depths)
         config = {
             "name": stream,
             "retention": "workqueue",
             "storage": "file",
             "num_replicas": backend._replicas,
             "subjects": [],
-            "sources": [
-                {"name": kv._stream, "subject_transforms": source_transforms(bucket, partitions)}
-            ],
+            "sources": [{"name": kv._stream, "subject_transforms": transforms}],
         }
         try:
             await _api(backend, f"STREAM.CREATE.{stream}", config, what)
@@ -148,13 +163,21 @@ class _PartitionedBuckets:
             ):
                 raise
             # It exists with another configuration: fine if it has this many partitions.
-            found = _partition_count(await _api(backend, f"STREAM.INFO.{stream}", None, what))
+            info = await _api(backend, f"STREAM.INFO.{stream}", None, what)
+            found = _partition_count(info)
             if found is None:
                 raise BackendError(
                     f"{what}: a stream {stream} exists and is not a partitioned bucket's"
                 ) from None
             if found != partitions:
                 raise PartitionCountError(bucket, found, partitions) from None
+            existing = info.get("config", {})
+            sources = existing.get("sources") or []
+            if [s.get("subject_transforms") for s in sources] != [transforms]:
+                # Other key depths (the workflow's patterns changed): the source takes
+                # these in from now on; the changes already taken in stay.
+                existing["sources"] = [{**sources[0], "subject_transforms": transforms}]
+                await _api(backend, f"STREAM.UPDATE.{stream}", existing, what)
         consumers = [
             {
                 "durable_name": consumer_name(p),
