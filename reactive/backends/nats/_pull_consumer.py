@@ -12,6 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
 import nats.errors
@@ -31,17 +32,30 @@ __all__ = ["_PullConsumer"]
 log = logging.getLogger("reactive.backends.nats")  # one logger for the whole backend
 
 _MIN_NAK_DELAY: Final = 0.1
+_NO_HEADERS: Final[Mapping[str, str]] = MappingProxyType({})
 
 
 class _JetStreamMessage:
-    """A message from a durable consumer. A second ack / nak / term is a no-op."""
+    """A message from a durable consumer. A second ack / nak / term is a no-op.
+
+    On the hot path (a change from a partition is one of these): its metadata (parsed
+    from the reply subject) is read only when asked for, and an ack is one publish.
+    """
 
     __slots__ = ("_headers", "_meta", "_msg")
 
     def __init__(self, msg: Msg) -> None:
         self._msg = msg
-        self._meta = msg.metadata
-        self._headers: dict[str, str] = dict(msg.headers) if msg.headers else {}
+        self._meta: Msg.Metadata | None = None
+        # (nats-py makes a dict of its own for each message: no copy needed.)
+        self._headers: Mapping[str, str] = msg.headers or _NO_HEADERS
+
+    @property
+    def _metadata(self) -> Msg.Metadata:
+        meta = self._meta
+        if meta is None:
+            meta = self._meta = self._msg.metadata
+        return meta
 
     @property
     def subject(self) -> str:
@@ -57,19 +71,26 @@ class _JetStreamMessage:
 
     @property
     def num_delivered(self) -> int:
-        return self._meta.num_delivered
+        return self._metadata.num_delivered
 
     @property
     def stream(self) -> str | None:
-        return self._meta.stream
+        return self._metadata.stream
 
     @property
     def sequence(self) -> int | None:
-        return self._meta.sequence.stream
+        return self._metadata.sequence.stream
 
     async def ack(self) -> None:
-        with _mapped(f"ack {self.subject}"), contextlib.suppress(nats.errors.MsgAlreadyAckdError):
-            await self._msg.ack()
+        msg = self._msg
+        if msg._ackd:
+            return
+        msg._ackd = True  # (as nats-py's own ack marks it: a nak or term after it is a no-op)
+        try:
+            await msg._client.publish(msg.reply, b"")
+        except Exception as exc:
+            with _mapped(f"ack {self.subject}"):
+                raise exc from None
 
     async def nak(self, delay: float) -> None:
         delay = max(float(delay), _MIN_NAK_DELAY)
