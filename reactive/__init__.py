@@ -21,7 +21,7 @@ import msgspec as _msgspec
 from reactive.dsl.context import RuleContext
 from reactive.dsl.mutators import chain, increment_iteration, set_error, transition
 from reactive.dsl.rules import rule
-from reactive.dsl.state import CallbackFields, ExecutionState, Status, TimelineEntry
+from reactive.dsl.state import CallbackFields, ExecutionState, Status, TaskFailure, TimelineEntry
 from reactive.dsl.workflow import Workflow, definition_of
 
 # isort: split
@@ -58,6 +58,7 @@ __all__ = [  # writing a workflow
     "ExecutionState",
     "RuleContext",
     "Status",
+    "TaskFailure",
     "TimelineEntry",
     "Workflow",
     "chain",

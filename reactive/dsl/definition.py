@@ -10,7 +10,7 @@ from typing import Any
 from reactive.dsl.context import RuleContext
 from reactive.dsl.state import ExecutionState
 
-__all__ = ["ActionType", "RuleDef", "TriggerMode", "WorkflowDef"]
+__all__ = ["MIN_TIMER", "ActionType", "RuleDef", "TriggerMode", "WorkflowDef"]
 
 
 class TriggerMode(enum.StrEnum):
@@ -28,6 +28,11 @@ class ActionType(enum.StrEnum):
     PUBLISH_ASYNC = "publish_async"
     MUTATE = "mutate"
     COMPLETE = "complete"
+
+
+# The shortest timer a definition may ask for, in seconds (a task's timeout): shorter
+# ones would fire before a worker's answer could come back over NATS.
+MIN_TIMER = 1.0
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -53,6 +58,11 @@ class RuleDef:
     mutator: Callable[[RuleContext[Any, Any]], None] | None = None
     result_type: Any = None
     result_handler_name: str | None = None
+    # Failures of an async rule's task: their handlers (None: the workflow's default), and
+    # the task's timeout (None: the workflow's task_timeout).
+    error_handler_name: str | None = None
+    timeout_handler_name: str | None = None
+    task_timeout: float | None = None
     cooldown: float = 0.0
     # The cooldown is one for all the workflow's executions (cooldown_scope="workflow"),
     # not one per execution.

@@ -43,6 +43,7 @@ class RuleOptions:
     cooldown_scope: str | None = None
     max_firings: int | None = None
     on_deletes: bool = False
+    timeout: float | str | timedelta | None = None
 
 
 class RuleMethod(Generic[F]):
@@ -54,6 +55,8 @@ class RuleMethod(Generic[F]):
         self.name = fn.__name__
         self.result_handler: Callable[..., Any] | None = None
         self.result_type: Any = _UNSET
+        self.error_handler: Callable[..., Any] | None = None
+        self.timeout_handler: Callable[..., Any] | None = None
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -91,6 +94,23 @@ class RuleMethod(Generic[F]):
         self.result_handler = handler_or_type
         return handler_or_type
 
+    def on_error(self, handler: H, /) -> H:
+        """Register the handler of this async rule's failed task: the worker answered with
+        an error, or with a result that does not decode. It gets ``(ctx, failure)``
+        (a ``TaskFailure``) with the task no longer pending, and may change the state
+        (enter a compensating phase), complete, fail or escalate it. Without one, a failed
+        task fails the execution."""
+        self.error_handler = handler
+        return handler
+
+    def on_timeout(self, handler: H, /) -> H:
+        """Register the handler of this async rule's task that got no answer within its
+        timeout (``timeout=`` of the rule, else the workflow's ``task_timeout``): as
+        ``on_error``, with ``failure.kind == "timeout"``. Without one, the workflow's
+        ``on_task_timeout`` (fail or escalate) applies."""
+        self.timeout_handler = handler
+        return handler
+
     def __repr__(self) -> str:
         return f"<rule {self.name}>"
 
@@ -114,6 +134,7 @@ def rule(
     cooldown_scope: Literal["execution", "workflow"] | None = None,
     max_firings: int | None = None,
     on_deletes: bool = False,
+    timeout: float | str | timedelta | None = None,
 ) -> Callable[[F], RuleMethod[F]]:
     """Declare a rule on a workflow method.
 
@@ -138,6 +159,10 @@ def rule(
       * ``complete=True``: the execution completes after the method's changes;
         with ``publish=`` the method's return value is published as the event.
 
+    Failures of an async rule: ``timeout=`` (seconds or '30s', at least 1 s) replaces
+    the workflow's ``task_timeout`` for this rule's tasks; ``@method.on_error`` and
+    ``@method.on_timeout`` handle a failed task and one that timed out.
+
     Limits: ``cooldown`` (seconds or '30s'), ``max_firings`` per execution.
     ``cooldown_scope="workflow"`` makes the cooldown one for the whole workflow (the
     rule fires for one execution at most once per cooldown, whichever it is);
@@ -161,6 +186,7 @@ def rule(
         cooldown_scope=cooldown_scope,
         max_firings=max_firings,
         on_deletes=on_deletes,
+        timeout=timeout,
     )
 
     def decorate(fn: F) -> RuleMethod[F]:

@@ -14,6 +14,7 @@ __all__ = [
     "Firing",
     "OutboxMessage",
     "Status",
+    "TaskFailure",
     "TimelineEntry",
     "WorkflowCompletionEvent",
     "WorkflowEscalationEvent",
@@ -257,6 +258,21 @@ class CallbackFields(msgspec.Struct, kw_only=True):
     task_id: str = ""
     callback_subject: str = ""
     execution_id: str = ""
+
+
+class TaskFailure(msgspec.Struct, kw_only=True, frozen=True, gc=False):
+    """What an async rule's ``on_error`` / ``on_timeout`` handler gets about its task.
+
+    ``kind``: ``"error"`` (the worker answered with an error), ``"invalid"`` (its
+    result does not decode as the rule's result type) or ``"timeout"`` (no answer
+    within the rule's timeout); ``message``: the worker's error, the decode error, or
+    how long the task waited.
+    """
+
+    kind: str
+    message: str
+    rule_id: str
+    task_id: str
 
 
 class WorkflowCompletionEvent(msgspec.Struct, kw_only=True, gc=False):

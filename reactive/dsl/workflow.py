@@ -13,7 +13,7 @@ import msgspec
 
 from reactive.dsl.conditions import Condition, all_of, any_of, as_condition
 from reactive.dsl.context import RuleContext
-from reactive.dsl.definition import ActionType, RuleDef, TriggerMode, WorkflowDef
+from reactive.dsl.definition import MIN_TIMER, ActionType, RuleDef, TriggerMode, WorkflowDef
 from reactive.dsl.durations import parse_duration
 from reactive.dsl.rules import _UNSET, RuleMethod
 from reactive.dsl.state import ExecutionState
@@ -470,6 +470,30 @@ def _compile_rule(
                     bad(f"result type {result_type!r} cannot be decoded: {problem}")
     elif method.result_handler is not None:
         bad("on_result is only for publish_async rules")
+    error_handler = timeout_handler = None
+    task_timeout: float | None = None
+    if action is ActionType.PUBLISH_ASYNC:
+        error_handler = method.error_handler.__name__ if method.error_handler else None
+        timeout_handler = method.timeout_handler.__name__ if method.timeout_handler else None
+        if o.timeout is not None:
+            try:
+                task_timeout = parse_duration(o.timeout)
+            except ValueError as e:
+                bad(f"timeout: {e}")
+            else:
+                if task_timeout < MIN_TIMER:
+                    bad(
+                        f"timeout {o.timeout!r} is shorter than the engine allows "
+                        f"(at least {MIN_TIMER:g}s)"
+                    )
+    else:
+        for what, given in (
+            ("on_error", method.error_handler),
+            ("on_timeout", method.timeout_handler),
+            ("timeout=", o.timeout),
+        ):
+            if given is not None:
+                bad(f"{what} is only for publish_async rules (this rule's tasks are none)")
 
     # --- conditions and limits --------------------------------------------------------
     conditions: list[Condition] = []
@@ -532,6 +556,9 @@ def _compile_rule(
         mutator=mutator,
         result_type=result_type,
         result_handler_name=handler_name,
+        error_handler_name=error_handler,
+        timeout_handler_name=timeout_handler,
+        task_timeout=task_timeout,
         cooldown=cooldown,
         shared_cooldown=cooldown_scope == "workflow",
         max_firings=max_firings,

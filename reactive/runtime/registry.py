@@ -24,6 +24,9 @@ class BoundWorkflow:
     instance: Any
     methods: dict[str, Callable[..., Any]] = field(default_factory=dict)
     handlers: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    # A failed task's handler and a timed-out task's, per async rule that has one.
+    on_error: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    on_timeout: dict[str, Callable[..., Any]] = field(default_factory=dict)
     # The engine's metric handles per rule, by the rule's index (filled as rules are used).
     evaluated: list[Any] = field(default_factory=list)
     dispatched: list[Any] = field(default_factory=list)
@@ -84,6 +87,10 @@ class Registry:
             bound.methods[r.id] = getattr(instance, r.method_name)
             if r.result_handler_name:
                 bound.handlers[r.id] = getattr(instance, r.result_handler_name)
+            if r.error_handler_name:
+                bound.on_error[r.id] = getattr(instance, r.error_handler_name)
+            if r.timeout_handler_name:
+                bound.on_timeout[r.id] = getattr(instance, r.timeout_handler_name)
         self.workflows[definition.id] = bound
         self.forget_matches()
         for r in definition.rules:

@@ -13,6 +13,7 @@ after the write, never lost.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +27,7 @@ from reactive.dsl.state import (
     Firing,
     OutboxMessage,
     Status,
+    TaskFailure,
     TimelineEntry,
     WorkflowCompletionEvent,
     WorkflowEscalationEvent,
@@ -46,6 +48,8 @@ __all__ = [
     "outbox_message",
     "start_timers",
     "task_timed_out",
+    "task_timeout",
+    "timeout_handled",
     "utc",
 ]
 
@@ -172,17 +176,74 @@ def end(
     return Ended(d.id, st.id, status, reason, duration, st.error or reason)
 
 
+def task_timeout(d: WorkflowDef, rule_id: str) -> float:
+    """How long a task of the rule waits for its answer: the rule's ``timeout=``, else the
+    workflow's ``task_timeout``."""
+    for r in d.rules:
+        if r.id == rule_id:
+            return r.task_timeout or d.task_timeout
+    return d.task_timeout
+
+
 def task_timed_out(d: WorkflowDef, st: ExecutionState, now: float, owner: str) -> Ended:
     """The pending task got no callback in time: fail or escalate, as the workflow says."""
     reason = (
         f"task {st.pending_task_id} of rule {st.pending_rule_id} got no callback "
-        f"within {d.task_timeout:g}s"
+        f"within {task_timeout(d, st.pending_rule_id):g}s"
     )
     if d.on_task_timeout == "escalate":
         st.escalate(reason)
     else:
         st.fail(reason)
     return end(d, st, None, now, owner, "task_timeout", mode="timer", rule_id="task_timeout")
+
+
+def timeout_handled(
+    bound: BoundWorkflow,
+    st: ExecutionState,
+    ctx: RuleContext[Any, Any],
+    handler: Callable[..., Any],
+    owner: str,
+) -> tuple[ExecutionState, Ended | None]:
+    """The pending task got no callback in time and its rule has an ``on_timeout`` handler:
+    the handler's transition (``ctx`` holds ``st``; a handler that raises fails the
+    execution)."""
+    d = bound.definition
+    now = ctx.now
+    rule_id, task_id = st.pending_rule_id, st.pending_task_id
+    message = f"no callback within {task_timeout(d, rule_id):g}s"
+    base = encode_json(st)
+    deadline_before = st.deadline
+    st.clear_pending_task()
+    action = "on_timeout"
+    try:
+        handler(ctx, TaskFailure(kind="timeout", message=message, rule_id=rule_id, task_id=task_id))
+    except Exception as e:
+        st = decode(d.state_type, base)
+        st.fail(f"timeout handler of {rule_id} raised {type(e).__name__}: {e}")
+        action = "error"
+    stamp = utc(now)
+    st.timeline.append(
+        TimelineEntry(
+            timestamp=stamp,
+            rule_id=rule_id,
+            trigger_mode="timer",
+            trigger_info=f"task {task_id}",
+            action=action,
+            phase=st.phase,
+            iteration=st.iteration,
+            error=message if action == "on_timeout" else st.error,
+        )
+    )
+    outbox: list[OutboxMessage] = []
+    if st.deadline is not deadline_before and st.status not in TERMINAL:
+        _add_timers(
+            d, None, st, outbox, ctx.bucket, ctx.key, ctx.revision, ctx.execution_id, now,
+            False, deadline_before, None,
+        )  # fmt: skip
+    reason = "rule_error" if action == "error" else "task_timeout"
+    ended = _finish(d, st, outbox, False, now, stamp, owner, reason, ctx.revision, ctx.execution_id)
+    return st, ended
 
 
 def _timer(
@@ -323,7 +384,7 @@ def apply_rule(
             callback_subject = f"{callback_prefix}.{d.id}.{exec_id}"
             payload = inject_callback_fields(payload, task_id, callback_subject, exec_id)
             work.set_pending_task(task_id, r.id)
-            work.task_deadline = utc(now + d.task_timeout)
+            work.task_deadline = utc(now + (r.task_timeout or d.task_timeout))
             work.pending_since = utc(now)
             msg = outbox_message(r.publish_subject, payload, msg_id)
             msg.headers = {
@@ -408,17 +469,26 @@ def apply_result(
     action = "callback"
     error: Exception | None = None
     deadline_before = work.deadline
-    if failure:
+    on_error = bound.on_error.get(r.id) if failure else None
+    if failure and on_error is None:
         work.fail(f"task {task_id} of rule {r.id} failed: {failure}")
         action = "invalid_result" if invalid else "callback_error"
     else:
         work.clear_pending_task()
         try:
-            bound.handlers[r.id](ctx, result)
+            if on_error is not None:
+                action = "on_error"
+                kind = "invalid" if invalid else "error"
+                on_error(
+                    ctx, TaskFailure(kind=kind, message=failure, rule_id=r.id, task_id=task_id)
+                )
+            else:
+                bound.handlers[r.id](ctx, result)
         except Exception as e:
             error = e
             work = decode(d.state_type, base)
-            work.fail(f"result handler of {r.id} raised {type(e).__name__}: {e}")
+            which = "error" if on_error is not None else "result"
+            work.fail(f"{which} handler of {r.id} raised {type(e).__name__}: {e}")
             action = "error"
         if d.max_iterations and work.iteration > d.max_iterations and work.status not in TERMINAL:
             work = decode(d.state_type, base)
@@ -435,7 +505,7 @@ def apply_result(
             action=action,
             phase=work.phase,
             iteration=work.iteration,
-            error=work.error if action != "callback" else "",
+            error=failure if action == "on_error" else work.error if action != "callback" else "",
         )
     )
     reason = _CALLBACK_REASONS.get(action, "rule")

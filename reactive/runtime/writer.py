@@ -19,7 +19,7 @@ from reactive.runtime.decide import overdue
 from reactive.runtime.events import Committed
 from reactive.runtime.registry import BoundWorkflow
 from reactive.runtime.store import Store
-from reactive.runtime.transition import apply_rule, end, task_timed_out
+from reactive.runtime.transition import Ended, apply_rule, end, task_timed_out, timeout_handled
 
 __all__ = ["Writer"]
 
@@ -154,8 +154,17 @@ class Writer:
         if passed == "task":
             rt = self.rt
             rule_id = state.pending_rule_id
-            ended = task_timed_out(d, state, now, self.owner)
-            await self.store.write(d, bucket, key, revision, state, ended, fresh)
+            handler = bound.on_timeout.get(rule_id)
+            if handler is None:
+                timed_out: Ended | None = task_timed_out(d, state, now, self.owner)
+            else:
+                exec_id = state.id or d.execution_id_for(key)
+                ctx: RuleContext[Any, Any] = new_context(
+                    state, None, d.id, exec_id, key, bucket, revision, "timer", now
+                )
+                ctx.rule_id = rule_id
+                state, timed_out = timeout_handled(bound, state, ctx, handler, self.owner)
+            await self.store.write(d, bucket, key, revision, state, timed_out, fresh)
             rt.metric(rt.metrics.pending_callbacks, d.id).dec()
             rt.metric(rt.metrics.callbacks_received, d.id, rule_id, "timeout").inc()
             return True

@@ -1,0 +1,185 @@
+"""A failed or late task belongs to the workflow (issue "sagas", part 1): an async rule's
+``on_error`` and ``on_timeout`` handlers, and its own ``timeout=``. Without a handler,
+a failed task fails the execution and a late one fails or escalates it, as before."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from reactive import (
+    DefinitionError,
+    ExecutionState,
+    RuleContext,
+    Status,
+    TaskFailure,
+    Workflow,
+    rule,
+)
+from reactive.conditions import phase_in, phase_is
+from reactive.testing import TestEngine
+
+pytestmark = pytest.mark.anyio
+
+
+class Order(ExecutionState):
+    amount: int = 10
+    why: str = ""
+
+
+class Charge(msgspec.Struct):
+    amount: int
+    task_id: str = ""
+
+
+class Charged(msgspec.Struct):
+    receipt: str
+    task_id: str = ""
+
+
+def release_on(failure: TaskFailure, ctx: RuleContext[Order, None]) -> None:
+    ctx.state.phase = "releasing"
+    ctx.state.why = f"{failure.kind}: {failure.message}"
+
+
+class Saga(Workflow, id="saga", state=Order, task_timeout="1h"):
+    """Charge; release the reservation when the charge fails or takes too long."""
+
+    @rule(watch_kv=True, when=phase_is("charging"), publish_async="pay.charge", timeout="30s")
+    def charge(self, ctx: RuleContext[Order, None]) -> Charge:
+        return Charge(amount=ctx.state.amount)
+
+    @charge.on_result
+    def charged(self, ctx: RuleContext[Order, None], result: Charged) -> None:
+        ctx.state.phase = "charged"
+
+    @charge.on_error
+    def declined(self, ctx: RuleContext[Order, None], failure: TaskFailure) -> None:
+        if failure.message == "explode":
+            raise RuntimeError("the handler broke")
+        release_on(failure, ctx)
+
+    @charge.on_timeout
+    def too_slow(self, ctx: RuleContext[Order, None], failure: TaskFailure) -> None:
+        release_on(failure, ctx)
+
+    @rule(watch_kv=True, when=phase_is("releasing"), publish="stock.release", mutate=True)
+    def release(self, ctx: RuleContext[Order, None]) -> dict[str, str]:
+        ctx.state.phase = "released"
+        return {"order": ctx.execution_id}
+
+    @rule(watch_kv=True, when=phase_in("charged", "released"), complete=True)
+    def done(self, ctx: RuleContext[Order, None]) -> None: ...
+
+
+class Plain(Workflow, id="plain", state=Order, task_timeout="1h"):
+    """The same charge with its own timeout and no handlers."""
+
+    @rule(watch_kv=True, when=phase_is("charging"), publish_async="pay.plain", timeout="30s")
+    def charge(self, ctx: RuleContext[Order, None]) -> Charge:
+        return Charge(amount=ctx.state.amount)
+
+    @charge.on_result
+    def charged(self, ctx: RuleContext[Order, None], result: Charged) -> None:
+        ctx.state.phase = "charged"
+
+    @rule(watch_kv=True, when=phase_is("charged"), complete=True)
+    def done(self, ctx: RuleContext[Order, None]) -> None: ...
+
+
+def actions(st: Order) -> list[tuple[str, str]]:
+    return [(e.rule_id, e.action) for e in st.timeline]
+
+
+async def test_a_worker_error_goes_to_on_error_which_compensates() -> None:
+    async with TestEngine(Saga) as te:
+        await te.start(Saga, "o1", Order(phase="charging"))
+        await te.callback(Saga, "o1", error="card declined")
+        st = te.state(Saga, "o1")
+        assert st.status is Status.COMPLETED
+        assert st.why == "error: card declined"
+        assert actions(st) == [
+            ("charge", "publish_async"),
+            ("charge", "on_error"),
+            ("release", "publish"),
+            ("done", "complete"),
+        ]
+        assert st.timeline[1].error == "card declined"
+        assert te.published("stock.release") == [{"order": "o1"}]
+
+
+async def test_a_result_that_does_not_decode_goes_to_on_error_as_invalid() -> None:
+    async with TestEngine(Saga) as te:
+        await te.start(Saga, "o1", Order(phase="charging"))
+        await te.callback(Saga, "o1", {"receipt": 42})
+        st = te.state(Saga, "o1")
+        assert (st.status, st.phase) == (Status.COMPLETED, "released")
+        assert st.why.startswith("invalid: its result does not decode")
+
+
+async def test_a_late_task_goes_to_on_timeout_after_the_rules_own_timeout() -> None:
+    async with TestEngine(Saga) as te:
+        await te.start(Saga, "o1", Order(phase="charging"))
+        task = te.state(Saga, "o1").pending_task_id
+        await te.advance(29)
+        assert te.state(Saga, "o1").status is Status.WAITING
+        await te.advance(1)  # 30 s: the rule's timeout (the workflow's is an hour)
+        st = te.state(Saga, "o1")
+        assert (st.status, st.phase) == (Status.COMPLETED, "released")
+        assert st.why == "timeout: no callback within 30s"
+        assert ("charge", "on_timeout") in actions(st)
+        # The answer that comes afterwards is ignored: the task is no longer pending.
+        await te.callback(Saga, "o1", Charged(receipt="r1"), task_id=task)
+        assert te.state(Saga, "o1").phase == "released"
+        assert te.published("stock.release") == [{"order": "o1"}]
+
+
+async def test_a_handler_that_raises_fails_the_execution() -> None:
+    async with TestEngine(Saga) as te:
+        await te.start(Saga, "o1", Order(phase="charging"))
+        await te.callback(Saga, "o1", error="explode")
+        st = te.state(Saga, "o1")
+        assert st.status is Status.FAILED
+        assert st.error == "error handler of charge raised RuntimeError: the handler broke"
+        te.assert_not_published("stock.release")
+
+
+async def test_without_handlers_a_failed_task_fails_and_the_rules_timeout_still_applies() -> None:
+    async with TestEngine(Plain) as te:
+        await te.start(Plain, "p1", Order(phase="charging"))
+        await te.callback(Plain, "p1", error="card declined")
+        st = te.state(Plain, "p1")
+        assert st.status is Status.FAILED and "card declined" in st.error
+        await te.start(Plain, "p2", Order(phase="charging"))
+        await te.advance(30)
+        st = te.state(Plain, "p2")
+        assert st.status is Status.FAILED
+        assert st.error.endswith("got no callback within 30s")
+
+
+def test_failure_handlers_and_timeouts_only_on_async_rules_and_not_too_short() -> None:
+    with pytest.raises(DefinitionError) as info:
+
+        class Broken(Workflow, id="broken", state=Order):
+            @rule(watch_kv=True, when=phase_is("a"), mutate=True, timeout="5s")
+            def step(self, ctx: RuleContext[Order, None]) -> None: ...
+
+            @step.on_error
+            def oops(self, ctx: RuleContext[Order, None], failure: TaskFailure) -> None: ...
+
+            @step.on_timeout
+            def late(self, ctx: RuleContext[Order, None], failure: TaskFailure) -> None: ...
+
+            @rule(watch_kv=True, when=phase_is("b"), publish_async="x.y", timeout="500ms")
+            def ask(self, ctx: RuleContext[Order, None]) -> Charge:
+                return Charge(amount=1)
+
+            @ask.on_result
+            def answered(self, ctx: RuleContext[Order, None], result: Charged) -> None: ...
+
+    message = str(info.value)
+    assert "Broken" in message and "step" in message and "ask" in message
+    assert "on_error is only for publish_async rules" in message
+    assert "on_timeout is only for publish_async rules" in message
+    assert "timeout= is only for publish_async rules" in message
+    assert "timeout '500ms' is shorter than the engine allows (at least 1s)" in message
