@@ -63,6 +63,8 @@ class RuleDef:
     error_handler_name: str | None = None
     timeout_handler_name: str | None = None
     task_timeout: float | None = None
+    # A message + state rule that starts a missing execution (False: it does not).
+    creates: bool = True
     cooldown: float = 0.0
     # The cooldown is one for all the workflow's executions (cooldown_scope="workflow"),
     # not one per execution.

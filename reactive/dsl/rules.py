@@ -44,6 +44,7 @@ class RuleOptions:
     max_firings: int | None = None
     on_deletes: bool = False
     timeout: float | str | timedelta | None = None
+    create: bool = True
 
 
 class RuleMethod(Generic[F]):
@@ -135,6 +136,7 @@ def rule(
     max_firings: int | None = None,
     on_deletes: bool = False,
     timeout: float | str | timedelta | None = None,
+    create: bool = True,
 ) -> Callable[[F], RuleMethod[F]]:
     """Declare a rule on a workflow method.
 
@@ -144,7 +146,8 @@ def rule(
       * ``on_subject="subject"``: a message; with ``stream=`` it is consumed durably
         from that JetStream stream, otherwise over core NATS (at-most-once).
       * ``on_subject`` with ``state_key=lambda msg: execution_id``: message + state; a
-        missing execution is started.
+        missing execution is started (``create=False``: not; a message for an execution
+        that does not exist is terminated and counted, a signal to no one).
 
     Conditions: ``when=`` one condition or a list (all must pass); ``when_any=`` a
     list (one must pass).
@@ -187,6 +190,7 @@ def rule(
         max_firings=max_firings,
         on_deletes=on_deletes,
         timeout=timeout,
+        create=create,
     )
 
     def decorate(fn: F) -> RuleMethod[F]:

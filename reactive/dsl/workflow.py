@@ -494,6 +494,8 @@ def _compile_rule(
         ):
             if given is not None:
                 bad(f"{what} is only for publish_async rules (this rule's tasks are none)")
+    if not o.create and mode is not TriggerMode.MESSAGE_AND_STATE:
+        bad("create=False is only for message + state rules (on_subject with state_key)")
 
     # --- conditions and limits --------------------------------------------------------
     conditions: list[Condition] = []
@@ -559,6 +561,7 @@ def _compile_rule(
         error_handler_name=error_handler,
         timeout_handler_name=timeout_handler,
         task_timeout=task_timeout,
+        creates=bool(o.create),
         cooldown=cooldown,
         shared_cooldown=cooldown_scope == "workflow",
         max_firings=max_firings,

@@ -7,6 +7,7 @@ it back for redelivery with backoff, and one that cannot succeed is terminated.
 
 from __future__ import annotations
 
+import operator
 import uuid
 from typing import Any
 
@@ -26,6 +27,8 @@ from reactive.runtime.transition import TERMINAL
 from reactive.runtime.writer import Writer
 
 __all__ = ["MessageHandler"]
+
+_by_index = operator.attrgetter("index")
 
 _PENDING = Status.PENDING
 _WAITING = Status.WAITING
@@ -82,8 +85,22 @@ class MessageHandler:
             for r in sub.rules:
                 if r.mode is _MESSAGE_AND_STATE:
                     by_key.setdefault(ev.keyed[r.id], []).append(r)
+            unknown = 0
             for exec_id, rules in by_key.items():
-                await self._with_state(sub.bound, rules, exec_id, ev, trigger, fresh)
+                if not await self._with_state(sub.bound, rules, exec_id, ev, trigger, fresh):
+                    unknown += 1
+            if by_key and unknown == len(by_key):
+                # For executions that do not exist, whose rules may not start them: a
+                # signal to no one.
+                rt.metric(rt.metrics.unknown_executions, d.id).inc()
+                log.warning(
+                    "terminating message on %s for %s: no such execution (%s)",
+                    msg.subject,
+                    d.id,
+                    ", ".join(by_key),
+                )
+                await rt.settle(msg, "term")
+                return
         except TransientBackendError as e:
             delay = min(0.2 * 2 ** max(msg.num_delivered - 1, 0), 30.0)
             log.warning(
@@ -117,21 +134,29 @@ class MessageHandler:
         ev: MessageArrival,
         trigger: str,
         fresh: list[Committed],
-    ) -> None:
+    ) -> bool:
         """The message + state rules for one execution, on its latest revision (a missing one
-        is started); a compare-and-set that loses is tried again on the newer revision."""
+        is started by the rules that may: ``create``); a compare-and-set that loses is tried
+        again on the newer revision. False: it does not exist and none of them may start it."""
         rt = self.rt
         d = bound.definition
         msg, decoded = ev.msg, ev.decoded
         key = d.key(exec_id)
         bucket = d.bucket
         pending = list(rules)  # the rules this message has not fired yet
+        refused: list[RuleDef] = []  # those that may not start it, while it is missing
         for _ in range(rt.options.conflict_retries):
             now = self.clock.now()
             entry = await rt.backend.kv_get(bucket, key)
             # Started now, or by someone other than an engine: its deadline has no timer yet.
             started = True
             if entry is None:
+                if not all(r.creates for r in pending):
+                    # (Set aside: they fire if it exists after all, written meanwhile.)
+                    refused = [r for r in pending if not r.creates]
+                    pending = [r for r in pending if r.creates]
+                    if not pending:
+                        return False
                 revision, raw = 0, b""
                 state = d.state_type()
                 state.initialize(exec_id, d.id, now, d.timeout)
@@ -151,12 +176,12 @@ class MessageHandler:
                 if state.status is _PENDING:
                     state.initialize(state.id or exec_id, d.id, now, d.timeout)
             if state.status in TERMINAL:
-                return
+                return True
             try:
                 if entry is not None and await self.writer.enforce_deadlines(
                     bound, bucket, key, revision, state, now, fresh
                 ):
-                    return
+                    return True
                 writer: RuleDef | None = None
                 others: list[RuleDef] = []
                 deferred = False
@@ -221,8 +246,11 @@ class MessageHandler:
                     # The later writers are evaluated again, on the revision this one wrote.
                     pending = [r for r in pending if r is not writer]
                     continue
-                return
+                return True
             except ConflictError:
+                if refused:
+                    pending = sorted([*pending, *refused], key=_by_index)
+                    refused = []
                 continue
         raise TransientBackendError(
             f"{key}: lost {rt.options.conflict_retries} compare-and-sets in a row"

@@ -76,6 +76,12 @@ class EngineMetrics:
             ["workflow"],
             registry=r,
         )
+        self.unknown_executions = Counter(
+            "reactive_unknown_executions",
+            "Messages terminated: for executions that do not exist, whose rules may not start them",
+            ["workflow"],
+            registry=r,
+        )
         self.partitions_held = Gauge(
             "reactive_partitions_held",
             "Partitions of a workflow's watched bucket this process holds now",

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 from nats.aio.client import Client
-from test_engine_nats import Responder, engine_on, uid
+from test_engine_nats import Responder, all_consumed, engine_on, eventually, metric, uid
 
 from reactive import ExecutionState, RuleContext, Status, TaskFailure, Workflow, rule
 from reactive.conditions import phase_in, phase_is
@@ -92,3 +92,40 @@ async def test_a_task_with_no_answer_reaches_on_timeout_on_nats(nats_url: str, n
     [silent] = await run(nats_url, nc, saga("1s"), ["silent"])
     assert (silent.status, silent.phase) == (Status.COMPLETED, "released")
     assert silent.why == "timeout: no callback within 1s"
+
+
+class Signal(msgspec.Struct):
+    order: str
+    note: str = ""
+
+
+async def test_a_signal_for_an_unknown_execution_is_terminated_not_created_on_nats(
+    nats_url: str, nc: Client
+) -> None:
+    wid = uid("signals")
+
+    class Signals(Workflow, id=wid, state=Order):
+        @rule(
+            on_subject=f"{wid}.note",
+            stream=f"IN_{wid}",
+            state_key=lambda m: m.order,
+            mutate=True,
+            create=False,
+        )
+        def note(self, ctx: RuleContext[Order, Signal]) -> None:
+            ctx.state.why = ctx.message.note
+
+    js = nc.jetstream()
+    async with engine_on(nats_url, [Signals]) as engine:
+        await js.publish(f"{wid}.note", msgspec.json.encode(Signal(order="ghost", note="x")))
+        await eventually(
+            lambda: metric("reactive_unknown_executions_total", workflow=wid) >= 1,
+            what="the signal counted",
+        )
+        await all_consumed(js, engine, Signals)
+        assert await engine.get(Signals, "ghost") is None
+        # An execution that exists gets it.
+        await engine.start_execution(Signals, "o1", Order(phase="open"))
+        await js.publish(f"{wid}.note", msgspec.json.encode(Signal(order="o1", note="hello")))
+        st = await engine.wait_for(Signals, "o1", lambda s: s.why == "hello", timeout=20)
+        assert st.why == "hello"

@@ -17,6 +17,7 @@ from reactive import (
     rule,
 )
 from reactive.conditions import phase_in, phase_is
+from reactive.runtime.metrics import EngineMetrics
 from reactive.testing import TestEngine
 
 pytestmark = pytest.mark.anyio
@@ -183,3 +184,44 @@ def test_failure_handlers_and_timeouts_only_on_async_rules_and_not_too_short() -
     assert "on_timeout is only for publish_async rules" in message
     assert "timeout= is only for publish_async rules" in message
     assert "timeout '500ms' is shorter than the engine allows (at least 1s)" in message
+
+
+# --------------------------------------------------------------------------- signals
+
+
+class Signal(msgspec.Struct):
+    order: str
+    note: str = ""
+
+
+class Signalled(Workflow, id="signalled", state=Order):
+    """Started by ``orders.open``; ``orders.note`` only reaches executions that exist."""
+
+    @rule(on_subject="orders.open", state_key=lambda m: m.order, mutate=True)
+    def open(self, ctx: RuleContext[Order, Signal]) -> None:
+        ctx.state.phase = "open"
+
+    @rule(on_subject="orders.note", state_key=lambda m: m.order, mutate=True, create=False)
+    def note(self, ctx: RuleContext[Order, Signal]) -> None:
+        ctx.state.why = ctx.message.note
+
+
+async def test_a_signal_that_must_not_create_is_terminated_and_counted_for_an_unknown_id(
+    metrics: EngineMetrics,
+) -> None:
+    async with TestEngine(Signalled, metrics=metrics) as te:
+        await te.trigger_message("orders.note", Signal(order="ghost", note="hello"))
+        assert te.state(Signalled, "ghost") is None
+        assert metrics.unknown_executions.labels("signalled")._value.get() == 1
+        await te.trigger_message("orders.open", Signal(order="o1"))
+        await te.trigger_message("orders.note", Signal(order="o1", note="hello"))
+        assert te.state(Signalled, "o1").why == "hello"
+        assert metrics.unknown_executions.labels("signalled")._value.get() == 1
+
+
+def test_create_false_only_on_message_and_state_rules() -> None:
+    with pytest.raises(DefinitionError, match="create=False is only for message"):
+
+        class Wrong(Workflow, id="wrong", state=Order):
+            @rule(watch_kv=True, when=phase_is("a"), mutate=True, create=False)
+            def step(self, ctx: RuleContext[Order, None]) -> None: ...
