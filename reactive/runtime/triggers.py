@@ -237,8 +237,6 @@ class Triggers:
         dies leaves the changes it had not finished to the engine that takes its
         partitions, and one that starts resumes from them, not from every key.
         """
-        order = self.order
-        settle = self.rt.settle
         wf = bound.definition.id
         n = await self._partitioned(bound, bucket)
         metrics = self.rt.metrics
@@ -252,10 +250,10 @@ class Triggers:
             try:
                 async for msg in consumer:
                     entry = msg.entry
-                    if order.chained and order.seen((wf, entry.bucket, entry.key), entry.revision):
-                        # An echo of this engine's own commit, evaluated right after it.
-                        await settle(msg, "ack")
-                        continue
+                    # (An echo of this engine's own commit goes to the key's worker too: it
+                    # is acknowledged there, after the worker's evaluation of that revision
+                    # right after committing it has completed. Acknowledged here, it could be
+                    # lost with an engine stopped or killed in the middle of that evaluation.)
                     await self._enqueue_kv(bound, entry, msg)
             finally:
                 if self.partitions.get((wf, bucket), (None,))[0] is consumer:

@@ -8,11 +8,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
-from reactive import MemoryBackend, RuleContext, Workflow, rule
+from reactive import ExecutionState, MemoryBackend, RuleContext, Status, Workflow, rule
 from reactive.backends.partitions import partition_of
 from reactive.clock import ManualClock
 from reactive.conditions import condition
@@ -127,3 +129,94 @@ async def test_every_workflow_watching_a_bucket_gets_every_change_with_engines_a
         await settle(a, b)
         assert len(held(a.engine, "one")) == len(held(b.engine, "two")) == 8
     assert seen_one == seen_two == Counter({(k, i + 1): 1 for i, k in enumerate(keys)})
+
+
+class Counted(ExecutionState):
+    step: int = 0
+
+
+class Counter3(Workflow, id="counter3", state=Counted):
+    @rule(watch_kv=True, when=lambda ctx: ctx.state.step < 3, mutate=True)
+    def step(self, ctx: RuleContext[Counted, None]) -> None:
+        ctx.state.step += 1
+
+    @rule(watch_kv=True, when=lambda ctx: ctx.state.step >= 3, complete=True)
+    def done(self, ctx: RuleContext[Counted, None]) -> None: ...
+
+
+class Dying(MemoryBackend):
+    """The engine's process dies in its write of ``step == 2``, once the change it is
+    evaluating (``step == 1``, which it committed and evaluates right after) has come back
+    to it from its partition."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock=clock)
+        self.engine: Engine | None = None
+        self.delivered: set[int] = set()
+        self.died = anyio.Event()
+
+    def consume_partitions(self, bucket: str, partitions: int, *, group: str = "") -> Any:
+        inner = super().consume_partitions(bucket, partitions, group=group)
+        backend = self
+
+        class Recording:
+            async def __aenter__(self) -> Any:
+                consumer = await inner.__aenter__()
+
+                class Reader:
+                    held = property(lambda _: consumer.held)
+                    members = property(lambda _: consumer.members)
+                    holds = staticmethod(consumer.holds)
+
+                    def __aiter__(self) -> Any:
+                        return self
+
+                    async def __anext__(self) -> Any:
+                        msg = await consumer.__anext__()
+                        backend.delivered.add(msg.entry.revision)
+                        return msg
+
+                return Reader()
+
+            async def __aexit__(self, *exc: Any) -> Any:
+                return await inner.__aexit__(*exc)
+
+        return Recording()
+
+    async def kv_update(
+        self, bucket: str, key: str, value: bytes, revision: int, *, ttl: float | None = None
+    ) -> int:
+        if not self.died.is_set() and self.engine is not None and b'"step":2' in value:
+            # The write of step 2, from the evaluation of step 1's revision: wait until
+            # step 1's change has come back from the partition, then die.
+            with anyio.fail_after(5):
+                while revision not in self.delivered:
+                    await anyio.sleep(0)
+            self.died.set()
+            await kill(self.engine)
+        return await super().kv_update(bucket, key, value, revision, ttl=ttl)
+
+
+async def kill(engine: Engine) -> None:
+    assert engine._tg is not None
+    engine._tg.cancel_scope.cancel()
+    await anyio.lowlevel.checkpoint()
+    raise AssertionError("a killed engine kept running")
+
+
+async def test_a_change_evaluated_right_after_its_commit_is_not_lost_with_the_engine() -> None:
+    # Its echo from the partition is acknowledged only once that evaluation has completed:
+    # an engine that dies in the middle of it leaves the change to the next engine.
+    clock = ManualClock()
+    backend = Dying(clock)
+    a = Engine(backend, [Counter3], clock=clock, instance_id="a", workers=2)
+    backend.engine = a
+    await a.start()
+    await a.start_execution(Counter3, "c1", Counted())
+    with anyio.fail_after(5):
+        await backend.died.wait()
+    await a.stop()
+    async with TestEngine(Counter3, clock=clock, backend=backend) as te:
+        await te.advance(10)  # (what the dead engine had taken comes again after ack_wait)
+        st = te.state(Counter3, "c1")
+        assert (st.status, st.step) == (Status.COMPLETED, 3)
