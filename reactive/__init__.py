@@ -20,8 +20,15 @@ import msgspec as _msgspec
 # --- writing a workflow: the class, its rules, its state, what a rule sees and does
 from reactive.dsl.context import RuleContext
 from reactive.dsl.mutators import chain, increment_iteration, set_error, transition
-from reactive.dsl.rules import rule
-from reactive.dsl.state import CallbackFields, ExecutionState, Status, TaskFailure, TimelineEntry
+from reactive.dsl.rules import on_max_iterations, rule
+from reactive.dsl.state import (
+    CallbackFields,
+    ExecutionState,
+    LimitReached,
+    Status,
+    TaskFailure,
+    TimelineEntry,
+)
 from reactive.dsl.workflow import Workflow, definition_of
 
 # isort: split
@@ -56,6 +63,7 @@ from reactive.errors import (
 __all__ = [  # writing a workflow
     "CallbackFields",
     "ExecutionState",
+    "LimitReached",
     "RuleContext",
     "Status",
     "TaskFailure",
@@ -64,6 +72,7 @@ __all__ = [  # writing a workflow
     "chain",
     "definition_of",
     "increment_iteration",
+    "on_max_iterations",
     "rule",
     "set_error",
     "transition",

@@ -104,6 +104,8 @@ class WorkflowDef:
     # Seconds a terminal execution stays in its bucket (None: for ever); see Workflow.
     retention: float | None = None
     rules_by_id: dict[str, RuleDef] = field(default_factory=dict)
+    # The method that handles the max-iterations limit (None: the execution escalates).
+    limit_handler_name: str | None = None
 
     def key(self, execution_id: str) -> str:
         """The KV key of an execution's state."""

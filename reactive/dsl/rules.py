@@ -10,7 +10,10 @@ from typing import Any, Generic, Literal, TypeVar, overload
 
 from reactive.dsl.context import RuleContext
 
-__all__ = ["RuleMethod", "RuleOptions", "rule"]
+__all__ = ["LIMIT_HANDLER", "RuleMethod", "RuleOptions", "on_max_iterations", "rule"]
+
+# The attribute that marks a workflow's max-iterations handler.
+LIMIT_HANDLER = "__reactive_limit_handler__"
 
 F = TypeVar("F", bound=Callable[..., Any])
 H = TypeVar("H", bound=Callable[..., Any])
@@ -201,3 +204,16 @@ def rule(
         return RuleMethod(fn, options)
 
     return decorate
+
+
+def on_max_iterations(handler: H) -> H:
+    """Mark the workflow's handler of its ``max_iterations`` limit.
+
+    A transition that would pass the limit does not happen; instead the handler gets
+    ``(ctx, limit)`` (a ``LimitReached``) with ``ctx.state`` as it was before that
+    transition (its iteration at the limit) and may move it on (a phase where the rule
+    that loops does not fire: a summary, a hand-over), complete, fail or escalate it.
+    A handler that changes nothing escalates it, as without one.
+    """
+    setattr(handler, LIMIT_HANDLER, True)
+    return handler

@@ -12,6 +12,7 @@ __all__ = [
     "CallbackFields",
     "ExecutionState",
     "Firing",
+    "LimitReached",
     "OutboxMessage",
     "Status",
     "TaskFailure",
@@ -273,6 +274,14 @@ class TaskFailure(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     message: str
     rule_id: str
     task_id: str
+
+
+class LimitReached(msgspec.Struct, kw_only=True, frozen=True, gc=False):
+    """What a workflow's ``@on_max_iterations`` handler gets: the limit, and the rule whose
+    transition (or whose result's) would have passed it."""
+
+    limit: int
+    rule_id: str
 
 
 class WorkflowCompletionEvent(msgspec.Struct, kw_only=True, gc=False):

@@ -15,7 +15,7 @@ from reactive.dsl.conditions import Condition, all_of, any_of, as_condition
 from reactive.dsl.context import RuleContext
 from reactive.dsl.definition import MIN_TIMER, ActionType, RuleDef, TriggerMode, WorkflowDef
 from reactive.dsl.durations import parse_duration
-from reactive.dsl.rules import _UNSET, RuleMethod
+from reactive.dsl.rules import _UNSET, LIMIT_HANDLER, RuleMethod
 from reactive.dsl.state import ExecutionState
 from reactive.errors import DefinitionError
 from reactive.subjects import validate_key_pattern, validate_subject
@@ -270,6 +270,23 @@ def _compile(
             elif attr in methods:
                 methods.pop(attr)
 
+    limit_handlers: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        for attr, value in klass.__dict__.items():
+            if getattr(value, LIMIT_HANDLER, False):
+                limit_handlers[attr] = value
+            elif attr in limit_handlers:
+                limit_handlers.pop(attr)
+    if len(limit_handlers) > 1:
+        reasons.append(
+            "more than one @on_max_iterations handler: " + ", ".join(sorted(limit_handlers))
+        )
+    elif limit_handlers and not max_iterations:
+        reasons.append(
+            f"@on_max_iterations handler {next(iter(limit_handlers))!r} without a limit: "
+            "give the workflow max_iterations=N"
+        )
+
     if not methods:
         bases = ", ".join(b.__name__ for b in cls.__bases__)
         reasons.append(
@@ -306,6 +323,7 @@ def _compile(
         max_timeline=max_timeline,
         retention=retention,
         rules_by_id={r.id: r for r in rules},
+        limit_handler_name=next(iter(limit_handlers), None),
     )
 
 

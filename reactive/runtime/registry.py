@@ -27,6 +27,8 @@ class BoundWorkflow:
     # A failed task's handler and a timed-out task's, per async rule that has one.
     on_error: dict[str, Callable[..., Any]] = field(default_factory=dict)
     on_timeout: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    # The workflow's max-iterations handler, if it has one.
+    on_limit: Callable[..., Any] | None = None
     # The engine's metric handles per rule, by the rule's index (filled as rules are used).
     evaluated: list[Any] = field(default_factory=list)
     dispatched: list[Any] = field(default_factory=list)
@@ -83,6 +85,8 @@ class Registry:
         slots = max((r.index for r in definition.rules), default=-1) + 1
         bound.evaluated = [None] * slots
         bound.dispatched = [None] * slots
+        if definition.limit_handler_name:
+            bound.on_limit = getattr(instance, definition.limit_handler_name)
         for r in definition.rules:
             bound.methods[r.id] = getattr(instance, r.method_name)
             if r.result_handler_name:

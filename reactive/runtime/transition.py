@@ -25,6 +25,7 @@ from reactive.dsl.definition import ActionType, RuleDef, TriggerMode, WorkflowDe
 from reactive.dsl.state import (
     ExecutionState,
     Firing,
+    LimitReached,
     OutboxMessage,
     Status,
     TaskFailure,
@@ -337,6 +338,41 @@ def _finish(
     return ended
 
 
+def _limit_reached(
+    bound: BoundWorkflow,
+    rule_id: str,
+    before: bytes,
+    ctx: RuleContext[Any, Any],
+    by: str,
+    task_done: bool = False,
+) -> tuple[ExecutionState, str]:
+    """The state and action when a transition would pass ``max_iterations``: the state as it
+    was (``before``) at the limit, given to the workflow's ``@on_max_iterations`` handler;
+    escalated where there is none, where the handler changes nothing, or where it raises
+    (then failed)."""
+    d = bound.definition
+    limit = d.max_iterations
+    work = decode(d.state_type, before)
+    work.iteration = limit
+    if task_done:
+        work.clear_pending_task()  # (its result came: the task is done either way)
+    handler = bound.on_limit
+    if handler is not None:
+        ctx.state = work
+        at_limit = encode_json(work)
+        try:
+            handler(ctx, LimitReached(limit=limit, rule_id=rule_id))
+        except Exception as e:
+            work = decode(d.state_type, before)
+            work.iteration = limit
+            work.fail(f"max-iterations handler raised {type(e).__name__}: {e}")
+            return work, "error"
+        if work.status in TERMINAL or encode_json(work) != at_limit:
+            return work, "on_max_iterations"
+    work.escalate(f"max iterations ({limit}) exceeded by {by}")
+    return work, "escalate"
+
+
 def apply_rule(
     bound: BoundWorkflow,
     r: RuleDef,
@@ -400,13 +436,10 @@ def apply_rule(
                 event = payload if payload is not None else completion_event(d, work, now)
                 outbox.append(outbox_message(r.publish_subject, event, msg_id))
     if d.max_iterations and work.iteration > d.max_iterations and work.status not in TERMINAL:
-        limit = d.max_iterations
-        # The transition that would pass the limit does not happen: escalate from where it was.
-        work = decode(d.state_type, before)
-        work.iteration = limit
-        work.escalate(f"max iterations ({limit}) exceeded by rule {r.id}")
+        # The transition that would pass the limit does not happen: its handler, or an
+        # escalation, from where it was.
+        work, action = _limit_reached(bound, r.id, before, ctx, f"rule {r.id}")
         outbox = []
-        action = "escalate"
     firing = work.firings.get(r.id) or Firing()
     firing.count += 1
     firing.last_at = now
@@ -426,7 +459,13 @@ def apply_rule(
             iteration=work.iteration,
         )
     )
-    reason = "max_iterations" if action == "escalate" else "rule_error" if error else "rule"
+    reason = (
+        "max_iterations"
+        if action == "escalate"
+        else "rule_error"
+        if error or action == "error"
+        else "rule"
+    )
     if (
         (started and work.deadline is not None)
         or r.cooldown
@@ -491,10 +530,7 @@ def apply_result(
             work.fail(f"{which} handler of {r.id} raised {type(e).__name__}: {e}")
             action = "error"
         if d.max_iterations and work.iteration > d.max_iterations and work.status not in TERMINAL:
-            work = decode(d.state_type, base)
-            work.iteration = d.max_iterations
-            work.escalate(f"max iterations ({d.max_iterations}) exceeded by result of {r.id}")
-            action = "escalate"
+            work, action = _limit_reached(bound, r.id, base, ctx, f"result of {r.id}", True)
     stamp = utc(now)
     work.timeline.append(
         TimelineEntry(

@@ -10,10 +10,12 @@ import pytest
 from reactive import (
     DefinitionError,
     ExecutionState,
+    LimitReached,
     RuleContext,
     Status,
     TaskFailure,
     Workflow,
+    on_max_iterations,
     rule,
 )
 from reactive.conditions import phase_in, phase_is
@@ -225,3 +227,82 @@ def test_create_false_only_on_message_and_state_rules() -> None:
         class Wrong(Workflow, id="wrong", state=Order):
             @rule(watch_kv=True, when=phase_is("a"), mutate=True, create=False)
             def step(self, ctx: RuleContext[Order, None]) -> None: ...
+
+
+# --------------------------------------------------------------------------- max iterations
+
+
+class Loop(ExecutionState):
+    ticks: int = 0
+    mode: str = "move on"
+    why: str = ""
+
+
+class Agent(Workflow, id="agent", state=Loop, max_iterations=3):
+    """Loops until its budget is spent; then summarizes instead of escalating."""
+
+    @rule(watch_kv=True, when=phase_is("thinking"), mutate=True)
+    def think(self, ctx: RuleContext[Loop, None]) -> None:
+        ctx.state.iteration += 1
+        ctx.state.ticks += 1
+
+    @on_max_iterations
+    def out_of_budget(self, ctx: RuleContext[Loop, None], limit: LimitReached) -> None:
+        if ctx.state.mode == "raise":
+            raise ValueError("no budget left")
+        if ctx.state.mode == "move on":
+            ctx.state.phase = "summarizing"
+            ctx.state.why = f"limit {limit.limit} by {limit.rule_id}"
+
+    @rule(watch_kv=True, when=phase_is("summarizing"), complete=True)
+    def summarize(self, ctx: RuleContext[Loop, None]) -> None: ...
+
+
+async def test_the_max_iterations_handler_moves_the_execution_on() -> None:
+    async with TestEngine(Agent) as te:
+        await te.start(Agent, "a1", Loop(phase="thinking"))
+        st = te.state(Agent, "a1")
+        assert (st.status, st.phase, st.iteration, st.ticks) == (
+            Status.COMPLETED,
+            "summarizing",
+            3,
+            3,
+        )
+        assert st.why == "limit 3 by think"
+        assert [a for _, a in actions(st)] == ["mutate"] * 3 + ["on_max_iterations", "complete"]
+
+
+async def test_a_max_iterations_handler_that_changes_nothing_escalates_one_that_raises_fails() -> (
+    None
+):
+    async with TestEngine(Agent) as te:
+        await te.start(Agent, "idle", Loop(phase="thinking", mode="nothing"))
+        assert te.state(Agent, "idle").status is Status.ESCALATED
+        await te.start(Agent, "broken", Loop(phase="thinking", mode="raise"))
+        st = te.state(Agent, "broken")
+        assert st.status is Status.FAILED
+        assert st.error == "max-iterations handler raised ValueError: no budget left"
+
+
+def test_a_max_iterations_handler_needs_a_limit_and_is_one() -> None:
+    with pytest.raises(DefinitionError) as info:
+
+        class NoLimit(Workflow, id="no-limit", state=Loop):
+            @rule(watch_kv=True, when=phase_is("a"), mutate=True)
+            def step(self, ctx: RuleContext[Loop, None]) -> None: ...
+
+            @on_max_iterations
+            def spent(self, ctx: RuleContext[Loop, None], limit: LimitReached) -> None: ...
+
+    assert "without a limit: give the workflow max_iterations=N" in str(info.value)
+    with pytest.raises(DefinitionError, match="more than one @on_max_iterations handler"):
+
+        class Two(Workflow, id="two", state=Loop, max_iterations=2):
+            @rule(watch_kv=True, when=phase_is("a"), mutate=True)
+            def step(self, ctx: RuleContext[Loop, None]) -> None: ...
+
+            @on_max_iterations
+            def one(self, ctx: RuleContext[Loop, None], limit: LimitReached) -> None: ...
+
+            @on_max_iterations
+            def other(self, ctx: RuleContext[Loop, None], limit: LimitReached) -> None: ...
