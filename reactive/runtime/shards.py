@@ -52,24 +52,41 @@ Evaluate = Callable[
 
 
 class KeyOrder:
-    """Per key: the latest revision queued, and the chain of this engine's own commits
+    """Per key: the latest revision queued, and the chains of this engine's own commits
     evaluated right after committing them (whose echoes from the partition are skipped)."""
 
     def __init__(self) -> None:
         self.latest: dict[tuple[str, str], int] = {}
-        self.chained: dict[tuple[str, str, str], tuple[int, int]] = {}
+        # Per workflow, bucket and key: the spans [first, last] of revisions evaluated
+        # right after their commit, oldest first. A span stays until its last revision's
+        # echo is handled: echoes are handled in order, but may come after a later chain
+        # has begun (another workflow's partitions, read by a task of their own).
+        self.chained: dict[tuple[str, str, str], list[list[int]]] = {}
 
     def seen(self, k: tuple[str, str, str], revision: int) -> bool:
-        """(``k``: the workflow, the bucket and the key.)"""
-        """Whether this revision of the key was evaluated already, right after this engine committed it."""
-        span = self.chained.get(k)
-        if span is None:
+        """Whether this revision of the key was evaluated already, right after this engine
+        committed it. (``k``: the workflow, the bucket and the key.)"""
+        spans = self.chained.get(k)
+        if spans is None:
             return False
-        if revision < span[0]:
-            return False  # older than the chain: not evaluated there
-        if revision >= span[1]:
-            del self.chained[k]
-        return revision <= span[1]
+        for i, span in enumerate(spans):
+            if span[0] <= revision <= span[1]:
+                if revision == span[1]:
+                    del spans[i]
+                    if not spans:
+                        del self.chained[k]
+                return True
+        return False
+
+    def chain(self, k: tuple[str, str, str], base: int, revision: int) -> None:
+        """``revision`` (written on ``base``) is evaluated right after its commit."""
+        spans = self.chained.get(k)
+        if spans is None:
+            self.chained[k] = [[revision, revision]]
+        elif spans[-1][1] == base:
+            spans[-1][1] = revision  # the chain goes on
+        else:
+            spans.append([revision, revision])
 
 
 class Shards:
@@ -208,15 +225,8 @@ class Shards:
                 if not matches:
                     continue
             hops += 1
-            # The chain of this key goes on if this revision was written on its last one.
             for bound, _ in matches:
-                ck = (bound.definition.id, c.bucket, c.key)
-                span = chained.get(ck)
-                chained[ck] = (
-                    (span[0], c.revision)
-                    if span and span[1] == c.base
-                    else (c.revision, c.revision)
-                )
+                order.chain((bound.definition.id, c.bucket, c.key), c.base, c.revision)
             if not c.value:
                 continue  # terminal: nothing to evaluate, only its echo to skip
             for bound, rules in matches:
