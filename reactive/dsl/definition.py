@@ -10,7 +10,7 @@ from typing import Any
 from reactive.dsl.context import RuleContext
 from reactive.dsl.state import ExecutionState
 
-__all__ = ["MIN_TIMER", "ActionType", "RuleDef", "TriggerMode", "WorkflowDef"]
+__all__ = ["MIN_TIMER", "ActionType", "RetryPolicy", "RuleDef", "TriggerMode", "WorkflowDef"]
 
 
 class TriggerMode(enum.StrEnum):
@@ -28,6 +28,27 @@ class ActionType(enum.StrEnum):
     PUBLISH_ASYNC = "publish_async"
     MUTATE = "mutate"
     COMPLETE = "complete"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """A rule's ``Retry``, checked and in seconds."""
+
+    attempts: int
+    backoff: float
+    multiplier: float
+    max_backoff: float
+    non_retryable: tuple[str, ...]
+
+    def delay(self, attempt: int) -> float:
+        """How long after the failure of ``attempt`` (1 for the first) the next one goes."""
+        return min(self.backoff * self.multiplier ** (attempt - 1), self.max_backoff)
+
+    def retries(self, kind: str, message: str, attempt: int) -> bool:
+        """Whether a task that failed so (``kind``: error, invalid, timeout) is tried again."""
+        if attempt >= self.attempts or kind == "invalid":
+            return False
+        return not (kind == "error" and message.startswith(self.non_retryable))
 
 
 # The shortest timer a definition may ask for, in seconds (a task's timeout): shorter
@@ -65,6 +86,8 @@ class RuleDef:
     task_timeout: float | None = None
     # A message + state rule that starts a missing execution (False: it does not).
     creates: bool = True
+    # An async rule's retry policy (None: a failed task is not sent again).
+    retry: RetryPolicy | None = None
     cooldown: float = 0.0
     # The cooldown is one for all the workflow's executions (cooldown_scope="workflow"),
     # not one per execution.

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any, Generic, Literal, TypeVar, overload
 
 from reactive.dsl.context import RuleContext
+from reactive.dsl.state import Retry
 
 __all__ = ["LIMIT_HANDLER", "RuleMethod", "RuleOptions", "on_max_iterations", "rule"]
 
@@ -48,6 +49,7 @@ class RuleOptions:
     on_deletes: bool = False
     timeout: float | str | timedelta | None = None
     create: bool = True
+    retry: Any = None
 
 
 class RuleMethod(Generic[F]):
@@ -140,6 +142,7 @@ def rule(
     on_deletes: bool = False,
     timeout: float | str | timedelta | None = None,
     create: bool = True,
+    retry: Retry | None = None,
 ) -> Callable[[F], RuleMethod[F]]:
     """Declare a rule on a workflow method.
 
@@ -166,8 +169,9 @@ def rule(
         with ``publish=`` the method's return value is published as the event.
 
     Failures of an async rule: ``timeout=`` (seconds or '30s', at least 1 s) replaces
-    the workflow's ``task_timeout`` for this rule's tasks; ``@method.on_error`` and
-    ``@method.on_timeout`` handle a failed task and one that timed out.
+    the workflow's ``task_timeout`` for this rule's tasks; ``retry=Retry(...)`` sends a
+    failed or late task again; ``@method.on_error`` and ``@method.on_timeout`` handle a
+    failed task and one that timed out (after the last attempt).
 
     Limits: ``cooldown`` (seconds or '30s'), ``max_firings`` per execution.
     ``cooldown_scope="workflow"`` makes the cooldown one for the whole workflow (the
@@ -194,6 +198,7 @@ def rule(
         on_deletes=on_deletes,
         timeout=timeout,
         create=create,
+        retry=retry,
     )
 
     def decorate(fn: F) -> RuleMethod[F]:

@@ -122,6 +122,9 @@ class ExecutionState(msgspec.Struct, kw_only=True, omit_defaults=True):
     outbox_id: str = ""
     owner: str = ""
     trace_parent: str = ""  # W3C traceparent of the trace this execution belongs to
+    # The attempt of the pending task (1 for the first); with no task id, the attempt that
+    # failed and waits, until ``task_deadline``, for the next (its rule's ``retry=``).
+    task_attempt: int = 0
 
     __reactive_bookkeeping__: ClassVar[frozenset[str]] = frozenset(
         {
@@ -132,6 +135,7 @@ class ExecutionState(msgspec.Struct, kw_only=True, omit_defaults=True):
             "outbox_id",
             "owner",
             "trace_parent",
+            "task_attempt",
         }
     )
 
@@ -251,6 +255,7 @@ class ExecutionState(msgspec.Struct, kw_only=True, omit_defaults=True):
         self.pending_rule_id = ""
         self.task_deadline = None
         self.pending_since = None
+        self.task_attempt = 0
 
 
 class CallbackFields(msgspec.Struct, kw_only=True):
@@ -259,6 +264,24 @@ class CallbackFields(msgspec.Struct, kw_only=True):
     task_id: str = ""
     callback_subject: str = ""
     execution_id: str = ""
+
+
+class Retry(msgspec.Struct, kw_only=True, frozen=True, gc=False):
+    """An async rule's retry policy (``@rule(publish_async=..., retry=Retry(...))``).
+
+    A failed task (the worker's error, or no answer within the rule's timeout) is sent
+    again, as a new task with a new id, after ``backoff`` (then ``backoff * multiplier``,
+    ..., at most ``max_backoff``), up to ``attempts`` tasks in all; a worker error that
+    starts with one of ``non_retryable`` is not retried, nor is a result that does not
+    decode. After the last attempt the rule's ``on_error`` / ``on_timeout`` handler (or
+    the default: fail) takes it. Durations: seconds, or strings such as ``"30s"``.
+    """
+
+    attempts: int = 3
+    backoff: float | str = 1.0
+    multiplier: float = 2.0
+    max_backoff: float | str = 60.0
+    non_retryable: tuple[str, ...] = ()
 
 
 class TaskFailure(msgspec.Struct, kw_only=True, frozen=True, gc=False):
@@ -274,6 +297,7 @@ class TaskFailure(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     message: str
     rule_id: str
     task_id: str
+    attempt: int = 1
 
 
 class LimitReached(msgspec.Struct, kw_only=True, frozen=True, gc=False):

@@ -13,10 +13,17 @@ import msgspec
 
 from reactive.dsl.conditions import Condition, all_of, any_of, as_condition
 from reactive.dsl.context import RuleContext
-from reactive.dsl.definition import MIN_TIMER, ActionType, RuleDef, TriggerMode, WorkflowDef
+from reactive.dsl.definition import (
+    MIN_TIMER,
+    ActionType,
+    RetryPolicy,
+    RuleDef,
+    TriggerMode,
+    WorkflowDef,
+)
 from reactive.dsl.durations import parse_duration
 from reactive.dsl.rules import _UNSET, LIMIT_HANDLER, RuleMethod
-from reactive.dsl.state import ExecutionState
+from reactive.dsl.state import ExecutionState, Retry
 from reactive.errors import DefinitionError
 from reactive.subjects import validate_key_pattern, validate_subject
 
@@ -512,6 +519,12 @@ def _compile_rule(
         ):
             if given is not None:
                 bad(f"{what} is only for publish_async rules (this rule's tasks are none)")
+    retry: RetryPolicy | None = None
+    if o.retry is not None:
+        if action is not ActionType.PUBLISH_ASYNC:
+            bad("retry= is only for publish_async rules (this rule's tasks are none)")
+        else:
+            retry = _retry_policy(o.retry, bad)
     if not o.create and mode is not TriggerMode.MESSAGE_AND_STATE:
         bad("create=False is only for message + state rules (on_subject with state_key)")
 
@@ -580,9 +593,43 @@ def _compile_rule(
         timeout_handler_name=timeout_handler,
         task_timeout=task_timeout,
         creates=bool(o.create),
+        retry=retry,
         cooldown=cooldown,
         shared_cooldown=cooldown_scope == "workflow",
         max_firings=max_firings,
         on_deletes=bool(o.on_deletes),
         phases=cond.phases,
+    )
+
+
+def _retry_policy(given: Any, bad: Callable[[str], None]) -> RetryPolicy | None:
+    """A rule's ``retry=``, checked (the mistakes reported through ``bad``)."""
+    if not isinstance(given, Retry):
+        bad(f"retry= takes a reactive.Retry, not {given!r}")
+        return None
+    problems: list[str] = []
+    try:
+        backoff = parse_duration(given.backoff)
+        max_backoff = parse_duration(given.max_backoff)
+    except ValueError as e:
+        bad(f"retry: {e}")
+        return None
+    if not isinstance(given.attempts, int) or given.attempts < 1:
+        problems.append(f"attempts must be an int of at least 1, got {given.attempts!r}")
+    if backoff < MIN_TIMER:
+        problems.append(
+            f"backoff {given.backoff!r} is shorter than the engine allows (at least {MIN_TIMER:g}s)"
+        )
+    if not given.multiplier >= 1:
+        problems.append(f"multiplier must be at least 1, got {given.multiplier!r}")
+    if max_backoff < backoff:
+        problems.append(f"max_backoff {given.max_backoff!r} is shorter than backoff")
+    if not all(isinstance(e, str) and e for e in given.non_retryable):
+        problems.append("non_retryable takes error prefixes (non-empty strings)")
+    for problem in problems:
+        bad(f"retry: {problem}")
+    if problems:
+        return None
+    return RetryPolicy(
+        given.attempts, backoff, float(given.multiplier), max_backoff, tuple(given.non_retryable)
     )

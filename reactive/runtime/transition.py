@@ -47,10 +47,13 @@ __all__ = [
     "completion_event",
     "end",
     "outbox_message",
+    "retry_later",
+    "retry_now",
     "start_timers",
     "task_timed_out",
     "task_timeout",
     "timeout_handled",
+    "timeout_retried",
     "utc",
 ]
 
@@ -199,6 +202,37 @@ def task_timed_out(d: WorkflowDef, st: ExecutionState, now: float, owner: str) -
     return end(d, st, None, now, owner, "task_timeout", mode="timer", rule_id="task_timeout")
 
 
+def timeout_retried(
+    bound: BoundWorkflow, r: RuleDef, st: ExecutionState, ctx: RuleContext[Any, Any], owner: str
+) -> Ended | None:
+    """The pending task got no callback in time, and its rule's retry policy sends it again:
+    park ``st`` until the next attempt (``retry_later``)."""
+    d = bound.definition
+    now = ctx.now
+    task_id = st.pending_task_id
+    message = f"no callback within {task_timeout(d, r.id):g}s"
+    retry_later(r, st, "timeout", message, now)
+    stamp = utc(now)
+    st.timeline.append(
+        TimelineEntry(
+            timestamp=stamp,
+            rule_id=r.id,
+            trigger_mode="timer",
+            trigger_info=f"task {task_id}",
+            action="retry_later",
+            phase=st.phase,
+            iteration=st.iteration,
+            error=message,
+        )
+    )
+    outbox: list[OutboxMessage] = []
+    _add_timers(
+        d, None, st, outbox, ctx.bucket, ctx.key, ctx.revision, ctx.execution_id, now,
+        False, st.deadline, None,
+    )  # fmt: skip
+    return _finish(d, st, outbox, False, now, stamp, owner, "rule", ctx.revision, ctx.execution_id)
+
+
 def timeout_handled(
     bound: BoundWorkflow,
     st: ExecutionState,
@@ -215,10 +249,16 @@ def timeout_handled(
     message = f"no callback within {task_timeout(d, rule_id):g}s"
     base = encode_json(st)
     deadline_before = st.deadline
+    attempt = st.task_attempt or 1
     st.clear_pending_task()
     action = "on_timeout"
     try:
-        handler(ctx, TaskFailure(kind="timeout", message=message, rule_id=rule_id, task_id=task_id))
+        handler(
+            ctx,
+            TaskFailure(
+                kind="timeout", message=message, rule_id=rule_id, task_id=task_id, attempt=attempt
+            ),
+        )
     except Exception as e:
         st = decode(d.state_type, base)
         st.fail(f"timeout handler of {rule_id} raised {type(e).__name__}: {e}")
@@ -373,6 +413,103 @@ def _limit_reached(
     return work, "escalate"
 
 
+def _request(
+    d: WorkflowDef,
+    r: RuleDef,
+    work: ExecutionState,
+    payload: Any,
+    exec_id: str,
+    revision: int,
+    now: float,
+    callback_prefix: str,
+    attempt: int,
+) -> OutboxMessage:
+    """Park ``work`` on a new task of the async rule ``r`` (its ``attempt``) and return the
+    request, to go out in the transition's outbox."""
+    # Unguessable: only the worker given the request can answer it (the state and the
+    # outbox keep it, so a redelivered request carries the same id).
+    task_id = f"{exec_id}-{r.id}-{revision}-{secrets.token_hex(12)}"
+    callback_subject = f"{callback_prefix}.{d.id}.{exec_id}"
+    payload = inject_callback_fields(payload, task_id, callback_subject, exec_id)
+    work.set_pending_task(task_id, r.id)
+    work.task_deadline = utc(now + (r.task_timeout or d.task_timeout))
+    work.pending_since = utc(now)
+    work.task_attempt = attempt
+    # (One message per rule and revision: the id of its revision, index 0, its rule.)
+    msg = outbox_message(r.publish_subject, payload, f"{d.id}:{exec_id}:{revision}:0:{r.id}")
+    msg.headers = {
+        "Reactive-Task-Id": task_id,
+        "Reactive-Callback-Subject": callback_subject,
+        "Reactive-Execution-Id": exec_id,
+    }
+    return msg
+
+
+def retry_later(r: RuleDef, work: ExecutionState, kind: str, message: str, now: float) -> bool:
+    """If ``r``'s retry policy sends its failed task (``kind``, ``message``) again: park
+    ``work`` until the next attempt (a pending rule with no task id, until
+    ``task_deadline``) and return True."""
+    policy = r.retry
+    attempt = work.task_attempt or 1
+    if policy is None or not policy.retries(kind, message, attempt):
+        return False
+    work.clear_pending_task()
+    work.set_pending_task("", r.id)
+    work.task_deadline = utc(now + policy.delay(attempt))
+    work.task_attempt = attempt
+    return True
+
+
+def retry_now(
+    bound: BoundWorkflow,
+    r: RuleDef,
+    work: ExecutionState,
+    ctx: RuleContext[Any, Any],
+    owner: str,
+    callback_prefix: str,
+) -> Ended | None:
+    """The wait before the next attempt of ``r``'s task is over: the request again, as a
+    new task (the rule's method makes its payload from the state as it is now)."""
+    d = bound.definition
+    now = ctx.now
+    attempt = work.task_attempt + 1
+    work.clear_pending_task()
+    outbox: list[OutboxMessage] = []
+    action = "retry"
+    try:
+        payload = bound.methods[r.id](ctx)
+    except Exception as e:
+        work.fail(f"rule {r.id} raised {type(e).__name__}: {e}")
+        action = "error"
+    else:
+        outbox.append(
+            _request(
+                d, r, work, payload, ctx.execution_id, ctx.revision, now, callback_prefix, attempt
+            )
+        )
+        outbox.append(
+            _timer(d, ctx.execution_id, TASK, ctx.bucket, ctx.key, ctx.revision,
+                   work.task_deadline.timestamp() if work.task_deadline else now)
+        )  # fmt: skip
+    stamp = utc(now)
+    work.timeline.append(
+        TimelineEntry(
+            timestamp=stamp,
+            rule_id=r.id,
+            trigger_mode="timer",
+            trigger_info=f"attempt {attempt}",
+            action=action,
+            phase=work.phase,
+            iteration=work.iteration,
+            error=work.error if action == "error" else "",
+        )
+    )
+    reason = "rule_error" if action == "error" else "rule"
+    return _finish(
+        d, work, outbox, False, now, stamp, owner, reason, ctx.revision, ctx.execution_id
+    )
+
+
 def apply_rule(
     bound: BoundWorkflow,
     r: RuleDef,
@@ -414,21 +551,7 @@ def apply_rule(
         if r.action is _PUBLISH:
             outbox.append(outbox_message(r.publish_subject, payload, msg_id))
         elif r.action is _PUBLISH_ASYNC and work.status not in TERMINAL:
-            # Unguessable: only the worker given the request can answer it (the state
-            # and the outbox keep it, so a redelivered request carries the same id).
-            task_id = f"{exec_id}-{r.id}-{revision}-{secrets.token_hex(12)}"
-            callback_subject = f"{callback_prefix}.{d.id}.{exec_id}"
-            payload = inject_callback_fields(payload, task_id, callback_subject, exec_id)
-            work.set_pending_task(task_id, r.id)
-            work.task_deadline = utc(now + (r.task_timeout or d.task_timeout))
-            work.pending_since = utc(now)
-            msg = outbox_message(r.publish_subject, payload, msg_id)
-            msg.headers = {
-                "Reactive-Task-Id": task_id,
-                "Reactive-Callback-Subject": callback_subject,
-                "Reactive-Execution-Id": exec_id,
-            }
-            outbox.append(msg)
+            outbox.append(_request(d, r, work, payload, exec_id, revision, now, callback_prefix, 1))
         elif r.action is _COMPLETE:
             if work.status not in TERMINAL:
                 work.complete()
@@ -508,18 +631,27 @@ def apply_result(
     action = "callback"
     error: Exception | None = None
     deadline_before = work.deadline
-    on_error = bound.on_error.get(r.id) if failure else None
-    if failure and on_error is None:
+    retrying = bool(failure) and retry_later(
+        r, work, "invalid" if invalid else "error", failure, now
+    )
+    on_error = bound.on_error.get(r.id) if failure and not retrying else None
+    if retrying:
+        action = "retry_later"
+    elif failure and on_error is None:
         work.fail(f"task {task_id} of rule {r.id} failed: {failure}")
         action = "invalid_result" if invalid else "callback_error"
     else:
+        attempt = work.task_attempt or 1
         work.clear_pending_task()
         try:
             if on_error is not None:
                 action = "on_error"
                 kind = "invalid" if invalid else "error"
                 on_error(
-                    ctx, TaskFailure(kind=kind, message=failure, rule_id=r.id, task_id=task_id)
+                    ctx,
+                    TaskFailure(
+                        kind=kind, message=failure, rule_id=r.id, task_id=task_id, attempt=attempt
+                    ),
                 )
             else:
                 bound.handlers[r.id](ctx, result)
@@ -541,15 +673,19 @@ def apply_result(
             action=action,
             phase=work.phase,
             iteration=work.iteration,
-            error=failure if action == "on_error" else work.error if action != "callback" else "",
+            error=failure
+            if action in ("on_error", "retry_later")
+            else work.error
+            if action != "callback"
+            else "",
         )
     )
     reason = _CALLBACK_REASONS.get(action, "rule")
     outbox: list[OutboxMessage] = []
-    if work.deadline is not deadline_before and work.status not in TERMINAL:
+    if (work.deadline is not deadline_before or retrying) and work.status not in TERMINAL:
         _add_timers(
             d, None, work, outbox, ctx.bucket, ctx.key, ctx.revision, ctx.execution_id, now,
-            False, deadline_before, work.task_deadline,
+            False, deadline_before, None if retrying else work.task_deadline,
         )  # fmt: skip
     ended = _finish(
         d, work, outbox, False, now, stamp, owner, reason, ctx.revision, ctx.execution_id

@@ -19,7 +19,15 @@ from reactive.runtime.decide import overdue
 from reactive.runtime.events import Committed
 from reactive.runtime.registry import BoundWorkflow
 from reactive.runtime.store import Store
-from reactive.runtime.transition import Ended, apply_rule, end, task_timed_out, timeout_handled
+from reactive.runtime.transition import (
+    Ended,
+    apply_rule,
+    end,
+    retry_now,
+    task_timed_out,
+    timeout_handled,
+    timeout_retried,
+)
 
 __all__ = ["Writer"]
 
@@ -154,15 +162,30 @@ class Writer:
         if passed == "task":
             rt = self.rt
             rule_id = state.pending_rule_id
+            r = d.rules_by_id.get(rule_id)
+            exec_id = state.id or d.execution_id_for(key)
+            ctx: RuleContext[Any, Any] = new_context(
+                state, None, d.id, exec_id, key, bucket, revision, "timer", now
+            )
+            ctx.rule_id = rule_id
+            if not state.pending_task_id and r is not None:
+                # The wait before the next attempt is over: the task again, a new one.
+                again = retry_now(bound, r, state, ctx, self.owner, rt.options.callback_prefix)
+                await self.store.write(d, bucket, key, revision, state, again, fresh)
+                if state.status is _WAITING:
+                    rt.metric(rt.metrics.pending_callbacks, d.id).inc()
+                return True
             handler = bound.on_timeout.get(rule_id)
-            if handler is None:
-                timed_out: Ended | None = task_timed_out(d, state, now, self.owner)
+            timed_out: Ended | None
+            if (
+                r is not None
+                and r.retry
+                and r.retry.retries("timeout", "", state.task_attempt or 1)
+            ):
+                timed_out = timeout_retried(bound, r, state, ctx, self.owner)
+            elif handler is None:
+                timed_out = task_timed_out(d, state, now, self.owner)
             else:
-                exec_id = state.id or d.execution_id_for(key)
-                ctx: RuleContext[Any, Any] = new_context(
-                    state, None, d.id, exec_id, key, bucket, revision, "timer", now
-                )
-                ctx.rule_id = rule_id
                 state, timed_out = timeout_handled(bound, state, ctx, handler, self.owner)
             await self.store.write(d, bucket, key, revision, state, timed_out, fresh)
             rt.metric(rt.metrics.pending_callbacks, d.id).dec()

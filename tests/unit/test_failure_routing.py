@@ -11,6 +11,7 @@ from reactive import (
     DefinitionError,
     ExecutionState,
     LimitReached,
+    Retry,
     RuleContext,
     Status,
     TaskFailure,
@@ -306,3 +307,118 @@ def test_a_max_iterations_handler_needs_a_limit_and_is_one() -> None:
 
             @on_max_iterations
             def other(self, ctx: RuleContext[Loop, None], limit: LimitReached) -> None: ...
+
+
+# --------------------------------------------------------------------------- retries
+
+
+class Retried(Workflow, id="retried", state=Order, task_timeout="1h"):
+    """Charge with three attempts (1 s, then 2 s apart); a declined card is not retried."""
+
+    @rule(
+        watch_kv=True,
+        when=phase_is("charging"),
+        publish_async="pay.retried",
+        timeout="30s",
+        retry=Retry(attempts=3, backoff="1s", multiplier=2, non_retryable=("declined",)),
+    )
+    def charge(self, ctx: RuleContext[Order, None]) -> Charge:
+        return Charge(amount=ctx.state.amount)
+
+    @charge.on_result
+    def charged(self, ctx: RuleContext[Order, None], result: Charged) -> None:
+        ctx.state.phase = "charged"
+
+    @charge.on_error
+    def gave_up(self, ctx: RuleContext[Order, None], failure: TaskFailure) -> None:
+        ctx.state.phase = "releasing"
+        ctx.state.why = f"{failure.kind} on attempt {failure.attempt}: {failure.message}"
+
+    @charge.on_timeout
+    def too_slow(self, ctx: RuleContext[Order, None], failure: TaskFailure) -> None:
+        ctx.state.phase = "releasing"
+        ctx.state.why = f"{failure.kind} on attempt {failure.attempt}: {failure.message}"
+
+    @rule(watch_kv=True, when=phase_is("releasing"), mutate=True)
+    def release(self, ctx: RuleContext[Order, None]) -> None:
+        ctx.state.phase = "released"
+
+    @rule(watch_kv=True, when=phase_in("charged", "released"), complete=True)
+    def done(self, ctx: RuleContext[Order, None]) -> None: ...
+
+
+async def test_a_failed_task_is_retried_with_backoff_each_attempt_a_new_task() -> None:
+    async with TestEngine(Retried) as te:
+        await te.start(Retried, "r1", Order(phase="charging"))
+        first = te.state(Retried, "r1").pending_task_id
+        await te.callback(Retried, "r1", error="busy")
+        st = te.state(Retried, "r1")
+        assert (st.status, st.pending_task_id, st.task_attempt) == (Status.WAITING, "", 1)
+        await te.advance(0.9)
+        assert len(te.published("pay.retried")) == 1  # (the backoff is 1 s)
+        await te.advance(0.1)
+        second = te.state(Retried, "r1").pending_task_id
+        assert second and second != first and te.state(Retried, "r1").task_attempt == 2
+        # The first attempt's answer, late: ignored.
+        await te.callback(Retried, "r1", Charged(receipt="old"), task_id=first)
+        assert te.state(Retried, "r1").pending_task_id == second
+        await te.callback(Retried, "r1", error="busy")
+        await te.advance(2)  # the second backoff: 2 s
+        await te.callback(Retried, "r1", Charged(receipt="r3"))
+        st = te.state(Retried, "r1")
+        assert (st.status, st.phase) == (Status.COMPLETED, "charged")
+        requests = te.published("pay.retried")
+        assert len({r["task_id"] for r in requests}) == 3
+        assert [a for _, a in actions(st)] == [
+            "publish_async",
+            "retry_later",
+            "retry",
+            "retry_later",
+            "retry",
+            "callback",
+            "complete",
+        ]
+
+
+async def test_a_non_retryable_error_and_the_last_attempt_go_to_the_handlers() -> None:
+    async with TestEngine(Retried) as te:
+        await te.start(Retried, "d1", Order(phase="charging"))
+        await te.callback(Retried, "d1", error="declined: insufficient funds")
+        st = te.state(Retried, "d1")
+        assert (st.phase, st.why) == (
+            "released",
+            "error on attempt 1: declined: insufficient funds",
+        )
+        # Timeouts are retried too; after the third attempt the timeout handler takes it.
+        await te.start(Retried, "t1", Order(phase="charging"))
+        await te.advance(30 + 1 + 30 + 2 + 30)
+        st = te.state(Retried, "t1")
+        assert (st.status, st.phase) == (Status.COMPLETED, "released")
+        assert st.why == "timeout on attempt 3: no callback within 30s"
+        assert len(te.published("pay.retried")) == 4  # d1's one, t1's three
+
+
+def test_retry_only_on_async_rules_and_within_the_engines_limits() -> None:
+    with pytest.raises(DefinitionError) as info:
+
+        class BadRetry(Workflow, id="bad-retry", state=Order):
+            @rule(watch_kv=True, when=phase_is("a"), publish="x.y", retry=Retry())
+            def tell(self, ctx: RuleContext[Order, None]) -> dict[str, int]:
+                return {}
+
+            @rule(
+                watch_kv=True,
+                when=phase_is("b"),
+                publish_async="x.z",
+                retry=Retry(attempts=0, backoff="10ms"),
+            )
+            def ask(self, ctx: RuleContext[Order, None]) -> Charge:
+                return Charge(amount=1)
+
+            @ask.on_result
+            def answered(self, ctx: RuleContext[Order, None], result: Charged) -> None: ...
+
+    message = str(info.value)
+    assert "retry= is only for publish_async rules" in message
+    assert "retry: attempts must be an int of at least 1, got 0" in message
+    assert "retry: backoff '10ms' is shorter than the engine allows (at least 1s)" in message
