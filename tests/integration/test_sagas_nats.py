@@ -11,7 +11,7 @@ import pytest
 from nats.aio.client import Client
 from test_engine_nats import Responder, all_consumed, engine_on, eventually, metric, uid
 
-from reactive import ExecutionState, RuleContext, Status, TaskFailure, Workflow, rule
+from reactive import ExecutionState, Retry, RuleContext, Status, TaskFailure, Workflow, rule
 from reactive.conditions import phase_in, phase_is
 from reactive.dsl.workflow import definition_of
 
@@ -129,3 +129,45 @@ async def test_a_signal_for_an_unknown_execution_is_terminated_not_created_on_na
         await js.publish(f"{wid}.note", msgspec.json.encode(Signal(order="o1", note="hello")))
         st = await engine.wait_for(Signals, "o1", lambda s: s.why == "hello", timeout=20)
         assert st.why == "hello"
+
+
+async def test_a_failed_task_is_retried_after_its_backoff_on_nats(
+    nats_url: str, nc: Client
+) -> None:
+    wid = uid("retry")
+
+    class Retrying(Workflow, id=wid, state=Order, task_timeout="1h"):
+        @rule(
+            watch_kv=True,
+            when=phase_is("charging"),
+            publish_async=f"{wid}.charge",
+            retry=Retry(attempts=3, backoff="1s"),
+        )
+        def charge(self, ctx: RuleContext[Order, None]) -> dict[str, str]:
+            return {"order": ctx.execution_id}
+
+        @charge.on_result
+        def charged(self, ctx: RuleContext[Order, None], result: Charged) -> None:
+            ctx.state.phase = "charged"
+
+        @rule(watch_kv=True, when=phase_is("charged"), complete=True)
+        def done(self, ctx: RuleContext[Order, None]) -> None: ...
+
+    seen: list[str] = []
+
+    def answer(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req["task_id"])
+        return {"error": "busy"} if len(seen) == 1 else {"receipt": "r1"}
+
+    await Responder(nc, f"{wid}.charge", answer).start()
+    async with engine_on(nats_url, [Retrying]) as engine:
+        await engine.start_execution(Retrying, "o1", Order(phase="charging"))
+        st = await engine.wait_for(Retrying, "o1", timeout=20)
+    assert (st.status, st.phase) == (Status.COMPLETED, "charged")
+    assert len(seen) == 2 and seen[0] != seen[1]  # a new task for the second attempt
+    assert [e.action for e in st.timeline][:4] == [
+        "publish_async",
+        "retry_later",
+        "retry",
+        "callback",
+    ]
