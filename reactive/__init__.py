@@ -20,7 +20,7 @@ import msgspec as _msgspec
 # --- writing a workflow: the class, its rules, its state, what a rule sees and does
 from reactive.dsl.context import RuleContext
 from reactive.dsl.mutators import chain, increment_iteration, set_error, transition
-from reactive.dsl.rules import on_max_iterations, rule
+from reactive.dsl.rules import on_max_iterations, rule, when_cancelled
 from reactive.dsl.state import (
     CallbackFields,
     ExecutionState,
@@ -35,6 +35,7 @@ from reactive.dsl.workflow import Workflow, definition_of
 # isort: split
 # --- what an execution publishes when it ends (on_complete, on_fail, on_escalate)
 from reactive.dsl.state import (
+    WorkflowCancellationEvent,
     WorkflowCompletionEvent,
     WorkflowEscalationEvent,
     WorkflowFailureEvent,
@@ -78,8 +79,10 @@ __all__ = [  # writing a workflow
     "rule",
     "set_error",
     "transition",
+    "when_cancelled",
 ]
 __all__ += [  # lifecycle events
+    "WorkflowCancellationEvent",
     "WorkflowCompletionEvent",
     "WorkflowEscalationEvent",
     "WorkflowFailureEvent",

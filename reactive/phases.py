@@ -38,6 +38,7 @@ _STATUS_CALLS = {
     "fail": Status.FAILED,
     "escalate": Status.ESCALATED,
     "time_out": Status.TIMED_OUT,
+    "cancel": Status.CANCELLED,
 }
 _MAX_PATHS = 64
 DYNAMIC = "<dynamic>"  # a phase assigned from something that is not a constant

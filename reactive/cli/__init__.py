@@ -33,7 +33,7 @@ __all__ = ["CLIError", "DemoError", "UsageError", "build_parser", "load_example"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from reactive.cli import demo, graph, listing, serve, start, watch
+    from reactive.cli import cancel, demo, graph, listing, serve, start, watch
 
     parser = argparse.ArgumentParser(
         prog="python -m reactive",
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     serve.add_parser(commands)
     start.add_parser(commands)
+    cancel.add_parser(commands)
     listing.add_parsers(commands)
     watch.add_parser(commands)
     graph.add_parsers(commands)

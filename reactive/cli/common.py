@@ -377,7 +377,7 @@ def age_of(value: datetime | None, now: float | None = None) -> str:
 # --------------------------------------------------------------------------- executions, as plain JSON
 
 
-TERMINAL = ("completed", "failed", "escalated", "timed_out")
+TERMINAL = ("completed", "failed", "escalated", "timed_out", "cancelled")
 STATUSES = ("pending", "running", "waiting", *TERMINAL)
 
 Out = Callable[[str], None]  # where a command prints its lines (tests collect them)

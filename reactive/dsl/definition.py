@@ -123,6 +123,9 @@ class WorkflowDef:
     on_complete: str = ""
     on_fail: str = ""
     on_escalate: str = ""
+    on_cancel: str = ""
+    # The method that handles a cancellation (None: the execution is cancelled at once).
+    cancel_handler_name: str | None = None
     max_timeline: int = 200
     # Seconds a terminal execution stays in its bucket (None: for ever); see Workflow.
     retention: float | None = None

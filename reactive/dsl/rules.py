@@ -11,7 +11,18 @@ from typing import Any, Generic, Literal, TypeVar, overload
 from reactive.dsl.context import RuleContext
 from reactive.dsl.state import Retry
 
-__all__ = ["LIMIT_HANDLER", "RuleMethod", "RuleOptions", "on_max_iterations", "rule"]
+__all__ = [
+    "CANCEL_HANDLER",
+    "LIMIT_HANDLER",
+    "RuleMethod",
+    "RuleOptions",
+    "on_max_iterations",
+    "rule",
+    "when_cancelled",
+]
+
+# The attribute that marks a workflow's cancellation handler.
+CANCEL_HANDLER = "__reactive_cancel_handler__"
 
 # The attribute that marks a workflow's max-iterations handler.
 LIMIT_HANDLER = "__reactive_limit_handler__"
@@ -221,4 +232,15 @@ def on_max_iterations(handler: H) -> H:
     A handler that changes nothing escalates it, as without one.
     """
     setattr(handler, LIMIT_HANDLER, True)
+    return handler
+
+
+def when_cancelled(handler: H) -> H:
+    """Mark the workflow's handler of a cancellation (``Engine.cancel``, ``python -m reactive
+    cancel``): it gets ``(ctx, reason)``, with any pending task no longer pending (its
+    answer, if it comes, is ignored), and may start a compensation (a phase whose rules
+    undo what was done, the last of them ending it with ``ctx.state.cancel(reason)``),
+    or end it. A handler that changes nothing cancels it, as without one.
+    """
+    setattr(handler, CANCEL_HANDLER, True)
     return handler

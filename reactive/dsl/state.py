@@ -17,6 +17,7 @@ __all__ = [
     "Status",
     "TaskFailure",
     "TimelineEntry",
+    "WorkflowCancellationEvent",
     "WorkflowCompletionEvent",
     "WorkflowEscalationEvent",
     "WorkflowFailureEvent",
@@ -25,7 +26,7 @@ __all__ = [
 
 
 class Status(enum.StrEnum):
-    """The overall status of an execution. The last four are terminal."""
+    """The overall status of an execution. The last five are terminal."""
 
     PENDING = "pending"
     RUNNING = "running"
@@ -34,13 +35,16 @@ class Status(enum.StrEnum):
     FAILED = "failed"
     ESCALATED = "escalated"
     TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
 
     @property
     def is_terminal(self) -> bool:
         return self in _TERMINAL
 
 
-_TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.ESCALATED, Status.TIMED_OUT})
+_TERMINAL = frozenset(
+    {Status.COMPLETED, Status.FAILED, Status.ESCALATED, Status.TIMED_OUT, Status.CANCELLED}
+)
 
 
 def is_terminal_status(status: Status) -> bool:
@@ -191,6 +195,12 @@ class ExecutionState(msgspec.Struct, kw_only=True, omit_defaults=True):
         self.error = reason
         self.clear_pending_task()
 
+    def cancel(self, reason: str) -> None:
+        """Mark cancelled; the reason is kept in ``error``."""
+        self.status = Status.CANCELLED
+        self.error = reason
+        self.clear_pending_task()
+
     def time_out(self) -> None:
         """Mark timed out."""
         self.status = Status.TIMED_OUT
@@ -306,6 +316,16 @@ class LimitReached(msgspec.Struct, kw_only=True, frozen=True, gc=False):
 
     limit: int
     rule_id: str
+
+
+class WorkflowCancellationEvent(msgspec.Struct, kw_only=True, gc=False):
+    """Published on ``on_cancel`` when an execution is cancelled."""
+
+    execution_id: str
+    workflow_id: str
+    phase: str
+    reason: str
+    cancelled_at: datetime
 
 
 class WorkflowCompletionEvent(msgspec.Struct, kw_only=True, gc=False):

@@ -22,7 +22,7 @@ from reactive.dsl.definition import (
     WorkflowDef,
 )
 from reactive.dsl.durations import parse_duration
-from reactive.dsl.rules import _UNSET, LIMIT_HANDLER, RuleMethod
+from reactive.dsl.rules import _UNSET, CANCEL_HANDLER, LIMIT_HANDLER, RuleMethod
 from reactive.dsl.state import ExecutionState, Retry
 from reactive.errors import DefinitionError
 from reactive.subjects import validate_key_pattern, validate_subject
@@ -40,6 +40,7 @@ _WORKFLOW_OPTIONS = (
     "on_complete",
     "on_fail",
     "on_escalate",
+    "on_cancel",
     "description",
     "max_timeline",
     "retention",
@@ -256,7 +257,7 @@ def _compile(
         reasons.append(f"max_timeline must be a non-negative int, got {max_timeline!r}")
         max_timeline = 200
     events: dict[str, str] = {}
-    for opt in ("on_complete", "on_fail", "on_escalate"):
+    for opt in ("on_complete", "on_fail", "on_escalate", "on_cancel"):
         subject = _option(cls, namespace, options, opt, "") or ""
         if subject:
             problem = validate_subject(subject, wildcards=False)
@@ -277,16 +278,15 @@ def _compile(
             elif attr in methods:
                 methods.pop(attr)
 
-    limit_handlers: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        for attr, value in klass.__dict__.items():
-            if getattr(value, LIMIT_HANDLER, False):
-                limit_handlers[attr] = value
-            elif attr in limit_handlers:
-                limit_handlers.pop(attr)
+    limit_handlers = _marked(cls, LIMIT_HANDLER)
+    cancel_handlers = _marked(cls, CANCEL_HANDLER)
     if len(limit_handlers) > 1:
         reasons.append(
             "more than one @on_max_iterations handler: " + ", ".join(sorted(limit_handlers))
+        )
+    if len(cancel_handlers) > 1:
+        reasons.append(
+            "more than one @when_cancelled handler: " + ", ".join(sorted(cancel_handlers))
         )
     elif limit_handlers and not max_iterations:
         reasons.append(
@@ -327,10 +327,12 @@ def _compile(
         on_complete=events["on_complete"],
         on_fail=events["on_fail"],
         on_escalate=events["on_escalate"],
+        on_cancel=events["on_cancel"],
         max_timeline=max_timeline,
         retention=retention,
         rules_by_id={r.id: r for r in rules},
         limit_handler_name=next(iter(limit_handlers), None),
+        cancel_handler_name=next(iter(cancel_handlers), None),
     )
 
 
@@ -633,3 +635,16 @@ def _retry_policy(given: Any, bad: Callable[[str], None]) -> RetryPolicy | None:
     return RetryPolicy(
         given.attempts, backoff, float(given.multiplier), max_backoff, tuple(given.non_retryable)
     )
+
+
+def _marked(cls: type, mark: str) -> dict[str, Any]:
+    """The methods of ``cls`` (through its bases, a subclass overriding by name) that carry
+    ``mark``."""
+    found: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        for attr, value in klass.__dict__.items():
+            if getattr(value, mark, False):
+                found[attr] = value
+            elif attr in found:
+                found.pop(attr)
+    return found

@@ -177,7 +177,7 @@ def _dead_ends(model: Model, explained: set[str | None]) -> list[Finding]:
         return []
     wf = model.workflow.id
     d = model.workflow
-    ends = [Status.COMPLETED, Status.FAILED, Status.ESCALATED, Status.TIMED_OUT]
+    ends = [Status.COMPLETED, Status.FAILED, Status.ESCALATED, Status.TIMED_OUT, Status.CANCELLED]
     dead = {p for p in model.reachable() if not model.leads_to(p, ends)}
     sinks = {p for p in dead if not (model.successors(p) - {p})} or dead
     waits = (

@@ -385,6 +385,25 @@ class Engine:
                         return st
         raise ReactiveError(f"watch of {key} ended")  # pragma: no cover
 
+    async def cancel(
+        self,
+        workflow: type[Workflow] | Workflow | str,
+        execution_id: str,
+        reason: str = "cancelled",
+    ) -> None:
+        """Cancel an execution: its ``@when_cancelled`` handler runs (a compensation), or it
+        ends as ``cancelled`` (the ``on_cancel`` event goes out); an answer to its pending
+        task that comes afterwards is ignored. Durable: the request goes through the
+        callback stream to whichever engine serves the workflow. An execution that has
+        ended, or does not exist, is left as it is."""
+        d = self.registry.get(workflow).definition
+        validate_execution_id(execution_id)
+        await self.backend.ensure_stream(self.callback_stream, [f"{self.callback_prefix}.>"])
+        await self.backend.publish(
+            f"{self.callback_prefix}.{d.id}.{execution_id}",
+            encode_json({"cancel": reason or "cancelled"}),
+        )
+
     async def publish(self, subject: str, payload: Any, *, msg_id: str | None = None) -> None:
         """Publish a payload (a struct, dict, bytes or str) as the engine does."""
         await self.backend.publish(subject, encode(payload), msg_id=msg_id)

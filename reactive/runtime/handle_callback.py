@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from reactive.codecs import decode
-from reactive.dsl.context import RuleContext
+from reactive.dsl.context import RuleContext, new_context
 from reactive.dsl.state import Status
 from reactive.errors import ConflictError, DecodeError, TransientBackendError
 from reactive.runtime.core import Runtime, log
@@ -23,7 +23,7 @@ from reactive.runtime.events import CallbackArrival, Committed
 from reactive.runtime.registry import BoundWorkflow
 from reactive.runtime.schedules import GRACE
 from reactive.runtime.store import Replaced, Store
-from reactive.runtime.transition import apply_result, end
+from reactive.runtime.transition import TERMINAL, apply_result, cancelled, end
 from reactive.runtime.writer import Writer
 
 __all__ = ["CallbackHandler"]
@@ -36,6 +36,8 @@ class _Envelope(msgspec.Struct):
 
     task_id: str = ""
     error: str = ""
+    # Not a worker's answer: a cancellation of the execution (``Engine.cancel``), its reason.
+    cancel: str | None = None
 
 
 class CallbackHandler:
@@ -63,8 +65,11 @@ class CallbackHandler:
         if not env.task_id:
             env.task_id = msg.headers.get("Reactive-Task-Id", "")
         try:
-            with contextlib.ExitStack() as spans:
-                outcome = await self._apply(bound, ev.execution_id, env, ev, fresh, spans)
+            if env.cancel is not None:
+                outcome = await self._cancel(bound, ev.execution_id, env.cancel, fresh)
+            else:
+                with contextlib.ExitStack() as spans:
+                    outcome = await self._apply(bound, ev.execution_id, env, ev, fresh, spans)
         except TransientBackendError as e:
             delay = min(0.2 * 2 ** max(msg.num_delivered - 1, 0), 30.0)
             log.warning(
@@ -81,6 +86,39 @@ class CallbackHandler:
             await rt.settle(msg, how, 1.0)
             return
         await rt.settle(msg, "term" if outcome == "poison" else "ack")
+
+    async def _cancel(
+        self, bound: BoundWorkflow, exec_id: str, reason: str, fresh: list[Committed]
+    ) -> str:
+        """Cancel the execution (its handler's transition, or its end as cancelled); one that
+        does not exist or has ended is left as it is."""
+        rt = self.rt
+        d = bound.definition
+        key = d.key(exec_id)
+        bucket = d.bucket
+        for _ in range(rt.options.conflict_retries):
+            entry = await rt.backend.kv_get(bucket, key)
+            if entry is None:
+                rt.metric(rt.metrics.unknown_executions, d.id).inc()
+                log.info("ignoring a cancellation of unknown execution %s", key)
+                return "stale"
+            state = decode(d.state_type, entry.value)
+            if state.status in TERMINAL:
+                log.info("ignoring a cancellation of %s: it ended (%s)", key, state.status)
+                return "stale"
+            now = self.clock.now()
+            ctx: RuleContext[Any, Any] = new_context(
+                state, None, d.id, exec_id, key, bucket, entry.revision, "cancel", now
+            )
+            state, ended = cancelled(bound, state, ctx, reason or "cancelled", self.owner)
+            try:
+                await self.store.write(d, bucket, key, entry.revision, state, ended, fresh)
+            except ConflictError:
+                continue
+            return "done"
+        raise TransientBackendError(
+            f"{key}: lost {rt.options.conflict_retries} compare-and-sets in a row"
+        )
 
     async def _apply(
         self,

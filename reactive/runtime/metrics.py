@@ -50,6 +50,9 @@ class EngineMetrics:
         self.executions_timed_out = Counter(
             "reactive_executions_timed_out", "Executions timed out", ["workflow"], registry=r
         )
+        self.executions_cancelled = Counter(
+            "reactive_executions_cancelled", "Executions cancelled", ["workflow"], registry=r
+        )
         self.execution_duration = Histogram(
             "reactive_execution_duration_seconds",
             "Time from start to a terminal state",

@@ -27,8 +27,9 @@ class BoundWorkflow:
     # A failed task's handler and a timed-out task's, per async rule that has one.
     on_error: dict[str, Callable[..., Any]] = field(default_factory=dict)
     on_timeout: dict[str, Callable[..., Any]] = field(default_factory=dict)
-    # The workflow's max-iterations handler, if it has one.
+    # The workflow's max-iterations and cancellation handlers, if it has them.
     on_limit: Callable[..., Any] | None = None
+    on_cancel: Callable[..., Any] | None = None
     # The engine's metric handles per rule, by the rule's index (filled as rules are used).
     evaluated: list[Any] = field(default_factory=list)
     dispatched: list[Any] = field(default_factory=list)
@@ -87,6 +88,8 @@ class Registry:
         bound.dispatched = [None] * slots
         if definition.limit_handler_name:
             bound.on_limit = getattr(instance, definition.limit_handler_name)
+        if definition.cancel_handler_name:
+            bound.on_cancel = getattr(instance, definition.cancel_handler_name)
         for r in definition.rules:
             bound.methods[r.id] = getattr(instance, r.method_name)
             if r.result_handler_name:

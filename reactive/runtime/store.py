@@ -181,6 +181,8 @@ class Store:
             counter = rt.metric(m.executions_escalated, wf, ended.reason)
         elif status is Status.TIMED_OUT:
             counter = rt.metric(m.executions_timed_out, wf)
+        elif status is Status.CANCELLED:
+            counter = rt.metric(m.executions_cancelled, wf)
         else:
             counter = rt.metric(m.executions_failed, wf, ended.reason)
         counter.inc()

@@ -30,6 +30,7 @@ from reactive.dsl.state import (
     Status,
     TaskFailure,
     TimelineEntry,
+    WorkflowCancellationEvent,
     WorkflowCompletionEvent,
     WorkflowEscalationEvent,
     WorkflowFailureEvent,
@@ -44,6 +45,7 @@ __all__ = [
     "Ended",
     "apply_result",
     "apply_rule",
+    "cancelled",
     "completion_event",
     "end",
     "outbox_message",
@@ -57,7 +59,9 @@ __all__ = [
     "utc",
 ]
 
-TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.ESCALATED, Status.TIMED_OUT})
+TERMINAL = frozenset(
+    {Status.COMPLETED, Status.FAILED, Status.ESCALATED, Status.TIMED_OUT, Status.CANCELLED}
+)
 # Enum members read on the hot path, as module constants (a member read through its
 # class costs an attribute lookup on the enum type each time).
 _COMPLETED = Status.COMPLETED
@@ -145,6 +149,16 @@ def end(
                 reason=st.error,
                 escalated_at=stamp,
             )
+    elif status is Status.CANCELLED:
+        subject = d.on_cancel
+        if subject:
+            event = WorkflowCancellationEvent(
+                execution_id=st.id,
+                workflow_id=d.id,
+                phase=st.phase,
+                reason=st.error,
+                cancelled_at=stamp,
+            )
     else:
         subject = d.on_fail
         if subject:
@@ -200,6 +214,48 @@ def task_timed_out(d: WorkflowDef, st: ExecutionState, now: float, owner: str) -
     else:
         st.fail(reason)
     return end(d, st, None, now, owner, "task_timeout", mode="timer", rule_id="task_timeout")
+
+
+def cancelled(
+    bound: BoundWorkflow, st: ExecutionState, ctx: RuleContext[Any, Any], reason: str, owner: str
+) -> tuple[ExecutionState, Ended | None]:
+    """A cancellation of ``st`` (not ended): its handler's transition (``ctx`` holds ``st``),
+    or the end as cancelled (also where the handler changes nothing; failed where it
+    raises)."""
+    d = bound.definition
+    now = ctx.now
+    st.clear_pending_task()  # (an answer that comes afterwards is stale)
+    action = "cancelled"
+    handler = bound.on_cancel
+    if handler is not None:
+        before = encode_json(st)
+        try:
+            handler(ctx, reason)
+        except Exception as e:
+            st = decode(d.state_type, before)
+            st.fail(f"cancel handler raised {type(e).__name__}: {e}")
+            action = "error"
+        else:
+            if st.status in TERMINAL or encode_json(st) != before:
+                action = "on_cancel"
+    if action == "cancelled":
+        st.cancel(reason)
+    stamp = utc(now)
+    st.timeline.append(
+        TimelineEntry(
+            timestamp=stamp,
+            rule_id="cancel",
+            trigger_mode="cancel",
+            trigger_info=reason,
+            action=action,
+            phase=st.phase,
+            iteration=st.iteration,
+            error=st.error if action == "error" else "",
+        )
+    )
+    why = "rule_error" if action == "error" else "cancelled"
+    ended = _finish(d, st, [], False, now, stamp, owner, why, ctx.revision, ctx.execution_id)
+    return st, ended
 
 
 def timeout_retried(

@@ -128,7 +128,8 @@ class Triggers:
                     f"subscription to {sub.subject}",
                     functools.partial(self._run_subscription, sub),
                 )
-        if d.has_async and d.id not in self._callbacks_started:
+        # (Every workflow's: its cancellations come there too, as any callback does.)
+        if d.id not in self._callbacks_started:
             self._callbacks_started.add(d.id)
             await self.backend.ensure_stream(opts.callback_stream, [f"{opts.callback_prefix}.>"])
             self._start(

@@ -176,6 +176,11 @@ class TestEngine:
         await self.backend.publish(subject, encode(payload), msg_id=msg_id, headers=headers)
         await self.settle()
 
+    async def cancel(self, workflow: WorkflowRef, execution_id: str, reason: str = "") -> None:
+        """Cancel an execution (``Engine.cancel``) and settle."""
+        await self.engine.cancel(workflow, execution_id, reason or "cancelled")
+        await self.settle()
+
     async def callback(
         self,
         workflow: WorkflowRef,

@@ -24,7 +24,9 @@ __all__ = ["execution_ids", "states"]
 
 S = TypeVar("S", bound=ExecutionState)
 
-_TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.ESCALATED, Status.TIMED_OUT})
+_TERMINAL = frozenset(
+    {Status.COMPLETED, Status.FAILED, Status.ESCALATED, Status.TIMED_OUT, Status.CANCELLED}
+)
 
 _BASE_FIELDS = frozenset(ExecutionState.__struct_fields__)
 

@@ -4,14 +4,25 @@ the rule's own timeout (a message schedule in NATS), each compensating."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 from nats.aio.client import Client
 from test_engine_nats import Responder, all_consumed, engine_on, eventually, metric, uid
 
-from reactive import ExecutionState, Retry, RuleContext, Status, TaskFailure, Workflow, rule
+from reactive import (
+    ExecutionState,
+    Retry,
+    RuleContext,
+    Status,
+    TaskFailure,
+    Workflow,
+    rule,
+    when_cancelled,
+)
 from reactive.conditions import phase_in, phase_is
 from reactive.dsl.workflow import definition_of
 
@@ -171,3 +182,54 @@ async def test_a_failed_task_is_retried_after_its_backoff_on_nats(
         "retry",
         "callback",
     ]
+
+
+async def test_cancel_from_the_command_line_runs_the_compensation_on_nats(
+    nats_url: str, nc: Client
+) -> None:
+    wid = uid("cancel")
+
+    class Cancellable(Workflow, id=wid, state=Order, on_cancel=f"{wid}.cancelled"):
+        @rule(watch_kv=True, when=phase_is("charging"), publish_async=f"{wid}.charge")
+        def charge(self, ctx: RuleContext[Order, None]) -> dict[str, str]:
+            return {"order": ctx.execution_id}
+
+        @charge.on_result
+        def charged(self, ctx: RuleContext[Order, None], result: Charged) -> None:
+            ctx.state.phase = "charged"
+
+        @when_cancelled
+        def compensate(self, ctx: RuleContext[Order, None], reason: str) -> None:
+            ctx.state.phase, ctx.state.why = "releasing", reason
+
+        @rule(watch_kv=True, when=phase_is("releasing"), mutate=True)
+        def release(self, ctx: RuleContext[Order, None]) -> None:
+            ctx.state.cancel(ctx.state.why)
+
+    events: list[bytes] = []
+
+    async def on_event(msg: Any) -> None:
+        events.append(msg.data)
+
+    await nc.subscribe(f"{wid}.cancelled", cb=on_event)
+    await Responder(nc, f"{wid}.charge", lambda req: None).start()  # (never answers)
+    async with engine_on(nats_url, [Cancellable]) as engine:
+        await engine.start_execution(Cancellable, "c1", Order(phase="charging"))
+        await engine.wait_for(Cancellable, "c1", lambda s: s.status is Status.WAITING)
+        done = await anyio.run_process(
+            [sys.executable, "-m", "reactive", "cancel", f"{wid}.c1", "--reason", "changed",
+             "--wait", "--timeout", "5", "--nats-url", nats_url],
+            check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()
+        assert b"cancelled" in done.stdout
+        st = await engine.get(Cancellable, "c1")
+        again = await anyio.run_process(
+            [sys.executable, "-m", "reactive", "cancel", f"{wid}.c1", "--nats-url", nats_url],
+            check=False,
+        )
+    assert (st.status, st.error, st.phase) == (Status.CANCELLED, "changed", "releasing")
+    assert [e.action for e in st.timeline][-2:] == ["on_cancel", "mutate"]
+    await eventually(lambda: len(events) == 1, what="the cancellation event")
+    assert msgspec.json.decode(events[0])["reason"] == "changed"
+    assert again.returncode == 1 and b"has ended already" in again.stderr

@@ -891,7 +891,13 @@ def test_iteration_error_and_pending_task_helpers() -> None:
 
 @pytest.mark.parametrize("status", list(Status))
 def test_is_terminal_and_can_proceed(status: Status) -> None:
-    terminal = status in (Status.COMPLETED, Status.FAILED, Status.ESCALATED, Status.TIMED_OUT)
+    terminal = status in (
+        Status.COMPLETED,
+        Status.FAILED,
+        Status.ESCALATED,
+        Status.TIMED_OUT,
+        Status.CANCELLED,
+    )
     s = state(status=status)
     assert s.is_terminal is terminal
     assert status.is_terminal is terminal

@@ -18,6 +18,7 @@ from reactive import (
     Workflow,
     on_max_iterations,
     rule,
+    when_cancelled,
 )
 from reactive.conditions import phase_in, phase_is
 from reactive.runtime.metrics import EngineMetrics
@@ -422,3 +423,64 @@ def test_retry_only_on_async_rules_and_within_the_engines_limits() -> None:
     assert "retry= is only for publish_async rules" in message
     assert "retry: attempts must be an int of at least 1, got 0" in message
     assert "retry: backoff '10ms' is shorter than the engine allows (at least 1s)" in message
+
+
+# --------------------------------------------------------------------------- cancellation
+
+
+class Cancellable(Workflow, id="cancellable", state=Order, on_cancel="orders.cancelled"):
+    """Charge; a cancellation releases the reservation first (a compensation)."""
+
+    @rule(watch_kv=True, when=phase_is("charging"), publish_async="pay.cancellable")
+    def charge(self, ctx: RuleContext[Order, None]) -> Charge:
+        return Charge(amount=ctx.state.amount)
+
+    @charge.on_result
+    def charged(self, ctx: RuleContext[Order, None], result: Charged) -> None:
+        ctx.state.phase = "charged"
+
+    @when_cancelled
+    def compensate(self, ctx: RuleContext[Order, None], reason: str) -> None:
+        if ctx.state.amount > 0:  # (an order of 0 has nothing to undo: cancelled at once)
+            ctx.state.phase = "releasing"
+            ctx.state.why = reason
+
+    @rule(watch_kv=True, when=phase_is("releasing"), publish="stock.release", mutate=True)
+    def release(self, ctx: RuleContext[Order, None]) -> dict[str, str]:
+        ctx.state.cancel(ctx.state.why)
+        return {"order": ctx.execution_id}
+
+
+async def test_a_cancellation_runs_the_compensation_and_ignores_a_late_answer(
+    metrics: EngineMetrics,
+) -> None:
+    async with TestEngine(Cancellable, metrics=metrics) as te:
+        await te.start(Cancellable, "c1", Order(phase="charging"))
+        task = te.state(Cancellable, "c1").pending_task_id
+        await te.cancel(Cancellable, "c1", "customer changed their mind")
+        st = te.state(Cancellable, "c1")
+        assert (st.status, st.error) == (Status.CANCELLED, "customer changed their mind")
+        assert [a for _, a in actions(st)] == ["publish_async", "on_cancel", "publish"]
+        assert te.published("stock.release") == [{"order": "c1"}]
+        [event] = te.published("orders.cancelled")
+        assert (event["execution_id"], event["reason"]) == ("c1", "customer changed their mind")
+        # The worker's answer, afterwards: ignored, and counted.
+        await te.callback(Cancellable, "c1", Charged(receipt="late"), task_id=task)
+        assert te.state(Cancellable, "c1").status is Status.CANCELLED
+        assert metrics.executions_cancelled.labels("cancellable")._value.get() == 1
+
+
+async def test_a_cancellation_without_compensation_ends_it_and_an_ended_one_stays() -> None:
+    async with TestEngine(Cancellable) as te:
+        await te.start(Cancellable, "c0", Order(phase="charging", amount=0))
+        await te.cancel(Cancellable, "c0", "no longer needed")
+        st = te.state(Cancellable, "c0")
+        assert (st.status, st.error, st.pending_task_id) == (
+            Status.CANCELLED,
+            "no longer needed",
+            "",
+        )
+        await te.cancel(Cancellable, "c0", "again")  # ended: left as it is
+        assert te.state(Cancellable, "c0").error == "no longer needed"
+        await te.cancel(Cancellable, "ghost", "never existed")
+        assert te.state(Cancellable, "ghost") is None
