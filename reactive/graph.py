@@ -24,6 +24,7 @@ _STATUS_CALLS = {
     "fail": "failed",
     "escalate": "escalated",
     "time_out": "timed_out",
+    "cancel": "cancelled",
 }
 
 
@@ -164,9 +165,28 @@ def mermaid(workflow: type[Workflow] | Workflow | WorkflowDef, direction: str = 
                 edges.append(f'    {wait} -- "{_label(handler_name)}" --> {terminal(e)}')
             if not after:
                 edges.append(f'    {wait} -- "{_label(handler_name)}" --> {sources[0]}')
-            edges.append(
-                f'    {wait} -. "no result in {_duration(d.task_timeout)}" .-> {terminal("failed" if d.on_task_timeout == "fail" else "escalated")}'
-            )
+            timeout = _duration(r.task_timeout or d.task_timeout)
+            if r.retry is not None:
+                edges.append(
+                    f'    {wait} -. "{_label(f"retry: {r.retry.attempts} attempts, backoff {_duration(r.retry.backoff)}")}" .-> {wait}'
+                )
+            for kind, name, fallback in (
+                ("error", r.error_handler_name, "failed"),
+                (
+                    f"no result in {timeout}",
+                    r.timeout_handler_name,
+                    "failed" if d.on_task_timeout == "fail" else "escalated",
+                ),
+            ):
+                handler = getattr(cls, name or "", None)
+                if handler is None:
+                    edges.append(f'    {wait} -. "{_label(kind)}" .-> {terminal(fallback)}')
+                    continue
+                edge = _label(f"{kind}: {name}")
+                outcomes = [phase(p) for p in sorted(phases_set_by(handler))]
+                outcomes += [terminal(e) for e in sorted(statuses_set_by(handler))]
+                for target in outcomes or [sources[0]]:
+                    edges.append(f'    {wait} -. "{edge}" .-> {target}')
         elif sets or ends:
             targets = [phase(p) for p in sorted(sets)] + [terminal(e) for e in sorted(ends)]
         elif r.writes_state:
@@ -177,12 +197,22 @@ def mermaid(workflow: type[Workflow] | Workflow | WorkflowDef, direction: str = 
         for s in sources:
             for t in targets:
                 edges.append(f'    {s} -- "{_label(label)}" --> {t}')
-    if d.max_iterations or d.timeout:
+    if d.max_iterations or d.timeout or d.cancel_handler_name:
         anywhere = any_phase or node("any_phase", '{id}(["any phase"])')
         if d.max_iterations:
-            edges.append(
-                f'    {anywhere} -. "iteration > {d.max_iterations}" .-> {terminal("escalated")}'
-            )
+            limit = f"iteration > {d.max_iterations}"
+            handler = getattr(cls, d.limit_handler_name or "", None)
+            outcomes = [phase(p) for p in sorted(phases_set_by(handler))] if handler else []
+            outcomes += [terminal(e) for e in sorted(statuses_set_by(handler))] if handler else []
+            edge = f"{limit}: {d.limit_handler_name}" if handler else limit
+            for target in outcomes or [terminal("escalated")]:
+                edges.append(f'    {anywhere} -. "{_label(edge)}" .-> {target}')
+        handler = getattr(cls, d.cancel_handler_name or "", None)
+        if handler is not None:
+            edge = _label(f"cancel: {d.cancel_handler_name}")
+            outcomes = [phase(p) for p in sorted(phases_set_by(handler))]
+            for target in outcomes or [terminal("cancelled")]:
+                edges.append(f'    {anywhere} -. "{edge}" .-> {target}')
         if d.timeout:
             edges.append(
                 f'    {anywhere} -. "timeout {_duration(d.timeout)}" .-> {terminal("timed_out")}'
@@ -192,6 +222,7 @@ def mermaid(workflow: type[Workflow] | Workflow | WorkflowDef, direction: str = 
         ("failed", d.on_fail),
         ("escalated", d.on_escalate),
         ("timed_out", d.on_fail),
+        ("cancelled", d.on_cancel),
     ):
         if subject and _id(f"status_{status}") in nodes:
             event = node(f"event_{subject}", f'{{id}}[/"{_label(subject)}"/]')

@@ -21,6 +21,7 @@ from reactive import (
     when_cancelled,
 )
 from reactive.conditions import phase_in, phase_is
+from reactive.graph import mermaid
 from reactive.runtime.metrics import EngineMetrics
 from reactive.testing import TestEngine
 
@@ -484,3 +485,16 @@ async def test_a_cancellation_without_compensation_ends_it_and_an_ended_one_stay
         assert te.state(Cancellable, "c0").error == "no longer needed"
         await te.cancel(Cancellable, "ghost", "never existed")
         assert te.state(Cancellable, "ghost") is None
+
+
+def test_graph_draws_the_failure_retry_limit_and_cancel_edges() -> None:
+    retried = mermaid(Retried)
+    assert 'wait_charge -. "retry: 3 attempts, backoff 1s" .-> wait_charge' in retried
+    assert 'wait_charge -. "error: gave_up" .-> phase_releasing' in retried
+    assert 'wait_charge -. "no result in 30s: too_slow" .-> phase_releasing' in retried
+    assert 'any_phase -. "iteration > 3: out_of_budget" .-> phase_summarizing' in mermaid(Agent)
+    cancellable = mermaid(Cancellable)
+    assert 'any_phase -. "cancel: compensate" .-> phase_releasing' in cancellable
+    assert 'phase_releasing -- "release: publish stock.release" --> status_cancelled' in cancellable
+    assert "status_cancelled -.-> event_orders_cancelled" in cancellable
+    assert 'wait_charge -. "error" .-> status_failed' in cancellable  # (no handler: fails)
