@@ -203,6 +203,15 @@ def format_state(
         task_deadline = parse_time(state.get("task_deadline"))
         if task_deadline is not None:
             pending += f", times out {format_time(task_deadline)}"
+        if state.get("task_attempt", 0) > 1:
+            pending += f", attempt {state['task_attempt']}"
+    elif state.get("pending_rule_id") and str(state.get("status")) == "waiting":
+        # Between two attempts of the rule's task (its retry policy).
+        retry_at = parse_time(state.get("task_deadline"))
+        pending = (
+            f"none: attempt {state.get('task_attempt') or 1} of rule {state['pending_rule_id']} "
+            "failed" + (f", the next goes {format_time(retry_at)}" if retry_at is not None else "")
+        )
 
     def ago(t: datetime | None) -> str:
         return "-" if t is None else f"{format_time(t)} ({age_of(t, now)} ago)"

@@ -33,9 +33,26 @@ def test_show_prints_the_deadline_ahead_of_a_running_execution() -> None:
     assert _line(lines, "deadline").split(None, 1)[1] == "2026-01-01 12:04:00.000Z (in 4m)"
 
 
-@pytest.mark.parametrize("status", ["completed", "failed", "escalated", "timed_out"])
+@pytest.mark.parametrize("status", ["completed", "failed", "escalated", "timed_out", "cancelled"])
 def test_show_prints_no_deadline_ahead_of_an_ended_execution(status: str) -> None:
     lines = format_state("wf.e1", "wf", _state(status), now=NOW)
     deadline = _line(lines, "deadline")
     assert "(in " not in deadline
     assert deadline.split(None, 1)[1] == "- (the execution has ended)"
+
+
+def test_show_prints_the_attempt_of_a_task_and_the_wait_before_the_next() -> None:
+    waiting = {
+        **_state("waiting"),
+        "pending_task_id": "e1-charge-7-abc",
+        "pending_rule_id": "charge",
+        "task_deadline": "2026-01-01T12:00:30Z",
+        "task_attempt": 2,
+    }
+    pending = _line(format_state("wf.e1", "wf", waiting, now=NOW), "pending task")
+    assert pending.endswith("times out 2026-01-01 12:00:30.000Z, attempt 2")
+    between = {**waiting, "pending_task_id": "", "task_attempt": 1}
+    pending = _line(format_state("wf.e1", "wf", between, now=NOW), "pending task")
+    assert pending.split(None, 2)[2] == (
+        "none: attempt 1 of rule charge failed, the next goes 2026-01-01 12:00:30.000Z"
+    )
