@@ -88,6 +88,10 @@ class RuleDef:
     creates: bool = True
     # An async rule's retry policy (None: a failed task is not sent again).
     retry: RetryPolicy | None = None
+    # A timer rule: fires once the state has stayed unchanged ``after`` seconds, or every
+    # ``every`` seconds while it stays so (0: not a timer rule).
+    after: float = 0.0
+    every: float = 0.0
     cooldown: float = 0.0
     # The cooldown is one for all the workflow's executions (cooldown_scope="workflow"),
     # not one per execution.

@@ -61,6 +61,8 @@ class RuleOptions:
     timeout: float | str | timedelta | None = None
     create: bool = True
     retry: Any = None
+    after: float | str | timedelta | None = None
+    every: float | str | timedelta | None = None
 
 
 class RuleMethod(Generic[F]):
@@ -154,6 +156,8 @@ def rule(
     timeout: float | str | timedelta | None = None,
     create: bool = True,
     retry: Retry | None = None,
+    after: float | str | timedelta | None = None,
+    every: float | str | timedelta | None = None,
 ) -> Callable[[F], RuleMethod[F]]:
     """Declare a rule on a workflow method.
 
@@ -184,6 +188,10 @@ def rule(
     failed or late task again; ``@method.on_error`` and ``@method.on_timeout`` handle a
     failed task and one that timed out (after the last attempt).
 
+    Time (a ``watch_kv`` rule): ``after="15m"`` fires once the execution has stayed
+    unchanged that long with the rule's conditions holding; ``every="10m"`` fires every
+    so often while they hold (counted from its last change). Both are schedules in NATS.
+
     Limits: ``cooldown`` (seconds or '30s'), ``max_firings`` per execution.
     ``cooldown_scope="workflow"`` makes the cooldown one for the whole workflow (the
     rule fires for one execution at most once per cooldown, whichever it is);
@@ -210,6 +218,8 @@ def rule(
         timeout=timeout,
         create=create,
         retry=retry,
+        after=after,
+        every=every,
     )
 
     def decorate(fn: F) -> RuleMethod[F]:

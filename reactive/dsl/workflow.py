@@ -527,6 +527,28 @@ def _compile_rule(
             bad("retry= is only for publish_async rules (this rule's tasks are none)")
         else:
             retry = _retry_policy(o.retry, bad)
+    after = every = 0.0
+    for what, given in (("after", o.after), ("every", o.every)):
+        if given is None:
+            continue
+        if mode is not TriggerMode.STATE:
+            bad(f"{what}= is only for watch_kv rules (a time since the state last changed)")
+            continue
+        try:
+            seconds = parse_duration(given)
+        except ValueError as e:
+            bad(f"{what}: {e}")
+            continue
+        if seconds < MIN_TIMER:
+            bad(f"{what} {given!r} is shorter than the engine allows (at least {MIN_TIMER:g}s)")
+        elif what == "after":
+            after = seconds
+        else:
+            every = seconds
+    if o.after is not None and o.every is not None:
+        bad("after= and every= together: give one (every= fires the first time after it too)")
+    if (o.after is not None or o.every is not None) and o.on_deletes:
+        bad("a timer rule cannot fire on deletes (there is no state to wait on)")
     if not o.create and mode is not TriggerMode.MESSAGE_AND_STATE:
         bad("create=False is only for message + state rules (on_subject with state_key)")
 
@@ -596,6 +618,8 @@ def _compile_rule(
         task_timeout=task_timeout,
         creates=bool(o.create),
         retry=retry,
+        after=after,
+        every=every,
         cooldown=cooldown,
         shared_cooldown=cooldown_scope == "workflow",
         max_firings=max_firings,

@@ -104,7 +104,7 @@ def remember(firing: Firing | FiringRecord, trigger: str) -> None:
 
 def too_old(rec: FiringRecord, revision: int) -> bool:
     """Whether ``revision`` predates every revision the claim remembers (when it remembers many)."""
-    revs = [int(t[1:]) for t in rec.recent if t.startswith("r")]
+    revs = [int(t[1:].partition("@")[0]) for t in rec.recent if t.startswith("r")]
     return len(revs) >= _RECENT and revision < min(revs)
 
 

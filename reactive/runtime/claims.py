@@ -91,7 +91,8 @@ class Claims:
         suffix = f"{d.id}.{r.id}.{exec_part}"
         meta_key = firing_key(suffix)
         target = (ctx.bucket, ctx.key) if ctx.key else None
-        trigger_rev = int(trigger[1:]) if trigger.startswith("r") else 0
+        # (A revision's trigger, "r<revision>", or "r<revision>@<tick>" for a timer rule.)
+        trigger_rev = int(trigger[1:].partition("@")[0]) if trigger.startswith("r") else 0
         grace = rt.options.outbox_grace
         waited = 0
         for _ in range(rt.options.conflict_retries + 10):

@@ -18,7 +18,7 @@ from reactive.dsl.state import ExecutionState, Firing, Status
 from reactive.meta import FiringRecord
 from reactive.runtime.registry import BoundWorkflow
 
-__all__ = ["FOREVER", "Selection", "hold_until", "overdue", "select"]
+__all__ = ["FOREVER", "Selection", "hold_until", "overdue", "select", "tick"]
 
 FOREVER = math.inf
 _PUBLISH_ASYNC = ActionType.PUBLISH_ASYNC
@@ -52,12 +52,31 @@ def hold_until(
     return None
 
 
+def tick(r: RuleDef, state: ExecutionState, now: float) -> tuple[int, float]:
+    """A timer rule's tick now (0: not due yet; with ``every``, the count of periods since
+    the state's last change), and when its next one is due."""
+    changed = state.updated_at or state.created_at
+    base = changed.timestamp() if changed is not None else now
+    period = r.after or r.every
+    if now < base + period:
+        return 0, base + period
+    if r.after:
+        return 1, FOREVER  # (once per revision)
+    n = int((now - base) // period)
+    due = base + (n + 1) * period
+    if due <= now:  # (float rounding at the boundary)
+        n, due = n + 1, base + (n + 2) * period
+    return n, due
+
+
 class Selection(msgspec.Struct, gc=False):
     """The rules that fire for one revision of a state.
 
     ``writer``: the one rule that writes the state (the first whose conditions pass
     and that nothing holds back), or None. ``others``: the rules that only publish.
     ``wake_at``: the earliest end of a cooldown that held a rule (FOREVER: none).
+    ``tick_at``: when the next tick of a timer rule (``after=``, ``every=``) whose
+    conditions hold is due (FOREVER: none): a timer to schedule.
     ``unclaimed``: the writer has a workflow-wide cooldown, to be claimed in the meta
     bucket before it may fire; the selection stopped there, and goes on from
     ``resume`` once the claim is decided (``select(..., after=...)``, with ``writer``
@@ -69,6 +88,7 @@ class Selection(msgspec.Struct, gc=False):
     wake_at: float
     resume: int
     unclaimed: bool = False
+    tick_at: float = FOREVER
 
 
 def select(
@@ -89,10 +109,11 @@ def select(
     if after is None:
         writer: RuleDef | None = None
         others: list[RuleDef] = []
-        wake_at = FOREVER
+        wake_at = tick_at = FOREVER
         start = 0
     else:
         writer, others, wake_at, start = after.writer, after.others, after.wake_at, after.resume
+        tick_at = after.tick_at
     waiting = state.status is _WAITING
     for i in range(start, len(rules)):
         r = rules[i]
@@ -106,6 +127,12 @@ def select(
         ctx.rule_id = r.id
         if not check(bound, r, ctx):
             continue
+        if r.after or r.every:
+            n, due = tick(r, state, now)
+            if due < tick_at:
+                tick_at = due
+            if not n:
+                continue  # not yet
         if r.writes_state:
             firing = state.firings.get(r.id)
             if firing is not None:
@@ -116,10 +143,10 @@ def select(
                     continue
             writer = r
             if r.shared_cooldown:
-                return Selection(writer, others, wake_at, i + 1, True)
+                return Selection(writer, others, wake_at, i + 1, True, tick_at)
         else:
             others.append(r)
-    return Selection(writer, others, wake_at, len(rules))
+    return Selection(writer, others, wake_at, len(rules), tick_at=tick_at)
 
 
 def overdue(d: WorkflowDef, state: ExecutionState, now: float) -> tuple[str, float]:

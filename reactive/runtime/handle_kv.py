@@ -21,10 +21,10 @@ from reactive.dsl.state import ExecutionState, Status
 from reactive.errors import ConflictError, TransientBackendError
 from reactive.runtime.claims import Claims
 from reactive.runtime.core import DONE, Runtime, log, within
-from reactive.runtime.decide import FOREVER, select
+from reactive.runtime.decide import FOREVER, select, tick
 from reactive.runtime.events import Committed, KVChange, TimerDue
 from reactive.runtime.registry import BoundWorkflow
-from reactive.runtime.schedules import GRACE
+from reactive.runtime.schedules import GRACE, TICK
 from reactive.runtime.shards import KeyOrder
 from reactive.runtime.store import Store
 from reactive.runtime.transition import TERMINAL, start_timers, utc
@@ -260,6 +260,9 @@ class KVHandler:
                     chosen.writer = None
                 chosen = select(bound, rules, ctx, state, trigger, now, rt.check, chosen)
             writer, others = chosen.writer, chosen.others
+            if chosen.tick_at < FOREVER:
+                # A timer rule whose conditions hold waits for its time: look again then.
+                await rt.set_timer(d.id, TICK, bucket, key, chosen.tick_at)
             # (A rule held by its own cooldown, chosen.wake_at, needs no timer here: the
             # firing that started the cooldown scheduled its end, in its outbox.)
             if evaluating is not None:
@@ -283,7 +286,9 @@ class KVHandler:
             # below, the revision they fired for is gone, and with it their chance to fire.
             for r in others:
                 ctx.rule_id = r.id
-                await self.claims.fire(bound, r, ctx, trigger)
+                # (An ``every`` rule fires once per tick of a revision, not once per revision.)
+                fired = f"{trigger}@{tick(r, state, now)[0]}" if r.every else trigger
+                await self.claims.fire(bound, r, ctx, fired)
             try:
                 if writer is not None:
                     if others:
@@ -338,7 +343,7 @@ class KVHandler:
             state, None, d.id, exec_id, key, bucket, revision, mode, now
         )
         for r in rules:
-            if not r.writes_state and not r.on_deletes:
+            if not r.writes_state and not r.on_deletes and not (r.after or r.every):
                 ctx.rule_id = r.id
                 if self.rt.check(bound, r, ctx):
                     await self.claims.fire(bound, r, ctx, f"r{revision}")

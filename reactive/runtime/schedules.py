@@ -31,6 +31,7 @@ __all__ = [
     "DEADLINE",
     "GRACE",
     "TASK",
+    "TICK",
     "TIMER_PREFIX",
     "cooldown_kind",
     "due_at",
@@ -57,6 +58,9 @@ TASK = "task"
 # The grace period of the outbox another engine left on the key's latest revision:
 # a newer revision's outbox is the only one still to deliver, so its grace replaces.
 GRACE = "grace"
+# The next tick of the key's timer rules (``after=``, ``every=``): the earliest due among
+# those whose conditions hold on its latest revision, decided at each evaluation of it.
+TICK = "tick"
 
 
 def cooldown_kind(rule_id: str) -> str:

@@ -233,3 +233,35 @@ async def test_cancel_from_the_command_line_runs_the_compensation_on_nats(
     await eventually(lambda: len(events) == 1, what="the cancellation event")
     assert msgspec.json.decode(events[0])["reason"] == "changed"
     assert again.returncode == 1 and b"has ended already" in again.stderr
+
+
+async def test_timer_rules_fire_from_schedules_on_nats(nats_url: str, nc: Client) -> None:
+    wid = uid("timers")
+
+    class Timed(Workflow, id=wid, state=Order):
+        @rule(watch_kv=True, when=phase_is("awaiting"), every="1s", publish=f"{wid}.remind")
+        def remind(self, ctx: RuleContext[Order, None]) -> dict[str, str]:
+            return {"order": ctx.execution_id}
+
+        @rule(watch_kv=True, when=phase_is("awaiting"), after="3s", mutate=True)
+        def give_up(self, ctx: RuleContext[Order, None]) -> None:
+            ctx.state.phase = "abandoned"
+
+        @rule(watch_kv=True, when=phase_is("abandoned"), complete=True)
+        def done(self, ctx: RuleContext[Order, None]) -> None: ...
+
+    reminders: list[bytes] = []
+
+    async def on_reminder(msg: Any) -> None:
+        reminders.append(msg.data)
+
+    await nc.subscribe(f"{wid}.remind", cb=on_reminder)
+    async with engine_on(nats_url, [Timed]) as engine:
+        await engine.start_execution(Timed, "o1", Order(phase="awaiting"))
+        st = await engine.wait_for(Timed, "o1", timeout=20)
+    assert (st.status, st.phase) == (Status.COMPLETED, "abandoned")
+    # Ticks at 1 s, 2 s and 3 s at most (an evaluation that comes late takes the tick it
+    # is at, not every one it missed), at least one (a tick's reminder goes out before
+    # the rule that gives up writes, in the same evaluation); none after it ended.
+    await nc.flush()
+    assert 1 <= len(reminders) <= 3

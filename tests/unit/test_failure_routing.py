@@ -498,3 +498,76 @@ def test_graph_draws_the_failure_retry_limit_and_cancel_edges() -> None:
     assert 'phase_releasing -- "release: publish stock.release" --> status_cancelled' in cancellable
     assert "status_cancelled -.-> event_orders_cancelled" in cancellable
     assert 'wait_charge -. "error" .-> status_failed' in cancellable  # (no handler: fails)
+
+
+# --------------------------------------------------------------------------- timer rules
+
+
+class Reminders(Workflow, id="reminders", state=Order):
+    """While payment is awaited: a reminder every 10 minutes; after 45 minutes, give up."""
+
+    @rule(watch_kv=True, when=phase_is("awaiting"), every="10m", publish="reminders.send")
+    def remind(self, ctx: RuleContext[Order, None]) -> dict[str, str]:
+        return {"order": ctx.execution_id}
+
+    @rule(watch_kv=True, when=phase_is("awaiting"), after="45m", mutate=True)
+    def give_up(self, ctx: RuleContext[Order, None]) -> None:
+        ctx.state.phase = "abandoned"
+
+    @rule(watch_kv=True, when=phase_is("abandoned"), complete=True)
+    def done(self, ctx: RuleContext[Order, None]) -> None: ...
+
+    @rule(on_subject="reminders.note", state_key=lambda m: m.order, mutate=True, create=False)
+    def noted(self, ctx: RuleContext[Order, Signal]) -> None:
+        ctx.state.why = ctx.message.note
+
+
+async def test_timer_rules_fire_after_a_quiet_time_and_every_period_and_survive_a_restart() -> None:
+    async with TestEngine(Reminders) as te:
+        await te.start(Reminders, "o1", Order(phase="awaiting"))
+        await te.advance(599)
+        te.assert_not_published("reminders.send")
+        await te.advance(1)  # 10 minutes unchanged
+        assert len(te.published("reminders.send")) == 1
+        await te.advance(600)
+        assert len(te.published("reminders.send")) == 2
+        await te.restart()  # the next ticks are schedules in NATS, not in the engine
+        await te.advance(1200)
+        assert len(te.published("reminders.send")) == 4  # at 30 and 40 minutes
+        await te.advance(300)  # 45 minutes: given up
+        st = te.state(Reminders, "o1")
+        assert (st.status, st.phase) == (Status.COMPLETED, "abandoned")
+        await te.advance(3600)
+        assert len(te.published("reminders.send")) == 4  # its conditions no longer hold
+
+
+async def test_a_change_starts_a_timer_rules_wait_again() -> None:
+    async with TestEngine(Reminders) as te:
+        await te.start(Reminders, "o1", Order(phase="awaiting"))
+        await te.advance(40 * 60)
+        assert len(te.published("reminders.send")) == 4
+        # A transition (the customer wrote): 45 minutes unchanged starts again.
+        await te.trigger_message("reminders.note", Signal(order="o1", note="wrote"))
+        await te.advance(40 * 60)
+        assert te.state(Reminders, "o1").phase == "awaiting"
+        await te.advance(5 * 60)
+        assert te.state(Reminders, "o1").phase == "abandoned"
+
+
+def test_timer_rules_only_on_kv_rules_one_kind_and_not_too_short() -> None:
+    with pytest.raises(DefinitionError) as info:
+
+        class BadTimers(Workflow, id="bad-timers", state=Order):
+            @rule(on_subject="x.y", state_key=lambda m: m.order, mutate=True, after="1m")
+            def on_message(self, ctx: RuleContext[Order, Signal]) -> None: ...
+
+            @rule(watch_kv=True, when=phase_is("a"), mutate=True, after="1m", every="1m")
+            def both(self, ctx: RuleContext[Order, None]) -> None: ...
+
+            @rule(watch_kv=True, when=phase_is("b"), mutate=True, every="100ms")
+            def fast(self, ctx: RuleContext[Order, None]) -> None: ...
+
+    message = str(info.value)
+    assert "after= is only for watch_kv rules" in message
+    assert "after= and every= together" in message
+    assert "every '100ms' is shorter than the engine allows (at least 1s)" in message
