@@ -22,7 +22,8 @@ then, where every transition is written. It is started again (same ports and sto
 ``--down`` seconds later (default 3), and the next K starts once it is back. The figures
 are those of the whole window, the kill included: throughput drops while the streams
 elect new leaders and the clients reconnect, and the line says when the node went down
-and came back. The load side tries a failed create again and also counts an execution
+and came back, and the longest time without a completion (the failover's pause). The
+load side tries a failed create again and also counts an execution
 done when it sees it completed (a completion event sent while a connection moves is
 lost); transitions are counted as 3 per completed execution (compare-and-set commits
 each once), the observer's count is printed beside it, since a watch that moves to
@@ -164,6 +165,7 @@ async def measure(
             transitions_per_s=transitions / stats["elapsed_s"],
             engine_cpu_us_per_transition=1e6 * cpu / transitions,
             observed_transitions=stats["transitions"],
+            longest_pause_s=stats["done_gap_max_s"],
             create_retries=harness.create_retries,
             node_kill=kill,
         )
@@ -211,7 +213,8 @@ async def main(args: argparse.Namespace) -> None:
                     nk = r["node_kill"]
                     kill = (
                         f"; node {nk['node']} killed {nk['killed_at_s']}s into the "
-                        f"{nk['window_s']}s window, back at {nk['back_at_s']}s; "
+                        f"{nk['window_s']}s window, back at {nk['back_at_s']}s, "
+                        f"longest pause without a completion {r['longest_pause_s']:.2f}s; "
                         f"{r['observed_transitions']} transitions observed of "
                         f"{3 * args.n}, {r['create_retries']} creates retried"
                     )

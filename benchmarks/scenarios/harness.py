@@ -289,11 +289,13 @@ class Harness:
         kv_lat: list[float] = []
         rt_lat: list[float] = []
         e2e: list[float] = []
+        dones: list[float] = []
         transitions = 0
         for k in keys:
             rec = self._execs.pop(k)
             revs = sorted(rec.revs)
             e2e.append(rec.t_done - rec.t_start)
+            dones.append(rec.t_done)
             for prev, cur in itertools.pairwise(revs):
                 transitions += 1
                 lat = cur[1] - prev[1]
@@ -315,6 +317,9 @@ class Harness:
             "e2e_p99_ms": percentile(e2e, 0.99) * 1e3,
             "e2e_max_ms": max(e2e) * 1e3 if e2e else math.nan,
         }
+        if self.failover:  # the longest time without a completion: the failover's pause
+            done = sorted(t for t in (t0, *dones, t_end) if t)
+            out["done_gap_max_s"] = max(b - a for a, b in itertools.pairwise(done))
         if rt_lat:
             out["rt_p50_ms"] = percentile(rt_lat, 0.5) * 1e3
             out["rt_p99_ms"] = percentile(rt_lat, 0.99) * 1e3
