@@ -3,6 +3,7 @@
     python benchmarks/engines.py                       # K = 1, 2, 4; 2 interleaved rounds
     python benchmarks/engines.py --engines 1,2,4,8 --rounds 3 --n 3000
     python benchmarks/engines.py --cluster             # against a 3-node cluster, R3
+    python benchmarks/engines.py --cluster --kill-node # and a node SIGKILLed in each window
 
 The 3-transition KV workflow (the one run.py measures) at 100 executions in flight,
 driven by run.py's harness against one embedded nats-server; K ``engine`` contenders
@@ -14,14 +15,29 @@ printed: K engines can only run faster than one where there are cores for them.
 ``--cluster`` runs it against a 3-node nats-server cluster (benchmarks/cluster.py): the
 bucket, and every bucket and stream the engines make (``--replicas 3``), have 3 replicas;
 each client is given all three URLs.
+
+``--kill-node`` (with ``--cluster``) SIGKILLs one node in the middle of each K's measured
+window (once half its executions have completed): the node that leads the bucket's stream
+then, where every transition is written. It is started again (same ports and store)
+``--down`` seconds later (default 3), and the next K starts once it is back. The figures
+are those of the whole window, the kill included: throughput drops while the streams
+elect new leaders and the clients reconnect, and the line says when the node went down
+and came back, and the longest time without a completion (the failover's pause). The
+load side tries a failed create again and also counts an execution
+done when it sees it completed (a completion event sent while a connection moves is
+lost); transitions are counted as 3 per completed execution (compare-and-set commits
+each once), the observer's count is printed beside it, since a watch that moves to
+another node can miss a revision history 1 has already replaced.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +79,47 @@ async def _cleanup(url: str, names: dict[str, str]) -> None:
     await nc.close()
 
 
+async def _kill_mid_window(
+    cluster: NatsCluster, harness: Harness, bucket: str, n: int, down: float, log: dict[str, Any]
+) -> None:
+    """Once half of the window's ``n`` executions are done, SIGKILL the node leading the
+    bucket's stream; ``down`` seconds later start it again and wait until the cluster sees
+    it. The moments (seconds into the window) go into ``log``."""
+    # Started right before ``drive``, it first runs once drive has set ``remaining`` to n.
+    t0 = time.monotonic()
+    while harness.remaining > n - n // 2:
+        await asyncio.sleep(0.02)
+    nc = await nats.connect(cluster.urls)
+    try:
+        leader = (await nc.jetstream().stream_info(f"KV_{bucket}")).cluster.leader
+    finally:
+        await nc.close()
+    node = int(leader.removeprefix("n"))
+    cluster.kill(node)
+    log.update(node=leader, killed_at_s=round(time.monotonic() - t0, 2))
+    await asyncio.sleep(down)
+    await asyncio.to_thread(cluster.restart, node, 120.0)
+    log["back_at_s"] = round(time.monotonic() - t0, 2)
+
+
 async def measure(
-    url: str, server_pid: int | None, k: int, n: int, warm: int, c: int, replicas: int = 1
+    url: str,
+    server_pid: int | None,
+    k: int,
+    n: int,
+    warm: int,
+    c: int,
+    replicas: int = 1,
+    cluster: NatsCluster | None = None,
+    down: float = 3.0,
 ) -> dict[str, Any]:
     names = run._names(f"k{k}c{c}")
     await _create_bucket(url, names["bucket"], replicas)
     args = ["--url", url, "--replicas", str(replicas), *run._child_args("engine", names, "kv")]
-    harness = Harness(url, names["bucket"], names["done"], "")
+    harness = Harness(url, names["bucket"], names["done"], "", failover=cluster is not None)
     children = [run.Child(run.SCRIPTS["engine"], args) for _ in range(k)]
+    kill: dict[str, Any] = {}
+    killer: asyncio.Task[None] | None = None
     try:
         await harness.start()
         for child in children:
@@ -80,10 +129,21 @@ async def measure(
         for child in children:
             await child.mark()
         window = run.CpuWindow(server_pid, None)
+        if cluster is not None:
+            killer = asyncio.create_task(
+                _kill_mid_window(cluster, harness, names["bucket"], n, down, kill)
+            )
         stats = await harness.drive("m", n, c)
         stats.update(window.stop())
         results = [await child.stop() for child in children]
+        if killer is not None:
+            await killer  # the node is back before the next K
+            kill["window_s"] = round(stats["elapsed_s"], 2)
     finally:
+        if killer is not None and not killer.done():
+            killer.cancel()
+            with contextlib.suppress(BaseException):
+                await killer
         for child in children:
             await child.kill()
             child.cleanup()
@@ -91,12 +151,25 @@ async def measure(
         await _cleanup(url, names)
     cpu = sum(r.get("cpu_s", 0.0) for r in results)
     transitions = stats["transitions"]
-    return {
+    out = {
         "engines": k,
         "transitions_per_s": transitions / stats["elapsed_s"],
         "engine_cpu_us_per_transition": 1e6 * cpu / transitions if transitions else float("nan"),
         "cpu_per_engine_s": [round(r.get("cpu_s", 0.0), 3) for r in results],
     }
+    if cluster is not None:
+        # Each completed execution committed its 3 transitions once (compare-and-set); the
+        # observer may have missed a revision while its watch moved off the killed node.
+        transitions = 3 * stats["executions"]
+        out.update(
+            transitions_per_s=transitions / stats["elapsed_s"],
+            engine_cpu_us_per_transition=1e6 * cpu / transitions,
+            observed_transitions=stats["transitions"],
+            longest_pause_s=stats["done_gap_max_s"],
+            create_retries=harness.create_retries,
+            node_kill=kill,
+        )
+    return out
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -110,6 +183,11 @@ async def main(args: argparse.Namespace) -> None:
         cluster.start()
         url, server_pid, replicas = cluster.url, None, 3
         print(f"on a 3-node cluster, R3: {url}")
+        if args.kill_node:
+            print(
+                f"a node SIGKILLed mid-window in every K, back after {args.down:g}s: "
+                "the figures include the failover"
+            )
     else:
         server = NatsServer()
         server.start()
@@ -118,14 +196,34 @@ async def main(args: argparse.Namespace) -> None:
         for round_ in range(1, args.rounds + 1):
             base: dict[str, Any] | None = None
             for k in ks:
-                r = await measure(url, server_pid, k, args.n, args.warm, args.c, replicas)
+                r = await measure(
+                    url,
+                    server_pid,
+                    k,
+                    args.n,
+                    args.warm,
+                    args.c,
+                    replicas,
+                    cluster if args.kill_node else None,
+                    args.down,
+                )
                 base = base or r
+                kill = ""
+                if args.kill_node:
+                    nk = r["node_kill"]
+                    kill = (
+                        f"; node {nk['node']} killed {nk['killed_at_s']}s into the "
+                        f"{nk['window_s']}s window, back at {nk['back_at_s']}s, "
+                        f"longest pause without a completion {r['longest_pause_s']:.2f}s; "
+                        f"{r['observed_transitions']} transitions observed of "
+                        f"{3 * args.n}, {r['create_retries']} creates retried"
+                    )
                 print(
                     f"round {round_} K={k}: {r['transitions_per_s']:8.0f} transitions/s "
                     f"({r['transitions_per_s'] / base['transitions_per_s']:.2f}x K=1), "
                     f"engine CPU {r['engine_cpu_us_per_transition']:6.0f} µs/transition summed "
                     f"({r['engine_cpu_us_per_transition'] / base['engine_cpu_us_per_transition']:.2f}x K=1), "
-                    f"per engine {r['cpu_per_engine_s']}",
+                    f"per engine {r['cpu_per_engine_s']}{kill}",
                     flush=True,
                 )
     finally:
@@ -143,4 +241,13 @@ if __name__ == "__main__":
     p.add_argument("--warm", type=int, default=200)
     p.add_argument("-c", type=int, default=100)
     p.add_argument("--cluster", action="store_true", help="a 3-node cluster, every stream R3")
-    asyncio.run(main(p.parse_args()))
+    p.add_argument(
+        "--kill-node",
+        action="store_true",
+        help="with --cluster: SIGKILL a node in the middle of each measured window, restart it",
+    )
+    p.add_argument("--down", type=float, default=3.0, help="seconds the node stays down")
+    parsed = p.parse_args()
+    if parsed.kill_node and not parsed.cluster:
+        p.error("--kill-node needs --cluster")
+    asyncio.run(main(parsed))

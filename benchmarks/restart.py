@@ -4,6 +4,8 @@
     python benchmarks/restart.py --quick          # (a) at 10^5 / 10^3, (b) at 10^3 vs 10^4
     python benchmarks/restart.py --what a --executions 1000000 --active 1000
     python benchmarks/restart.py --what b --waiting 100000
+    python benchmarks/restart.py --cluster             # on a 3-node cluster, everything R3
+    python benchmarks/restart.py --cluster --kill-node --quick   # a node SIGKILLed in (a)
 
 (a) "10^6 executions in a bucket, 10^3 of them active: a starting engine commits its
     first new transition within 5 s, peak RSS <= 150 MB."
@@ -39,6 +41,27 @@ whichever ``reactive`` is installed. Engines are stopped with SIGTERM.
   ``--waiting`` and the same two readings are taken. Both differences are reported; the
   target holds when both are within 20 MB.
 
+``--cluster`` runs both against a 3-node nats-server cluster (benchmarks/cluster.py), the
+engines started with ``--replicas 3``: every bucket and stream (the engines make them all:
+the bucket, the meta bucket, the message streams, the schedules, the partitions) has 3
+replicas, which the last line of each part checks (``streams_not_r3``); the benchmark's
+own client and the engines are given all three URLs.
+
+``--kill-node`` (with ``--cluster``) SIGKILLs one node while the measured engine of (a)
+starts and works: ``--kill-at`` seconds after its process starts (default 0.3: it is
+connecting and making its buckets and consumers, ready ~0.35 s after the start on an idle
+machine; the ``go`` messages are stored by then; 1.0 lands while it works), the
+node that leads the bucket's stream then (every transition is written there), and
+starts it again (same ports and store) ``--down`` seconds later (default 3). The
+measurement is the same; the first line also reports the kill, when the node was back,
+and how long the active executions took to complete. An engine that exits (``serve``
+gives up when a step of its start times out) is started again at once, as a supervisor
+would, and the exit is reported (``engine_exits``); the times count from the first
+process's start and the peak RSS is that of the process serving at the end. Publishes the benchmark makes
+while a node is down are sent again (same ``Nats-Msg-Id``, so the stream drops a
+duplicate) when their acknowledgements stop coming, and the completions are counted
+from the bucket itself if the watch stalls (its consumer lived on the killed node).
+
 "At rest": every durable (or bound) consumer of every stream has nothing pending or
 unacknowledged, no stream source lags, and over the last 3 s the engine used under 3 %
 of a core and its RSS moved less than 1 MB (the engine may still hold a backlog the
@@ -62,6 +85,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +97,10 @@ from nats.js.api import DeliverPolicy
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "scenarios"))
 
+from cluster import NatsCluster  # noqa: E402
 from restart_workflow import (  # noqa: E402
     BUCKET,
     GO_SUBJECT,
@@ -96,6 +122,31 @@ PEAK_RSS_TARGET_MB = 150.0
 WAITING_DELTA_TARGET_MB = 20.0
 
 _T0 = time.monotonic()
+
+
+@dataclass
+class Target:
+    """Where the run goes: one server, or a cluster (``url`` for serve, ``urls`` for nats-py)."""
+
+    url: str
+    urls: list[str]
+    cluster: NatsCluster | None = None
+    kill_node: bool = False
+
+    @property
+    def replicas(self) -> int:
+        return 3 if self.cluster is not None else 1
+
+    async def connect(self) -> Client:
+        if self.cluster is None:
+            return await nats.connect(self.url, max_reconnect_attempts=-1)
+        return await nats.connect(
+            self.urls, max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=_quiet
+        )
+
+
+async def _quiet(e: Exception) -> None:
+    """A killed node's connection error: nats-py reconnects to another node (and would print it)."""
 
 
 def say(msg: str) -> None:
@@ -123,34 +174,81 @@ def wid(i: int) -> str:
 
 class Publisher:
     """JetStream publishes without awaiting each ack: up to ``window`` in flight, every
-    ack counted on one wildcard inbox; an error reply (or no stream) is an error."""
+    ack counted on one wildcard inbox; an error reply (or no stream) is an error.
 
-    def __init__(self, nc: Client, window: int = 4096) -> None:
+    With ``resend`` (a cluster losing a node), each publish carries a ``Nats-Msg-Id`` and
+    is kept until acknowledged; when no ack has come for ``resend_after`` seconds, the
+    unacknowledged ones are sent again (the stream drops one it already has), and an
+    error reply (no stream leader yet, a timeout) is retried rather than raised."""
+
+    def __init__(
+        self, nc: Client, window: int = 4096, resend: bool = False, resend_after: float = 3.0
+    ) -> None:
         self.nc = nc
         self.window = asyncio.Semaphore(window)
         self.sent = 0
         self.acked = 0
         self.errors: list[str] = []
         self.inbox = ""
+        self.resend = resend
+        self.resend_after = resend_after
+        self.unacked: dict[int, tuple[str, bytes]] = {}
+        self.resent = 0
+        self._resender: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.inbox = self.nc.new_inbox()
         await self.nc.subscribe(self.inbox + ".*", cb=self._on_ack)
+        if self.resend:
+            self._resender = asyncio.create_task(self._resend_stalled())
+
+    async def _resend_stalled(self) -> None:
+        last, since = self.acked, time.monotonic()
+        while not self.nc.is_closed:
+            await asyncio.sleep(0.25)
+            if self.acked != last or not self.unacked:
+                last, since = self.acked, time.monotonic()
+            elif time.monotonic() - since > self.resend_after:
+                for seq, (subject, data) in list(self.unacked.items()):
+                    await self._send(seq, subject, data)
+                    self.resent += 1
+                say(
+                    f"  no ack for {self.resend_after:g}s: {len(self.unacked):,} publishes sent again"
+                )
+                since = time.monotonic()
 
     async def _on_ack(self, msg: Msg) -> None:
         status = (msg.headers or {}).get("Status")
         if status or b'"error"' in msg.data:
+            if self.resend:
+                return  # still unacknowledged: sent again
             if len(self.errors) < 5:
                 self.errors.append(f"{status or ''} {msg.data[:200]!r}")
             else:
                 self.errors.append("")
+        if self.resend:
+            seq = int(msg.subject.rsplit(".", 1)[1])
+            if self.unacked.pop(seq, None) is None:
+                return  # the ack of a message sent twice
         self.acked += 1
         self.window.release()
 
     async def publish(self, subject: str, data: bytes) -> None:
         await self.window.acquire()
         self.sent += 1
-        await self.nc.publish(subject, data, reply=f"{self.inbox}.{self.sent}")
+        if not self.resend:
+            await self.nc.publish(subject, data, reply=f"{self.inbox}.{self.sent}")
+            return
+        self.unacked[self.sent] = (subject, data)
+        await self._send(self.sent, subject, data)
+
+    async def _send(self, seq: int, subject: str, data: bytes) -> None:
+        await self.nc.publish(
+            subject,
+            data,
+            reply=f"{self.inbox}.{seq}",
+            headers={"Nats-Msg-Id": f"{self.inbox}.{seq}"},
+        )
 
     async def wait_acked(self, timeout: float = 120.0) -> None:
         await self.nc.flush()
@@ -216,6 +314,52 @@ async def busy_consumers(js: JetStreamContext) -> str:
         offset += len(streams)
 
 
+async def all_streams(js: JetStreamContext) -> list[Any]:
+    out: list[Any] = []
+    while True:
+        page = await js.streams_info(len(out))
+        out += page
+        if len(page) < 256:
+            return out
+
+
+async def streams_not_r3(js: JetStreamContext) -> list[str]:
+    """The streams (a bucket is ``KV_<bucket>``) that do not have 3 replicas."""
+    return sorted(
+        st.config.name for st in await all_streams(js) if (st.config.num_replicas or 1) != 3
+    )
+
+
+async def pick_victim(js: JetStreamContext) -> dict[str, Any]:
+    """The node that leads the bucket's stream (where every transition is written), and
+    the streams it leads."""
+    leader = (await js.stream_info(KV_STREAM)).cluster.leader
+    led = sorted(
+        st.config.name
+        for st in await all_streams(js)
+        if st.cluster is not None and st.cluster.leader == leader
+    )
+    return {"node": leader, "led": led}
+
+
+async def kill_and_restart(
+    cluster: NatsCluster, kill: dict[str, Any], engine: EngineProcess, at: float, down: float
+) -> None:
+    """``at`` seconds after the engine's process started, SIGKILL the node named in
+    ``kill``; ``down`` seconds later start it again and wait until the cluster sees it.
+    The moments (seconds since the engine's start) go into ``kill``."""
+    await asyncio.sleep(max(0.0, engine.started_mono + at - time.monotonic()))
+    node = int(kill["node"].removeprefix("n"))
+    cluster.kill(node)
+    kill["killed_at_s"] = round(engine.since_start(), 2)
+    say(f"  node {kill['node']} killed {kill['killed_at_s']}s after the engine started")
+    await asyncio.sleep(down)
+    kill["restarted_at_s"] = round(engine.since_start(), 2)
+    await asyncio.to_thread(cluster.restart, node, 120.0)
+    kill["back_at_s"] = round(engine.since_start(), 2)
+    say(f"  node {kill['node']} back {kill['back_at_s']}s after the engine started")
+
+
 async def keys_in(js: JetStreamContext, bucket: str) -> int:
     """Keys in a bucket of history 1 (the engine's buckets): its stream's messages."""
     return (await js.stream_info(f"KV_{bucket}")).state.messages
@@ -259,7 +403,9 @@ def _proc_cpu(pid: int) -> float:
 class EngineProcess:
     """One ``python -m reactive serve`` process, its RSS and CPU read from /proc."""
 
-    def __init__(self, url: str, logs: Path, name: str, workers: int | None) -> None:
+    def __init__(
+        self, url: str, logs: Path, name: str, workers: int | None, replicas: int = 1
+    ) -> None:
         self.name = name
         self.log_path = logs / f"{name}.log"
         self.metrics_port = free_port()
@@ -278,6 +424,8 @@ class EngineProcess:
         ]
         if workers:
             cmd += ["--workers", str(workers)]
+        if replicas > 1:
+            cmd += ["--replicas", str(replicas)]
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self._log = self.log_path.open("wb")
         self.started = time.time()  # wall clock: compared with the server's timestamps
@@ -297,7 +445,8 @@ class EngineProcess:
             )
 
     def log_tail(self, limit: int = 3000) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-limit:]
 
     def rss_mb(self) -> float:
@@ -309,8 +458,8 @@ class EngineProcess:
     def cpu_s(self) -> float:
         return _proc_cpu(self.pid)
 
-    async def wait_healthy(self, timeout: float) -> float:
-        """Seconds from the process start until /healthz answers 200."""
+    async def is_healthy(self) -> bool:
+        """/healthz answers 200."""
         url = f"http://127.0.0.1:{self.metrics_port}/healthz"
 
         def get() -> int:
@@ -320,8 +469,12 @@ class EngineProcess:
             except Exception:
                 return 0
 
+        return await asyncio.to_thread(get) == 200
+
+    async def wait_healthy(self, timeout: float) -> float:
+        """Seconds from the process start until /healthz answers 200."""
         deadline = time.monotonic() + timeout
-        while await asyncio.to_thread(get) != 200:
+        while not await self.is_healthy():
             self.check_alive()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"engine {self.name} not healthy after {timeout:g}s")
@@ -370,10 +523,10 @@ class EngineProcess:
 
 
 async def run_engine_to_rest(
-    url: str, js: JetStreamContext, logs: Path, name: str, args: argparse.Namespace
+    target: Target, js: JetStreamContext, logs: Path, name: str, args: argparse.Namespace
 ) -> dict[str, float]:
     """Start an engine, wait until it is at rest, read its memory, stop it."""
-    engine = EngineProcess(url, logs, name, args.workers)
+    engine = EngineProcess(target.url, logs, name, args.workers, target.replicas)
     try:
         healthy = await engine.wait_healthy(args.timeout)
         rest = await engine.wait_at_rest(js, args.timeout)
@@ -392,19 +545,19 @@ async def run_engine_to_rest(
 # --------------------------------------------------------------------------- (a)
 
 
-async def measure_restart(url: str, tmp: Path, args: argparse.Namespace) -> None:
+async def measure_restart(target: Target, tmp: Path, args: argparse.Namespace) -> None:
     n_active, n_total = args.active, args.executions
     n_history = n_total - n_active
     if n_history < 1:
         raise SystemExit("--executions must be larger than --active")
-    nc = await nats.connect(url, max_reconnect_attempts=-1)
+    nc = await target.connect()
     js = nc.jetstream()
-    pub = Publisher(nc)
+    pub = Publisher(nc, resend=target.kill_node)
     await pub.start()
     try:
         # 1. The engine itself starts the active executions and the template.
         say(f"(a) starting {n_active:,} active executions and the template with an engine")
-        engine = EngineProcess(url, tmp, "a-create", args.workers)
+        engine = EngineProcess(target.url, tmp, "a-create", args.workers, target.replicas)
         try:
             await engine.wait_healthy(args.timeout)
             items = [start_message(TEMPLATE, False)]
@@ -463,15 +616,22 @@ async def measure_restart(url: str, tmp: Path, args: argparse.Namespace) -> None
 
         # 3. An engine takes the history in, so that nothing is left to process.
         say("(a) an engine takes in the history, then stops")
-        intake = await run_engine_to_rest(url, js, tmp, "a-intake", args)
+        intake = await run_engine_to_rest(target, js, tmp, "a-intake", args)
 
         # 4. Measured.
         say("(a) measured start: the engine starts, the go messages follow at once")
         firsts: list[tuple[float, float, str]] = []  # (server time, arrival, key)
         first_done: list[float] = []  # server time of the first completion (a KV-triggered rule)
-        done: set[str] = set()
+        done: dict[str, float] = {}  # subject -> server time of its completion
         all_done = asyncio.Event()
         prefix = f"$KV.{BUCKET}."
+
+        def completed(subject: str, server_ts: float) -> None:
+            if not first_done:
+                first_done.append(server_ts)
+            done.setdefault(subject, server_ts)
+            if len(done) >= n_active:
+                all_done.set()
 
         async def on_revision(msg: Msg) -> None:
             arrival = time.time()
@@ -481,20 +641,74 @@ async def measure_restart(url: str, tmp: Path, args: argparse.Namespace) -> None
                     (msg.metadata.timestamp.timestamp(), arrival, msg.subject[len(prefix) :])
                 )
             if b'"status":"completed"' in msg.data:
-                if not first_done:
-                    assert msg.metadata.timestamp is not None
-                    first_done.append(msg.metadata.timestamp.timestamp())
-                done.add(msg.subject)
-                if len(done) >= n_active:
-                    all_done.set()
+                assert msg.metadata.timestamp is not None
+                completed(msg.subject, msg.metadata.timestamp.timestamp())
 
+        async def completions_in_bucket() -> None:
+            """The active executions completed, read from the bucket (the watch may stall
+            while its consumer moves off a killed node)."""
+            for i in range(n_active):
+                subject = f"{prefix}{WORKFLOW_ID}.{aid(i)}"
+                if subject in done:
+                    continue
+                with contextlib.suppress(Exception):
+                    raw = await js.get_last_msg(KV_STREAM, subject)
+                    if raw.data and b'"status":"completed"' in raw.data and raw.time:
+                        completed(subject, raw.time.timestamp())
+
+        last_seq = (await js.stream_info(KV_STREAM)).state.last_seq
+        kill: dict[str, Any] = {}
+        if target.kill_node:
+            kill = await pick_victim(js)
+            say(f"  the node to kill: {kill}")
         watch = await js.subscribe(
             f"{prefix}{WORKFLOW_ID}.>",
             cb=on_revision,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.NEW,
+            idle_heartbeat=1.0 if target.cluster is not None else None,
         )
-        engine = EngineProcess(url, tmp, "a-measured", args.workers)
+        if target.cluster is not None:
+            # Were the watch's consumer lost (a node killed) before its first message,
+            # nats-py would make it again from the stream's first message (10^6 of them):
+            # start it from the revisions written from here on.
+            watch._sub._jsi._sseq = last_seq  # type: ignore[attr-defined]
+        engine = first_engine = EngineProcess(
+            target.url, tmp, "a-measured", args.workers, target.replicas
+        )
+        measured = [engine]
+        exits: list[dict[str, Any]] = []
+
+        def supervise() -> None:
+            """With --kill-node, an engine that exits is started again, as a supervisor
+            (systemd, Kubernetes) would: the run goes on, the exit is reported, every time
+            counts from the first process's start. Otherwise an exit ends the run."""
+            nonlocal engine
+            if engine.proc.poll() is None:
+                return
+            if not target.kill_node:
+                engine.check_alive()
+            said = [ln for ln in engine.log_tail(4000).splitlines() if ln.startswith("error:")]
+            exits.append(
+                {
+                    "at_s": round(first_engine.since_start(), 2),
+                    "code": engine.proc.returncode,
+                    "error": said[-1][:300] if said else "",
+                }
+            )
+            say(f"  engine {engine.name} exited: {exits[-1]}; started again")
+            engine.stop()
+            engine = EngineProcess(
+                target.url, tmp, f"a-measured-{len(measured) + 1}", args.workers, target.replicas
+            )
+            measured.append(engine)
+
+        killer: asyncio.Task[None] | None = None
+        if target.kill_node:
+            assert target.cluster is not None
+            killer = asyncio.create_task(
+                kill_and_restart(target.cluster, kill, first_engine, args.kill_at, args.down)
+            )
         try:
             go_took = await publish_all(
                 pub,
@@ -503,29 +717,68 @@ async def measure_restart(url: str, tmp: Path, args: argparse.Namespace) -> None
                 "go messages",
             )
             say(f"  {n_active:,} go messages stored {engine.since_start():.2f}s after the start")
-            healthy = await engine.wait_healthy(args.timeout)
+            if target.kill_node:
+                deadline = time.monotonic() + args.timeout
+                while True:
+                    supervise()
+                    if await engine.is_healthy():
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"no engine healthy after {args.timeout:g}s")
+                    await asyncio.sleep(0.05)
+                healthy = first_engine.since_start()
+            else:
+                healthy = await engine.wait_healthy(args.timeout)
             deadline = time.monotonic() + args.timeout
+            progress, count = time.monotonic(), 0
             while not all_done.is_set():
-                engine.check_alive()
-                if time.monotonic() > deadline:
+                supervise()
+                now = time.monotonic()
+                if now > deadline:
                     raise RuntimeError(
                         f"only {len(done)} of {n_active} active executions completed"
                     )
+                if len(done) != count:
+                    progress, count = now, len(done)
+                elif target.cluster is not None and now - progress > 5.0:
+                    await completions_in_bucket()
+                    say(f"  the watch stalled: {len(done)} completed, read from the bucket")
+                    progress = time.monotonic()
                 await asyncio.sleep(0.05)
-            every_active = engine.since_start()
+            every_active = first_engine.since_start()
+            if killer is not None:
+                await killer  # the node is back before the engine is judged at rest
             rest = await engine.wait_at_rest(js, args.timeout)
             peak, rss = engine.peak_rss_mb(), engine.rss_mb()
         finally:
+            if killer is not None and not killer.done():
+                killer.cancel()
+                with contextlib.suppress(BaseException):
+                    await killer
             engine.stop()
-            await watch.unsubscribe()
+            with contextlib.suppress(Exception):
+                await watch.unsubscribe()
+        if target.kill_node:  # what the engine said about the node it lost
+            for e in measured:
+                say(f"--- {e.log_path.name} (its warnings)\n{e.log_tail(4000)}")
+        engine = first_engine  # the times count from the first process's start
         server_ts, arrival, key = firsts[0]
         first = server_ts - engine.started
-        common = {
+        common: dict[str, Any] = {
             "executions": n_total,
             "active": n_active,
             "history_written_s": round(took, 1),
             "engine": "measured",
         }
+        if target.cluster is not None:
+            common["cluster"] = "3 nodes, R3"
+        extra: dict[str, Any] = {}
+        if target.cluster is not None:
+            extra["last_completion_s"] = round(max(done.values()) - engine.started, 3)
+        if target.kill_node:
+            extra["node_kill"] = kill
+            extra["go_resent"] = pub.resent
+            extra["engine_exits"] = exits
         emit(
             {
                 "measure": "restart_first_transition",
@@ -537,6 +790,7 @@ async def measure_restart(url: str, tmp: Path, args: argparse.Namespace) -> None
                 "go_published_s": round(go_took, 3),
                 "healthy_s": round(healthy, 2),
                 "all_active_done_s": round(every_active, 2),
+                **extra,
                 "target_s": FIRST_TRANSITION_TARGET_S,
                 "pass": first <= FIRST_TRANSITION_TARGET_S,
             }
@@ -546,21 +800,24 @@ async def measure_restart(url: str, tmp: Path, args: argparse.Namespace) -> None
                 "measure": "restart_peak_rss",
                 **common,
                 "peak_rss_mb": round(peak, 1),
+                # of the process that served to the end (one that exited cannot be read)
+                **({"engine_processes": len(measured)} if target.kill_node else {}),
                 "target_mb": PEAK_RSS_TARGET_MB,
                 "pass": peak <= PEAK_RSS_TARGET_MB,
             }
         )
-        emit(
-            {
-                "measure": "restart_rest_rss",
-                **common,
-                "rest_rss_mb": round(rss, 1),
-                "at_rest_s": round(rest, 2),
-                "intake_engine": intake,
-                "target_mb": None,
-                "pass": None,
-            }
-        )
+        rest_line: dict[str, Any] = {
+            "measure": "restart_rest_rss",
+            **common,
+            "rest_rss_mb": round(rss, 1),
+            "at_rest_s": round(rest, 2),
+            "intake_engine": intake,
+            "target_mb": None,
+            "pass": None,
+        }
+        if target.cluster is not None:
+            rest_line["streams_not_r3"] = await streams_not_r3(js)
+        emit(rest_line)
     finally:
         await nc.close()
 
@@ -568,11 +825,11 @@ async def measure_restart(url: str, tmp: Path, args: argparse.Namespace) -> None
 # --------------------------------------------------------------------------- (b)
 
 
-async def measure_waiting(url: str, tmp: Path, args: argparse.Namespace) -> None:
+async def measure_waiting(target: Target, tmp: Path, args: argparse.Namespace) -> None:
     small, large = args.waiting_base, args.waiting
     if large <= small:
         raise SystemExit("--waiting must be larger than --waiting-base")
-    nc = await nats.connect(url, max_reconnect_attempts=-1)
+    nc = await target.connect()
     js = nc.jetstream()
     pub = Publisher(nc)
     await pub.start()
@@ -581,7 +838,9 @@ async def measure_waiting(url: str, tmp: Path, args: argparse.Namespace) -> None
         have = 0
         for count in (small, large):
             say(f"(b) {count:,} executions waiting with deadlines")
-            engine = EngineProcess(url, tmp, f"b-create-{count}", args.workers)
+            engine = EngineProcess(
+                target.url, tmp, f"b-create-{count}", args.workers, target.replicas
+            )
             try:
                 await engine.wait_healthy(args.timeout)
                 took = await publish_all(
@@ -613,18 +872,21 @@ async def measure_waiting(url: str, tmp: Path, args: argparse.Namespace) -> None
                 raise RuntimeError(f"not parked with a deadline: {last}")
             timers = (await js.stream_info("REACTIVE_TIMERS")).state.messages
             say(f"  REACTIVE_TIMERS holds {timers:,} messages (the deadlines' schedules)")
-            restarted = await run_engine_to_rest(url, js, tmp, f"b-restart-{count}", args)
+            restarted = await run_engine_to_rest(target, js, tmp, f"b-restart-{count}", args)
             readings[count] = {"creating": creator, "restarted": restarted, "timers": timers}
+        not_r3 = await streams_not_r3(js) if target.cluster is not None else []
     finally:
         await nc.close()
     deltas = {
         kind: round(readings[large][kind]["rest_rss_mb"] - readings[small][kind]["rest_rss_mb"], 1)
         for kind in ("creating", "restarted")
     }
+    line: dict[str, Any] = {"measure": "waiting_rest_rss", "waiting": [small, large]}
+    if target.cluster is not None:
+        line["cluster"] = "3 nodes, R3"
     emit(
         {
-            "measure": "waiting_rest_rss",
-            "waiting": [small, large],
+            **line,
             "restarted_rest_rss_mb": [
                 readings[c]["restarted"]["rest_rss_mb"] for c in (small, large)
             ],
@@ -640,6 +902,7 @@ async def measure_waiting(url: str, tmp: Path, args: argparse.Namespace) -> None
             "schedules": [readings[c]["timers"] for c in (small, large)],
             "target_mb": WAITING_DELTA_TARGET_MB,
             "pass": max(deltas.values()) <= WAITING_DELTA_TARGET_MB,
+            **({"streams_not_r3": not_r3} if target.cluster is not None else {}),
         }
     )
 
@@ -652,11 +915,21 @@ async def run(args: argparse.Namespace) -> None:
         if what not in args.what:
             continue
         with tempfile.TemporaryDirectory(prefix=f"reactive-restart-{what}-") as tmp:
-            server = NatsServer(data_dir=Path(tmp) / "store")
-            server.start()
-            say(f"nats-server {server.url} (pid {server.pid}), store in {tmp}")
+            server: NatsServer | NatsCluster
+            if args.cluster:
+                cluster = NatsCluster(3, data_dir=Path(tmp) / "cluster")
+                cluster.start()
+                server = cluster
+                target = Target(cluster.url, cluster.urls, cluster, args.kill_node and what == "a")
+                say(f"a 3-node nats-server cluster {cluster.url}, stores in {tmp}")
+            else:
+                single = NatsServer(data_dir=Path(tmp) / "store")
+                single.start()
+                server = single
+                target = Target(single.url, [single.url])
+                say(f"nats-server {single.url} (pid {single.pid}), store in {tmp}")
             try:
-                await measure(server.url, Path(tmp), args)
+                await measure(target, Path(tmp), args)
             except BaseException:
                 for log in sorted(Path(tmp).glob("*.log")):
                     with contextlib.suppress(OSError):
@@ -689,7 +962,28 @@ def main() -> None:
         default=1800.0,
         help="seconds any one wait may take before the run gives up (default: 1800)",
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="on a 3-node nats-server cluster, the engines with --replicas 3 (every stream R3)",
+    )
+    parser.add_argument(
+        "--kill-node",
+        action="store_true",
+        help="with --cluster: SIGKILL a node while (a)'s measured engine starts, restart it",
+    )
+    parser.add_argument(
+        "--kill-at",
+        type=float,
+        default=0.3,
+        help="seconds after the measured engine's start the node is killed (default: 0.3)",
+    )
+    parser.add_argument(
+        "--down", type=float, default=3.0, help="seconds the node stays down (default: 3)"
+    )
     args = parser.parse_args()
+    if args.kill_node and not args.cluster:
+        parser.error("--kill-node needs --cluster")
     args.what = {w.strip() for w in args.what.split(",")}
     if args.quick:
         args.executions, args.active, args.waiting = 100_000, 1_000, 10_000

@@ -29,6 +29,7 @@ from typing import Any
 
 import msgspec
 import nats
+import nats.js.errors
 from common import WF_ID, Completion, Observed
 from nats.aio.client import Client
 
@@ -58,7 +59,13 @@ class StallError(RuntimeError):
 
 
 class Harness:
-    """The load side; ``url`` is one server URL, or several joined by commas (a cluster)."""
+    """The load side; ``url`` is one server URL, or several joined by commas (a cluster).
+
+    ``failover`` (a cluster that loses a node during the run): a create that fails (no
+    stream leader yet, a timeout) is tried again (one already stored counts as created),
+    and an execution also counts as done when the observer sees it completed, since a
+    completion event (core NATS) sent while a connection moves to another node is lost.
+    """
 
     def __init__(
         self,
@@ -66,8 +73,11 @@ class Harness:
         bucket: str,
         done_subject: str,
         work_subject: str = "",
+        failover: bool = False,
     ) -> None:
         self.url = url
+        self.failover = failover
+        self.create_retries = 0
         self.bucket = bucket
         self.done_subject = done_subject
         self.work_subject = work_subject
@@ -83,6 +93,11 @@ class Harness:
         self.worker_requests = 0
         self.worker_replies = 0
         self.worker_errors: list[str] = []
+
+    @property
+    def remaining(self) -> int:
+        """Executions of the current ``drive`` not done yet."""
+        return self._remaining
 
     async def _on_error(self, e: Exception) -> None:
         if not self._closing:
@@ -159,6 +174,8 @@ class Harness:
             st = _dec_obs.decode(entry.value)
             rec.revs.append((entry.revision, now, st.phase, st.status))
             self._progress = now
+            if self.failover and st.status == "completed" and not rec.t_done:
+                self._done(rec, now)
 
     async def _on_done(self, msg: Any) -> None:
         now = time.perf_counter()
@@ -169,6 +186,9 @@ class Harness:
         rec = self._execs.get(f"{WF_ID}.{ev.execution_id}")
         if rec is None or rec.t_done:
             return
+        self._done(rec, now)
+
+    def _done(self, rec: _Exec, now: float) -> None:
         rec.t_done = now
         self._progress = now
         self._remaining -= 1
@@ -179,7 +199,20 @@ class Harness:
 
     async def _create(self, key: str, data: bytes, rec: _Exec) -> None:
         rec.t_start = time.perf_counter()
-        await self._kv.create(key, data)
+        if not self.failover:
+            await self._kv.create(key, data)
+        else:
+            for attempt in itertools.count():
+                try:
+                    await self._kv.create(key, data)
+                    break
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    break  # an earlier attempt was stored; its ack was lost
+                except Exception:
+                    if attempt >= 600:
+                        raise
+                    self.create_retries += 1
+                    await asyncio.sleep(0.1)
         rec.t_created = time.perf_counter()
 
     async def drive(
@@ -256,11 +289,13 @@ class Harness:
         kv_lat: list[float] = []
         rt_lat: list[float] = []
         e2e: list[float] = []
+        dones: list[float] = []
         transitions = 0
         for k in keys:
             rec = self._execs.pop(k)
             revs = sorted(rec.revs)
             e2e.append(rec.t_done - rec.t_start)
+            dones.append(rec.t_done)
             for prev, cur in itertools.pairwise(revs):
                 transitions += 1
                 lat = cur[1] - prev[1]
@@ -282,6 +317,9 @@ class Harness:
             "e2e_p99_ms": percentile(e2e, 0.99) * 1e3,
             "e2e_max_ms": max(e2e) * 1e3 if e2e else math.nan,
         }
+        if self.failover:  # the longest time without a completion: the failover's pause
+            done = sorted(t for t in (t0, *dones, t_end) if t)
+            out["done_gap_max_s"] = max(b - a for a, b in itertools.pairwise(done))
         if rt_lat:
             out["rt_p50_ms"] = percentile(rt_lat, 0.5) * 1e3
             out["rt_p99_ms"] = percentile(rt_lat, 0.99) * 1e3
