@@ -41,7 +41,7 @@ from reactive.cli.common import (
 from reactive.cli.embedded import DEFAULT_NATS_PORT, PORT_FILE, start_embedded
 from reactive.cli.logfmt import configure_logging
 from reactive.cli.metrics_server import MetricsServer
-from reactive.cli.startup import GaveUp, failure_hints, prepare, setup_steps
+from reactive.cli.startup import GaveUp, prepare, setup_steps, start_engine
 
 if TYPE_CHECKING:
     from reactive import NatsBackend
@@ -77,7 +77,6 @@ async def _serve(
 
     from reactive import Engine, NatsBackend
     from reactive.dsl.workflow import definition_of
-    from reactive.errors import BackendError
 
     backend = NatsBackend(
         split_urls(url),
@@ -133,12 +132,13 @@ async def _serve(
                     return 0
                 log.info("connected nats=%s", url)
                 try:
-                    await engine.start()
-                except BackendError as e:
+                    await start_engine(engine, url, args.startup_timeout)
+                except GaveUp as e:
                     raise CLIError(
-                        f"cannot start the workflows on {url}: {e}",
-                        failure_hints(url, "start", e),
-                    ) from e
+                        f"serve gave up starting the workflows after {args.startup_timeout:g}s "
+                        f"(--startup-timeout): {e}",
+                        e.hints,
+                    ) from None
                 started = time.monotonic()
                 with anyio.move_on_after(30.0) as waiting:
                     while not engine.ready and not stop.is_set():

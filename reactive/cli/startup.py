@@ -7,7 +7,7 @@ import math
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from reactive.cli.common import (
     CLIError,
@@ -159,6 +159,36 @@ async def prepare(
         if last:  # (of the step it was at)
             raise GaveUp(f"the last failure: {last}", last_hints)
         raise GaveUp(f"still waiting for: {last_step}", [])
+
+
+async def start_engine(engine: Any, url: str, timeout: float | None) -> None:
+    """``engine.start()``, retried with backoff while it fails for a transient reason (a
+    request to a server that has just died, a cluster electing a leader) until ``timeout``
+    seconds have passed. Raises CLIError (GaveUp when the time is up)."""
+    import time
+
+    import anyio
+
+    from reactive.errors import BackendError, TransientBackendError
+
+    give_up = time.monotonic() + (timeout if timeout is not None else math.inf)
+    delay = _FIRST_RETRY
+    retry = 0
+    while True:
+        try:
+            await engine.start()
+            return
+        except TransientBackendError as e:
+            if time.monotonic() + delay > give_up:
+                raise GaveUp(f"the last failure: {e}", failure_hints(url, "start", e)) from e
+            retry += 1
+            log.warning("not started yet: %s; retrying retry=%d in=%gs", e, retry, delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, _MAX_RETRY)
+        except BackendError as e:
+            raise CLIError(
+                f"cannot start the workflows on {url}: {e}", failure_hints(url, "start", e)
+            ) from e
 
 
 def _failure_text(url: str, step: str, error: BaseException) -> str:
