@@ -78,6 +78,8 @@ async def _cancel(args: argparse.Namespace, out: Out) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     import anyio
 
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
     return anyio.run(_cancel, args, print_line)
 
 
