@@ -20,10 +20,11 @@ from reactive.errors import ConflictError, DecodeError, TransientBackendError
 from reactive.runtime.core import Runtime, log
 from reactive.runtime.decide import FOREVER
 from reactive.runtime.events import CallbackArrival, Committed
+from reactive.runtime.failures import cancelled
 from reactive.runtime.registry import BoundWorkflow
 from reactive.runtime.schedules import GRACE
 from reactive.runtime.store import Replaced, Store
-from reactive.runtime.transition import TERMINAL, apply_result, cancelled, end
+from reactive.runtime.transition import TERMINAL, apply_result, end
 from reactive.runtime.writer import Writer
 
 __all__ = ["CallbackHandler"]

@@ -17,17 +17,15 @@ from reactive.dsl.state import ExecutionState, Status
 from reactive.runtime.core import Runtime, log, within
 from reactive.runtime.decide import overdue
 from reactive.runtime.events import Committed
-from reactive.runtime.registry import BoundWorkflow
-from reactive.runtime.store import Store
-from reactive.runtime.transition import (
-    Ended,
-    apply_rule,
-    end,
+from reactive.runtime.failures import (
     retry_now,
     task_timed_out,
     timeout_handled,
     timeout_retried,
 )
+from reactive.runtime.registry import BoundWorkflow
+from reactive.runtime.store import Store
+from reactive.runtime.transition import Ended, apply_rule, end
 
 __all__ = ["Writer"]
 

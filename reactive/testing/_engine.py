@@ -344,10 +344,10 @@ class TestEngine:
         if where is not None:
             msgs = [m for m in msgs if where(m)]
         if count is None:
-            assert msgs, f"nothing published on {subject!r}; published: {self._subjects()}"
+            assert msgs, f"nothing published on {subject!r}; published: {_subjects(self.backend)}"
         else:
             assert len(msgs) == count, (
-                f"{len(msgs)} published on {subject!r}, expected {count}; published: {self._subjects()}"
+                f"{len(msgs)} published on {subject!r}, expected {count}; published: {_subjects(self.backend)}"
             )
         return msgs
 
@@ -364,9 +364,6 @@ class TestEngine:
         assert msgs[index] == expected, (
             f"payload on {subject!r} is {msgs[index]!r}, expected {expected!r}"
         )
-
-    def _subjects(self) -> list[str]:
-        return sorted({m.subject for m in self.backend.published})
 
     # ------------------------------------------------------------------ waits
 
@@ -450,3 +447,8 @@ def nothing_else_ready() -> bool:
 
 def _wf_id(workflow: WorkflowRef) -> str:
     return workflow if isinstance(workflow, str) else definition_of(workflow).id
+
+
+def _subjects(backend: MemoryBackend) -> list[str]:
+    """Every subject something was published on (for assertion messages)."""
+    return sorted({m.subject for m in backend.published})

@@ -20,8 +20,9 @@ from reactive.conditions import phase_is
 from reactive.dsl.context import new_context
 from reactive.dsl.state import Firing
 from reactive.runtime.decide import FOREVER, hold_until, overdue, select
+from reactive.runtime.failures import task_timed_out
 from reactive.runtime.registry import BoundWorkflow, Registry
-from reactive.runtime.transition import apply_result, apply_rule, end, task_timed_out, utc
+from reactive.runtime.transition import apply_result, apply_rule, end, utc
 
 NOW = 1_767_225_600.0
 
