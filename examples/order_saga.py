@@ -1,4 +1,5 @@
-"""Order saga: reserve the stock, charge the customer, ship; release the stock when payment fails.
+"""Order saga: reserve the stock, charge the customer, ship; release the stock when the
+payment fails, takes too long, or the order is cancelled.
 
 One execution per order (keyed by ``order_id``):
 
@@ -7,20 +8,20 @@ One execution per order (keyed by ``order_id``):
 2. ``reserve``: the inventory service reserves the stock
    (``publish_async="inventory.reserve"``). Out of stock: the order fails
    (``orders.failed``); nothing was taken, so nothing is given back.
-3. ``charge``: the payment service charges the customer. Declined: the
-   execution moves to ``payment_declined``, where the compensation runs.
+3. ``charge``: the payment service charges the customer, who may have to confirm it
+   (``timeout="45m"``). Declined (its answer), failed (``@charge.on_error``) or
+   late (``@charge.on_timeout``): the execution moves to ``payment_declined``,
+   where the compensation runs. While the charge is pending, ``remind``
+   publishes ``orders.payment_reminder`` every 10 minutes (``every="10m"``).
 4. ``release`` (the compensation): publishes ``inventory.release`` for the
-   reservation, in the same transition that fails the order.
+   reservation, in the same transition that fails the order (or, after a
+   cancellation, ends it as cancelled: ``orders.cancelled``).
 5. ``ship``: the shipping service ships the reserved stock; ``done`` completes
-   the order (``orders.completed``). Six rules in all.
+   the order (``orders.completed``).
 
-The failure handling is written by hand with the rules of today's DSL: a phase
-for the declined payment and a rule that compensates from it. A worker error
-or a task timeout while charging or shipping fails the execution directly, so
-it does not release the reservation; a property test of this workflow pins
-only what it promises (a declined payment releases the stock). The saga
-features of a later issue (compensations attached to the steps they undo, run
-on any failure) will replace this hand-written failure handling.
+A cancellation (``python -m reactive cancel order-saga.<id>``) goes to
+``@when_cancelled``: with stock reserved it releases it first; with none, the
+order ends as cancelled at once.
 
 The inventory, payment and shipping services are simulated by one
 deterministic worker coroutine, ``services_worker``, written against the
@@ -41,9 +42,18 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from reactive import Engine, ExecutionState, RuleContext, Status, Workflow, rule
+from reactive import (
+    Engine,
+    ExecutionState,
+    RuleContext,
+    Status,
+    TaskFailure,
+    Workflow,
+    rule,
+    when_cancelled,
+)
 from reactive.backends.base import Backend
-from reactive.conditions import phase_is
+from reactive.conditions import phase_in, phase_is
 
 log = logging.getLogger("reactive.examples.order_saga")
 
@@ -54,6 +64,8 @@ PAYMENTS = "payments.charge"
 SHIPPING = "shipping.ship"
 COMPLETED = "orders.completed"
 FAILED = "orders.failed"
+CANCELLED = "orders.cancelled"
+REMINDER = "orders.payment_reminder"
 
 
 # --------------------------------------------------------------------------- types
@@ -140,12 +152,13 @@ class OrderSaga(
     id="order-saga",
     state=Order,
     bucket="ORDER_SAGA",
-    timeout="1h",
+    timeout="2h",
     task_timeout="5m",
     on_complete=COMPLETED,
     on_fail=FAILED,
+    on_cancel=CANCELLED,
 ):
-    """Reserve, charge, ship; a declined payment releases the reservation."""
+    """Reserve, charge, ship; a failed payment or a cancellation releases the reservation."""
 
     @rule(
         on_subject=PLACED,
@@ -174,9 +187,24 @@ class OrderSaga(
             st.phase = "out_of_stock"
             st.fail(f"out of stock: {result.reason or st.sku}")
 
-    @rule(watch_kv=True, when=phase_is("charging"), publish_async=PAYMENTS)
+    @rule(watch_kv=True, when=phase_is("charging"), publish_async=PAYMENTS, timeout="45m")
     def charge(self, ctx: RuleContext[Order, None]) -> Charge:
         return Charge(order_id=ctx.state.id, amount_cents=ctx.state.amount_cents)
+
+    @charge.on_error
+    def charge_failed(self, ctx: RuleContext[Order, None], failure: TaskFailure) -> None:
+        ctx.state.decline_reason = f"the payment service failed: {failure.message}"
+        ctx.state.phase = "payment_declined"
+
+    @charge.on_timeout
+    def charge_late(self, ctx: RuleContext[Order, None], failure: TaskFailure) -> None:
+        ctx.state.decline_reason = f"the payment service did not answer ({failure.message})"
+        ctx.state.phase = "payment_declined"
+
+    @rule(watch_kv=True, when=phase_is("charging"), every="10m", publish=REMINDER)
+    def remind(self, ctx: RuleContext[Order, None]) -> dict[str, str]:
+        """While the charge is pending: a reminder every 10 minutes."""
+        return {"order_id": ctx.state.id}
 
     @charge.on_result
     def charged(self, ctx: RuleContext[Order, None], result: Payment) -> None:
@@ -190,20 +218,31 @@ class OrderSaga(
 
     @rule(
         watch_kv=True,
-        when=phase_is("payment_declined"),
+        when=phase_in("payment_declined", "cancelling"),
         publish=INVENTORY_RELEASE,
         mutate=True,
     )
     def release(self, ctx: RuleContext[Order, None]) -> ReleaseStock:
-        """The compensation: release the stock, and fail the order, in one transition."""
+        """The compensation: release the stock, and end the order, in one transition."""
         st = ctx.state
         released = ReleaseStock(
             order_id=st.id, reservation_id=st.reservation_id, reason=st.decline_reason
         )
         st.reservation_id = ""
-        st.phase = "released"
-        st.fail(f"payment declined: {st.decline_reason}")
+        if st.phase == "cancelling":
+            st.phase = "released"
+            st.cancel(st.decline_reason)
+        else:
+            st.phase = "released"
+            st.fail(f"payment declined: {st.decline_reason}")
         return released
+
+    @when_cancelled
+    def cancelled(self, ctx: RuleContext[Order, None], reason: str) -> None:
+        """Stock reserved: release it first (``release``). None: cancelled at once."""
+        if ctx.state.reservation_id:
+            ctx.state.decline_reason = reason
+            ctx.state.phase = "cancelling"
 
     @rule(watch_kv=True, when=phase_is("shipping"), publish_async=SHIPPING)
     def ship(self, ctx: RuleContext[Order, None]) -> Ship:

@@ -89,6 +89,8 @@ class Model:
     starts: bool  # a message rule starts executions (or only outside writers do)
     edges: dict[str, set[str | Status]] = field(default_factory=dict)
     named: set[str] = field(default_factory=set)  # every phase a condition or a rule names
+    # What the workflow's own handlers (limit, cancellation) make of any phase.
+    anywhere: list[Outcome] = field(default_factory=list)
 
     def successors(self, phase: str) -> set[str | Status]:
         return self.edges.get(phase, set())
@@ -359,20 +361,32 @@ def model_of(d: WorkflowDef) -> Model:
         results: list[Outcome] = []
         if r.action is ActionType.PUBLISH_ASYNC:
             paths = [Outcome(iterates=p.iterates) for p in paths]  # it parks; its result moves on
-            handler = getattr(d.cls, r.result_handler_name or "", None)
-            found = outcomes_of(handler) if handler is not None else [Outcome()]
-            known = known and found is not None
-            results = found or [Outcome()]
+            results = []
+            # Its result's handler, and its failure handlers: each moves it on from waiting.
+            for name in (r.result_handler_name, r.error_handler_name, r.timeout_handler_name):
+                handler = getattr(d.cls, name or "", None)
+                if handler is None and name is not r.result_handler_name:
+                    continue
+                found = outcomes_of(handler) if handler is not None else [Outcome()]
+                known = known and found is not None
+                results += found or [Outcome()]
         enters = r.phases
         if enters is None and r.mode is TriggerMode.MESSAGE_AND_STATE and r.max_firings == 1:
             enters = frozenset({initial})  # it takes an execution in once: when it starts it
         rules.append(RuleModel(r, enters, paths, results, known))
     starts = any(r.mode is TriggerMode.MESSAGE_AND_STATE for r in d.rules)
     model = Model(d, rules, initial, starts)
+    # The workflow's own handlers (the max-iterations limit, a cancellation) may move an
+    # execution on from any phase.
+    for name in (d.limit_handler_name, d.cancel_handler_name):
+        handler = getattr(d.cls, name or "", None)
+        if handler is not None:
+            model.anywhere += [o for o in outcomes_of(handler) or [] if o.phase]
     model.named = {initial}
     for m in rules:
         model.named |= set(m.enters or ())
         model.named |= {o.phase for o in m.outcomes + m.results if o.phase not in (None, DYNAMIC)}
+    model.named |= {o.phase for o in model.anywhere if o.phase not in (None, DYNAMIC)}
     every = sorted(model.named)
     for m in rules:
         if not m.writes:
@@ -386,4 +400,8 @@ def model_of(d: WorkflowDef) -> Model:
                     nexts.update(q for q in every if q != p)  # anywhere, as far as we know
                 elif o.phase is not None and o.phase != p:
                     nexts.add(o.phase)
+    for o in model.anywhere:
+        for p in every:
+            if o.phase not in (None, DYNAMIC, p):
+                model.edges.setdefault(p, set()).add(o.phase)
     return model

@@ -81,6 +81,7 @@ def _entered(model: Model) -> set[str]:
     entered = {model.initial}
     for m in model.rules:
         entered |= {o.phase for o in m.outcomes + m.results if o.phase not in (None, DYNAMIC)}
+    entered |= {o.phase for o in model.anywhere if o.phase not in (None, DYNAMIC)}
     return entered
 
 

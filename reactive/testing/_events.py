@@ -305,6 +305,10 @@ def _advances(d: WorkflowDef, max_advance: float | None) -> SearchStrategy[Advan
     for r in d.rules:
         if r.cooldown:
             marks |= {r.cooldown / 2, r.cooldown, r.cooldown + 0.5}
+        # (A rule's own task timeout, a retry's backoff, a timer rule's period.)
+        for period in (r.task_timeout, r.retry.backoff if r.retry else None, r.after or r.every):
+            if period:
+                marks |= {period, period + 0.5}
     top = max_advance if max_advance is not None else max(marks) * 1.1
     marks = {m for m in marks if m <= top}
     amounts = st.one_of(

@@ -505,6 +505,48 @@ async def test_saga_declined_payment_releases_the_reservation_and_fails() -> Non
         te.assert_not_published(saga.SHIPPING)
 
 
+async def test_saga_payment_that_fails_or_never_answers_releases_the_reservation() -> None:
+    async with TestEngine(saga.OrderSaga) as te:
+        te.respond(
+            saga.INVENTORY_RESERVE,
+            lambda r: saga.reserve_stock(msgspec.convert(r, saga.ReserveStock), {"mug": 5}),
+        )
+        await te.trigger_message(saga.PLACED, order("o1"))
+        await te.callback(saga.OrderSaga, "o1", error="card processor down")  # the charge
+        st = te.state(saga.OrderSaga, "o1")
+        assert (st.status, st.phase) == (Status.FAILED, "released")
+        assert "the payment service failed: card processor down" in st.error
+        # No answer at all: reminders every 10 minutes while it waits, then the release.
+        await te.trigger_message(saga.PLACED, order("o2"))
+        await te.advance(45 * 60)
+        st = te.state(saga.OrderSaga, "o2")
+        assert (st.status, st.phase) == (Status.FAILED, "released")
+        assert "did not answer (no callback within 2700s)" in st.error
+        assert [r["order_id"] for r in te.published(saga.REMINDER)] == ["o2"] * 4
+        assert len(te.published(saga.INVENTORY_RELEASE)) == 2
+
+
+async def test_saga_cancelled_releases_what_it_holds_and_ends_cancelled() -> None:
+    async with TestEngine(saga.OrderSaga) as te:
+        te.respond(
+            saga.INVENTORY_RESERVE,
+            lambda r: saga.reserve_stock(msgspec.convert(r, saga.ReserveStock), {"mug": 5}),
+        )
+        await te.trigger_message(saga.PLACED, order("o1"))
+        assert te.state(saga.OrderSaga, "o1").phase == "charging"  # (the charge pending)
+        await te.cancel(saga.OrderSaga, "o1", "the customer withdrew")
+        st = te.state(saga.OrderSaga, "o1")
+        assert (st.status, st.phase, st.error) == (
+            Status.CANCELLED,
+            "released",
+            "the customer withdrew",
+        )
+        [released] = te.published(saga.INVENTORY_RELEASE)
+        assert released["reservation_id"] == "res-o1"
+        [event] = te.published(saga.CANCELLED)
+        assert event["reason"] == "the customer withdrew"
+
+
 async def test_saga_order_placed_twice_is_taken_once() -> None:
     async with TestEngine(saga.OrderSaga) as te:
         await te.trigger_message(saga.PLACED, order("o1"))

@@ -143,6 +143,6 @@ def test_validate_lint_of_a_clean_workflow_exits_0(capsys: pytest.CaptureFixture
     target = f"{REPO / 'examples' / 'order_saga.py'}:OrderSaga"
     assert main(["validate", "--lint", "--explore", "0", target]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "ok: order-saga (6 rules)",
+        "ok: order-saga (7 rules)",
         "lint: order-saga: clean (static analysis only)",
     ]

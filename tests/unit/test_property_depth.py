@@ -138,7 +138,7 @@ def test_a_restart_after_an_outage_times_out_what_passed_its_deadline() -> None:
             )
         )
         assert machine.te.state(saga.OrderSaga, "o1").status is Status.WAITING
-        machine.apply(Restart(down_for=3601))  # past the 1 h timeout while no engine ran
+        machine.apply(Restart(down_for=7201))  # past the 2 h timeout while no engine ran
         assert machine.te.state(saga.OrderSaga, "o1").status is Status.TIMED_OUT
         machine.engine_invariants()
     finally:
