@@ -7,6 +7,8 @@ Commands (each has its own ``--help``):
   ``/healthz``; a clean stop on SIGINT / SIGTERM.
 * ``start WORKFLOW --input JSON [--id ID] [--wait]``: start an execution, the input
   checked first (exit 2 for a usage error, 1 for a failed execution: see its --help).
+* ``cancel WORKFLOW.ID [--reason R] [--wait]``: cancel an execution (its compensation
+  runs, where the workflow has one).
 * ``list [--workflow W] [--status S]``: executions as a table.
 * ``show ID``: one execution's state and timeline.
 * ``watch [--workflow W]``: a live tail of transitions.
