@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -186,9 +187,16 @@ def _value_lines(name: str, value: Any, width: int) -> list[str]:
 
 
 def format_state(
-    key: str, wf_id: str, state: dict[str, Any], now: float | None = None
+    key: str,
+    wf_id: str,
+    state: dict[str, Any],
+    now: float | None = None,
+    timers: Sequence[tuple[str, datetime]] = (),
 ) -> list[str]:
-    """One execution, readable: a header, the workflow's own fields, the timeline as a table."""
+    """One execution, readable: a header, the workflow's own fields, the timeline as a table.
+
+    ``timers``: its schedules pending in NATS (kind, when), as ``show`` found them.
+    """
     now = time.time() if now is None else now
     created = parse_time(state.get("created_at"))
     updated = parse_time(state.get("updated_at"))
@@ -240,6 +248,10 @@ def format_state(
     if completed is not None:
         header.append(("completed", ago(completed)))
     header += [("deadline", deadline_text), ("age", age_of(created, now))]
+    if timers:
+        header.append(
+            ("timers due", ", ".join(f"{kind} {format_time(at)}" for kind, at in sorted(timers)))
+        )
     width = max(len(k) for k, _ in header)
     lines = [f"{k.ljust(width)}  {v}" for k, v in header]
 
@@ -324,9 +336,36 @@ async def _show(args: argparse.Namespace, out: Out) -> int:
     state = decode_state(value)
     if state is None:
         raise CLIError(f"{key}: the stored value is not a JSON object (see --json)")
-    for line in format_state(key, info.id, state):
+    async with connect(args, url) as backend:
+        timers = await _timers_due(backend, args.timer_stream, info, key)
+    for line in format_state(key, info.id, state, timers=timers):
         out(line)
     return 0
+
+
+async def _timers_due(
+    backend: NatsBackend, stream: str, info: WorkflowInfo, key: str
+) -> list[tuple[str, datetime]]:
+    """The execution's timers pending in NATS: the schedules its engines left on the timer
+    stream (one per kind; a fired one is gone), each with its time."""
+    import nats.js.errors
+
+    from reactive.backends.base import SCHEDULE_HEADER
+
+    kinds = ["deadline", "task", "tick", "grace"] + [f"cool-{r.id}" for r in info.rules]
+    js = backend.nc.jetstream()
+    found: list[tuple[str, datetime]] = []
+    for kind in kinds:
+        subject = f"reactive.timer.at.{info.id}.{kind}.{info.bucket}.{key}"
+        try:
+            msg = await js.get_last_msg(stream, subject)
+        except (nats.js.errors.NotFoundError, nats.js.errors.APIError):
+            continue  # none pending (or no timer stream at all)
+        spec = (msg.headers or {}).get(SCHEDULE_HEADER, "")
+        at = parse_time(spec.removeprefix("@at ")) if spec.startswith("@at ") else None
+        if at is not None:
+            found.append((kind, at))
+    return found
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -364,5 +403,11 @@ def add_parsers(commands: Subcommands) -> None:
         help="workflow-id.execution-id, or an execution id that is unique across workflows",
     )
     show.add_argument("--json", action="store_true", help="print the stored state as JSON")
+    show.add_argument(
+        "--timer-stream",
+        default="REACTIVE_TIMERS",
+        metavar="STREAM",
+        help="where the engines keep the timers (Engine(timer_stream=...); default: %(default)s)",
+    )
     add_connection_args(show)
     show.set_defaults(handler=cmd_show)

@@ -265,3 +265,40 @@ async def test_timer_rules_fire_from_schedules_on_nats(nats_url: str, nc: Client
     # the rule that gives up writes, in the same evaluation); none after it ended.
     await nc.flush()
     assert 1 <= len(reminders) <= 3
+
+
+async def test_show_lists_the_timers_due_of_an_execution(nats_url: str, nc: Client) -> None:
+    wid = uid("shown")
+
+    class Shown(Workflow, id=wid, state=Order, timeout="2h"):
+        @rule(watch_kv=True, when=phase_is("charging"), publish_async=f"{wid}.charge")
+        def charge(self, ctx: RuleContext[Order, None]) -> dict[str, str]:
+            return {"order": ctx.execution_id}
+
+        @charge.on_result
+        def charged(self, ctx: RuleContext[Order, None], result: Charged) -> None:
+            ctx.state.phase = "charged"
+
+    async with engine_on(nats_url, [Shown]) as engine:
+        await engine.start_execution(Shown, "s1", Order(phase="charging"))
+        st = await engine.wait_for(Shown, "s1", lambda s: s.status is Status.WAITING)
+        assert st.deadline is not None and st.task_deadline is not None
+
+        async def shown() -> str:
+            done = await anyio.run_process(
+                [sys.executable, "-m", "reactive", "show", f"{wid}.s1", "--nats-url", nats_url],
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr.decode()
+            return done.stdout.decode()
+
+        # (Its timers are published after its write: the listing has both once they are.)
+        text = await eventually(lambda: _both(shown()), what="both timers listed")
+    line = next(x for x in text.splitlines() if x.startswith("timers due"))
+    assert "deadline " in line and "task " in line
+
+
+async def _both(text: Any) -> str:
+    found = await text
+    line = next((x for x in found.splitlines() if x.startswith("timers due")), "")
+    return found if "deadline " in line and "task " in line else ""

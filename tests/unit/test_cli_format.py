@@ -56,3 +56,18 @@ def test_show_prints_the_attempt_of_a_task_and_the_wait_before_the_next() -> Non
     assert pending.split(None, 2)[2] == (
         "none: attempt 1 of rule charge failed, the next goes 2026-01-01 12:00:30.000Z"
     )
+
+
+def test_show_prints_the_timers_due() -> None:
+    timers = [
+        ("task", datetime(2026, 1, 1, 12, 5, tzinfo=UTC)),
+        ("deadline", datetime(2026, 1, 1, 13, 0, tzinfo=UTC)),
+    ]
+    lines = format_state("wf.e1", "wf", _state("running"), now=NOW, timers=timers)
+    assert _line(lines, "timers due").split(None, 2)[2] == (
+        "deadline 2026-01-01 13:00:00.000Z, task 2026-01-01 12:05:00.000Z"
+    )
+    assert not any(
+        line.startswith("timers due")
+        for line in format_state("wf.e1", "wf", _state("running"), now=NOW)
+    )
