@@ -320,6 +320,13 @@ async def _show(args: argparse.Namespace, out: Out) -> int:
                 continue
             if entry is not None:
                 hits.append((info, entry.value))
+        timers = (
+            await _timers_due(
+                backend, args.timer_stream, hits[0][0], f"{hits[0][0].key_prefix}{exec_id}"
+            )
+            if len(hits) == 1 and not args.json
+            else []
+        )
     if not hits:
         where = ", ".join(i.id for i in candidates)
         raise CLIError(f"no execution {wanted!r} (looked in: {where})")
@@ -336,8 +343,6 @@ async def _show(args: argparse.Namespace, out: Out) -> int:
     state = decode_state(value)
     if state is None:
         raise CLIError(f"{key}: the stored value is not a JSON object (see --json)")
-    async with connect(args, url) as backend:
-        timers = await _timers_due(backend, args.timer_stream, info, key)
     for line in format_state(key, info.id, state, timers=timers):
         out(line)
     return 0

@@ -19,12 +19,12 @@ from reactive.runtime.schedules import TASK
 from reactive.runtime.transition import (
     TERMINAL,
     Ended,
-    _add_timers,
-    _finish,
-    _request,
-    _timer,
+    add_timers,
     end,
+    finish,
     retry_later,
+    task_request,
+    timer_for,
     utc,
 )
 
@@ -98,7 +98,7 @@ def cancelled(
         )
     )
     why = "rule_error" if action == "error" else "cancelled"
-    ended = _finish(d, st, [], False, now, stamp, owner, why, ctx.revision, ctx.execution_id)
+    ended = finish(d, st, [], False, now, stamp, owner, why, ctx.revision, ctx.execution_id)
     return st, ended
 
 
@@ -126,11 +126,11 @@ def timeout_retried(
         )
     )
     outbox: list[OutboxMessage] = []
-    _add_timers(
+    add_timers(
         d, None, st, outbox, ctx.bucket, ctx.key, ctx.revision, ctx.execution_id, now,
         False, st.deadline, None,
     )  # fmt: skip
-    return _finish(d, st, outbox, False, now, stamp, owner, "rule", ctx.revision, ctx.execution_id)
+    return finish(d, st, outbox, False, now, stamp, owner, "rule", ctx.revision, ctx.execution_id)
 
 
 def timeout_handled(
@@ -178,12 +178,12 @@ def timeout_handled(
     )
     outbox: list[OutboxMessage] = []
     if st.deadline is not deadline_before and st.status not in TERMINAL:
-        _add_timers(
+        add_timers(
             d, None, st, outbox, ctx.bucket, ctx.key, ctx.revision, ctx.execution_id, now,
             False, deadline_before, None,
         )  # fmt: skip
     reason = "rule_error" if action == "error" else "task_timeout"
-    ended = _finish(d, st, outbox, False, now, stamp, owner, reason, ctx.revision, ctx.execution_id)
+    ended = finish(d, st, outbox, False, now, stamp, owner, reason, ctx.revision, ctx.execution_id)
     return st, ended
 
 
@@ -210,12 +210,12 @@ def retry_now(
         action = "error"
     else:
         outbox.append(
-            _request(
+            task_request(
                 d, r, work, payload, ctx.execution_id, ctx.revision, now, callback_prefix, attempt
             )
         )
         outbox.append(
-            _timer(d, ctx.execution_id, TASK, ctx.bucket, ctx.key, ctx.revision,
+            timer_for(d, ctx.execution_id, TASK, ctx.bucket, ctx.key, ctx.revision,
                    work.task_deadline.timestamp() if work.task_deadline else now)
         )  # fmt: skip
     stamp = utc(now)
@@ -232,6 +232,4 @@ def retry_now(
         )
     )
     reason = "rule_error" if action == "error" else "rule"
-    return _finish(
-        d, work, outbox, False, now, stamp, owner, reason, ctx.revision, ctx.execution_id
-    )
+    return finish(d, work, outbox, False, now, stamp, owner, reason, ctx.revision, ctx.execution_id)

@@ -42,13 +42,17 @@ __all__ = [
     "TERMINAL",
     "Applied",
     "Ended",
+    "add_timers",
     "apply_result",
     "apply_rule",
     "completion_event",
     "end",
+    "finish",
     "outbox_message",
     "retry_later",
     "start_timers",
+    "task_request",
+    "timer_for",
     "utc",
 ]
 
@@ -187,7 +191,7 @@ def end(
     return Ended(d.id, st.id, status, reason, duration, st.error or reason)
 
 
-def _timer(
+def timer_for(
     d: WorkflowDef,
     exec_id: str,
     kind: str,
@@ -206,13 +210,13 @@ def start_timers(
     or one started by someone else): its deadline, and its pending task's timeout."""
     out = []
     if st.deadline is not None:
-        out.append(_timer(d, st.id, DEADLINE, bucket, key, revision, st.deadline.timestamp()))
+        out.append(timer_for(d, st.id, DEADLINE, bucket, key, revision, st.deadline.timestamp()))
     if st.status is _WAITING and st.task_deadline is not None:
-        out.append(_timer(d, st.id, TASK, bucket, key, revision, st.task_deadline.timestamp()))
+        out.append(timer_for(d, st.id, TASK, bucket, key, revision, st.task_deadline.timestamp()))
     return out
 
 
-def _add_timers(
+def add_timers(
     d: WorkflowDef,
     r: RuleDef | None,
     work: ExecutionState,
@@ -231,14 +235,14 @@ def _add_timers(
     fired (a rule evaluated on revisions, held until then)."""
     if work.deadline is not None and (started or work.deadline is not deadline_before):
         at = work.deadline.timestamp()
-        outbox.append(_timer(d, exec_id, DEADLINE, bucket, key, revision, at))
+        outbox.append(timer_for(d, exec_id, DEADLINE, bucket, key, revision, at))
     if work.task_deadline is not None and work.task_deadline is not task_before:
         at = work.task_deadline.timestamp()
-        outbox.append(_timer(d, exec_id, TASK, bucket, key, revision, at))
+        outbox.append(timer_for(d, exec_id, TASK, bucket, key, revision, at))
     if r is not None and r.cooldown and not r.shared_cooldown and r.mode is _STATE:
         # (The very sum decide.hold_until compares with: not held at this instant.)
         at = work.firings[r.id].last_at + r.cooldown
-        outbox.append(_timer(d, exec_id, cooldown_kind(r.id), bucket, key, revision, at))
+        outbox.append(timer_for(d, exec_id, cooldown_kind(r.id), bucket, key, revision, at))
 
 
 class Applied(msgspec.Struct, gc=False):
@@ -251,7 +255,7 @@ class Applied(msgspec.Struct, gc=False):
     error: Exception | None = None
 
 
-def _finish(
+def finish(
     d: WorkflowDef,
     work: ExecutionState,
     outbox: list[OutboxMessage],
@@ -313,7 +317,7 @@ def _limit_reached(
     return work, "escalate"
 
 
-def _request(
+def task_request(
     d: WorkflowDef,
     r: RuleDef,
     work: ExecutionState,
@@ -401,7 +405,9 @@ def apply_rule(
         if r.action is _PUBLISH:
             outbox.append(outbox_message(r.publish_subject, payload, msg_id))
         elif r.action is _PUBLISH_ASYNC and work.status not in TERMINAL:
-            outbox.append(_request(d, r, work, payload, exec_id, revision, now, callback_prefix, 1))
+            outbox.append(
+                task_request(d, r, work, payload, exec_id, revision, now, callback_prefix, 1)
+            )
         elif r.action is _COMPLETE:
             if work.status not in TERMINAL:
                 work.complete()
@@ -445,11 +451,11 @@ def apply_rule(
         or work.deadline is not deadline_before
         or work.task_deadline is not task_before
     ) and work.status not in TERMINAL:
-        _add_timers(
+        add_timers(
             d, r, work, outbox, ctx.bucket, ctx.key, revision, exec_id, now, started,
             deadline_before, task_before,
         )  # fmt: skip
-    ended = _finish(d, work, outbox, was_terminal, now, stamp, owner, reason, revision, exec_id)
+    ended = finish(d, work, outbox, was_terminal, now, stamp, owner, reason, revision, exec_id)
     return Applied(work, action, ended, error)
 
 
@@ -533,11 +539,11 @@ def apply_result(
     reason = _CALLBACK_REASONS.get(action, "rule")
     outbox: list[OutboxMessage] = []
     if (work.deadline is not deadline_before or retrying) and work.status not in TERMINAL:
-        _add_timers(
+        add_timers(
             d, None, work, outbox, ctx.bucket, ctx.key, ctx.revision, ctx.execution_id, now,
             False, deadline_before, None if retrying else work.task_deadline,
         )  # fmt: skip
-    ended = _finish(
+    ended = finish(
         d, work, outbox, False, now, stamp, owner, reason, ctx.revision, ctx.execution_id
     )
     return Applied(work, action, ended, error)
