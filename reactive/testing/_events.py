@@ -27,6 +27,7 @@ __all__ = [
     "Advance",
     "BadMessage",
     "Callback",
+    "Cancel",
     "Event",
     "Message",
     "Restart",
@@ -114,6 +115,18 @@ class Callback(Event):
         await te.callback(
             self.workflow_id, self.execution_id, body, task_id=task_id, error=self.error
         )
+
+
+@dataclass(frozen=True, repr=False)
+class Cancel(Event):
+    """An execution is cancelled (``Engine.cancel``); one that has ended or does not exist
+    is left as it is."""
+
+    workflow_id: str
+    execution_id: str
+
+    async def apply(self, te: TestEngine) -> None:
+        await te.cancel(self.workflow_id, self.execution_id, "cancelled by the test")
 
 
 @dataclass(frozen=True, repr=False)
@@ -329,6 +342,7 @@ def events(
     include_advances: bool = True,
     include_writes: bool = True,
     include_restarts: bool = False,
+    include_cancels: bool | None = None,
     bad_input: bool = False,
     message_strategies: Mapping[str, SearchStrategy[Any]] | None = None,
     result_strategies: Mapping[str, SearchStrategy[Any]] | None = None,
@@ -352,6 +366,8 @@ def events(
       ``iteration`` within ``max_iterations``).
     * ``Restart`` (only with ``include_restarts=True``; ``WorkflowMachine`` turns
       it on): the engine process is replaced by a new one.
+    * ``Cancel``: an execution from ``execution_ids`` is cancelled (by default only
+      for a workflow with a ``@when_cancelled`` handler: ``include_cancels``).
     * ``BadMessage`` (only with ``bad_input=True``): bytes that do not decode, or
       a message whose state key is not a valid execution id.
     """
@@ -416,6 +432,8 @@ def events(
         parts.append(written.map(lambda state: WriteState(d.id, state.id, state)))
     if include_restarts:
         parts.append(st.just(Restart()))
+    if include_cancels if include_cancels is not None else bool(d.cancel_handler_name):
+        parts.append(st.builds(Cancel, workflow_id=st.just(d.id), execution_id=ids))
     if not parts:
         raise ValueError(f"no events for workflow {d.id!r}: everything is excluded")
     return st.one_of(*parts)

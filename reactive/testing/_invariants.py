@@ -158,8 +158,10 @@ def event_subject(d: WorkflowDef, status: Status) -> str:
         return d.on_escalate
     if status in (Status.FAILED, Status.TIMED_OUT):
         return d.on_fail
+    if status is Status.CANCELLED:
+        return d.on_cancel
     return ""
 
 
 def lifecycle_subjects(d: WorkflowDef) -> set[str]:
-    return {s for s in (d.on_complete, d.on_fail, d.on_escalate) if s}
+    return {s for s in (d.on_complete, d.on_fail, d.on_escalate, d.on_cancel) if s}
