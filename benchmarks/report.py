@@ -503,11 +503,11 @@ def _observations(results: dict[str, Any]) -> list[str]:
             f"pymalloc arenas ({_f(hi.get('pymalloc_arenas'))} of 1 MiB) kept by the few live "
             "blocks scattered over the heap the replay used. "
             + (
-                f"During the replay up to {_f(pk.get('pending_msgs'))} entries "
-                f"({_f(pk.get('pending_bytes', 0) / 1e6)} MB) waited in nats-py's subscription queue "
-                f"while at most {_f(pk.get('worker_queued'))} items were queued for the workers "
-                "(`queue_limit`): the server pushes the bucket faster than the engine processes it, "
-                "and nats-py does not bound that queue; the peak RSS column shows it."
+                f"While it took the bucket in, up to {_f(pk.get('pending_msgs'))} messages "
+                f"({_f(pk.get('pending_bytes', 0) / 1e6)} MB) waited in nats-py's subscription "
+                f"queues while at most {_f(pk.get('worker_queued'))} items were queued for the "
+                "workers (`queue_limit`); the partitions' pulls ask for at most a batch per "
+                "partition at a time."
                 if (pk := hi.get("replay_peaks"))
                 else ""
             )
@@ -614,8 +614,10 @@ def render(results: dict[str, Any], *, command: str, env: dict[str, Any]) -> str
         "### Executions at rest (engine memory)",
         "",
         "Half completed (with their delivered outbox and its marker), half waiting on a task due "
-        "in an hour, as the engine leaves them; the engine starts, replays the bucket, and RSS "
-        "is read (after `gc.collect()`) once the replay has been processed.",
+        "in an hour, as the engine leaves them, written before any engine partitioned the "
+        "bucket; the engine starts, takes every key in through its partitions (as the first "
+        "engine on a bucket does), and RSS is read (after `gc.collect()`) once that has been "
+        "processed.",
         "",
         *_rest_table(results),
         "",

@@ -201,8 +201,9 @@ class Shards:
 
         The key's partition brings every committed revision back; evaluating it here instead
         saves the round trip (each transition of a chain starts as soon as the one
-        before has committed) and the echo's decoding and queueing: the echo is
-        recognized and skipped (KeyOrder.seen). A chain stops after CHAIN_LIMIT
+        before has committed) and the echo's evaluation: the echo still comes to the
+        worker, behind this evaluation, and is recognized (KeyOrder.seen) and only
+        acknowledged. A chain stops after CHAIN_LIMIT
         transitions; the partition takes it from there. A key whose partition another
         engine holds is left to it.
         """

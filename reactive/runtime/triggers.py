@@ -233,10 +233,11 @@ class Triggers:
 
         Every workflow that watches a bucket has its own set of partitions (each gets
         every change); the engines that run the workflow share them. A change is
-        acknowledged once it has been evaluated and what that decided is committed (an
-        echo of this engine's own commit, evaluated already, at once): an engine that
-        dies leaves the changes it had not finished to the engine that takes its
-        partitions, and one that starts resumes from them, not from every key.
+        acknowledged by the key's worker once it has been evaluated and what that decided
+        is committed (an echo of this engine's own commit once its evaluation right after
+        the commit has completed): an engine that dies leaves the changes it had not
+        finished to the engine that takes its partitions, and one that starts resumes
+        from them, not from every key.
         """
         wf = bound.definition.id
         n = await self._partitioned(bound, bucket)
@@ -278,11 +279,12 @@ class Triggers:
             )
             await self.rt.settle(msg, "ack")
             return
-        # (Other workflows' rules on this bucket: their own partitions bring it to them.)
-        rules = next(
-            (rs for b, rs in self.rt.registry.match_kv(entry.bucket, entry.key) if b is bound),
-            None,
-        )
+        matches = self.rt.registry.match_kv(entry.bucket, entry.key)
+        if len(matches) == 1 and matches[0][0] is bound:
+            rules: list[Any] | None = matches[0][1]  # (the common case: no search)
+        else:
+            # (Other workflows' rules on this bucket: their own partitions bring it to them.)
+            rules = next((rs for b, rs in matches if b is bound), None)
         if rules is None:
             await self.rt.settle(msg, "ack")  # a key none of its rules watch
             return
