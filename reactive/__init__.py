@@ -21,6 +21,7 @@ import msgspec as _msgspec
 from reactive.dsl.context import RuleContext
 from reactive.dsl.mutators import chain, increment_iteration, set_error, transition
 from reactive.dsl.rules import on_max_iterations, rule, when_cancelled
+from reactive.dsl.schedule import Schedule, ScheduledRun
 from reactive.dsl.state import (
     CallbackFields,
     ExecutionState,
@@ -68,6 +69,8 @@ __all__ = [  # writing a workflow
     "LimitReached",
     "Retry",
     "RuleContext",
+    "Schedule",
+    "ScheduledRun",
     "Status",
     "TaskFailure",
     "TimelineEntry",

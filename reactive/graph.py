@@ -133,6 +133,8 @@ def mermaid(workflow: type[Workflow] | Workflow | WorkflowDef, direction: str = 
                 if any_phase is None:
                     any_phase = node("any_phase", '{id}(["any phase"])')
                 sources = [any_phase]
+        elif r.schedule:
+            sources = [node(f"sched_{r.id}", f'{{id}}>"schedule {_label(r.schedule)}"]')]
         else:
             sources = [node(f"msg_{r.subject}", f'{{id}}>"{_label(r.subject)}"]')]
         action = r.action.value

@@ -21,7 +21,9 @@ from reactive.backends.partitions import ALL_DEPTHS
 __all__ = [
     "SCHEDULER_HEADER",
     "SCHEDULE_HEADER",
+    "SCHEDULE_NEXT_HEADER",
     "SCHEDULE_TARGET_HEADER",
+    "SCHEDULE_TIME_ZONE_HEADER",
     "Backend",
     "InboundMessage",
     "KVEntry",
@@ -41,6 +43,10 @@ Operation = Literal["PUT", "DEL", "PURGE"]
 SCHEDULE_HEADER: Final = "Nats-Schedule"
 SCHEDULE_TARGET_HEADER: Final = "Nats-Schedule-Target"
 SCHEDULER_HEADER: Final = "Nats-Scheduler"
+# A repeating schedule (``@every``, cron; nats-server 2.14+): its time zone, and the next
+# time it fires, on each message it stores ("purge" for a one-shot schedule's).
+SCHEDULE_TIME_ZONE_HEADER: Final = "Nats-Schedule-Time-Zone"
+SCHEDULE_NEXT_HEADER: Final = "Nats-Schedule-Next"
 
 
 def schedule_headers(at: float, target: str) -> dict[str, str]:
@@ -94,6 +100,11 @@ class InboundMessage(Protocol):
     @property
     def sequence(self) -> int | None:
         """The stream sequence, for messages from a stream."""
+        ...
+
+    @property
+    def time(self) -> float | None:
+        """When the stream stored it (seconds since the epoch), for messages from a stream."""
         ...
 
     async def ack(self) -> None: ...
@@ -226,6 +237,17 @@ class Backend(Protocol):
         may have overlapping filters (an existing stream with another retention is
         refused). ``schedules``: the stream takes message schedules
         (``schedule_headers``; nats-server 2.12+); an existing stream is changed to.
+        """
+        ...
+
+    async def sync_schedules(
+        self, stream: str, prefix: str, wanted: Mapping[str, Mapping[str, str]]
+    ) -> None:
+        """Make the repeating schedules on the subjects that start with ``prefix`` (on
+        ``stream``, which takes schedules) be those ``wanted``: schedule subject -> its
+        headers (``Nats-Schedule``, ``Nats-Schedule-Target``, and maybe
+        ``Nats-Schedule-Time-Zone``), with no data. One there with the same headers is
+        left as it is (its next time stands); others are set; those not wanted are removed.
         """
         ...
 

@@ -71,7 +71,10 @@ def compile_timing(
         if given is None:
             continue
         if mode is not TriggerMode.STATE:
-            bad(f"{what}= is only for watch_kv rules (a time since the state last changed)")
+            bad(
+                f"{what}= is only for watch_kv rules (a time since the state last changed; "
+                "to start executions on a clock, use schedule=)"
+            )
             continue
         try:
             seconds = parse_duration(given)

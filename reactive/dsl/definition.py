@@ -92,6 +92,9 @@ class RuleDef:
     # ``every`` seconds while it stays so (0: not a timer rule).
     after: float = 0.0
     every: float = 0.0
+    # A scheduled rule: its pattern as the server takes it, and its time zone ("": not one).
+    schedule: str = ""
+    schedule_tz: str | None = None
     cooldown: float = 0.0
     # The cooldown is one for all the workflow's executions (cooldown_scope="workflow"),
     # not one per execution.

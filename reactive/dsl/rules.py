@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any, Generic, Literal, TypeVar, overload
 
 from reactive.dsl.context import RuleContext
+from reactive.dsl.schedule import Schedule
 from reactive.dsl.state import Retry
 
 __all__ = [
@@ -63,6 +64,7 @@ class RuleOptions:
     retry: Any = None
     after: float | str | timedelta | None = None
     every: float | str | timedelta | None = None
+    schedule: Any = None
 
 
 class RuleMethod(Generic[F]):
@@ -158,6 +160,7 @@ def rule(
     retry: Retry | None = None,
     after: float | str | timedelta | None = None,
     every: float | str | timedelta | None = None,
+    schedule: str | timedelta | Schedule | None = None,
 ) -> Callable[[F], RuleMethod[F]]:
     """Declare a rule on a workflow method.
 
@@ -169,6 +172,10 @@ def rule(
       * ``on_subject`` with ``state_key=lambda msg: execution_id``: message + state; a
         missing execution is started (``create=False``: not; a message for an execution
         that does not exist is terminated and counted, a signal to no one).
+      * ``schedule="0 2 * * *"`` (a cron expression, ``@daily``, ``@every 1h``, a
+        ``timedelta``, or ``Schedule(pattern, tz=...)``): each run of the schedule
+        starts an execution; the message is a ``ScheduledRun``, the execution id
+        ``<rule>-<time of the run>`` (or ``state_key(run)``).
 
     Conditions: ``when=`` one condition or a list (all must pass); ``when_any=`` a
     list (one must pass).
@@ -220,6 +227,7 @@ def rule(
         retry=retry,
         after=after,
         every=every,
+        schedule=schedule,
     )
 
     def decorate(fn: F) -> RuleMethod[F]:

@@ -22,6 +22,7 @@ from reactive.dsl.definition import (
 )
 from reactive.dsl.durations import parse_duration
 from reactive.dsl.rules import _UNSET, CANCEL_HANDLER, LIMIT_HANDLER, RuleMethod
+from reactive.dsl.schedule import ScheduledRun, compile_schedule, run_id
 from reactive.dsl.state import ExecutionState
 from reactive.errors import DefinitionError
 from reactive.subjects import validate_key_pattern, validate_subject
@@ -370,23 +371,28 @@ def _compile_rule(
             bad(problem)
     elif watch not in (None, False):
         bad(f"watch_kv must be a key pattern or True, got {watch!r}")
-    subject = o.on_subject or ""
-    if o.on_subject is not None:
+    schedule = compile_schedule(o.schedule, wf_id, rule_id, bad)
+    subject = schedule.subject if schedule else (o.on_subject or "")
+    if schedule and (pattern or o.on_subject or o.stream):
+        bad("schedule= is a trigger of its own: drop watch_kv=, on_subject= and stream=")
+    elif o.on_subject is not None:
         problem = validate_subject(o.on_subject)
         if problem:
             bad(problem)
-    if pattern and subject:
+    if pattern and subject and not schedule:
         bad(
             "watch_kv and on_subject are two triggers; use on_subject with state_key for message + state"
         )
     if not pattern and not subject:
-        bad("no trigger: give watch_kv=... or on_subject=...")
+        bad("no trigger: give watch_kv=..., on_subject=... or schedule=...")
     if o.state_key is not None and not subject:
         bad("state_key needs on_subject")
     if o.state_key is not None and not callable(o.state_key):
         bad("state_key must be a callable msg -> execution id")
-    if o.stream is not None and (
-        not subject or not isinstance(o.stream, str) or not _BUCKET_RE.match(o.stream)
+    if (
+        o.stream is not None
+        and not schedule
+        and (not subject or not isinstance(o.stream, str) or not _BUCKET_RE.match(o.stream))
     ):
         bad("stream needs on_subject and a valid stream name (letters, digits, '-' and '_')")
     if o.bucket is not None and not pattern:
@@ -395,7 +401,7 @@ def _compile_rule(
         bad("on_deletes applies to watch_kv rules")
     if pattern:
         mode = TriggerMode.STATE
-    elif o.state_key is not None:
+    elif o.state_key is not None or schedule:
         mode = TriggerMode.MESSAGE_AND_STATE
     else:
         mode = TriggerMode.MESSAGE
@@ -452,6 +458,10 @@ def _compile_rule(
     hints = _resolve_hints(method.fn, localns)
     ctx_state, ctx_message = _context_args(_param_hint(method.fn, hints, 1))
     message_type = o.message if o.message is not None else ctx_message
+    if schedule and message_type not in (_UNSET, None, ScheduledRun):
+        bad(f"a scheduled rule's message is a ScheduledRun, not {message_type!r}")
+    elif schedule:
+        message_type = ScheduledRun
     if subject:
         if message_type is _UNSET or message_type is None:
             bad(
@@ -553,7 +563,7 @@ def _compile_rule(
         pattern=pattern,
         subject=subject,
         stream=o.stream,
-        state_key=o.state_key,
+        state_key=o.state_key or (run_id if schedule else None),
         message_type=message_type,
         publish_subject=o.publish_async or o.publish or "",
         mutator=mutator,
@@ -566,6 +576,8 @@ def _compile_rule(
         retry=timing.retry,
         after=timing.after,
         every=timing.every,
+        schedule=schedule.pattern if schedule else "",
+        schedule_tz=schedule.tz if schedule else None,
         cooldown=cooldown,
         shared_cooldown=cooldown_scope == "workflow",
         max_firings=max_firings,

@@ -141,6 +141,7 @@ class RuleInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     cooldown: float = 0.0
     cooldown_scope: str = "execution"
     max_firings: int = 0
+    schedule: str = ""  # a scheduled rule's pattern (and time zone, after a space)
 
 
 class WorkflowInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -170,7 +171,9 @@ class WorkflowInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 def describe_workflow(d: WorkflowDef, callback_prefix: str = "reactive.callback") -> WorkflowInfo:
     """A workflow definition as plain data (what ``wf.<id>`` in the meta bucket holds)."""
-    starter = next((r for r in d.rules if r.mode is TriggerMode.MESSAGE_AND_STATE), None)
+    starter = next(
+        (r for r in d.rules if r.mode is TriggerMode.MESSAGE_AND_STATE and not r.schedule), None
+    )
     return WorkflowInfo(
         id=d.id,
         bucket=d.bucket,
@@ -200,6 +203,7 @@ def describe_workflow(d: WorkflowDef, callback_prefix: str = "reactive.callback"
                 cooldown=r.cooldown,
                 cooldown_scope=r.cooldown_scope,
                 max_firings=r.max_firings,
+                schedule=" ".join(filter(None, (r.schedule, r.schedule_tz))),
             )
             for r in d.rules
         ],

@@ -45,6 +45,11 @@ class Subscription:
     rules: list[RuleDef]
 
     @property
+    def scheduled(self) -> bool:
+        """A scheduled rule's runs, stored on the engine's timer stream."""
+        return bool(self.rules[0].schedule)
+
+    @property
     def durable(self) -> str:
         return f"reactive_{self.bound.definition.id}_{self._digest}".replace("-", "_")
 

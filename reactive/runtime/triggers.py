@@ -30,6 +30,7 @@ from reactive.backends.base import (
 from reactive.backends.partitions import key_depths, partition_of
 from reactive.codecs import decode, encode_json
 from reactive.dsl.definition import TriggerMode
+from reactive.dsl.schedule import RUN_PREFIX, SCHEDULE_PREFIX, schedule_headers_of, scheduled_run
 from reactive.errors import (
     BackendError,
     ConnectionLostError,
@@ -90,7 +91,12 @@ class Triggers:
         if not self._timer_stream_ready:
             await self.backend.ensure_stream(
                 self.rt.options.timer_stream,
-                [f"{TIMER_PREFIX}.at.>", f"{TIMER_PREFIX}.due.>"],
+                [
+                    f"{TIMER_PREFIX}.at.>",
+                    f"{TIMER_PREFIX}.due.>",
+                    f"{SCHEDULE_PREFIX}.>",
+                    f"{RUN_PREFIX}.>",
+                ],
                 work_queue=True,
                 schedules=True,
             )
@@ -122,11 +128,15 @@ class Triggers:
         for key, sub in rt.registry.subscriptions.items():
             if sub.bound is bound and key not in self._sub_started:
                 self._sub_started.add(key)
-                if sub.stream:
-                    await self.backend.ensure_stream(sub.stream, [sub.subject])
+                stream = sub.stream
+                if sub.scheduled:
+                    await self.ensure_timer_stream()  # (its runs are stored there)
+                    stream = opts.timer_stream
+                elif stream:
+                    await self.backend.ensure_stream(stream, [sub.subject])
                 self._start(
                     f"subscription to {sub.subject}",
-                    functools.partial(self._run_subscription, sub),
+                    functools.partial(self._run_subscription, sub, stream),
                 )
         # (Every workflow's: its cancellations come there too, as any callback does.)
         if d.id not in self._callbacks_started:
@@ -138,6 +148,18 @@ class Triggers:
         if d.id not in self._timers_started:
             self._timers_started.add(d.id)
             await self.ensure_timer_stream()
+            # Its scheduled rules' schedules (those of rules it no longer has are removed).
+            await self.backend.sync_schedules(
+                opts.timer_stream,
+                f"{SCHEDULE_PREFIX}.{d.id}.",
+                {
+                    f"{SCHEDULE_PREFIX}.{d.id}.{r.id}": schedule_headers_of(
+                        d.id, r.id, r.schedule, r.schedule_tz
+                    )
+                    for r in d.rules
+                    if r.schedule
+                },
+            )
             self._start(f"timer consumer for {d.id}", functools.partial(self._run_timers, bound))
 
     # ------------------------------------------------------------------ supervision
@@ -343,10 +365,12 @@ class Triggers:
 
     # ------------------------------------------------------------------ messages
 
-    async def _run_subscription(self, sub: Subscription, opened: Callable[[], None]) -> None:
-        if sub.stream:
+    async def _run_subscription(
+        self, sub: Subscription, stream: str | None, opened: Callable[[], None]
+    ) -> None:
+        if stream:
             cm = self.backend.consume(
-                sub.stream, sub.durable, sub.subject, ack_wait=self.rt.options.ack_wait
+                stream, sub.durable, sub.subject, ack_wait=self.rt.options.ack_wait
             )
         else:
             cm = self.backend.subscribe(sub.subject, queue=sub.queue)
@@ -366,7 +390,11 @@ class Triggers:
         try:
             for r in sub.rules:
                 if r.message_type not in decoded:
-                    decoded[r.message_type] = decode(r.message_type, msg.data)
+                    decoded[r.message_type] = (
+                        scheduled_run(r.id, r.schedule, msg.time, msg.headers, rt.clock.now())
+                        if r.schedule
+                        else decode(r.message_type, msg.data)
+                    )
         except DecodeError as e:
             rt.metric(rt.metrics.poison_messages, d.id, "message").inc()
             log.warning("terminating undecodable message on %s for %s: %s", msg.subject, d.id, e)

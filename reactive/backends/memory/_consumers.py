@@ -185,6 +185,10 @@ class _ConsumerMessage:
     def sequence(self) -> int | None:
         return self._stored.sequence
 
+    @property
+    def time(self) -> float | None:
+        return self._stored.time
+
     def __repr__(self) -> str:
         return (
             f"<message {self._consumer.stream.name}#{self._stored.sequence} "

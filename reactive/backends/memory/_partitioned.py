@@ -66,7 +66,7 @@ class _SourcedMessage(_StoredMessage):
         entry: KVEntry,
         partition: int,
     ) -> None:
-        super().__init__(sequence, subject, entry.value, headers)
+        super().__init__(sequence, subject, entry.value, headers, 0.0)  # (no one reads its time)
         self.entry = entry
         self.partition = partition
 
@@ -239,6 +239,10 @@ class _PartitionedMessage:
     @property
     def sequence(self) -> int | None:
         return self._msg.sequence
+
+    @property
+    def time(self) -> float | None:
+        return self._msg.time
 
     async def ack(self) -> None:
         await self._msg.ack()

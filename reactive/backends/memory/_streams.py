@@ -5,7 +5,8 @@ window of clock time. A work-queue stream removes a message once it is
 acknowledged. A stream that allows message schedules holds a message published
 with ``Nats-Schedule: @at <time>`` until the clock reaches that time, then stores
 its target message (one pending schedule per subject: a later one replaces it; a
-time that has passed fires at once). Core subscriptions are at-most-once: a
+time that has passed fires at once); one with ``@every <duration>`` or a cron
+expression (``reactive.cron``) stores it at each of its times, for good. Core subscriptions are at-most-once: a
 message reaches the subscribers there are when it is published, and one member
 of each queue group.
 """
@@ -18,12 +19,16 @@ import heapq
 import re
 from collections import deque
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from reactive import cron
 from reactive.backends.base import (
     SCHEDULE_HEADER,
+    SCHEDULE_NEXT_HEADER,
     SCHEDULE_TARGET_HEADER,
+    SCHEDULE_TIME_ZONE_HEADER,
     SCHEDULER_HEADER,
     InboundMessage,
 )
@@ -45,15 +50,16 @@ __all__ = [
 
 
 class _StoredMessage:
-    __slots__ = ("data", "headers", "removed", "sequence", "subject")
+    __slots__ = ("data", "headers", "removed", "sequence", "subject", "time")
 
     def __init__(
-        self, sequence: int, subject: str, data: bytes, headers: Mapping[str, str]
+        self, sequence: int, subject: str, data: bytes, headers: Mapping[str, str], time: float
     ) -> None:
         self.sequence = sequence
         self.subject = subject
         self.data = data
         self.headers = headers
+        self.time = time  # when it was stored, on the clock
         self.removed = False  # acknowledged from a work queue, or a schedule fired or replaced
 
 
@@ -64,7 +70,9 @@ _SCHEDULES_DISABLED = "message schedules is disabled (10188)"
 _SCHEDULE_PATTERN_INVALID = "message schedules pattern is invalid (10189)"
 _SCHEDULE_TARGET_INVALID = "message schedules target is invalid (10190)"
 # Not copied from a schedule to the message it stores.
-_SCHEDULE_ONLY = frozenset({SCHEDULE_HEADER, SCHEDULE_TARGET_HEADER, "Nats-Msg-Id"})
+_SCHEDULE_ONLY = frozenset(
+    {SCHEDULE_HEADER, SCHEDULE_TARGET_HEADER, SCHEDULE_TIME_ZONE_HEADER, "Nats-Msg-Id"}
+)
 _AT_RE = re.compile(
     r"@at (\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
     r"(Z|[+-]\d{2}:\d{2})"
@@ -90,6 +98,22 @@ def schedule_time(pattern: str) -> float | None:
         seconds -= offset if zone[0] == "+" else -offset
     micros = int((fraction or "").ljust(6, "0")[:6])
     return (seconds * 1_000_000 + micros) / 1_000_000
+
+
+def _first_time(headers: Mapping[str, str], now: float) -> float | None:
+    """When a schedule published at ``now`` first fires (None: the server refuses it)."""
+    pattern = headers[SCHEDULE_HEADER]
+    zone = headers.get(SCHEDULE_TIME_ZONE_HEADER)
+    if pattern.startswith("@at "):
+        return schedule_time(pattern) if zone is None else None
+    try:
+        return cron.next_time(cron.normalize(pattern, zone), now, zone)
+    except cron.CronError:
+        return None
+
+
+def _rfc3339(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class _Schedule:
@@ -154,8 +178,10 @@ class _Stream:
             self.subjects.append(subject)
             self._captured.clear()
 
-    def store(self, subject: str, data: bytes, headers: Mapping[str, str]) -> _StoredMessage:
-        stored = _StoredMessage(len(self.messages) + 1, subject, data, headers)
+    def store(
+        self, subject: str, data: bytes, headers: Mapping[str, str], now: float
+    ) -> _StoredMessage:
+        stored = _StoredMessage(len(self.messages) + 1, subject, data, headers, now)
         self.messages.append(stored)
         for consumer in self.consumers:
             consumer.signal.fire()
@@ -166,16 +192,15 @@ class _Stream:
 
     # -- message schedules ----------------------------------------------------
 
-    def check_schedule(self, headers: Mapping[str, str]) -> tuple[float, str]:
-        """When a schedule published with ``headers`` fires, and its target; or the
-        BackendError the server answers with."""
+    def check_schedule(self, headers: Mapping[str, str], now: float) -> tuple[float, str]:
+        """When a schedule published with ``headers`` at ``now`` first fires, and its
+        target; or the BackendError the server answers with."""
         if not self.schedules:
             raise BackendError(f"stream {self.name}: {_SCHEDULES_DISABLED}")
-        at = schedule_time(headers[SCHEDULE_HEADER])
+        at = _first_time(headers, now)
         if at is None:
             raise BackendError(
-                f"stream {self.name}: {_SCHEDULE_PATTERN_INVALID}: "
-                f"{headers[SCHEDULE_HEADER]!r} (the in-memory backend knows '@at <RFC 3339>')"
+                f"stream {self.name}: {_SCHEDULE_PATTERN_INVALID}: {headers[SCHEDULE_HEADER]!r}"
             )
         target = headers.get(SCHEDULE_TARGET_HEADER, "")
         if (
@@ -194,6 +219,19 @@ class _Stream:
         entry = self.scheduled[stored.subject] = _Schedule(at, stored, target)
         heapq.heappush(self.schedule_heap, entry)
 
+    def unwanted_schedules(self, prefix: str, wanted: Mapping[str, Mapping[str, str]]) -> list[str]:
+        """The schedule subjects under ``prefix`` to remove, or set again, to have ``wanted``."""
+        return [
+            subject
+            for subject, entry in self.scheduled.items()
+            if subject.startswith(prefix) and wanted.get(subject) != entry.stored.headers
+        ]
+
+    def unschedule(self, subject: str) -> None:
+        """Remove the schedule of ``subject`` (purged: it does not fire)."""
+        entry = self.scheduled.pop(subject)
+        entry.stored.removed = True
+
     def next_schedule(self) -> float | None:
         """When the earliest pending schedule fires (None: none is pending)."""
         heap = self.schedule_heap
@@ -205,19 +243,31 @@ class _Stream:
         return None
 
     def fire_due(self, now: float) -> None:
-        """Store the target message of every schedule whose time has come, and drop the schedule."""
+        """Store the target message of every schedule whose time has come; drop a one-shot
+        schedule, and hold a repeating one until its next time (one firing for the times
+        that have passed, as the server skips ahead after a restart)."""
         heap = self.schedule_heap
         while heap and heap[0].at <= now:
             entry = heapq.heappop(heap)
             subject = entry.stored.subject
             if self.scheduled.get(subject) is not entry:
                 continue  # replaced
-            del self.scheduled[subject]
-            entry.stored.removed = True
-            headers = {k: v for k, v in entry.stored.headers.items() if k not in _SCHEDULE_ONLY}
+            given = entry.stored.headers
+            headers = {k: v for k, v in given.items() if k not in _SCHEDULE_ONLY}
             headers[SCHEDULER_HEADER] = subject
-            headers["Nats-Schedule-Next"] = "purge"
-            self.store(entry.target, entry.stored.data, MappingProxyType(headers))
+            pattern, zone = given[SCHEDULE_HEADER], given.get(SCHEDULE_TIME_ZONE_HEADER)
+            due = None if pattern.startswith("@at ") else cron.next_time(pattern, entry.at, zone)
+            if due is not None and due <= now:
+                due = cron.next_time(pattern, now, zone)
+            if due is None:
+                del self.scheduled[subject]
+                entry.stored.removed = True
+                headers[SCHEDULE_NEXT_HEADER] = "purge"
+            else:
+                headers[SCHEDULE_NEXT_HEADER] = _rfc3339(due)
+                again = self.scheduled[subject] = _Schedule(due, entry.stored, entry.target)
+                heapq.heappush(heap, again)
+            self.store(entry.target, entry.stored.data, MappingProxyType(headers), now)
 
     def is_duplicate(self, msg_id: str, now: float, window: float) -> bool:
         order, dedupe = self.dedupe_order, self.dedupe
@@ -241,6 +291,7 @@ class _CoreMessage:
     num_delivered = 1
     stream: str | None = None
     sequence: int | None = None
+    time: float | None = None
 
     def __init__(self, subject: str, data: bytes, headers: Mapping[str, str]) -> None:
         self.subject = subject

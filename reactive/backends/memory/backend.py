@@ -337,6 +337,18 @@ class MemoryBackend(_PartitionedBuckets):
         for subject in subjects:
             stream.add_subject(subject)
 
+    async def sync_schedules(
+        self, stream: str, prefix: str, wanted: Mapping[str, Mapping[str, str]]
+    ) -> None:
+        s = self._streams.get(stream)
+        if s is None:
+            raise NotFoundError(f"stream {stream!r} not found")
+        for subject in s.unwanted_schedules(prefix, wanted):
+            s.unschedule(subject)
+        for subject, headers in wanted.items():
+            if subject not in s.scheduled:
+                await self.publish(subject, b"", headers=headers)
+
     def next_schedule(self) -> float | None:
         """When the earliest pending message schedule of any stream fires (None: none pending).
 
@@ -394,12 +406,12 @@ class MemoryBackend(_PartitionedBuckets):
             if not stream.captures(subject):
                 continue
             if scheduling:
-                at, target = stream.check_schedule(given)
+                at, target = stream.check_schedule(given, now)
             duplicate = dedupe_id is not None and stream.is_duplicate(
                 dedupe_id, now, self.duplicate_window
             )
             if not duplicate:
-                stored = stream.store(subject, data, delivered)
+                stored = stream.store(subject, data, delivered, now)
                 if dedupe_id is not None:
                     stream.remember(dedupe_id, now)
                 if scheduling:

@@ -49,6 +49,10 @@ class _CoreMessage:
     def sequence(self) -> int | None:
         return None
 
+    @property
+    def time(self) -> float | None:
+        return None
+
     async def ack(self) -> None:
         return None
 

@@ -81,6 +81,10 @@ class _JetStreamMessage:
     def sequence(self) -> int | None:
         return self._metadata.sequence.stream
 
+    @property
+    def time(self) -> float | None:
+        return self._metadata.timestamp.timestamp()
+
     async def ack(self) -> None:
         msg = self._msg
         if msg._ackd:

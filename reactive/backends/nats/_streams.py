@@ -3,16 +3,21 @@ and message schedules where asked (and refused where the server cannot give them
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy
 
 from reactive.backends.nats._errors import _mapped
-from reactive.errors import BackendError
+from reactive.errors import BackendError, ServerFeatureError
 
-__all__ = ["_ensure_stream"]
+__all__ = ["_ensure_stream", "_sync_schedules"]
 
 _STREAM_NAME_IN_USE = 10058
+_WRONG_LAST_SEQUENCE = 10071
+_SCHEDULE_PATTERN_INVALID = 10189
+_EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 
 
 async def _ensure_stream(
@@ -60,3 +65,50 @@ async def _ensure_stream(
             f"stream {name}: the server does not keep message schedules "
             "(nats-server 2.12 or later is needed)"
         )
+
+
+async def _sync_schedules(
+    js: JetStreamContext, stream: str, prefix: str, wanted: Mapping[str, Mapping[str, str]]
+) -> None:
+    """Make the schedules on ``prefix``'s subjects those ``wanted`` (subject -> headers).
+
+    A schedule already there with the same headers stays, so its next time stands
+    (publishing it again would start an ``@every`` over); another is published with
+    ``Nats-Expected-Last-Subject-Sequence``, so of engines starting together one writes
+    it and the others find it written. Those not wanted are purged.
+    """
+    with _mapped(f"set the schedules of {prefix}* on stream {stream}"):
+        for subject, headers in wanted.items():
+            while True:
+                try:
+                    last = await js.get_last_msg(stream, subject)
+                except nats.js.errors.NotFoundError:
+                    seq = 0
+                else:
+                    # (The server adds headers of its own to a schedule: Nats-Rollup.)
+                    given = last.headers or {}
+                    if {k: v for k, v in given.items() if k.startswith("Nats-Schedule")} == headers:
+                        break
+                    seq = last.seq or 0
+                try:
+                    await js.publish(
+                        subject,
+                        b"",
+                        stream=stream,
+                        headers={**headers, _EXPECTED_LAST_SUBJECT_SEQUENCE: str(seq)},
+                    )
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code == _SCHEDULE_PATTERN_INVALID:
+                        # (The engine checked the pattern: the server does not know it.)
+                        raise ServerFeatureError(
+                            f"{subject}: the server refuses the schedule "
+                            f"{headers.get('Nats-Schedule')!r}: repeating schedules (@every, "
+                            "cron) need nats-server 2.14 or later"
+                        ) from exc
+                    if exc.err_code != _WRONG_LAST_SEQUENCE:
+                        raise
+                    continue  # another engine wrote it meanwhile: look again
+                break
+        info = await js.stream_info(stream, subjects_filter=prefix + ">")
+        for subject in (info.state.subjects or {}).keys() - wanted.keys():
+            await js.purge_stream(stream, subject=subject)

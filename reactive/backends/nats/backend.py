@@ -33,7 +33,7 @@ from reactive.backends.nats._partition_puller import _PartitionPuller
 from reactive.backends.nats._partitioned import _PartitionedBuckets
 from reactive.backends.nats._pull_consumer import _PullConsumer
 from reactive.backends.nats._replies import _Replies
-from reactive.backends.nats._streams import _ensure_stream
+from reactive.backends.nats._streams import _ensure_stream, _sync_schedules
 from reactive.errors import BackendError, ConflictError, TransientBackendError
 
 if TYPE_CHECKING:
@@ -378,6 +378,11 @@ class NatsBackend(_PartitionedBuckets):
         js = self._conn.jetstream()
         await _ensure_stream(js, name, subjects, self._replicas, work_queue, schedules)
         self._invalidate_stream_cache(subjects)
+
+    async def sync_schedules(
+        self, stream: str, prefix: str, wanted: Mapping[str, Mapping[str, str]]
+    ) -> None:
+        await _sync_schedules(self._conn.jetstream(), stream, prefix, wanted)
 
     def _invalidate_stream_cache(self, patterns: list[str]) -> None:
         for subject in list(self._stream_cache):
