@@ -138,7 +138,9 @@ def mermaid(workflow: type[Workflow] | Workflow | WorkflowDef, direction: str = 
         else:
             sources = [node(f"msg_{r.subject}", f'{{id}}>"{_label(r.subject)}"]')]
         action = r.action.value
-        if r.action in (ActionType.PUBLISH, ActionType.PUBLISH_ASYNC) or (
+        if r.child:
+            action = f"child {r.child}"
+        elif r.action in (ActionType.PUBLISH, ActionType.PUBLISH_ASYNC) or (
             r.action is ActionType.COMPLETE and r.publish_subject
         ):
             action += f" {r.publish_subject}"
@@ -154,9 +156,8 @@ def mermaid(workflow: type[Workflow] | Workflow | WorkflowDef, direction: str = 
         if r.action is ActionType.COMPLETE:
             targets = [terminal("completed")]
         elif r.action is ActionType.PUBLISH_ASYNC:
-            wait = node(
-                f"wait_{r.id}", "{id}{{{{" + f'"waiting: {_label(r.publish_subject)}"' + "}}}}"
-            )
+            waits_for = f"child {r.child}" if r.child else r.publish_subject
+            wait = node(f"wait_{r.id}", "{id}{{{{" + f'"waiting: {_label(waits_for)}"' + "}}}}")
             targets = [wait]
             handler = getattr(cls, r.result_handler_name or "", None)
             handler_name = f"result: {r.result_handler_name}"

@@ -8,12 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from reactive.dsl.definition import MIN_TIMER, ActionType, RetryPolicy, TriggerMode
+from reactive.dsl.definition import MIN_TIMER, ActionType, RetryPolicy, TriggerMode, WorkflowDef
 from reactive.dsl.durations import parse_duration
 from reactive.dsl.rules import RuleMethod, RuleOptions
 from reactive.dsl.state import Retry
 
-__all__ = ["Timing", "compile_timing"]
+__all__ = ["Timing", "child_definition", "compile_timing"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +26,17 @@ class Timing:
     retry: RetryPolicy | None = None
     after: float = 0.0
     every: float = 0.0
+
+
+def child_definition(child: Any, bad: Callable[[str], None]) -> WorkflowDef | None:
+    """The workflow of a rule's ``child=`` (None: not a child rule, or a mistake reported)."""
+    if child is None:
+        return None
+    d = getattr(child, "__reactive__", None)
+    if not isinstance(d, WorkflowDef):
+        bad(f"child= takes a Workflow class, not {child!r}")
+        return None
+    return d
 
 
 def compile_timing(

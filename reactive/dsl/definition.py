@@ -92,6 +92,10 @@ class RuleDef:
     # ``every`` seconds while it stays so (0: not a timer rule).
     after: float = 0.0
     every: float = 0.0
+    # A child rule: the id of the workflow its tasks are executions of, and that workflow's
+    # state type ("" and None: not one).
+    child: str = ""
+    child_state: Any = None
     # A scheduled rule: its pattern as the server takes it, and its time zone ("": not one).
     schedule: str = ""
     schedule_tz: str | None = None

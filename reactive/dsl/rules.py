@@ -65,6 +65,7 @@ class RuleOptions:
     after: float | str | timedelta | None = None
     every: float | str | timedelta | None = None
     schedule: Any = None
+    child: Any = None
 
 
 class RuleMethod(Generic[F]):
@@ -161,6 +162,7 @@ def rule(
     after: float | str | timedelta | None = None,
     every: float | str | timedelta | None = None,
     schedule: str | timedelta | Schedule | None = None,
+    child: type[Any] | None = None,
 ) -> Callable[[F], RuleMethod[F]]:
     """Declare a rule on a workflow method.
 
@@ -189,6 +191,11 @@ def rule(
         changes ``ctx.state``.
       * ``complete=True``: the execution completes after the method's changes;
         with ``publish=`` the method's return value is published as the event.
+      * ``child=OtherWorkflow``: the method returns the first state of an execution of
+        that workflow (or None); the execution waits for its end, which
+        ``@method.on_result`` gets as its final state when it completed, and
+        ``@method.on_error`` as a failure when it failed, escalated, timed out or was
+        cancelled. Cancelling the parent cancels the child.
 
     Failures of an async rule: ``timeout=`` (seconds or '30s', at least 1 s) replaces
     the workflow's ``task_timeout`` for this rule's tasks; ``retry=Retry(...)`` sends a
@@ -228,6 +235,7 @@ def rule(
         after=after,
         every=every,
         schedule=schedule,
+        child=child,
     )
 
     def decorate(fn: F) -> RuleMethod[F]:

@@ -14,6 +14,7 @@ __all__ = [
     "Firing",
     "LimitReached",
     "OutboxMessage",
+    "ParentLink",
     "Status",
     "TaskFailure",
     "TimelineEntry",
@@ -98,6 +99,17 @@ class OutboxMessage(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
         return self.data if self.json is msgspec.UNSET else bytes(self.json)
 
 
+class ParentLink(msgspec.Struct, kw_only=True, frozen=True):
+    """A child execution's parent: its workflow and id, and the task of the parent's
+    ``child=`` rule whose answer this execution's end is (sent to ``callback``)."""
+
+    workflow: str
+    id: str
+    rule_id: str
+    task_id: str
+    callback: str
+
+
 class ExecutionState(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The state of one workflow execution; workflow state types subclass it.
 
@@ -117,6 +129,8 @@ class ExecutionState(msgspec.Struct, kw_only=True, omit_defaults=True):
     updated_at: datetime | None = None
     completed_at: datetime | None = None
     deadline: datetime | None = None
+    # A child execution's parent (a ``child=`` rule started it); None for the others.
+    parent: ParentLink | None = None
     timeline: list[TimelineEntry] = []
     # Engine bookkeeping, written in the same compare-and-set as everything else.
     task_deadline: datetime | None = None

@@ -5,15 +5,11 @@ from __future__ import annotations
 import inspect
 import re
 import sys
-import typing
-from collections.abc import Callable
 from typing import Any, ClassVar
 
-import msgspec
-
-from reactive.dsl._timing import compile_timing
+from reactive.dsl._hints import context_args, decodable, param_hint, resolve_hints
+from reactive.dsl._timing import child_definition, compile_timing
 from reactive.dsl.conditions import Condition, all_of, any_of, as_condition
-from reactive.dsl.context import RuleContext
 from reactive.dsl.definition import (
     ActionType,
     RuleDef,
@@ -134,70 +130,6 @@ def _option(
     return default
 
 
-def _resolve_hints(fn: Callable[..., Any], localns: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(fn, globalns=getattr(fn, "__globals__", None), localns=localns)
-    except Exception:
-        return {}
-
-
-def _param_hint(fn: Callable[..., Any], hints: dict[str, Any], position: int) -> Any:
-    """The annotation of the positional parameter at ``position`` (self is 0)."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return _UNSET
-    if len(params) <= position:
-        return _UNSET
-    return hints.get(params[position].name, _UNSET)
-
-
-def _context_args(hint: Any) -> tuple[Any, Any]:
-    """(state type, message type) from ``RuleContext[S, M]``; _UNSET where unknown."""
-    if hint is _UNSET:
-        return _UNSET, _UNSET
-    if typing.get_origin(hint) is RuleContext:
-        args = typing.get_args(hint)
-        if len(args) == 2:
-            return tuple(None if a is type(None) else a for a in args)  # type: ignore[return-value]
-    return _UNSET, _UNSET
-
-
-def _decodable(tp: Any) -> str | None:
-    import msgspec.inspect as mi
-
-    try:
-        msgspec.json.Decoder(tp)
-        info = mi.type_info(tp)
-    except Exception as e:
-        return str(e)
-    # msgspec builds a decoder for any class, but JSON never decodes into a class it
-    # does not know (no dec_hook here): refuse those now rather than on every message.
-    custom = _custom_class(info, set())
-    if custom is not None:
-        return f"{getattr(custom, '__qualname__', custom)!s} is not a msgspec.Struct, dataclass or builtin type"
-    return None
-
-
-def _custom_class(info: Any, seen: set[int]) -> Any:
-    import msgspec.inspect as mi
-
-    if isinstance(info, mi.CustomType):
-        return info.cls
-    if id(info) in seen:
-        return None
-    seen.add(id(info))
-    for f in msgspec.structs.fields(info):
-        value = getattr(info, f.name)
-        for item in value if isinstance(value, tuple) else (value,):
-            child = item.type if isinstance(item, mi.Field) else item
-            if isinstance(child, mi.Type):
-                found = _custom_class(child, seen)
-                if found is not None:
-                    return found
-    return None
-
-
 def _compile(
     cls: type, namespace: dict[str, Any], options: dict[str, Any], localns: dict[str, Any]
 ) -> WorkflowDef:
@@ -220,7 +152,7 @@ def _compile(
             reasons.append(
                 f"state type {state_type.__name__} cannot be created empty ({e}); give every field a default"
             )
-        problem = _decodable(state_type)
+        problem = decodable(state_type)
         if problem:
             reasons.append(f"state type {state_type.__name__} cannot be decoded: {problem}")
 
@@ -412,7 +344,8 @@ def _compile_rule(
     if mutate not in (True, False, None) and mutator is None:
         bad(f"mutate must be True or a mutator callable, got {mutate!r}")
     has_publish = o.publish is not None
-    has_async = o.publish_async is not None
+    child = child_definition(o.child, bad)
+    has_async = o.publish_async is not None or child is not None
     has_mutate = bool(mutate)
     has_complete = bool(o.complete)
     for opt, value in (("publish", o.publish), ("publish_async", o.publish_async)):
@@ -427,7 +360,8 @@ def _compile_rule(
         n
         for n, v in (
             ("publish", has_publish),
-            ("publish_async", has_async),
+            ("publish_async", o.publish_async is not None),
+            ("child", child is not None),
             ("mutate", has_mutate),
             ("complete", has_complete),
         )
@@ -455,8 +389,8 @@ def _compile_rule(
         bad(f"{action.value} needs state, but a message-only rule has none: add state_key=...")
 
     # --- types ---------------------------------------------------------------------
-    hints = _resolve_hints(method.fn, localns)
-    ctx_state, ctx_message = _context_args(_param_hint(method.fn, hints, 1))
+    hints = resolve_hints(method.fn, localns)
+    ctx_state, ctx_message = context_args(param_hint(method.fn, hints, 1))
     message_type = o.message if o.message is not None else ctx_message
     if schedule and message_type not in (_UNSET, None, ScheduledRun):
         bad(f"a scheduled rule's message is a ScheduledRun, not {message_type!r}")
@@ -469,7 +403,7 @@ def _compile_rule(
             )
             message_type = None
         else:
-            problem = _decodable(message_type)
+            problem = decodable(message_type)
             if problem:
                 bad(f"message type {message_type!r} cannot be decoded: {problem}")
     else:
@@ -489,19 +423,22 @@ def _compile_rule(
     if action is ActionType.PUBLISH_ASYNC:
         handler = method.result_handler
         if handler is None:
-            bad("publish_async without a result handler: add @<rule>.on_result")
+            what = "child=" if child else "publish_async"
+            bad(f"{what} without a result handler: add @<rule>.on_result")
         else:
             handler_name = handler.__name__
             result_type = method.result_type
             if result_type is _UNSET:
-                result_type = _param_hint(handler, _resolve_hints(handler, localns), 2)
+                result_type = param_hint(handler, resolve_hints(handler, localns), 2)
+            if result_type is _UNSET and child is not None:
+                result_type = child.state_type  # (the child's final state)
             if result_type is _UNSET:
                 bad(
                     "cannot tell the result type: annotate the handler's result parameter or use @<rule>.on_result(Type)"
                 )
                 result_type = None
             else:
-                problem = _decodable(result_type)
+                problem = decodable(result_type)
                 if problem:
                     bad(f"result type {result_type!r} cannot be decoded: {problem}")
     elif method.result_handler is not None:
@@ -576,6 +513,8 @@ def _compile_rule(
         retry=timing.retry,
         after=timing.after,
         every=timing.every,
+        child=child.id if child else "",
+        child_state=child.state_type if child else None,
         schedule=schedule.pattern if schedule else "",
         schedule_tz=schedule.tz if schedule else None,
         cooldown=cooldown,

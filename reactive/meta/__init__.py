@@ -142,6 +142,7 @@ class RuleInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     cooldown_scope: str = "execution"
     max_firings: int = 0
     schedule: str = ""  # a scheduled rule's pattern (and time zone, after a space)
+    child: str = ""  # a child rule's workflow
 
 
 class WorkflowInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -204,6 +205,7 @@ def describe_workflow(d: WorkflowDef, callback_prefix: str = "reactive.callback"
                 cooldown_scope=r.cooldown_scope,
                 max_firings=r.max_firings,
                 schedule=" ".join(filter(None, (r.schedule, r.schedule_tz))),
+                child=r.child,
             )
             for r in d.rules
         ],

@@ -19,6 +19,8 @@ Pure but for ``start_child``, which writes the child's first state.
 
 from __future__ import annotations
 
+import typing
+
 import msgspec
 
 from reactive.codecs import encode_json
@@ -26,7 +28,14 @@ from reactive.dsl.definition import RuleDef, WorkflowDef
 from reactive.dsl.state import ExecutionState, OutboxMessage, ParentLink, Status
 from reactive.subjects import MAX_EXECUTION_ID_LENGTH
 
-__all__ = ["cancel_child", "child_id", "child_request", "end_report"]
+__all__ = [
+    "cancel_child",
+    "child_id",
+    "child_request",
+    "end_report",
+    "first_state",
+    "request_subject",
+]
 
 # Not sent to the parent with a child's final state: the engine's bookkeeping, and the
 # error field, which the parent would read as the task's failure.
@@ -36,6 +45,22 @@ _NOT_REPORTED = frozenset({*ExecutionState.__reactive_bookkeeping__, "error", "p
 def child_id(task_id: str) -> str:
     """The id of the child execution of a task: the task id (its end, when that is too long)."""
     return task_id[-MAX_EXECUTION_ID_LENGTH:].lstrip("-_") or "child"
+
+
+def request_subject(r: RuleDef, task_id: str, callback_prefix: str) -> str:
+    """Where the child of ``r``'s task is asked for (and cancelled): its callback subject."""
+    return f"{callback_prefix}.{r.child}.{child_id(task_id)}"
+
+
+def first_state(r: RuleDef, returned: object) -> ExecutionState:
+    """What a ``child=`` rule's method returned, as its child's first state (TypeError: not one)."""
+    first: object = r.child_state() if returned is None else returned
+    if not isinstance(first, r.child_state):
+        raise TypeError(
+            f"it returned a {type(first).__name__}: a child= rule returns the first state "
+            f"of its child, a {r.child_state.__name__} (or None)"
+        )
+    return typing.cast(ExecutionState, first)
 
 
 def child_request(
@@ -54,9 +79,10 @@ def child_request(
     )
     body = {"start": msgspec.Raw(encode_json(first)), "parent": parent}
     return OutboxMessage(
-        subject=f"{callback_prefix}.{r.child}.{child_id(task_id)}",
+        subject=request_subject(r, task_id, callback_prefix),
         json=msgspec.Raw(encode_json(body)),
         msg_id=msg_id,
+        headers={"Reactive-Task-Id": task_id},
     )
 
 
@@ -85,9 +111,8 @@ def cancel_child(
     rule = next((r for r in d.rules if r.id == st.pending_rule_id), None)
     if rule is None or not rule.child or not st.pending_task_id:
         return None
-    child = child_id(st.pending_task_id)
     return OutboxMessage(
-        subject=f"{callback_prefix}.{rule.child}.{child}",
+        subject=request_subject(rule, st.pending_task_id, callback_prefix),
         json=msgspec.Raw(encode_json({"cancel": f"parent {d.id}.{st.id}: {reason}"})),
-        msg_id=f"{d.id}:{st.id}:cancel:{child}",
+        msg_id=f"{d.id}:{st.id}:cancel:{child_id(st.pending_task_id)}",
     )

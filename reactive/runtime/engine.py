@@ -35,7 +35,7 @@ from reactive.dsl.state import ExecutionState
 from reactive.dsl.workflow import Workflow, definition_of
 from reactive.errors import DecodeError, ReactiveError
 from reactive.runtime.claims import Claims
-from reactive.runtime.core import Options, Runtime, log
+from reactive.runtime.core import Options, Runtime
 from reactive.runtime.events import (
     SWEEP_TARGET,
     CallbackArrival,
@@ -50,10 +50,7 @@ from reactive.runtime.handle_message import MessageHandler
 from reactive.runtime.metrics import METRICS, EngineMetrics
 from reactive.runtime.registry import Registry
 from reactive.runtime.schedules import (
-    DEADLINE,
     grace_kind,
-    timer_id,
-    timer_message,
     timer_subject_length,
 )
 from reactive.runtime.shards import KeyOrder, Shards
@@ -320,27 +317,11 @@ class Engine:
             raise TypeError(
                 f"state for {d.id} must be a {d.state_type.__name__}, not {type(st).__name__}"
             )
-        now = self.clock.now()
-        st.initialize(execution_id, d.id, now, d.timeout)
-        st.owner = self.instance_id
-        key = d.key(execution_id)
-        if st.deadline is not None:
-            # Its deadline is a timer in NATS, in its outbox: published once it is written.
-            at = st.deadline.timestamp()
-            st.outbox = [
-                timer_message(
-                    d.id, DEADLINE, d.bucket, key, at, timer_id(d.id, execution_id, 0, DEADLINE, at)
-                )
-            ]
-            st.outbox_id = f"{d.id}:{execution_id}:0"
-            await self.triggers.ensure_timer_stream()
+        if d.timeout:
+            await self.triggers.ensure_timer_stream()  # (its deadline's timer goes there)
             await self.backend.ensure_bucket(self.meta_bucket)  # (its delivery marker's)
         await self.backend.ensure_bucket(d.bucket)
-        await self.backend.kv_create(d.bucket, key, encode_json(st))
-        if st.outbox:
-            await self.store.flush(d.bucket, key, st)
-        self.rt.metric(self.metrics.executions_created, d.id).inc()
-        log.info("execution started workflow=%s execution=%s", d.id, execution_id)
+        await self.store.create(d, execution_id, st, self.clock.now())
         return st
 
     async def get(self, workflow: type[Workflow] | Workflow | str, execution_id: str) -> Any:

@@ -14,6 +14,7 @@ from reactive.codecs import decode, encode_json
 from reactive.dsl.context import RuleContext
 from reactive.dsl.definition import RuleDef, WorkflowDef
 from reactive.dsl.state import ExecutionState, OutboxMessage, TaskFailure, TimelineEntry
+from reactive.runtime.children import first_state
 from reactive.runtime.registry import BoundWorkflow
 from reactive.runtime.schedules import TASK
 from reactive.runtime.transition import (
@@ -47,8 +48,11 @@ def task_timeout(d: WorkflowDef, rule_id: str) -> float:
     return d.task_timeout
 
 
-def task_timed_out(d: WorkflowDef, st: ExecutionState, now: float, owner: str) -> Ended:
-    """The pending task got no callback in time: fail or escalate, as the workflow says."""
+def task_timed_out(
+    d: WorkflowDef, st: ExecutionState, now: float, owner: str, also: list[OutboxMessage]
+) -> Ended:
+    """The pending task got no callback in time: fail or escalate, as the workflow says
+    (``also``: what else its outbox sends, such as the cancellation of a child)."""
     reason = (
         f"task {st.pending_task_id} of rule {st.pending_rule_id} got no callback "
         f"within {task_timeout(d, st.pending_rule_id):g}s"
@@ -57,11 +61,16 @@ def task_timed_out(d: WorkflowDef, st: ExecutionState, now: float, owner: str) -
         st.escalate(reason)
     else:
         st.fail(reason)
-    return end(d, st, None, now, owner, "task_timeout", mode="timer", rule_id="task_timeout")
+    return end(d, st, also, now, owner, "task_timeout", mode="timer", rule_id="task_timeout")
 
 
 def cancelled(
-    bound: BoundWorkflow, st: ExecutionState, ctx: RuleContext[Any, Any], reason: str, owner: str
+    bound: BoundWorkflow,
+    st: ExecutionState,
+    ctx: RuleContext[Any, Any],
+    reason: str,
+    owner: str,
+    also: list[OutboxMessage],
 ) -> tuple[ExecutionState, Ended | None]:
     """A cancellation of ``st`` (not ended): its handler's transition (``ctx`` holds ``st``),
     or the end as cancelled (also where the handler changes nothing; failed where it
@@ -98,12 +107,17 @@ def cancelled(
         )
     )
     why = "rule_error" if action == "error" else "cancelled"
-    ended = finish(d, st, [], False, now, stamp, owner, why, ctx.revision, ctx.execution_id)
+    ended = finish(d, st, also, False, now, stamp, owner, why, ctx.revision, ctx.execution_id)
     return st, ended
 
 
 def timeout_retried(
-    bound: BoundWorkflow, r: RuleDef, st: ExecutionState, ctx: RuleContext[Any, Any], owner: str
+    bound: BoundWorkflow,
+    r: RuleDef,
+    st: ExecutionState,
+    ctx: RuleContext[Any, Any],
+    owner: str,
+    also: list[OutboxMessage],
 ) -> Ended | None:
     """The pending task got no callback in time, and its rule's retry policy sends it again:
     park ``st`` until the next attempt (``retry_later``)."""
@@ -125,7 +139,7 @@ def timeout_retried(
             error=message,
         )
     )
-    outbox: list[OutboxMessage] = []
+    outbox = list(also)
     add_timers(
         d, None, st, outbox, ctx.bucket, ctx.key, ctx.revision, ctx.execution_id, now,
         False, st.deadline, None,
@@ -139,6 +153,7 @@ def timeout_handled(
     ctx: RuleContext[Any, Any],
     handler: Callable[..., Any],
     owner: str,
+    also: list[OutboxMessage],
 ) -> tuple[ExecutionState, Ended | None]:
     """The pending task got no callback in time and its rule has an ``on_timeout`` handler:
     the handler's transition (``ctx`` holds ``st``; a handler that raises fails the
@@ -176,7 +191,7 @@ def timeout_handled(
             error=message if action == "on_timeout" else st.error,
         )
     )
-    outbox: list[OutboxMessage] = []
+    outbox = list(also)
     if st.deadline is not deadline_before and st.status not in TERMINAL:
         add_timers(
             d, None, st, outbox, ctx.bucket, ctx.key, ctx.revision, ctx.execution_id, now,
@@ -205,6 +220,8 @@ def retry_now(
     action = "retry"
     try:
         payload = bound.methods[r.id](ctx)
+        if r.child:
+            payload = first_state(r, payload)
     except Exception as e:
         work.fail(f"rule {r.id} raised {type(e).__name__}: {e}")
         action = "error"

@@ -13,10 +13,11 @@ from typing import Any
 
 import msgspec
 
-from reactive.codecs import decode
+from reactive.codecs import decode, encode_json
 from reactive.dsl.context import RuleContext, new_context
-from reactive.dsl.state import Status
+from reactive.dsl.state import ParentLink, Status
 from reactive.errors import ConflictError, DecodeError, TransientBackendError
+from reactive.runtime.children import cancel_child
 from reactive.runtime.core import Runtime, log
 from reactive.runtime.decide import FOREVER
 from reactive.runtime.events import CallbackArrival, Committed
@@ -39,6 +40,10 @@ class _Envelope(msgspec.Struct):
     error: str = ""
     # Not a worker's answer: a cancellation of the execution (``Engine.cancel``), its reason.
     cancel: str | None = None
+    # Nor this: the start of a child execution (``reactive.runtime.children``), its first
+    # state and its parent.
+    start: msgspec.Raw = msgspec.Raw(b"")
+    parent: ParentLink | None = None
 
 
 class CallbackHandler:
@@ -68,6 +73,8 @@ class CallbackHandler:
         try:
             if env.cancel is not None:
                 outcome = await self._cancel(bound, ev.execution_id, env.cancel, fresh)
+            elif env.start:
+                outcome = await self._start_child(bound, ev.execution_id, env.start, env.parent)
             else:
                 with contextlib.ExitStack() as spans:
                     outcome = await self._apply(bound, ev.execution_id, env, ev, fresh, spans)
@@ -87,6 +94,27 @@ class CallbackHandler:
             await rt.settle(msg, how, 1.0)
             return
         await rt.settle(msg, "term" if outcome == "poison" else "ack")
+
+    async def _start_child(
+        self, bound: BoundWorkflow, exec_id: str, first: msgspec.Raw, parent: ParentLink | None
+    ) -> str:
+        """Start the child execution a parent's rule asks for (one that exists already was
+        started by this request, delivered before: left as it is)."""
+        d = bound.definition
+        try:
+            state = decode(d.state_type, first)
+        except DecodeError as e:
+            log.warning("terminating the start of child %s.%s: %s", d.id, exec_id, e)
+            if parent is not None:  # (its parent need not wait for its timeout)
+                answer = {"task_id": parent.task_id, "error": f"child {d.id} not started: {e}"}
+                await self.rt.backend.publish(parent.callback, encode_json(answer))
+            return "poison"
+        state.parent = parent
+        try:
+            await self.store.create(d, exec_id, state, self.clock.now())
+        except ConflictError:
+            return "stale"
+        return "done"
 
     async def _cancel(
         self, bound: BoundWorkflow, exec_id: str, reason: str, fresh: list[Committed]
@@ -111,7 +139,9 @@ class CallbackHandler:
             ctx: RuleContext[Any, Any] = new_context(
                 state, None, d.id, exec_id, key, bucket, entry.revision, "cancel", now
             )
-            state, ended = cancelled(bound, state, ctx, reason or "cancelled", self.owner)
+            stop = cancel_child(d, state, reason or "cancelled", rt.options.callback_prefix)
+            also = [stop] if stop is not None else []
+            state, ended = cancelled(bound, state, ctx, reason or "cancelled", self.owner, also)
             try:
                 await self.store.write(d, bucket, key, entry.revision, state, ended, fresh)
             except ConflictError:

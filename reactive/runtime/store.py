@@ -29,6 +29,7 @@ from reactive.meta import firing_key, outbox_marker_key
 from reactive.runtime.core import Runtime, log
 from reactive.runtime.decide import FOREVER
 from reactive.runtime.events import Committed
+from reactive.runtime.schedules import DEADLINE, timer_id, timer_message
 from reactive.runtime.transition import TERMINAL, Ended, end
 
 __all__ = ["STATE_HEADROOM", "Replaced", "Store"]
@@ -247,6 +248,29 @@ class Store:
         )  # pragma: no cover
 
     # ------------------------------------------------------------------ outboxes
+
+    async def create(
+        self, d: WorkflowDef, execution_id: str, st: ExecutionState, now: float
+    ) -> None:
+        """Write a new execution ``st`` (of ``d``), started ``now`` by this engine, with the
+        timer of its deadline; ConflictError if it exists."""
+        st.initialize(execution_id, d.id, now, d.timeout)
+        st.owner = self.rt.options.instance_id
+        key = d.key(execution_id)
+        if st.deadline is not None:
+            # Its deadline is a timer in NATS, in its outbox: published once it is written.
+            at = st.deadline.timestamp()
+            st.outbox = [
+                timer_message(
+                    d.id, DEADLINE, d.bucket, key, at, timer_id(d.id, execution_id, 0, DEADLINE, at)
+                )
+            ]
+            st.outbox_id = f"{d.id}:{execution_id}:0"
+        await self.backend.kv_create(d.bucket, key, encode_json(st))
+        if st.outbox:
+            await self.flush(d.bucket, key, st)
+        self.rt.metric(self.rt.metrics.executions_created, d.id).inc()
+        log.info("execution started workflow=%s execution=%s", d.id, execution_id)
 
     async def flush(
         self, bucket: str, key: str, st: ExecutionState, ttl: float | None = None

@@ -35,6 +35,7 @@ from reactive.dsl.state import (
     WorkflowFailureEvent,
 )
 from reactive.meta import remember
+from reactive.runtime.children import child_request, end_report, first_state
 from reactive.runtime.registry import BoundWorkflow
 from reactive.runtime.schedules import DEADLINE, TASK, cooldown_kind, timer_id, timer_message
 
@@ -185,6 +186,8 @@ def end(
                 iteration=st.iteration,
             )
         )
+    if st.parent is not None:
+        out.append(end_report(d, st))  # (a child: its end is its parent's answer)
     st.outbox = out
     st.outbox_id = f"{d.id}:{st.id}:{st.status}" if out else ""
     duration = now - st.created_at.timestamp() if st.created_at else 0.0
@@ -334,13 +337,18 @@ def task_request(
     # outbox keep it, so a redelivered request carries the same id).
     task_id = f"{exec_id}-{r.id}-{revision}-{secrets.token_hex(12)}"
     callback_subject = f"{callback_prefix}.{d.id}.{exec_id}"
-    payload = inject_callback_fields(payload, task_id, callback_subject, exec_id)
     work.set_pending_task(task_id, r.id)
     work.task_deadline = utc(now + (r.task_timeout or d.task_timeout))
     work.pending_since = utc(now)
     work.task_attempt = attempt
     # (One message per rule and revision: the id of its revision, index 0, its rule.)
-    msg = outbox_message(r.publish_subject, payload, f"{d.id}:{exec_id}:{revision}:0:{r.id}")
+    msg_id = f"{d.id}:{exec_id}:{revision}:0:{r.id}"
+    if r.child:
+        return child_request(
+            d, r, payload, exec_id, task_id, callback_subject, callback_prefix, msg_id
+        )
+    payload = inject_callback_fields(payload, task_id, callback_subject, exec_id)
+    msg = outbox_message(r.publish_subject, payload, msg_id)
     msg.headers = {
         "Reactive-Task-Id": task_id,
         "Reactive-Callback-Subject": callback_subject,
@@ -394,6 +402,8 @@ def apply_rule(
         if r.mutator is not None:
             r.mutator(ctx)
         payload = bound.methods[r.id](ctx)
+        if r.child:
+            payload = first_state(r, payload)
     except Exception as e:
         error = e
         work.fail(f"rule {r.id} raised {type(e).__name__}: {e}")

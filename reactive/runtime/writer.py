@@ -14,6 +14,7 @@ from typing import Any
 from reactive.dsl.context import RuleContext, new_context
 from reactive.dsl.definition import ActionType, RuleDef
 from reactive.dsl.state import ExecutionState, Status
+from reactive.runtime.children import cancel_child
 from reactive.runtime.core import Runtime, log, within
 from reactive.runtime.decide import overdue
 from reactive.runtime.events import Committed
@@ -175,16 +176,19 @@ class Writer:
                 return True
             handler = bound.on_timeout.get(rule_id)
             timed_out: Ended | None
+            # (A child that its parent waits no longer for is cancelled.)
+            stop = cancel_child(d, state, "its task timed out", rt.options.callback_prefix)
+            also = [stop] if stop is not None else []
             if (
                 r is not None
                 and r.retry
                 and r.retry.retries("timeout", "", state.task_attempt or 1)
             ):
-                timed_out = timeout_retried(bound, r, state, ctx, self.owner)
+                timed_out = timeout_retried(bound, r, state, ctx, self.owner, also)
             elif handler is None:
-                timed_out = task_timed_out(d, state, now, self.owner)
+                timed_out = task_timed_out(d, state, now, self.owner, also)
             else:
-                state, timed_out = timeout_handled(bound, state, ctx, handler, self.owner)
+                state, timed_out = timeout_handled(bound, state, ctx, handler, self.owner, also)
             await self.store.write(d, bucket, key, revision, state, timed_out, fresh)
             rt.metric(rt.metrics.pending_callbacks, d.id).dec()
             rt.metric(rt.metrics.callbacks_received, d.id, rule_id, "timeout").inc()

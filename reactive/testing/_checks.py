@@ -19,6 +19,7 @@ from reactive.codecs import decode, encode_json
 from reactive.compiled import ActionType, RuleDef, TriggerMode, WorkflowDef
 from reactive.dsl.context import RuleContext
 from reactive.dsl.state import ExecutionState, Status
+from reactive.runtime.children import request_subject
 from reactive.subjects import matches_pattern
 from reactive.testing._engine import TestEngine
 from reactive.testing._invariants import (
@@ -214,10 +215,16 @@ class Checks:
                 self._check_absorbed(d, key, revision, raw, state, where)
                 if state.status is Status.WAITING:
                     r = d.rules_by_id[state.pending_rule_id]
-                    n = self.requests.get((r.publish_subject, state.pending_task_id), 0)
+                    task = state.pending_task_id
+                    subject = (
+                        request_subject(r, task, te.engine.callback_prefix)
+                        if r.child
+                        else r.publish_subject
+                    )
+                    n = self.requests.get((subject, task), 0)
                     assert n == 1, (
-                        f"{where}: {n} request(s) for its pending task {state.pending_task_id} "
-                        f"on {r.publish_subject!r}, expected 1"
+                        f"{where}: {n} request(s) for its pending task {task} "
+                        f"on {subject!r}, expected 1"
                     )
                 expected = 1 if terminal and event_subject(d, state.status) else 0
                 got = published.events.get(state.id or exec_id, 0)

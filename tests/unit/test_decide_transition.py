@@ -368,7 +368,7 @@ def test_end_and_task_timeout_write_the_lifecycle_event_and_the_timeline() -> No
     d = bound_of(Jobs).definition
     st = job("accepted")
     st.set_pending_task("t9", "work")
-    ended = task_timed_out(d, st, NOW, "me")
+    ended = task_timed_out(d, st, NOW, "me", [])
     assert st.status is Status.FAILED and "t9 of rule work got no callback within 30s" in st.error
     assert (ended.reason, st.timeline[-1].rule_id) == ("task_timeout", "task_timeout")
     assert [m.subject for m in st.outbox] == ["jobs.failed"]
