@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-__all__ = ["CronError", "every_seconds", "next_time", "normalize", "time_zone"]
+__all__ = ["CronError", "every_seconds", "next_time", "normalize", "period", "time_zone"]
 
 _PREDEFINED = {
     "@yearly": "0 0 0 1 1 *",
@@ -128,6 +128,14 @@ def next_time(pattern: str, after: float, tz: str | None = None) -> float | None
     cron = _parse(_PREDEFINED.get(pattern, pattern))
     found = _next(cron, datetime.fromtimestamp(after, UTC), time_zone(tz))
     return None if found is None else found.timestamp()
+
+
+def period(pattern: str, tz: str | None = None, around: float = 1_767_225_600.0) -> float:
+    """The time between two runs of a (normalized) pattern, the first after ``around``
+    (the manual clock's start by default): what a test moves its clock by."""
+    first = next_time(pattern, around, tz)
+    second = next_time(pattern, first, tz) if first is not None else None
+    return second - first if first is not None and second is not None else 0.0
 
 
 def _parse(pattern: str) -> _Cron:

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 from hypothesis import strategies as st
 
+from reactive import cron
 from reactive.codecs import decode, encode_json
 from reactive.compiled import ActionType, RuleDef, WorkflowDef
 from reactive.dsl.state import ExecutionState, Status
@@ -319,7 +320,14 @@ def _advances(d: WorkflowDef, max_advance: float | None) -> SearchStrategy[Advan
         if r.cooldown:
             marks |= {r.cooldown / 2, r.cooldown, r.cooldown + 0.5}
         # (A rule's own task timeout, a retry's backoff, a timer rule's period.)
-        for period in (r.task_timeout, r.retry.backoff if r.retry else None, r.after or r.every):
+        # (And a schedule's time between runs.)
+        between = cron.period(r.schedule, r.schedule_tz) if r.schedule else None
+        for period in (
+            r.task_timeout,
+            r.retry.backoff if r.retry else None,
+            r.after or r.every,
+            between,
+        ):
             if period:
                 marks |= {period, period + 0.5}
     top = max_advance if max_advance is not None else max(marks) * 1.1
@@ -377,8 +385,8 @@ def events(
     parts: list[SearchStrategy[Event]] = []
     if include_messages:
         for r in d.rules:
-            if not r.subject:
-                continue
+            if not r.subject or r.schedule:
+                continue  # (a schedule's runs come with the clock: Advance)
             subjects = _concrete_subject(r.subject)
             if r.subject in custom:
                 payloads = custom[r.subject]

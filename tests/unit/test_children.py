@@ -22,6 +22,7 @@ from reactive.conditions import phase_is
 from reactive.graph import mermaid
 from reactive.runtime.children import child_id
 from reactive.testing import TestEngine
+from reactive.testing.strategies import machine_settings, workflow_test
 
 pytestmark = pytest.mark.anyio
 
@@ -233,3 +234,13 @@ def test_child_mistakes_are_refused_at_class_creation() -> None:
 def test_the_graph_draws_the_child() -> None:
     graph = mermaid(Orders)
     assert "child ship" in graph
+
+
+# A property test: parents and their children under drawn events (messages, callbacks,
+# cancellations, clock moves, restarts), every invariant of both workflows checked.
+TestChildrenProperties = workflow_test(
+    Orders, Ship, settings=machine_settings(max_examples=40), report_unreached=False
+)
+TestImpatientProperties = workflow_test(
+    Impatient, Ship, settings=machine_settings(max_examples=40), report_unreached=False
+)

@@ -23,6 +23,7 @@ from reactive import (
 from reactive.clock import ManualClock
 from reactive.cron import CronError, next_time, normalize
 from reactive.testing import TestEngine
+from reactive.testing.strategies import machine_settings, workflow_test
 
 pytestmark = pytest.mark.anyio
 
@@ -233,3 +234,9 @@ def test_schedule_mistakes_are_refused_at_class_creation() -> None:
     assert "rule 'two': schedule= is a trigger of its own" in message
     assert "rule 'typed': a scheduled rule's message is a ScheduledRun" in message
     assert "to start executions on a clock, use schedule=" in message
+
+
+# A property test: runs of the schedule come with the drawn clock moves and restarts.
+TestNightlyProperties = workflow_test(
+    Nightly, settings=machine_settings(max_examples=40), report_unreached=False
+)
