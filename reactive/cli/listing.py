@@ -245,6 +245,14 @@ def format_state(
         ("created", ago(created)),
         ("updated", ago(updated)),
     ]
+    parent = state.get("parent")
+    if isinstance(parent, dict):  # (a child execution: whose task it answers)
+        header.append(
+            (
+                "parent",
+                f"{parent.get('workflow')}.{parent.get('id')} (rule {parent.get('rule_id')})",
+            )
+        )
     if completed is not None:
         header.append(("completed", ago(completed)))
     header += [("deadline", deadline_text), ("age", age_of(created, now))]

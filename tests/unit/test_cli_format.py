@@ -71,3 +71,19 @@ def test_show_prints_the_timers_due() -> None:
         line.startswith("timers due")
         for line in format_state("wf.e1", "wf", _state("running"), now=NOW)
     )
+
+
+def test_show_prints_the_parent_of_a_child_execution() -> None:
+    child = {
+        **_state("running"),
+        "parent": {
+            "workflow": "orders",
+            "id": "o1",
+            "rule_id": "ship",
+            "task_id": "t",
+            "callback": "c",
+        },
+    }
+    assert _line(format_state("ship.t", "ship", child, now=NOW), "parent").split(None, 1)[1] == (
+        "orders.o1 (rule ship)"
+    )
