@@ -53,14 +53,20 @@ def phases_set_by(fn: Callable[..., Any] | None) -> set[str]:
             if isinstance(n, ast.Constant) and isinstance(n.value, str)
         }
 
+    def is_phase(t: ast.AST) -> bool:
+        return isinstance(t, ast.Attribute) and t.attr == "phase"
+
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign | ast.AnnAssign):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if (
-                any(isinstance(t, ast.Attribute) and t.attr == "phase" for t in targets)
-                and node.value
-            ):
+            if any(is_phase(t) for t in targets) and node.value:
                 found |= strings(node.value)
+            for t in targets:
+                # ``st.phase, st.why = "refund", reason``: the value in the phase's place.
+                if isinstance(t, ast.Tuple) and isinstance(node.value, ast.Tuple):
+                    for target, value in zip(t.elts, node.value.elts, strict=False):
+                        if is_phase(target):
+                            found |= strings(value)
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute | ast.Name):
             name = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
             if name in ("set_phase", "complete", "transition") and node.args:

@@ -281,9 +281,16 @@ class _Paths:
         for n in ast.walk(node):
             if isinstance(n, ast.Assign | ast.AnnAssign | ast.AugAssign):
                 targets = n.targets if isinstance(n, ast.Assign) else [n.target]
+                # (``st.phase, st.why = "refund", reason``: each target with its value.)
+                pairs: list[tuple[ast.expr, ast.expr | None]] = []
                 for t in targets:
-                    if isinstance(t, ast.Attribute) and t.attr == "phase" and n.value is not None:
-                        names = _constant(n.value, self.fn)
+                    if isinstance(t, ast.Tuple) and isinstance(n.value, ast.Tuple):
+                        pairs += zip(t.elts, n.value.elts, strict=False)
+                    else:
+                        pairs.append((t, n.value))
+                for t, value in pairs:
+                    if isinstance(t, ast.Attribute) and t.attr == "phase" and value is not None:
+                        names = _constant(value, self.fn)
                         out = [o.then(Outcome(phase=p)) for o in out for p in (names or [DYNAMIC])]
                     elif isinstance(t, ast.Attribute) and t.attr == "iteration":
                         out = [o.then(Outcome(iterates=True)) for o in out]

@@ -201,6 +201,16 @@ def _dead_ends(model: Model, explained: set[str | None]) -> list[Finding]:
     return out
 
 
+def _handlers(m: RuleModel) -> str:
+    """An async rule's handlers, as a finding names them (its result's results counted with
+    those of its failure handlers: see ``reactive.phases``)."""
+    r = m.rule
+    others = [n for n in (r.error_handler_name, r.timeout_handler_name) if n]
+    if not others:
+        return f"its result handler ({r.result_handler_name})"
+    return f"its handlers ({', '.join([r.result_handler_name or '?', *others])})"
+
+
 def _stuck_after_result(model: Model) -> list[Finding]:
     wf = model.workflow.id
     out = []
@@ -221,7 +231,7 @@ def _stuck_after_result(model: Model) -> list[Finding]:
                 Finding(
                     "stuck-after-result",
                     wf,
-                    f"its result handler ({m.rule.result_handler_name}) can move the execution "
+                    f"{_handlers(m)} can move the execution "
                     f"to {', '.join(map(repr, stuck))}, where no rule fires and nothing ends it"
                     + (" but its timeout" if model.workflow.timeout else ""),
                     rule=m.rule.id,

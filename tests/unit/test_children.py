@@ -20,6 +20,7 @@ from reactive import (
 )
 from reactive.conditions import phase_is
 from reactive.graph import mermaid
+from reactive.lint import lint
 from reactive.runtime.children import child_id
 from reactive.testing import TestEngine
 from reactive.testing.strategies import machine_settings, workflow_test
@@ -233,7 +234,17 @@ def test_child_mistakes_are_refused_at_class_creation() -> None:
 
 def test_the_graph_draws_the_child() -> None:
     graph = mermaid(Orders)
-    assert "child ship" in graph
+    assert 'phase_shipping -- "ship: child ship" --> wait_ship' in graph
+    # (The handlers set the phase in a tuple assignment: read as well.)
+    assert 'wait_ship -- "result: shipped" --> phase_shipped' in graph
+    assert 'wait_ship -. "error: not_shipped" .-> phase_refund' in graph
+
+
+def test_lint_reads_tuple_assignments_and_names_every_handler() -> None:
+    findings = lint(Orders, explore=0)
+    assert not any(f.kind == "unentered-phase" and f.phase == "shipped" for f in findings)
+    (stuck,) = [f for f in findings if f.kind == "stuck-after-result"]
+    assert stuck.reason.startswith("its handlers (shipped, not_shipped, too_slow) can move")
 
 
 # A property test: parents and their children under drawn events (messages, callbacks,
