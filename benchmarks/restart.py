@@ -78,6 +78,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -400,6 +401,10 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# More options for every engine's ``serve`` (``--serve-args``).
+SERVE_ARGS: list[str] = []
+
+
 class EngineProcess:
     """One ``python -m reactive serve`` process, its RSS and CPU read from /proc."""
 
@@ -426,6 +431,7 @@ class EngineProcess:
             cmd += ["--workers", str(workers)]
         if replicas > 1:
             cmd += ["--replicas", str(replicas)]
+        cmd += SERVE_ARGS
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self._log = self.log_path.open("wb")
         self.started = time.time()  # wall clock: compared with the server's timestamps
@@ -981,7 +987,13 @@ def main() -> None:
     parser.add_argument(
         "--down", type=float, default=3.0, help="seconds the node stays down (default: 3)"
     )
+    parser.add_argument(
+        "--serve-args",
+        default="",
+        help="more options for every engine's serve, e.g. '--api-timeout 5'",
+    )
     args = parser.parse_args()
+    SERVE_ARGS.extend(shlex.split(args.serve_args))
     if args.kill_node and not args.cluster:
         parser.error("--kill-node needs --cluster")
     args.what = {w.strip() for w in args.what.split(",")}

@@ -83,6 +83,7 @@ async def _serve(
         connect_options=connect_options(args),
         replicas=args.replicas,
         initial_connect_attempts=max(1, args.connect_attempts),
+        api_timeout=args.api_timeout,
     )
     engine = Engine(
         backend,
@@ -187,8 +188,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError("--replicas must be at least 1")
     if args.partitions > MAX_PARTITIONS:
         raise CLIError(f"--partitions must be at most {MAX_PARTITIONS}")
-    if not (args.pin_timeout > 0 and args.ack_wait > 0):
-        raise CLIError("--pin-timeout and --ack-wait must be positive")
+    if not (args.pin_timeout > 0 and args.ack_wait > 0 and args.api_timeout > 0):
+        raise CLIError("--pin-timeout, --ack-wait and --api-timeout must be positive")
     workflows = load_targets(args.targets)
     ids = [definition_of(w).id for w in workflows]
     if len(set(ids)) != len(ids):
@@ -378,6 +379,17 @@ def add_parser(commands: Subcommands) -> None:
         help=(
             "a message an engine took and did not acknowledge comes again after this long "
             "(default: 6)"
+        ),
+    )
+    ops.add_argument(
+        "--api-timeout",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help=(
+            "a JetStream API request (streams, consumers, pins) unanswered this long fails "
+            "and is tried again: a request lost with a node that died is not waited out "
+            "(default: 2)"
         ),
     )
     serve.set_defaults(handler=cmd_serve)

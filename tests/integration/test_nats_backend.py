@@ -148,6 +148,31 @@ async def test_a_publish_nobody_acks_times_out_as_transient(nats_url: str) -> No
             await sub.unsubscribe()
 
 
+async def test_a_jetstream_api_request_nobody_answers_fails_at_the_api_timeout(
+    nats_url: str,
+) -> None:
+    """A request lost (with a node that died, say) fails as transient at ``api_timeout``,
+    to be tried again, instead of waiting out nats-py's default 5 s."""
+    from reactive.backends.nats._jsapi import _api
+
+    async with NatsBackend(nats_url, api_timeout=0.3) as b:
+        assert b._conn.jetstream()._timeout == 0.3  # (nats-py's own API calls: the same)
+
+        async def ignore(msg: nats.aio.msg.Msg) -> None:
+            pass
+
+        nc = b.nc
+        sub = await nc.subscribe("$JS.API.SILENT.>", cb=ignore)
+        try:
+            await nc.flush()
+            started = anyio.current_time()
+            with pytest.raises(TransientBackendError):
+                await _api(b, "SILENT.X", None, "a silent request")
+            assert 0.3 <= anyio.current_time() - started < 5.0
+        finally:
+            await sub.unsubscribe()
+
+
 async def test_reads_by_direct_get_and_on_a_bucket_without_it(nats_url: str) -> None:
     async with NatsBackend(nats_url) as b:
         direct = uid("b")

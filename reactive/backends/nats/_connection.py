@@ -128,12 +128,16 @@ class _Connection:
         nc: Client | None,
         initial_connect_attempts: int,
         on_renewed: Callable[[], Awaitable[None]],
+        api_timeout: float = 5.0,
     ) -> None:
         self._url = url
+        self._api_timeout = api_timeout
         self._connect_options = connect_options
         self.nc: Client | None = nc
         self.owns_nc = nc is None
-        self.js: JetStreamContext | None = nc.jetstream() if nc is not None else None
+        self.js: JetStreamContext | None = (
+            nc.jetstream(timeout=api_timeout) if nc is not None else None
+        )
         self._initial_connect_attempts = initial_connect_attempts
         self._on_renewed = on_renewed
         self.closing = False
@@ -164,12 +168,12 @@ class _Connection:
         self.closing = False
         if self.nc is not None and not self.nc.is_closed:
             if self.js is None:
-                self.js = self.nc.jetstream()
+                self.js = self.nc.jetstream(timeout=self._api_timeout)
             return
         nc = await self._connect(max(1, self._initial_connect_attempts))
         self.nc = nc
         self.owns_nc = True
-        self.js = nc.jetstream()
+        self.js = nc.jetstream(timeout=self._api_timeout)
 
     async def _connect(self, first_attempts: int) -> Client:
         """A new connection: ``first_attempts`` tries, then reconnects as configured."""
@@ -230,7 +234,7 @@ class _Connection:
                 await nc.close()
                 return
             self.nc = nc
-            self.js = nc.jetstream()
+            self.js = nc.jetstream(timeout=self._api_timeout)
             self.generation += 1
             await self._on_renewed()
             log.info("nats: connected again (connection %d)", self.generation + 1)

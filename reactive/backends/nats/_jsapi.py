@@ -28,7 +28,7 @@ async def _api(backend: NatsBackend, subject: str, body: Any, what: str) -> dict
     replies = backend._replies or await backend._reply_inbox()
     data = b"" if body is None else _encode.encode(body)
     with _mapped(what):
-        msg = await replies.request(f"{prefix}.{subject}", data, None)
+        msg = await replies.request(f"{prefix}.{subject}", data, None, backend._api_timeout)
         if not msg.data:
             status = (msg.headers or {}).get("Status")
             if status == "503":  # no responders: JetStream is not there (yet)

@@ -82,13 +82,20 @@ class _Replies:
                 if not fut.done():
                     fut.set_exception(nats.errors.TimeoutError())
 
-    async def request(self, subject: str, data: bytes, headers: dict[str, str] | None) -> Msg:
-        """Publish with a reply subject of this inbox and return the reply."""
+    async def request(
+        self,
+        subject: str,
+        data: bytes,
+        headers: dict[str, str] | None,
+        timeout: float | None = None,
+    ) -> Msg:
+        """Publish with a reply subject of this inbox and return the reply (nats-py's
+        TimeoutError after ``timeout`` seconds, the inbox's own by default)."""
         self._next += 1
         token = str(self._next)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Msg] = loop.create_future()
-        self._pending[token] = (fut, loop.time() + self._timeout)
+        self._pending[token] = (fut, loop.time() + (timeout or self._timeout))
         try:
             await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
             return await fut

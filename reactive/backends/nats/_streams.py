@@ -3,6 +3,7 @@ and message schedules where asked (and refused where the server cannot give them
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import nats.js.errors
@@ -11,8 +12,9 @@ from nats.js.api import RetentionPolicy
 
 from reactive.backends.nats._errors import _mapped
 from reactive.errors import BackendError, ServerFeatureError
+from reactive.subjects import matches_pattern
 
-__all__ = ["_ensure_stream", "_sync_schedules"]
+__all__ = ["_StreamCache", "_ensure_stream", "_sync_schedules"]
 
 _STREAM_NAME_IN_USE = 10058
 _WRONG_LAST_SEQUENCE = 10071
@@ -112,3 +114,44 @@ async def _sync_schedules(
         info = await js.stream_info(stream, subjects_filter=prefix + ">")
         for subject in (info.state.subjects or {}).keys() - wanted.keys():
             await js.purge_stream(stream, subject=subject)
+
+
+class _StreamCache:
+    """Which stream captures a subject a publish goes to (None: none), as the server said,
+    for ``ttl`` seconds; forgotten where a stream's subjects change."""
+
+    _MAX = 10_000
+
+    def __init__(self, ttl: float) -> None:
+        self._ttl = ttl
+        # subject -> (stream name or None, expiry on the monotonic clock)
+        self._cache: dict[str, tuple[str | None, float]] = {}
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def drop(self, subject: str) -> None:
+        self._cache.pop(subject, None)
+
+    def forget(self, patterns: list[str]) -> None:
+        """Forget the subjects a stream with these subjects may capture now."""
+        for subject in list(self._cache):
+            if any(matches_pattern(subject, p) or matches_pattern(p, subject) for p in patterns):
+                del self._cache[subject]
+
+    async def stream_for(self, js: JetStreamContext, subject: str) -> str | None:
+        now = time.monotonic()
+        cached = self._cache.get(subject)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        with _mapped(f"find the stream for {subject}"):
+            try:
+                stream: str | None = await js.find_stream_name_by_subject(subject)
+            except nats.js.errors.NotFoundError:
+                stream = None
+        if len(self._cache) >= self._MAX:
+            self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
+            if len(self._cache) >= self._MAX:
+                self._cache.clear()
+        self._cache[subject] = (stream, now + self._ttl)
+        return stream

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
@@ -33,7 +32,7 @@ from reactive.backends.nats._partition_puller import _PartitionPuller
 from reactive.backends.nats._partitioned import _PartitionedBuckets
 from reactive.backends.nats._pull_consumer import _PullConsumer
 from reactive.backends.nats._replies import _Replies
-from reactive.backends.nats._streams import _ensure_stream, _sync_schedules
+from reactive.backends.nats._streams import _ensure_stream, _StreamCache, _sync_schedules
 from reactive.errors import BackendError, ConflictError, TransientBackendError
 
 if TYPE_CHECKING:
@@ -62,27 +61,6 @@ async def _allow_ttl(js: JetStreamContext, stream: str) -> None:
         await js.update_stream(info.config)
 
 
-_STREAM_CACHE_MAX: Final = 10_000
-
-
-def _subject_matches(pattern: str, subject: str) -> bool:
-    """NATS wildcard matching: ``*`` is one token, a final ``>`` one or more."""
-    p_tokens = pattern.split(".")
-    s_tokens = subject.split(".")
-    for i, p in enumerate(p_tokens):
-        if p == ">":
-            return len(s_tokens) > i
-        if i >= len(s_tokens):
-            return False
-        if p != "*" and p != s_tokens[i]:
-            return False
-    return len(p_tokens) == len(s_tokens)
-
-
-def _subjects_overlap(a: str, b: str) -> bool:
-    return _subject_matches(a, b) or _subject_matches(b, a)
-
-
 class NatsBackend(_PartitionedBuckets):
     """The :class:`~reactive.backends.base.Backend` on NATS JetStream.
 
@@ -91,7 +69,10 @@ class NatsBackend(_PartitionedBuckets):
     use an existing connection; it is then not closed by :meth:`close`.
 
     By default the connection reconnects forever (with a short wait); the
-    first connection gives up after ``initial_connect_attempts`` tries.
+    first connection gives up after ``initial_connect_attempts`` tries. A write
+    waits ``ack_timeout`` seconds for the server's answer, a JetStream API request
+    (streams, consumers, pins) ``api_timeout``: then it fails as transient, and is
+    retried (a request lost with a node that died is not waited out for long).
     """
 
     def __init__(
@@ -109,6 +90,7 @@ class NatsBackend(_PartitionedBuckets):
         publish_attempts: int = 4,
         initial_connect_attempts: int = 10,
         ack_timeout: float = 5.0,
+        api_timeout: float = 5.0,
     ) -> None:
         if replicas < 1:
             raise ValueError("replicas must be at least 1")
@@ -120,19 +102,19 @@ class NatsBackend(_PartitionedBuckets):
             nc=nc,
             initial_connect_attempts=initial_connect_attempts,
             on_renewed=self._forget_connection,
+            api_timeout=api_timeout,
         )
         self._replicas = replicas
-        self._publish_stream_cache_ttl = publish_stream_cache_ttl
         self._fetch_batch = fetch_batch
         self._fetch_timeout = fetch_timeout
         self._poll_interval = poll_interval
         self._health_check_interval = health_check_interval
         self._publish_attempts = max(1, publish_attempts)
         self._ack_timeout = ack_timeout
+        self._api_timeout = api_timeout
         self._kvs: dict[str, KeyValue] = {}
         self._kv_locks: dict[str, asyncio.Lock] = {}
-        # subject -> (stream name or None, expiry on the monotonic clock)
-        self._stream_cache: dict[str, tuple[str | None, float]] = {}
+        self._streams = _StreamCache(publish_stream_cache_ttl)
         self._open: set[_KVWatch | _PullConsumer | _PartitionPuller | Subscription] = set()
         self._replies: _Replies | None = None
         self._replies_lock = asyncio.Lock()
@@ -163,7 +145,7 @@ class NatsBackend(_PartitionedBuckets):
         """
         replies, self._replies = self._replies, None
         self._kvs.clear()
-        self._stream_cache.clear()
+        self._streams.clear()
         if replies is not None:
             await replies.close()
 
@@ -177,7 +159,7 @@ class NatsBackend(_PartitionedBuckets):
                     await item.aclose()
         self._open.clear()
         self._kvs.clear()
-        self._stream_cache.clear()
+        self._streams.clear()
         replies, self._replies = self._replies, None
         if replies is not None:
             await replies.close()
@@ -377,35 +359,12 @@ class NatsBackend(_PartitionedBuckets):
     ) -> None:
         js = self._conn.jetstream()
         await _ensure_stream(js, name, subjects, self._replicas, work_queue, schedules)
-        self._invalidate_stream_cache(subjects)
+        self._streams.forget(subjects)
 
     async def sync_schedules(
         self, stream: str, prefix: str, wanted: Mapping[str, Mapping[str, str]]
     ) -> None:
         await _sync_schedules(self._conn.jetstream(), stream, prefix, wanted)
-
-    def _invalidate_stream_cache(self, patterns: list[str]) -> None:
-        for subject in list(self._stream_cache):
-            if any(_subjects_overlap(p, subject) for p in patterns):
-                del self._stream_cache[subject]
-
-    async def _stream_for(self, subject: str) -> str | None:
-        now = time.monotonic()
-        cached = self._stream_cache.get(subject)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        js = self._conn.jetstream()
-        with _mapped(f"find the stream for {subject}"):
-            try:
-                stream: str | None = await js.find_stream_name_by_subject(subject)
-            except nats.js.errors.NotFoundError:
-                stream = None
-        if len(self._stream_cache) >= _STREAM_CACHE_MAX:
-            self._stream_cache = {k: v for k, v in self._stream_cache.items() if v[1] > now}
-            if len(self._stream_cache) >= _STREAM_CACHE_MAX:
-                self._stream_cache.clear()
-        self._stream_cache[subject] = (stream, now + self._publish_stream_cache_ttl)
-        return stream
 
     async def publish(
         self,
@@ -425,7 +384,7 @@ class NatsBackend(_PartitionedBuckets):
         backoff = _Backoff()
         for attempt in range(1, self._publish_attempts + 1):
             try:
-                stream = await self._stream_for(subject)
+                stream = await self._streams.stream_for(self._conn.jetstream(), subject)
                 if stream is not None:
                     replies = self._replies or await self._reply_inbox()
                     with _mapped(f"publish {subject} to stream {stream}"):
@@ -438,7 +397,7 @@ class NatsBackend(_PartitionedBuckets):
                         await nc.publish(subject, data, headers=dict(hdrs) or None)
                 return
             except TransientBackendError as exc:
-                self._stream_cache.pop(subject, None)
+                self._streams.drop(subject)
                 if attempt >= self._publish_attempts or self._conn.closing:
                     raise
                 delay = backoff.next_delay()
