@@ -93,6 +93,14 @@ class _Refused(Exception):
         self.reasons = reasons or []
 
 
+class _Missing(_Refused):
+    """No such execution in an announced workflow."""
+
+    def __init__(self, info: WorkflowInfo, message: str) -> None:
+        super().__init__(404, message)
+        self.info = info
+
+
 def _environment() -> Environment:
     env = Environment(
         loader=PackageLoader("reactive.ui", "templates"),
@@ -116,6 +124,7 @@ def create_app(config: UIConfig) -> Starlette:
             config=config,
             indexed=len(index),
             path=request.url.path,
+            version=context.pop("version", index.version),
             statuses=STATUSES,
         )
         return HTMLResponse(env.get_template(name).render(**context), status_code=code)
@@ -239,7 +248,7 @@ def create_app(config: UIConfig) -> Starlette:
             )
         hits = await find_execution(config.backend, [info], exec_id)
         if not hits:
-            raise _Refused(404, f"no execution {wf_id}.{exec_id}")
+            raise _Missing(info, f"no execution {wf_id}.{exec_id}")
         state = decode_state(hits[0][1])
         if state is None:
             raise _Refused(500, f"{wf_id}.{exec_id}: the stored value is not a JSON object")
@@ -247,8 +256,27 @@ def create_app(config: UIConfig) -> Starlette:
 
     async def execution(request: Request) -> Response:
         wf_id, exec_id = request.path_params["workflow"], request.path_params["exec_id"]
+        # What the index had before the state is read: the live updates start from there.
+        row = index.get(wf_id, exec_id)
+        since = row.revision if row is not None else 0
         try:
             info, state = await load(wf_id, exec_id)
+        except _Missing as e:
+            # Not there (yet: a start message is taken in by an engine first). The page
+            # follows the index and shows the execution when it appears.
+            if request.query_params.get("fragment"):
+                return refused(request, e)
+            return render(
+                request,
+                "execution.html",
+                code=404,
+                missing=str(e),
+                info=e.info,
+                exec_id=exec_id,
+                message=request.query_params.get("msg", "")[:200],
+                version=0,
+                title=f"{wf_id}.{exec_id}",
+            )
         except _Refused as e:
             return refused(request, e)
         now = time.time()
@@ -290,6 +318,7 @@ def create_app(config: UIConfig) -> Starlette:
             graph=highlight_path(info.graph, timeline, status),
             path_rules=[str(e.get("rule_id") or "-") for e in timeline],
             message=request.query_params.get("msg", "")[:200],
+            version=since,
             title=f"{wf_id}.{exec_id}",
         )
 
@@ -382,15 +411,25 @@ def create_app(config: UIConfig) -> Starlette:
         wf_id, _, exec_id = key.partition(".")
         if key and not (is_valid_execution_id(wf_id) and is_valid_execution_id(exec_id)):
             return Response("key: workflow.execution-id\n", status_code=400)
+        since_text = request.query_params.get("since", "")
+        if since_text and not (since_text.isdigit() and len(since_text) <= 18):
+            return Response("since: the version (or revision) the page shows\n", status_code=400)
 
         def revision() -> int:
             row = index.get(wf_id, exec_id)
             return row.revision if row is not None else 0
 
         async def stream() -> AsyncIterator[str]:
+            # From what the page shows (``since``): a change in between is sent at once.
             version = index.version
             seen = revision() if key else 0
+            if since_text:
+                seen = int(since_text) if key else 0
+                version = version if key else int(since_text)
             yield f"retry: 2000\nevent: ready\ndata: {version}\n\n"
+            if key and revision() != seen:
+                seen = revision()
+                yield f"event: changed\ndata: {version}\n\n"
             while True:
                 with anyio.move_on_after(15.0):
                     version = await index.wait_changed(version)

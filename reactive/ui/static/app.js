@@ -47,7 +47,9 @@ function reactiveGraph() {
     }
   }
 
-  const source = new EventSource("/events" + (key ? "?key=" + encodeURIComponent(key) : ""));
+  const query = new URLSearchParams({ since: target.dataset.since || "0" });
+  if (key) query.set("key", key);
+  const source = new EventSource("/events?" + query.toString());
   source.addEventListener("ready", () => { badge.textContent = "● live"; badge.className = "live on"; });
   source.addEventListener("changed", refresh);
   source.onerror = () => { badge.textContent = "○ reconnecting"; badge.className = "live"; };
