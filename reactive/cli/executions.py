@@ -40,6 +40,7 @@ __all__ = [
     "check_start",
     "deadline_text",
     "find_execution",
+    "own_fields",
     "pending_task",
     "read_head",
     "schema_title",
@@ -75,6 +76,19 @@ def read_head(value: bytes) -> Head | None:
 
 
 # --------------------------------------------------------------------------- one execution, readable
+
+
+_BASE_FIELDS: frozenset[str] | None = None
+
+
+def own_fields(state: dict[str, Any]) -> dict[str, Any]:
+    """The workflow's own fields of a state: what its state type adds to ExecutionState."""
+    global _BASE_FIELDS
+    if _BASE_FIELDS is None:
+        from reactive.dsl.state import ExecutionState
+
+        _BASE_FIELDS = frozenset(ExecutionState.__struct_fields__)
+    return {k: v for k, v in state.items() if k not in _BASE_FIELDS}
 
 
 def pending_task(state: dict[str, Any], now: float) -> str:

@@ -31,7 +31,7 @@ from reactive.cli.common import (
     table,
     unknown_workflow_error,
 )
-from reactive.cli.executions import deadline_text, pending_task
+from reactive.cli.executions import deadline_text, own_fields, pending_task
 
 if TYPE_CHECKING:
     from reactive import NatsBackend
@@ -165,18 +165,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- show
 
 
-_BASE_FIELDS: frozenset[str] | None = None
-
-
-def _base_fields() -> frozenset[str]:
-    global _BASE_FIELDS
-    if _BASE_FIELDS is None:
-        from reactive.dsl.state import ExecutionState
-
-        _BASE_FIELDS = frozenset(ExecutionState.__struct_fields__)
-    return _BASE_FIELDS
-
-
 def _value_lines(name: str, value: Any, width: int) -> list[str]:
     import msgspec
 
@@ -228,7 +216,7 @@ def format_state(
     width = max(len(k) for k, _ in header)
     lines = [f"{k.ljust(width)}  {v}" for k, v in header]
 
-    own = {k: v for k, v in state.items() if k not in _base_fields()}
+    own = own_fields(state)
     if own:
         lines += ["", "state:"]
         w = max(len(k) for k in own)

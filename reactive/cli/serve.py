@@ -356,21 +356,7 @@ def add_parser(commands: Subcommands) -> None:
             "machine only; 0.0.0.0 for every interface, e.g. for a scraper in another container)"
         ),
     )
-    web = serve.add_argument_group("web view (python -m reactive ui serves it alone)")
-    web.add_argument(
-        "--ui-port",
-        type=int,
-        default=None,
-        metavar="PORT",
-        help="serve the web view on this port too (default: off; 0: any free port)",
-    )
-    web.add_argument(
-        "--ui-host",
-        default=DEFAULT_METRICS_HOST,
-        metavar="HOST",
-        help=f"the address of the web view (default: {DEFAULT_METRICS_HOST}, this machine only)",
-    )
-    add_ui_args(web)
+    add_ui_args(serve, "web view (`ui` serves it alone)", ("--ui-host", "--ui-port"), None)
     ops.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),

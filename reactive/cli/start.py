@@ -104,11 +104,22 @@ def _from_code(target: str) -> _Target:
     return _Target(describe_workflow(d), d)
 
 
+def _decoded(kind: Any, raw: bytes, what: str) -> Any:
+    """The input decoded as the code does; a UsageError naming ``what`` if it does not fit."""
+    from reactive.codecs import decode
+    from reactive.errors import DecodeError
+
+    try:
+        return decode(kind, raw)
+    except DecodeError as e:
+        raise UsageError(f"the input is not a valid {what}: {e}; nothing was started") from e
+
+
 async def _start(args: argparse.Namespace, out: Out) -> int:
     from reactive.cli.executions import check_start, start_action
     from reactive.cli.loading import is_target
-    from reactive.codecs import decode, encode_json
-    from reactive.errors import DecodeError, InvalidExecutionId
+    from reactive.codecs import encode_json
+    from reactive.errors import InvalidExecutionId
     from reactive.subjects import validate_execution_id
 
     raw = _read_input(args.input)
@@ -136,13 +147,7 @@ async def _start(args: argparse.Namespace, out: Out) -> int:
                 from reactive.compiled import TriggerMode
 
                 starter = next(r for r in d.rules if r.mode is TriggerMode.MESSAGE_AND_STATE)
-                try:
-                    message = decode(starter.message_type, raw)
-                except DecodeError as e:
-                    raise UsageError(
-                        f"the input is not a valid message for {starter.id}: {e}; "
-                        "nothing was started"
-                    ) from e
+                message = _decoded(starter.message_type, raw, f"message for {starter.id}")
                 assert starter.state_key is not None
                 try:
                     derived: str | None = validate_execution_id(starter.state_key(message))
@@ -178,13 +183,7 @@ async def _start(args: argparse.Namespace, out: Out) -> int:
         elif d is not None:
             # Started by its first state: write it, initialized as Engine.start_execution does.
             exec_id = exec_id or uuid.uuid4().hex[:12]
-            try:
-                state = decode(d.state_type, raw)
-            except DecodeError as e:
-                raise UsageError(
-                    f"the input is not a valid {d.state_type.__name__} state: {e}; "
-                    "nothing was started"
-                ) from e
+            state = _decoded(d.state_type, raw, f"{d.state_type.__name__} state")
             state.initialize(exec_id, d.id, time.time(), d.timeout)
             value = encode_json(state)
         else:

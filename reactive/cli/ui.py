@@ -49,20 +49,22 @@ async def _ui(args: argparse.Namespace, server: Any) -> int:
 
     url = resolve_url(args)
     stop = anyio.Event()
-    async with connect(args, url) as backend:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with anyio.create_task_group() as tg:
-
-                async def on_signals() -> None:
-                    async for _ in signals:
-                        stop.set()
-                        return
-
-                tg.start_soon(on_signals)
-                print(f"web view on {server.url}/ (NATS at {url})", flush=True)
-                await server.run(backend, args.meta_bucket, stop)
-                tg.cancel_scope.cancel()
+    async with connect(args, url) as backend, anyio.create_task_group() as tg:
+        tg.start_soon(set_on_signal, stop)
+        print(f"web view on {server.url}/ (NATS at {url})", flush=True)
+        await server.run(backend, args.meta_bucket, stop)
+        tg.cancel_scope.cancel()
     return 0
+
+
+async def set_on_signal(event: Any) -> None:
+    """Set ``event`` at the first SIGINT or SIGTERM."""
+    import anyio
+
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            event.set()
+            break
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -75,8 +77,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
         server.close()
 
 
-def add_ui_args(group: argparse._ArgumentGroup) -> None:
-    """The options the web view shares between ``ui`` and ``serve``."""
+def add_ui_args(
+    parser: argparse.ArgumentParser, title: str, flags: tuple[str, str], port: int | None
+) -> None:
+    """The web view's options, for ``ui`` (``--host``/``--port``) and ``serve``
+    (``--ui-host``/``--ui-port``, off unless given)."""
+    group = parser.add_argument_group(title)
+    host_flag, port_flag = flags
+    group.add_argument(
+        host_flag, default="127.0.0.1", help="its address (default: %(default)s, this machine)"
+    )
+    port_help = f"its port (default: {port})" if port else "serve it on this port (default: off)"
+    group.add_argument(port_flag, type=int, default=port, help=f"{port_help}; 0: any free port")
     group.add_argument(
         "--allow-actions",
         action="store_true",
@@ -99,27 +111,16 @@ def add_ui_args(group: argparse._ArgumentGroup) -> None:
     )
 
 
+_DESCRIPTION = (
+    "Serve the web view: the announced workflows, their executions (filtered, paged, live) "
+    "and one execution's state, timeline, pending task, timers and path on its rule graph. "
+    "Needs no workflow code. Loopback by default; cancel and start only with "
+    "--allow-actions (and --ui-token beyond loopback)."
+)
+
+
 def add_parser(commands: Subcommands) -> None:
-    ui = commands.add_parser(
-        "ui",
-        help="serve the web view (workflows, executions, live) against a NATS server",
-        description=(
-            "Serve the web view: the announced workflows, their executions (filtered, paged, "
-            "live) and one execution's state, timeline, pending task, timers and path on its "
-            "rule graph. Needs no workflow code. Loopback by default; cancel and start only "
-            "with --allow-actions (and --ui-token beyond loopback)."
-        ),
-    )
-    web = ui.add_argument_group("web view")
-    web.add_argument(
-        "--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)"
-    )
-    web.add_argument(
-        "--port",
-        type=int,
-        default=DEFAULT_UI_PORT,
-        help="the port (default: %(default)s; 0: any free one)",
-    )
-    add_ui_args(web)
+    ui = commands.add_parser("ui", help="serve the web view", description=_DESCRIPTION)
+    add_ui_args(ui, "web view", ("--host", "--port"), DEFAULT_UI_PORT)
     add_connection_args(ui)
     ui.set_defaults(handler=cmd_ui)

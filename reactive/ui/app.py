@@ -34,6 +34,7 @@ from reactive.cli.common import (
     CLIError,
     UsageError,
     decode_state,
+    format_age,
     format_time,
     parse_time,
 )
@@ -41,6 +42,7 @@ from reactive.cli.executions import (
     check_start,
     deadline_text,
     find_execution,
+    own_fields,
     pending_task,
     schema_title,
     send_cancel,
@@ -227,18 +229,9 @@ def create_app(config: UIConfig) -> Starlette:
         params = {k: f[k] for k in ("workflow", "status", "phase") if f[k]}
         if f["search"]:
             params["q"] = f["search"]
-        template = "_results.html" if request.query_params.get("fragment") else "executions.html"
-        return render(
-            request,
-            template,
-            page=page,
-            pages=pages,
-            current=f["page"],
-            filters=f,
-            params=params,
-            phases=index.phases(f["workflow"]),
-            title="executions",
-        )
+        listing = {"page": page, "pages": pages, "current": f["page"], "filters": f}
+        listing.update(params=params, phases=index.phases(f["workflow"]), title="executions")
+        return render(request, _part(request, "executions.html", "_results.html"), **listing)
 
     async def load(wf_id: str, exec_id: str) -> tuple[WorkflowInfo, dict[str, Any]]:
         info = workflow_of(wf_id)
@@ -297,19 +290,15 @@ def create_app(config: UIConfig) -> Starlette:
             gap = at.timestamp() - previous.timestamp() if at and previous else None
             steps.append({"entry": entry, "at": at, "gap": _gap(gap)})
             previous = at or previous
-        from reactive.cli.listing import _base_fields
-
-        own = {k: v for k, v in state.items() if k not in _base_fields()}
-        template = "_execution.html" if request.query_params.get("fragment") else "execution.html"
         return render(
             request,
-            template,
+            _part(request, "execution.html", "_execution.html"),
             info=info,
             exec_id=exec_id,
             state=state,
             status=status,
             ended=status in TERMINAL,
-            own=own,
+            own=own_fields(state),
             steps=steps,
             pending=pending_task(state, now),
             deadline=deadline_text(state, now),
@@ -466,6 +455,11 @@ def create_app(config: UIConfig) -> Starlette:
     return Starlette(routes=routes)
 
 
+def _part(request: Request, page: str, fragment: str) -> str:
+    """The template: the whole page, or (``?fragment=1``, for the live updates) its live part."""
+    return fragment if request.query_params.get("fragment") else page
+
+
 async def _form(request: Request) -> dict[str, str]:
     """A URL-encoded form (what the pages post), at most _MAX_FORM bytes."""
     kind = request.headers.get("content-type", "").split(";")[0].strip()
@@ -483,15 +477,12 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 def _gap(seconds: float | None) -> str:
+    """The time between two steps: to the millisecond under a second, then as ``format_age``."""
     if seconds is None:
         return ""
-    if seconds < 1:
-        return f"+{seconds * 1000:.0f} ms"
-    if seconds < 120:
-        return f"+{seconds:.1f} s"
-    if seconds < 7200:
-        return f"+{seconds / 60:.1f} min"
-    return f"+{seconds / 3600:.1f} h"
+    if seconds < 60:
+        return f"+{seconds * 1000:.0f} ms" if seconds < 1 else f"+{seconds:.1f} s"
+    return f"+{format_age(seconds)}"
 
 
 async def _delivered(config: UIConfig, info: WorkflowInfo, exec_id: str) -> str:

@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
@@ -73,22 +74,15 @@ class _Server(uvicorn.Server):
         yield
 
 
+@dataclass
 class UIServer:
     """The web view on a bound socket: ``run`` serves it (and keeps its index live) until
-    cancelled."""
+    its stop event is set."""
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        *,
-        allow_actions: bool = False,
-        token: str | None = None,
-        timer_stream: str = "REACTIVE_TIMERS",
-    ) -> None:
-        self.sock = sock
-        self.allow_actions = allow_actions
-        self.token = token
-        self.timer_stream = timer_stream
+    sock: socket.socket
+    allow_actions: bool = False
+    token: str | None = None
+    timer_stream: str = "REACTIVE_TIMERS"
 
     @property
     def url(self) -> str:

@@ -7,7 +7,7 @@ bucket, states as JSON); the index runs as it does under ``python -m reactive ui
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +16,7 @@ import anyio
 import httpx
 import msgspec
 import pytest
+from partition_contract import wait_for
 
 from reactive import ExecutionState, RuleContext, Workflow, rule
 from reactive.backends.base import KVEntry
@@ -36,11 +37,7 @@ T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 class Doc(ExecutionState):
     words: int = 0
-
-
-class Opened(msgspec.Struct):
-    doc: str
-    words: int
+    author: str = ""
 
 
 class Docs(Workflow, id="docs", state=Doc, bucket="UI_DOCS", on_complete="docs.done"):
@@ -53,6 +50,12 @@ class Docs(Workflow, id="docs", state=Doc, bucket="UI_DOCS", on_complete="docs.d
     @rule(watch_kv=True, when=phase_is("reviewed"), complete=True)
     def finish(self, ctx: RuleContext[Doc, None]) -> None:
         """Done."""
+
+
+class Opened(msgspec.Struct):
+    doc: str
+    words: int
+    author: str = "someone"
 
 
 class Tickets(Workflow, id="tickets", state=Doc, bucket="UI_TICKETS"):
@@ -94,17 +97,6 @@ def _state(exec_id: str, status: str, phase: str, minute: int, **more: Any) -> b
     return msgspec.json.encode(state)
 
 
-async def _eventually(check: Callable[[], Awaitable[bool] | bool]) -> None:
-    with anyio.fail_after(10):
-        while True:
-            got = check()
-            if not isinstance(got, bool):
-                got = await got
-            if got:
-                return
-            await anyio.sleep(0.01)
-
-
 @asynccontextmanager
 async def _view(
     *, actions: bool = False, token: str | None = None, page_size: int = 50, executions: int = 5
@@ -126,7 +118,7 @@ async def _view(
     transport = httpx.ASGITransport(app=create_app(config))
     async with anyio.create_task_group() as tg:
         tg.start_soon(index.run)
-        await _eventually(lambda: len(index) == executions and len(index.workflows) == 2)
+        await wait_for(lambda: len(index) == executions and len(index.workflows) == 2)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             yield client, backend, index, config
         tg.cancel_scope.cancel()
@@ -222,14 +214,14 @@ async def test_the_index_follows_new_and_changed_executions() -> None:
     async with _view() as (client, backend, index, _):
         version = index.version
         await backend.kv_put("UI_DOCS", "docs.late", _state("late", "running", "draft", 30))
-        await _eventually(lambda: index.get("docs", "late") is not None)
+        await wait_for(lambda: index.get("docs", "late") is not None)
         assert index.version > version
         page = await client.get("/executions")
         assert _ids(page.text)[0] == "late"
         await backend.kv_put("UI_DOCS", "docs.late", _state("late", "failed", "draft", 30))
-        await _eventually(lambda: index.statuses("docs")["failed"] == 1)
+        await wait_for(lambda: index.statuses("docs")["failed"] == 1)
         await backend.kv_delete("UI_DOCS", "docs.late")
-        await _eventually(lambda: index.get("docs", "late") is None)
+        await wait_for(lambda: index.get("docs", "late") is None)
         assert index.statuses("docs")["failed"] == 0
 
 
