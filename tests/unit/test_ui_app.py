@@ -329,3 +329,17 @@ def test_the_path_is_drawn_from_the_timeline() -> None:
     assert "class " in drawn and "linkStyle" in drawn
     cancelled = highlight_path(graph, [{"rule_id": "cancel"}], "cancelled")
     assert 'status_cancelled((("cancelled")))' in cancelled
+
+
+def test_without_the_ui_extra_the_commands_say_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import argparse
+    import sys
+
+    from reactive.cli.ui import ui_server
+
+    monkeypatch.setitem(sys.modules, "reactive.ui.server", None)  # as if starlette were missing
+    args = argparse.Namespace(allow_actions=False, ui_token=None, timer_stream="REACTIVE_TIMERS")
+    with pytest.raises(CLIError, match=r"pip install 'reactive\[ui\]'"):
+        ui_server("127.0.0.1", 0, args)
