@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import anyio
 import msgspec
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -49,6 +51,7 @@ from reactive.cli.executions import (
     start_action,
     timers_due,
 )
+from reactive.errors import BackendError
 from reactive.graph import highlight_path
 from reactive.subjects import is_valid_execution_id
 from reactive.ui.index import RATE_WINDOW, ExecutionIndex
@@ -83,6 +86,10 @@ class UIConfig:
     timer_stream: str = "REACTIVE_TIMERS"
     page_size: int = PAGE_SIZE
     throttle: float = 0.25  # at most one live update per client this often (seconds)
+    # The host names the pages may be asked for under (None: any). On loopback, only the
+    # loopback names: a page of another site that a DNS name rebound to 127.0.0.1 cannot
+    # read the view or post its forms.
+    hosts: list[str] | None = None
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
 
@@ -339,9 +346,7 @@ def create_app(config: UIConfig) -> Starlette:
                 raise _Refused(409, str(e)) from None
         except _Refused as e:
             return refused(request, e)
-        return RedirectResponse(
-            f"/executions/{wf_id}/{exec_id}?msg=cancellation+sent", status_code=303
-        )
+        return _back_to(wf_id, exec_id, "cancellation sent")
 
     async def start_form(request: Request) -> Response:
         try:
@@ -370,9 +375,7 @@ def create_app(config: UIConfig) -> Starlette:
             return _start_page(request, info, raw, fields.get("id", ""), e, status=400)
         if exec_id is None:
             return RedirectResponse(f"/executions?workflow={info.id}", status_code=303)
-        return RedirectResponse(
-            f"/executions/{info.id}/{exec_id}?msg=started+({where})", status_code=303
-        )
+        return _back_to(info.id, exec_id, f"started ({where})")
 
     def _start_page(
         request: Request,
@@ -452,7 +455,28 @@ def create_app(config: UIConfig) -> Starlette:
         Route("/ui/healthz", healthz),
         Mount("/static", StaticFiles(directory=_STATIC), name="static"),
     ]
-    return Starlette(routes=routes)
+
+    async def unreachable(request: Request, exc: Exception) -> Response:
+        return refused(
+            request,
+            _Refused(503, f"NATS did not answer: {exc}", ["the page comes back when it does"]),
+        )
+
+    middleware = (
+        [Middleware(TrustedHostMiddleware, allowed_hosts=config.hosts, www_redirect=False)]
+        if config.hosts
+        else []
+    )
+    return Starlette(
+        routes=routes, middleware=middleware, exception_handlers={BackendError: unreachable}
+    )
+
+
+def _back_to(wf_id: str, exec_id: str, message: str) -> Response:
+    """After an action: to the execution's page, saying what was done."""
+    return RedirectResponse(
+        f"/executions/{wf_id}/{exec_id}?{urlencode({'msg': message})}", status_code=303
+    )
 
 
 def _part(request: Request, page: str, fragment: str) -> str:

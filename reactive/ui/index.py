@@ -22,7 +22,6 @@ import anyio
 import msgspec
 
 from reactive._events import new_event
-from reactive.cli.common import TERMINAL
 from reactive.cli.executions import Head, read_head
 
 if TYPE_CHECKING:
@@ -272,7 +271,3 @@ class ExecutionIndex:
             except BackendError as e:
                 log.debug("no executions of %s in %s yet: %s", info.id, info.bucket, e)
             await anyio.sleep(_RETRY)
-
-
-def is_terminal(status: str) -> bool:
-    return status in TERMINAL

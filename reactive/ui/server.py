@@ -25,6 +25,10 @@ __all__ = ["UIServer", "bind", "check_exposure", "is_loopback"]
 log = logging.getLogger("reactive.ui")
 
 
+#: The names a view bound to loopback answers to (a page asked for by any other is refused).
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "[::1]"]
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -100,6 +104,7 @@ class UIServer:
             allow_actions=self.allow_actions,
             token=self.token,
             timer_stream=self.timer_stream,
+            hosts=LOOPBACK_NAMES if is_loopback(self.sock.getsockname()[0]) else None,
         )
         server = _Server(
             uvicorn.Config(

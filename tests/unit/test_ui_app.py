@@ -27,7 +27,7 @@ from reactive.dsl.workflow import definition_of
 from reactive.graph import highlight_path, path_taken
 from reactive.meta import describe_workflow, workflow_key
 from reactive.ui import ExecutionIndex, UIConfig, create_app
-from reactive.ui.server import check_exposure
+from reactive.ui.server import LOOPBACK_NAMES, check_exposure
 
 pytestmark = pytest.mark.anyio
 
@@ -99,7 +99,12 @@ def _state(exec_id: str, status: str, phase: str, minute: int, **more: Any) -> b
 
 @asynccontextmanager
 async def _view(
-    *, actions: bool = False, token: str | None = None, page_size: int = 50, executions: int = 5
+    *,
+    actions: bool = False,
+    token: str | None = None,
+    page_size: int = 50,
+    executions: int = 5,
+    hosts: list[str] | None = None,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, MemoryBackend, ExecutionIndex, UIConfig]]:
     backend = MemoryBackend()
     await backend.start()
@@ -113,7 +118,12 @@ async def _view(
         await backend.kv_put("UI_DOCS", f"docs.e{i}", _state(f"e{i}", status, phase, i))
     index = ExecutionIndex(backend, META, clock=lambda: (T0 + timedelta(minutes=6)).timestamp())
     config = UIConfig(
-        backend=backend, index=index, allow_actions=actions, token=token, page_size=page_size
+        backend=backend,
+        index=index,
+        allow_actions=actions,
+        token=token,
+        page_size=page_size,
+        hosts=hosts,
     )
     transport = httpx.ASGITransport(app=create_app(config))
     async with anyio.create_task_group() as tg:
@@ -343,3 +353,18 @@ def test_without_the_ui_extra_the_commands_say_what_to_install(
     args = argparse.Namespace(allow_actions=False, ui_token=None, timer_stream="REACTIVE_TIMERS")
     with pytest.raises(CLIError, match=r"pip install 'reactive\[ui\]'"):
         ui_server("127.0.0.1", 0, args)
+
+
+async def test_on_loopback_only_the_loopback_names_are_answered() -> None:
+    async with _view(actions=True, hosts=LOOPBACK_NAMES) as (client, backend, _, config):
+        ok = await client.get("/executions")
+        local = await client.get("/executions", headers={"host": "localhost:8642"})
+        rebound = await client.get("/executions", headers={"host": "evil.example:8642"})
+        posted = await client.post(
+            "/executions/docs/e0/cancel",
+            data={"csrf": config.csrf},
+            headers={"host": "evil.example"},
+        )
+    assert ok.status_code == 200 and local.status_code == 200
+    assert rebound.status_code == 400 and posted.status_code == 400
+    assert not [m for m in backend.published if m.subject.startswith("reactive.callback")]
