@@ -274,8 +274,7 @@ def path_taken(
         for i in wanted:
             taken.add(i)
             nodes.update((edges[i][0], edges[i][2]))
-        if entry.get("phase_after") is not None:
-            phase = str(entry.get("phase_after") or "")
+        phase = str(entry.get("phase_after") or "")
     if status in _TERMINAL_STATUSES:
         end = _id(f"status_{status}")
         nodes.add(end)
@@ -292,8 +291,16 @@ def highlight_path(graph: str, timeline: list[dict[str, Any]], status: str) -> s
     taken, nodes = path_taken(graph, timeline, status)
     defined = {m.group(1) for m in re.finditer(r"^\s+(\w+)[\[({>]", graph, re.MULTILINE)}
     lines = [graph.rstrip("\n")]
-    if status in _TERMINAL_STATUSES and _id(f"status_{status}") not in defined:
-        lines.append(f'    {_id(f"status_{status}")}((("{status}")))')
+    end = _id(f"status_{status}")
+    if status in _TERMINAL_STATUSES and end not in defined:
+        # An end the graph does not draw (a cancellation with no handler): drawn from the
+        # last phase the execution was in.
+        lines.append(f'    {end}((("{status}")))')
+        last = next((e for e in reversed(timeline) if isinstance(e, dict)), {})
+        source = _id(f"phase_{last.get('phase_after') or ''}")
+        if source in defined:
+            lines.append(f'    {source} -. "{status}" .-> {end}')
+            taken.add(sum(1 for line in graph.splitlines() if _EDGE.match(line)))
     lines.append(f"    classDef {TAKEN_CLASS} fill:#fde68a,stroke:#b45309,stroke-width:3px")
     if nodes:
         lines.append(f"    class {','.join(sorted(nodes))} {TAKEN_CLASS}")

@@ -337,8 +337,12 @@ def test_the_path_is_drawn_from_the_timeline() -> None:
     assert len(edges) == 3  # draft -> reviewed, reviewed -> completed, completed -> its event
     drawn = highlight_path(graph, timeline, "completed")
     assert "class " in drawn and "linkStyle" in drawn
-    cancelled = highlight_path(graph, [{"rule_id": "cancel"}], "cancelled")
+    cancel = [{"rule_id": "cancel", "trigger_mode": "callback", "phase_after": "draft"}]
+    cancelled = highlight_path(graph, cancel, "cancelled")
     assert 'status_cancelled((("cancelled")))' in cancelled
+    assert 'phase_draft -. "cancelled" .-> status_cancelled' in cancelled
+    edges = len(re.findall(r"-->|\.->", graph))
+    assert re.search(rf"linkStyle ([\d,]*,)?{edges}[ ,]", cancelled)  # the drawn end: on the path
 
 
 def test_without_the_ui_extra_the_commands_say_what_to_install(
