@@ -117,14 +117,7 @@ async def _view(
         status, phase = ("completed", "reviewed") if i % 2 else ("running", "draft")
         await backend.kv_put("UI_DOCS", f"docs.e{i}", _state(f"e{i}", status, phase, i))
     index = ExecutionIndex(backend, META, clock=lambda: (T0 + timedelta(minutes=6)).timestamp())
-    config = UIConfig(
-        backend=backend,
-        index=index,
-        allow_actions=actions,
-        token=token,
-        page_size=page_size,
-        hosts=hosts,
-    )
+    config = UIConfig(backend, index, actions, token, page_size=page_size, hosts=hosts)
     transport = httpx.ASGITransport(app=create_app(config))
     async with anyio.create_task_group() as tg:
         tg.start_soon(index.run)
