@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import textwrap
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from reactive.compiled import ActionType, TriggerMode, WorkflowDef
 from reactive.dsl.workflow import Workflow, definition_of
 
-__all__ = ["mermaid", "phases_set_by", "statuses_set_by"]
+__all__ = ["highlight_path", "mermaid", "path_taken", "phases_set_by", "statuses_set_by"]
 
 _STATUS_CALLS = {
     "complete": "completed",
@@ -237,4 +238,82 @@ def mermaid(workflow: type[Workflow] | Workflow | WorkflowDef, direction: str = 
             event = node(f"event_{subject}", f'{{id}}[/"{_label(subject)}"/]')
             edges.append(f"    {terminal(status)} -.-> {event}")
     lines.extend(edges)
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- one execution's path
+
+_EDGE = re.compile(r'^\s*(\w+) (?:-- "(.*)" -->|-\. "(.*)" \.->|-\.->) (\w+)\s*$')
+_LIFECYCLE = {"deadline": "timeout ", "task_timeout": "no result in", "cancel": "cancel"}
+_TERMINAL_STATUSES = ("completed", "failed", "escalated", "timed_out", "cancelled")
+TAKEN_CLASS = "taken"
+
+
+def path_taken(
+    graph: str, timeline: list[dict[str, Any]], status: str
+) -> tuple[set[int], set[str]]:
+    """The edges (their order in ``graph``, as Mermaid's ``linkStyle`` counts them) and the
+    nodes an execution went through, from its timeline (plain JSON) and its status."""
+    edges: list[tuple[str, str, str]] = []  # (source, label, target)
+    for line in graph.splitlines():
+        m = _EDGE.match(line)
+        if m:
+            edges.append((m.group(1), m.group(2) or m.group(3) or "", m.group(4)))
+    taken: set[int] = set()
+    nodes: set[str] = set()
+    phase = None
+    for entry in timeline:
+        if not isinstance(entry, dict):
+            continue
+        rule_id = str(entry.get("rule_id") or "")
+        after = _id(f"phase_{entry.get('phase_after') or ''}")
+        before = _id(f"phase_{phase}") if phase is not None else None
+        mode = str(entry.get("trigger_mode") or "")
+        if mode == "callback":
+            wanted = [
+                i for i, (s, _, t) in enumerate(edges) if s == _id(f"wait_{rule_id}") and t == after
+            ]
+        elif rule_id in _LIFECYCLE:
+            wanted = [i for i, (_, lb, _) in enumerate(edges) if lb.startswith(_LIFECYCLE[rule_id])]
+        else:
+            mine = [i for i, (_, lb, _) in enumerate(edges) if lb.startswith(f"{rule_id}:")]
+            exact = [i for i in mine if edges[i][0] in (before, "any_phase") or before is None]
+            wanted = [i for i in exact or mine if edges[i][2] in (after, _id(f"wait_{rule_id}"))]
+            wanted = wanted or exact or mine
+        for i in wanted:
+            taken.add(i)
+            nodes.update((edges[i][0], edges[i][2]))
+        phase = str(entry.get("phase_after") or "")
+    if status in _TERMINAL_STATUSES:
+        end = _id(f"status_{status}")
+        nodes.add(end)
+        taken.update(i for i, (s, _, _) in enumerate(edges) if s == end)
+    nodes = {n for n in nodes if n}
+    return taken, nodes
+
+
+def highlight_path(graph: str, timeline: list[dict[str, Any]], status: str) -> str:
+    """``graph`` (a workflow's Mermaid flowchart) with the path an execution took drawn on it:
+    its edges thicker and coloured, its nodes of the class ``taken``."""
+    if not graph.strip():
+        return graph
+    taken, nodes = path_taken(graph, timeline, status)
+    defined = {m.group(1) for m in re.finditer(r"^\s+(\w+)[\[({>]", graph, re.MULTILINE)}
+    lines = [graph.rstrip("\n")]
+    end = _id(f"status_{status}")
+    if status in _TERMINAL_STATUSES and end not in defined:
+        # An end the graph does not draw (a cancellation with no handler): drawn from the
+        # last phase the execution was in.
+        lines.append(f'    {end}((("{status}")))')
+        last = next((e for e in reversed(timeline) if isinstance(e, dict)), {})
+        source = _id(f"phase_{last.get('phase_after') or ''}")
+        if source in defined:
+            lines.append(f'    {source} -. "{status}" .-> {end}')
+            taken.add(sum(1 for line in graph.splitlines() if _EDGE.match(line)))
+    lines.append(f"    classDef {TAKEN_CLASS} fill:#fde68a,stroke:#b45309,stroke-width:3px")
+    if nodes:
+        lines.append(f"    class {','.join(sorted(nodes))} {TAKEN_CLASS}")
+    if taken:
+        ids = ",".join(str(i) for i in sorted(taken))
+        lines.append(f"    linkStyle {ids} stroke:#d97706,stroke-width:4px")
     return "\n".join(lines) + "\n"

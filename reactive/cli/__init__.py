@@ -12,6 +12,8 @@ Commands (each has its own ``--help``):
 * ``list [--workflow W] [--status S]``: executions as a table.
 * ``show ID``: one execution's state and timeline.
 * ``watch [--workflow W]``: a live tail of transitions.
+* ``ui [--host H --port N] [--allow-actions] [--ui-token T]``: the web view (workflows,
+  executions, live), with no workflow code; ``serve --ui-port N`` serves it too.
 * ``graph TARGET [--format mermaid]``: a workflow's rules as a Mermaid flowchart.
 * ``validate TARGET``: the definition checks (with ``--lint``, the rule-set lint); exit 1
   with the reasons.
@@ -35,7 +37,7 @@ __all__ = ["CLIError", "DemoError", "UsageError", "build_parser", "load_example"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from reactive.cli import cancel, demo, graph, listing, serve, start, watch
+    from reactive.cli import cancel, demo, graph, listing, serve, start, ui, watch
 
     parser = argparse.ArgumentParser(
         prog="python -m reactive",
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_parsers(commands)
     watch.add_parser(commands)
     graph.add_parsers(commands)
+    ui.add_parser(commands)
     demo.add_parser(commands)
     return parser
 

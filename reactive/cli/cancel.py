@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from reactive.cli.common import (
     TERMINAL,
-    CLIError,
     Out,
     UsageError,
     add_connection_args,
@@ -36,8 +35,8 @@ __all__ = ["add_parser", "cmd_cancel"]
 
 async def _cancel(args: argparse.Namespace, out: Out) -> int:
     import anyio
-    import msgspec
 
+    from reactive.cli.executions import send_cancel
     from reactive.subjects import is_valid_execution_id
 
     wf_id, dot, exec_id = args.id.partition(".")
@@ -50,15 +49,7 @@ async def _cancel(args: argparse.Namespace, out: Out) -> int:
             raise unknown_workflow_error(wf_id, list(found), args.meta_bucket)
         info = found[wf_id]
         key = f"{info.key_prefix}{exec_id}"
-        entry = await backend.kv_get(info.bucket, key)
-        state = decode_state(entry.value) if entry is not None else None
-        if state is None:
-            raise CLIError(f"no execution {args.id!r}")
-        if state.get("status") in TERMINAL:
-            raise CLIError(f"{args.id} has ended already ({state.get('status')})")
-        # (The workflow's callback subjects, as its engines announce them: <prefix>.<workflow>.)
-        prefix = info.callback_prefix or f"reactive.callback.{wf_id}"
-        await backend.publish(f"{prefix}.{exec_id}", msgspec.json.encode({"cancel": args.reason}))
+        await send_cancel(backend, info, exec_id, args.reason)
         out(f"cancellation of {args.id} sent (reason: {args.reason})")
         if not args.wait:
             return 0

@@ -22,7 +22,6 @@ from reactive.cli.common import (
     announced_workflows,
     connect,
     decode_state,
-    format_age,
     format_time,
     no_workflows_error,
     or_dash,
@@ -32,6 +31,7 @@ from reactive.cli.common import (
     table,
     unknown_workflow_error,
 )
+from reactive.cli.executions import deadline_text, own_fields, pending_task
 
 if TYPE_CHECKING:
     from reactive import NatsBackend
@@ -165,18 +165,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- show
 
 
-_BASE_FIELDS: frozenset[str] | None = None
-
-
-def _base_fields() -> frozenset[str]:
-    global _BASE_FIELDS
-    if _BASE_FIELDS is None:
-        from reactive.dsl.state import ExecutionState
-
-        _BASE_FIELDS = frozenset(ExecutionState.__struct_fields__)
-    return _BASE_FIELDS
-
-
 def _value_lines(name: str, value: Any, width: int) -> list[str]:
     import msgspec
 
@@ -201,38 +189,11 @@ def format_state(
     created = parse_time(state.get("created_at"))
     updated = parse_time(state.get("updated_at"))
     completed = parse_time(state.get("completed_at"))
-    deadline = parse_time(state.get("deadline"))
-    pending = "-"
-    if state.get("pending_task_id"):
-        pending = f"{state['pending_task_id']} (rule {state.get('pending_rule_id') or '?'})"
-        since = parse_time(state.get("pending_since"))
-        if since is not None:
-            pending += f", waiting {age_of(since, now)}"
-        task_deadline = parse_time(state.get("task_deadline"))
-        if task_deadline is not None:
-            pending += f", times out {format_time(task_deadline)}"
-        if state.get("task_attempt", 0) > 1:
-            pending += f", attempt {state['task_attempt']}"
-    elif state.get("pending_rule_id") and str(state.get("status")) == "waiting":
-        # Between two attempts of the rule's task (its retry policy).
-        retry_at = parse_time(state.get("task_deadline"))
-        pending = (
-            f"none: attempt {state.get('task_attempt') or 1} of rule {state['pending_rule_id']} "
-            "failed" + (f", the next goes {format_time(retry_at)}" if retry_at is not None else "")
-        )
+    pending = pending_task(state, now)
 
     def ago(t: datetime | None) -> str:
         return "-" if t is None else f"{format_time(t)} ({age_of(t, now)} ago)"
 
-    if str(state.get("status")) in TERMINAL:
-        # Ended: the workflow's deadline no longer applies, whatever the state still says.
-        deadline_text = "- (the execution has ended)"
-    elif deadline is None:
-        deadline_text = "-"
-    elif deadline.timestamp() >= now:
-        deadline_text = f"{format_time(deadline)} (in {format_age(deadline.timestamp() - now)})"
-    else:
-        deadline_text = f"{format_time(deadline)} ({age_of(deadline, now)} ago)"
     header = [
         ("execution", key),
         ("workflow", wf_id),
@@ -255,7 +216,7 @@ def format_state(
         )
     if completed is not None:
         header.append(("completed", ago(completed)))
-    header += [("deadline", deadline_text), ("age", age_of(created, now))]
+    header += [("deadline", deadline_text(state, now)), ("age", age_of(created, now))]
     if timers:
         header.append(
             ("timers due", ", ".join(f"{kind} {format_time(at)}" for kind, at in sorted(timers)))
@@ -263,7 +224,7 @@ def format_state(
     width = max(len(k) for k, _ in header)
     lines = [f"{k.ljust(width)}  {v}" for k, v in header]
 
-    own = {k: v for k, v in state.items() if k not in _base_fields()}
+    own = own_fields(state)
     if own:
         lines += ["", "state:"]
         w = max(len(k) for k in own)
@@ -297,7 +258,7 @@ def format_state(
 async def _show(args: argparse.Namespace, out: Out) -> int:
     import msgspec
 
-    from reactive.errors import NotFoundError
+    from reactive.cli.executions import find_execution, timers_due
     from reactive.subjects import is_valid_execution_id
 
     wanted: str = args.id
@@ -320,16 +281,9 @@ async def _show(args: argparse.Namespace, out: Out) -> int:
             if not found:
                 raise no_workflows_error(url, args.meta_bucket)
             candidates = [found[k] for k in sorted(found)]
-        hits: list[tuple[WorkflowInfo, bytes]] = []
-        for info in candidates:
-            try:
-                entry = await backend.kv_get(info.bucket, f"{info.key_prefix}{exec_id}")
-            except NotFoundError:
-                continue
-            if entry is not None:
-                hits.append((info, entry.value))
+        hits = await find_execution(backend, candidates, exec_id)
         timers = (
-            await _timers_due(
+            await timers_due(
                 backend, args.timer_stream, hits[0][0], f"{hits[0][0].key_prefix}{exec_id}"
             )
             if len(hits) == 1 and not args.json
@@ -354,31 +308,6 @@ async def _show(args: argparse.Namespace, out: Out) -> int:
     for line in format_state(key, info.id, state, timers=timers):
         out(line)
     return 0
-
-
-async def _timers_due(
-    backend: NatsBackend, stream: str, info: WorkflowInfo, key: str
-) -> list[tuple[str, datetime]]:
-    """The execution's timers pending in NATS: the schedules its engines left on the timer
-    stream (one per kind; a fired one is gone), each with its time."""
-    import nats.js.errors
-
-    from reactive.backends.base import SCHEDULE_HEADER
-
-    kinds = ["deadline", "task", "tick", "grace"] + [f"cool-{r.id}" for r in info.rules]
-    js = backend.nc.jetstream()
-    found: list[tuple[str, datetime]] = []
-    for kind in kinds:
-        subject = f"reactive.timer.at.{info.id}.{kind}.{info.bucket}.{key}"
-        try:
-            msg = await js.get_last_msg(stream, subject)
-        except (nats.js.errors.NotFoundError, nats.js.errors.APIError):
-            continue  # none pending (or no timer stream at all)
-        spec = (msg.headers or {}).get(SCHEDULE_HEADER, "")
-        at = parse_time(spec.removeprefix("@at ")) if spec.startswith("@at ") else None
-        if at is not None:
-            found.append((kind, at))
-    return found
 
 
 def cmd_show(args: argparse.Namespace) -> int:

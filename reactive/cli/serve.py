@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from reactive.backends.partitions import MAX_PARTITIONS
 from reactive.cli.common import (
     DEFAULT_DATA_DIR,
+    DEFAULT_META_BUCKET,
     URL_ENV,
     URL_FILE,
     CLIError,
@@ -42,6 +43,7 @@ from reactive.cli.embedded import DEFAULT_NATS_PORT, PORT_FILE, start_embedded
 from reactive.cli.logfmt import configure_logging
 from reactive.cli.metrics_server import MetricsServer
 from reactive.cli.startup import GaveUp, prepare, setup_steps, start_engine
+from reactive.cli.ui import add_ui_args, ui_server
 
 if TYPE_CHECKING:
     from reactive import NatsBackend
@@ -72,6 +74,7 @@ async def _serve(
     url: str,
     metrics: MetricsServer | None,
     state: dict[str, Any],
+    ui: Any = None,
 ) -> int:
     import anyio
 
@@ -140,6 +143,8 @@ async def _serve(
                         f"(--startup-timeout): {e}",
                         e.hints,
                     ) from None
+                if ui is not None:
+                    tg.start_soon(ui.run, backend, DEFAULT_META_BUCKET, stop)
                 started = time.monotonic()
                 with anyio.move_on_after(30.0) as waiting:
                     while not engine.ready and not stop.is_set():
@@ -207,9 +212,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return False, "starting"
         return True, "ok"
 
+    ui = ui_server(args.ui_host, args.ui_port, args) if args.ui_port is not None else None
     metrics: MetricsServer | None = None
-    if args.metrics_port:
-        metrics = MetricsServer(args.metrics_host, args.metrics_port, is_ready)
+    try:
+        if args.metrics_port:
+            metrics = MetricsServer(args.metrics_host, args.metrics_port, is_ready)
+    except CLIError:
+        if ui is not None:
+            ui.close()
+        raise
 
     server: NatsServer | None = None
     url_file: Path | None = None
@@ -230,6 +241,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 + (" (on every interface)" if metrics.host in ("", "0.0.0.0", "::") else ""),
                 flush=True,
             )
+        if ui is not None:
+            print(
+                f"web view on {ui.url}/"
+                + (" (actions on)" if args.allow_actions else " (read-only)"),
+                flush=True,
+            )
         tracing = configure_from_env()
         log.info(
             "serving workflows=%s nats=%s replicas=%d tracing=%s",
@@ -238,8 +255,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.replicas,
             "on" if tracing else "off",
         )
-        return anyio.run(_serve, args, workflows, url, metrics, state)
+        return anyio.run(_serve, args, workflows, url, metrics, state, ui)
     finally:
+        if ui is not None:
+            ui.close()
         if metrics is not None:
             metrics.stop()
         if server is not None:
@@ -338,6 +357,7 @@ def add_parser(commands: Subcommands) -> None:
             "machine only; 0.0.0.0 for every interface, e.g. for a scraper in another container)"
         ),
     )
+    add_ui_args(serve, "web view (`ui` serves it alone)", ("--ui-host", "--ui-port"), None)
     ops.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),

@@ -11,14 +11,13 @@ import argparse
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reactive.cli.common import (
     TERMINAL,
-    CLIError,
     LoadError,
     Out,
     UsageError,
@@ -105,57 +104,22 @@ def _from_code(target: str) -> _Target:
     return _Target(describe_workflow(d), d)
 
 
-def _check_announced(info: WorkflowInfo, what: str, value: Any) -> None:
-    """The input against the JSON Schema the engine announced: every problem named at once."""
-    from reactive.cli.schema import problems
+def _decoded(kind: Any, raw: bytes, what: str) -> Any:
+    """The input decoded as the code does; a UsageError naming ``what`` if it does not fit."""
+    from reactive.codecs import decode
+    from reactive.errors import DecodeError
 
-    if info.input_schema is None:
-        return  # announced by an engine that describes no input (older, or raw bytes)
-    found = problems(info.input_schema, value)
-    if found:
-        raise UsageError(
-            f"the input is not a valid {what} for {info.id}; nothing was started", found
-        )
-
-
-def _schema_title(info: WorkflowInfo, default: str) -> str:
-    schema = info.input_schema or {}
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/$defs/"):
-        target = (schema.get("$defs") or {}).get(ref[len("#/$defs/") :]) or {}
-        return str(target.get("title") or default)
-    return str(schema.get("title") or default)
-
-
-def _announced_id(info: WorkflowInfo, message: Any) -> str | None:
-    """The execution id the start rule derives from ``message``, if the announcement says which
-    field it is (None: only the code knows)."""
-    from reactive.subjects import is_valid_execution_id
-
-    field = info.id_field
-    if not field or not isinstance(message, dict):
-        return None
-    if field in message:
-        value = message[field]
-    else:  # a field with a default: the schema has it
-        schema = info.input_schema or {}
-        ref = str(schema.get("$ref") or "")
-        body = (schema.get("$defs") or {}).get(ref[len("#/$defs/") :], schema)
-        value = ((body.get("properties") or {}).get(field) or {}).get("default")
-    if not isinstance(value, str) or not is_valid_execution_id(value):
-        raise UsageError(
-            f"the start rule of {info.id} takes the execution id from the input's {field!r}, "
-            f"and {value!r} is not one (letters, digits, '-', '_'); nothing was started"
-        )
-    return value
+    try:
+        return decode(kind, raw)
+    except DecodeError as e:
+        raise UsageError(f"the input is not a valid {what}: {e}; nothing was started") from e
 
 
 async def _start(args: argparse.Namespace, out: Out) -> int:
-    import msgspec
-
+    from reactive.cli.executions import check_start, start_action
     from reactive.cli.loading import is_target
-    from reactive.codecs import decode, encode_json
-    from reactive.errors import ConflictError, DecodeError, InvalidExecutionId
+    from reactive.codecs import encode_json
+    from reactive.errors import InvalidExecutionId
     from reactive.subjects import validate_execution_id
 
     raw = _read_input(args.input)
@@ -176,20 +140,14 @@ async def _start(args: argparse.Namespace, out: Out) -> int:
             target = _Target(info, None)
         info, d = target.info, target.definition
 
-        action: Callable[[], Awaitable[None]]
+        value = raw
         if info.start_subject:
             # Started by a message: publish the input where the start rule listens.
             if d is not None:
                 from reactive.compiled import TriggerMode
 
                 starter = next(r for r in d.rules if r.mode is TriggerMode.MESSAGE_AND_STATE)
-                try:
-                    message = decode(starter.message_type, raw)
-                except DecodeError as e:
-                    raise UsageError(
-                        f"the input is not a valid message for {starter.id}: {e}; "
-                        "nothing was started"
-                    ) from e
+                message = _decoded(starter.message_type, raw, f"message for {starter.id}")
                 assert starter.state_key is not None
                 try:
                     derived: str | None = validate_execution_id(starter.state_key(message))
@@ -198,9 +156,7 @@ async def _start(args: argparse.Namespace, out: Out) -> int:
                         f"the start rule {starter.id} derives no valid execution id from the input: {e}"
                     ) from e
             else:
-                fields = msgspec.json.decode(raw)
-                _check_announced(info, _schema_title(info, "start message"), fields)
-                derived = _announced_id(info, fields)
+                derived, _ = check_start(info, raw, None)
                 if derived is None and exec_id is not None:
                     raise UsageError(
                         f"cannot check --id {exec_id} for {info.id}: its start rule computes the "
@@ -224,61 +180,15 @@ async def _start(args: argparse.Namespace, out: Out) -> int:
                     "comes from the message (the start rule's state_key), which only the code knows",
                     ["to --wait, name the code: start module:Workflow (or path/file.py:Workflow)"],
                 )
-            where = f"published to {info.start_subject}"
-
-            async def publish() -> None:
-                if info.start_stream:
-                    await backend.ensure_stream(info.start_stream, [info.start_subject])
-                await backend.publish(
-                    info.start_subject, raw, msg_id=f"reactive-cli-start-{uuid.uuid4().hex}"
-                )
-
-            action = publish
-        else:
+        elif d is not None:
             # Started by its first state: write it, initialized as Engine.start_execution does.
             exec_id = exec_id or uuid.uuid4().hex[:12]
-            key = f"{info.key_prefix}{exec_id}"
-            now = time.time()
-            if d is not None:
-                try:
-                    state = decode(d.state_type, raw)
-                except DecodeError as e:
-                    raise UsageError(
-                        f"the input is not a valid {d.state_type.__name__} state: {e}; "
-                        "nothing was started"
-                    ) from e
-                state.initialize(exec_id, d.id, now, d.timeout)
-                value = encode_json(state)
-            else:
-                fields = msgspec.json.decode(raw)
-                if not isinstance(fields, dict):
-                    raise UsageError(
-                        "the input must be a JSON object (the execution's first state)"
-                    )
-                _check_announced(info, _schema_title(info, "first state"), fields)
-                created = datetime.fromtimestamp(now, UTC)
-                fields.update(
-                    id=exec_id,
-                    workflow_id=info.id,
-                    status="running",
-                    created_at=created,
-                    updated_at=created,
-                )
-                if info.timeout:
-                    fields["deadline"] = datetime.fromtimestamp(now + info.timeout, UTC)
-                else:
-                    fields.pop("deadline", None)
-                value = msgspec.json.encode(fields)
-            where = f"first state written to {info.bucket}/{key}"
-
-            async def create() -> None:
-                await backend.ensure_bucket(info.bucket)
-                try:
-                    await backend.kv_create(info.bucket, key, value)
-                except ConflictError:
-                    raise CLIError(f"execution {key} already exists (see: show {key})") from None
-
-            action = create
+            state = _decoded(d.state_type, raw, f"{d.state_type.__name__} state")
+            state.initialize(exec_id, d.id, time.time(), d.timeout)
+            value = encode_json(state)
+        else:
+            exec_id, value = check_start(info, raw, exec_id)
+        where, action = start_action(backend, info, exec_id, value)
 
         if exec_id is None:
             await action()

@@ -159,6 +159,7 @@ class WorkflowInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     on_complete: str = ""
     on_fail: str = ""
     on_escalate: str = ""
+    on_cancel: str = ""
     callback_prefix: str = ""
     start_subject: str = ""
     start_stream: str = ""
@@ -168,6 +169,8 @@ class WorkflowInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     # code knows: see reactive.meta.inputs).
     input_schema: dict[str, Any] | None = None
     id_field: str = ""
+    # The rules as a Mermaid flowchart (reactive.graph), for the web view ("" if not drawn).
+    graph: str = ""
 
 
 def describe_workflow(d: WorkflowDef, callback_prefix: str = "reactive.callback") -> WorkflowInfo:
@@ -187,6 +190,7 @@ def describe_workflow(d: WorkflowDef, callback_prefix: str = "reactive.callback"
         on_complete=d.on_complete,
         on_fail=d.on_fail,
         on_escalate=d.on_escalate,
+        on_cancel=d.on_cancel,
         callback_prefix=f"{callback_prefix}.{d.id}",
         start_subject=starter.subject if starter else "",
         start_stream=(starter.stream or "") if starter else "",
@@ -211,4 +215,15 @@ def describe_workflow(d: WorkflowDef, callback_prefix: str = "reactive.callback"
         ],
         input_schema=input_schema(starter.message_type if starter else d.state_type),
         id_field=id_field(starter.state_key, starter.message_type) if starter else "",
+        graph=_graph(d),
     )
+
+
+def _graph(d: WorkflowDef) -> str:
+    """The workflow's Mermaid flowchart, or "" where its source cannot be read."""
+    from reactive.graph import mermaid
+
+    try:
+        return mermaid(d)
+    except Exception:  # drawn from the methods' source: never a reason not to announce
+        return ""
