@@ -91,6 +91,17 @@ def own_fields(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state.items() if k not in _BASE_FIELDS}
 
 
+def child_of(info: WorkflowInfo, state: dict[str, Any]) -> tuple[str, str] | None:
+    """The child execution (workflow, id) that the pending task is, for a ``child=`` rule's."""
+    from reactive.runtime.children import child_id
+
+    task, rule_id = state.get("pending_task_id"), state.get("pending_rule_id")
+    rule = next((r for r in info.rules if r.id == rule_id), None) if task else None
+    if rule is None or not rule.child:
+        return None
+    return rule.child, child_id(str(task))
+
+
 def pending_task(state: dict[str, Any], now: float) -> str:
     """The pending task: its id and rule, since when, its deadline and attempt; ``-`` if none."""
     if state.get("pending_task_id"):

@@ -180,16 +180,20 @@ def format_state(
     state: dict[str, Any],
     now: float | None = None,
     timers: Sequence[tuple[str, datetime]] = (),
+    child: tuple[str, str] | None = None,
 ) -> list[str]:
     """One execution, readable: a header, the workflow's own fields, the timeline as a table.
 
-    ``timers``: its schedules pending in NATS (kind, when), as ``show`` found them.
+    ``timers``: its schedules pending in NATS (kind, when), as ``show`` found them (none
+    is due once it has ended); ``child``: the child execution its pending task is.
     """
     now = time.time() if now is None else now
     created = parse_time(state.get("created_at"))
     updated = parse_time(state.get("updated_at"))
     completed = parse_time(state.get("completed_at"))
     pending = pending_task(state, now)
+    if child is not None:
+        pending += f" · child {child[0]}.{child[1]}"
 
     def ago(t: datetime | None) -> str:
         return "-" if t is None else f"{format_time(t)} ({age_of(t, now)} ago)"
@@ -217,7 +221,7 @@ def format_state(
     if completed is not None:
         header.append(("completed", ago(completed)))
     header += [("deadline", deadline_text(state, now)), ("age", age_of(created, now))]
-    if timers:
+    if timers and str(state.get("status")) not in TERMINAL:
         header.append(
             ("timers due", ", ".join(f"{kind} {format_time(at)}" for kind, at in sorted(timers)))
         )
@@ -258,7 +262,7 @@ def format_state(
 async def _show(args: argparse.Namespace, out: Out) -> int:
     import msgspec
 
-    from reactive.cli.executions import find_execution, timers_due
+    from reactive.cli.executions import child_of, find_execution, timers_due
     from reactive.subjects import is_valid_execution_id
 
     wanted: str = args.id
@@ -305,7 +309,8 @@ async def _show(args: argparse.Namespace, out: Out) -> int:
     state = decode_state(value)
     if state is None:
         raise CLIError(f"{key}: the stored value is not a JSON object (see --json)")
-    for line in format_state(key, info.id, state, timers=timers):
+    child = child_of(info, state)
+    for line in format_state(key, info.id, state, timers=timers, child=child):
         out(line)
     return 0
 

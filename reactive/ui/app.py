@@ -42,6 +42,7 @@ from reactive.cli.common import (
 )
 from reactive.cli.executions import (
     check_start,
+    child_of,
     deadline_text,
     find_execution,
     own_fields,
@@ -281,15 +282,16 @@ def create_app(config: UIConfig) -> Starlette:
         except _Refused as e:
             return refused(request, e)
         now = time.time()
+        status = str(state.get("status") or "pending")
         timers: list[tuple[str, datetime]] = []
-        if hasattr(config.backend, "nc"):  # the timer stream is read on a NATS connection
+        # (An ended execution's schedules that remain fire into nothing: none is due.)
+        if hasattr(config.backend, "nc") and status not in TERMINAL:
             timers = await timers_due(
                 config.backend,  # type: ignore[arg-type]
                 config.timer_stream,
                 info,
                 f"{info.key_prefix}{exec_id}",
             )
-        status = str(state.get("status") or "pending")
         timeline = [e for e in state.get("timeline") or [] if isinstance(e, dict)]
         steps = []
         previous: datetime | None = None
@@ -309,6 +311,7 @@ def create_app(config: UIConfig) -> Starlette:
             own=own_fields(state),
             steps=steps,
             pending=pending_task(state, now),
+            child=child_of(info, state),
             deadline=deadline_text(state, now),
             timers=sorted(timers),
             events=_lifecycle(info, state, timeline, await _delivered(config, info, exec_id)),

@@ -87,3 +87,18 @@ def test_show_prints_the_parent_of_a_child_execution() -> None:
     assert _line(format_state("ship.t", "ship", child, now=NOW), "parent").split(None, 1)[1] == (
         "orders.o1 (rule ship)"
     )
+
+
+def test_show_prints_the_child_of_a_pending_task_and_no_timers_once_ended() -> None:
+    waiting = {**_state("waiting"), "pending_task_id": "t-1", "pending_rule_id": "ship"}
+    pending = _line(
+        format_state("wf.e1", "wf", waiting, now=NOW, child=("ship", "t-1")), "pending task"
+    )
+    assert pending.endswith(" · child ship.t-1")
+    timers = [("deadline", datetime(2026, 1, 1, 13, 0, tzinfo=UTC))]
+    assert any(
+        line.startswith("timers due")
+        for line in format_state("wf.e1", "wf", _state("running"), now=NOW, timers=timers)
+    )
+    ended = format_state("wf.e1", "wf", _state("completed"), now=NOW, timers=timers)
+    assert not any(line.startswith("timers due") for line in ended)

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 from partition_contract import wait_for
 
-from reactive import ExecutionState, RuleContext, Workflow, rule
+from reactive import ExecutionState, RuleContext, ScheduledRun, Workflow, rule
 from reactive.backends.base import KVEntry
 from reactive.backends.memory import MemoryBackend
 from reactive.cli.common import CLIError
@@ -365,3 +365,56 @@ async def test_on_loopback_only_the_loopback_names_are_answered() -> None:
     assert ok.status_code == 200 and local.status_code == 200
     assert rebound.status_code == 400 and posted.status_code == 400
     assert not [m for m in backend.published if m.subject.startswith("reactive.callback")]
+
+
+class ShipFlow(Workflow, id="ui-ship", state=Doc, bucket="UI_SHIP"):
+    @rule(watch_kv=True, when=phase_is("booked"), complete=True)
+    def done(self, ctx: RuleContext[Doc, None]) -> None: ...
+
+
+class OrderFlow(Workflow, id="ui-orders", state=Doc, bucket="UI_ORDERS"):
+    @rule(watch_kv=True, when=phase_is("shipping"), child=ShipFlow)
+    def ship(self, ctx: RuleContext[Doc, None]) -> Doc:
+        return Doc()
+
+    @ship.on_result
+    def shipped(self, ctx: RuleContext[Doc, None], result: Doc) -> None:
+        ctx.state.phase = "shipped"
+
+    @rule(schedule="0 2 * * *", mutate=True)
+    def nightly(self, ctx: RuleContext[Doc, ScheduledRun]) -> None:
+        ctx.state.phase = "shipping"
+
+
+async def test_pages_show_schedules_children_and_parents() -> None:
+    async with _view() as (client, backend, index, _):
+        for wf in (ShipFlow, OrderFlow):
+            info = describe_workflow(definition_of(wf))
+            await backend.ensure_bucket(info.bucket)
+            await backend.kv_put(META, workflow_key(info.id), msgspec.json.encode(info))
+        task = "o1-ship-3-0123456789abcdef01234567"
+        waiting = _state(
+            "o1", "waiting", "shipping", 1, pending_task_id=task, pending_rule_id="ship"
+        )
+        await backend.kv_put("UI_ORDERS", "ui-orders.o1", waiting)
+        link = {
+            "workflow": "ui-orders",
+            "id": "o1",
+            "rule_id": "ship",
+            "task_id": task,
+            "callback": "c",
+        }
+        child = _state(task, "running", "", 1, parent=link)
+        await backend.kv_put("UI_SHIP", f"ui-ship.{task}", child)
+        await wait_for(lambda: index.get("ui-ship", task) is not None)
+        workflows = await client.get("/")
+        parent_page = await client.get("/executions/ui-orders/o1")
+        child_page = await client.get(f"/executions/ui-ship/{task}")
+    assert 'schedule <code class="schedule">0 0 2 * * *</code>' in workflows.text
+    assert (
+        'child <a class="child" href="/executions?workflow=ui-ship">ui-ship</a>' in workflows.text
+    )
+    assert f'<a id="child" href="/executions/ui-ship/{task}">' in parent_page.text
+    assert '<a href="/executions/ui-orders/o1">ui-orders / o1</a> (rule <code>ship</code>)' in (
+        child_page.text
+    )
