@@ -219,18 +219,24 @@ class _Stream:
         entry = self.scheduled[stored.subject] = _Schedule(at, stored, target)
         heapq.heappush(self.schedule_heap, entry)
 
-    def unwanted_schedules(self, prefix: str, wanted: Mapping[str, Mapping[str, str]]) -> list[str]:
-        """The schedule subjects under ``prefix`` to remove, or set again, to have ``wanted``."""
+    def held(self, pattern: str, now: float) -> list[tuple[str, bytes, Mapping[str, str]]]:
+        """What it holds on subjects matching ``pattern`` (subject, data, headers), once the
+        schedules due at ``now`` have fired: neither removed nor fired schedules."""
+        self.fire_due(now)
         return [
-            subject
-            for subject, entry in self.scheduled.items()
-            if subject.startswith(prefix) and wanted.get(subject) != entry.stored.headers
+            (m.subject, m.data, m.headers)
+            for m in self.messages
+            if not m.removed and matches_pattern(m.subject, pattern)
         ]
 
-    def unschedule(self, subject: str) -> None:
-        """Remove the schedule of ``subject`` (purged: it does not fire)."""
-        entry = self.scheduled.pop(subject)
-        entry.stored.removed = True
+    def resync(self, prefix: str, wanted: Mapping[str, Mapping[str, str]]) -> list[str]:
+        """Remove the schedules under ``prefix`` that are not ``wanted`` as they are (schedule
+        subject -> headers); the subjects of those wanted still to be set."""
+        for subject, entry in list(self.scheduled.items()):
+            if subject.startswith(prefix) and wanted.get(subject) != entry.stored.headers:
+                del self.scheduled[subject]
+                entry.stored.removed = True  # (purged: it does not fire)
+        return [subject for subject in wanted if subject not in self.scheduled]
 
     def next_schedule(self) -> float | None:
         """When the earliest pending schedule fires (None: none is pending)."""

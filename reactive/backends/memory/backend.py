@@ -337,17 +337,17 @@ class MemoryBackend(_PartitionedBuckets):
         for subject in subjects:
             stream.add_subject(subject)
 
+    def _stream(self, name: str) -> _Stream:
+        s = self._streams.get(name)
+        if s is None:
+            raise NotFoundError(f"stream {name!r} not found")
+        return s
+
     async def sync_schedules(
         self, stream: str, prefix: str, wanted: Mapping[str, Mapping[str, str]]
     ) -> None:
-        s = self._streams.get(stream)
-        if s is None:
-            raise NotFoundError(f"stream {stream!r} not found")
-        for subject in s.unwanted_schedules(prefix, wanted):
-            s.unschedule(subject)
-        for subject, headers in wanted.items():
-            if subject not in s.scheduled:
-                await self.publish(subject, b"", headers=headers)
+        for subject in self._stream(stream).resync(prefix, wanted):
+            await self.publish(subject, b"", headers=wanted[subject])
 
     def next_schedule(self) -> float | None:
         """When the earliest pending message schedule of any stream fires (None: none pending).
@@ -363,15 +363,7 @@ class MemoryBackend(_PartitionedBuckets):
         """The messages a stream holds (subject, data, headers) on ``subject``, for test
         assertions: neither removed (acknowledged from a work queue) nor fired schedules;
         schedules due on the clock have fired."""
-        s = self._streams.get(stream)
-        if s is None:
-            raise NotFoundError(f"stream {stream!r} not found")
-        s.fire_due(self.clock.now())
-        return [
-            (m.subject, m.data, m.headers)
-            for m in s.messages
-            if not m.removed and matches_pattern(m.subject, subject)
-        ]
+        return self._stream(stream).held(subject, self.clock.now())
 
     async def publish(
         self,
@@ -449,9 +441,7 @@ class MemoryBackend(_PartitionedBuckets):
         self, stream: str, durable: str, filter_subject: str, *, ack_wait: float = 30.0
     ) -> AsyncIterator[AsyncIterator[InboundMessage]]:
         self._check_open()
-        s = self._streams.get(stream)
-        if s is None:
-            raise NotFoundError(f"stream {stream!r} not found")
+        s = self._stream(stream)
         _check_name(durable, "durable")
         reason = validate_subject(filter_subject)
         if reason is not None:
