@@ -23,7 +23,9 @@ __all__ = ["GaveUp", "failure_hints", "prepare", "setup_steps"]
 log = logging.getLogger("reactive.serve")
 
 _FIRST_RETRY = 0.25  # seconds; doubled after each failure, up to _MAX_RETRY
-_MAX_RETRY = 5.0
+# (What fails at start is mostly a cluster electing leaders, over in seconds: a retry
+# each second finds the new leader within a second of its election.)
+_MAX_RETRY = 1.0
 
 
 class GaveUp(Exception):

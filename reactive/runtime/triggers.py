@@ -78,6 +78,9 @@ class Triggers:
 
     def stop(self) -> None:
         self.tg = None
+        # (A start that failed half-way left triggers begun and never set up: the next
+        # start counts its own, or the engine would never be ready.)
+        self.ready_count = self.expected_ready = 0
         self.partitions.clear()
         self._partitions_started.clear()
         self._sub_started.clear()
