@@ -36,6 +36,7 @@ __all__ = [
     "run_id",
     "run_subject",
     "schedule_headers_of",
+    "schedule_subject",
     "scheduled_run",
 ]
 
@@ -83,7 +84,13 @@ def run_id(run: ScheduledRun) -> str:
 
 
 def run_subject(workflow_id: str, rule_id: str) -> str:
+    """Where a scheduled rule's runs are stored."""
     return f"{RUN_PREFIX}.{workflow_id}.{rule_id}"
+
+
+def schedule_subject(workflow_id: str, rule_id: str) -> str:
+    """Where a scheduled rule's repeating schedule is kept."""
+    return f"{SCHEDULE_PREFIX}.{workflow_id}.{rule_id}"
 
 
 def compile_schedule(

@@ -30,7 +30,13 @@ from reactive.backends.base import (
 from reactive.backends.partitions import key_depths, partition_of
 from reactive.codecs import decode, encode_json
 from reactive.dsl.definition import TriggerMode
-from reactive.dsl.schedule import RUN_PREFIX, SCHEDULE_PREFIX, schedule_headers_of, scheduled_run
+from reactive.dsl.schedule import (
+    RUN_PREFIX,
+    SCHEDULE_PREFIX,
+    schedule_headers_of,
+    schedule_subject,
+    scheduled_run,
+)
 from reactive.errors import (
     BackendError,
     ConnectionLostError,
@@ -149,20 +155,20 @@ class Triggers:
                 f"callback consumer for {d.id}", functools.partial(self._run_callbacks, bound)
             )
         if d.id not in self._timers_started:
-            self._timers_started.add(d.id)
             await self.ensure_timer_stream()
             # Its scheduled rules' schedules (those of rules it no longer has are removed).
             await self.backend.sync_schedules(
                 opts.timer_stream,
                 f"{SCHEDULE_PREFIX}.{d.id}.",
                 {
-                    f"{SCHEDULE_PREFIX}.{d.id}.{r.id}": schedule_headers_of(
+                    schedule_subject(d.id, r.id): schedule_headers_of(
                         d.id, r.id, r.schedule, r.schedule_tz
                     )
                     for r in d.rules
                     if r.schedule
                 },
             )
+            self._timers_started.add(d.id)
             self._start(f"timer consumer for {d.id}", functools.partial(self._run_timers, bound))
 
     # ------------------------------------------------------------------ supervision
