@@ -1,6 +1,7 @@
-"""The class pass, for an async rule's failures and a timer rule's time: its handlers, its
-timeout, its retry policy, and ``after`` / ``every``. Each mistake is reported through
-``bad`` (the class pass raises them all together)."""
+"""The class pass, for an async rule's task and a timer rule's time: the workflow a
+``child=`` rule's tasks are executions of, the failure handlers, the timeout, the retry
+policy, and ``after`` / ``every``. Each mistake is reported through ``bad`` (the class pass
+raises them all together)."""
 
 from __future__ import annotations
 
