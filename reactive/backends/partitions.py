@@ -31,6 +31,8 @@ __all__ = [
     "partition_of",
     "partitioned_stream",
     "presence_consumer",
+    "source_consumer",
+    "source_deliver_subject",
     "source_transforms",
 ]
 
@@ -83,6 +85,17 @@ def partitioned_stream(bucket: str, group: str = "") -> str:
     first, so no two (group, bucket) pairs share a name.
     """
     return f"KVPART_{len(group)}_{group}_{bucket}" if group else f"KVPART_{bucket}"
+
+
+def source_consumer(bucket: str, group: str = "") -> str:
+    """The durable consumer on the bucket's own stream that feeds its partitioned stream
+    (durable sourcing, ADR-60): named as the partitioned stream it feeds."""
+    return partitioned_stream(bucket, group)
+
+
+def source_deliver_subject(bucket: str, group: str = "") -> str:
+    """Where :func:`source_consumer` delivers (the partitioned stream's server takes it)."""
+    return f"_REACTIVE.SRC.{partitioned_stream(bucket, group)}"
 
 
 def consumer_name(partition: int) -> str:

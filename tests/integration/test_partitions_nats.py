@@ -24,6 +24,7 @@ from reactive.backends.nats import NatsBackend
 from reactive.backends.partitions import (
     PRIORITY_GROUP,
     consumer_name,
+    kv_revision,
     partition_of,
     partitioned_stream,
     presence_consumer,
@@ -99,10 +100,13 @@ async def test_the_server_places_every_key_where_partition_of_says(nats_url: str
         await wait_for(all_in)
         placed = {s.split(".", 3)[3]: int(s.split(".", 1)[0]) for s in await subjects()}
         assert placed == {key: partition_of(key, N) for key in keys}
-        # The header naming the source carries the KV revision as its second token.
+        # The header naming the source (the bucket's stream and its durable consumer)
+        # carries the KV revision as its second token.
         msg = await b.nc.jetstream().get_msg(stream, 1)
         assert msg.headers is not None
-        assert msg.headers["Nats-Stream-Source"].startswith(f"KV_{bucket} 1 ")
+        origin, revision, _ = msg.headers["Nats-Stream-Source"].split(" ", 2)
+        assert (origin.split(":C=")[0], revision) == (f"KV_{bucket}", "1")
+        assert kv_revision(msg.headers["Nats-Stream-Source"]) == 1
 
 
 async def test_a_pull_gets_the_pin_and_a_wrong_pin_gets_423(nats_url: str) -> None:

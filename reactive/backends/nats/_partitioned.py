@@ -27,6 +27,7 @@ JetStream's JSON API here (``_api``); the pulling is in ``_partition_puller``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Collection
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -47,6 +48,8 @@ from reactive.backends.partitions import (
     consumer_name,
     partitioned_stream,
     presence_consumer,
+    source_consumer,
+    source_deliver_subject,
     source_transforms,
 )
 from reactive.errors import BackendError, NotFoundError, PartitionCountError
@@ -56,9 +59,14 @@ if TYPE_CHECKING:
 
 __all__ = ["_PartitionedBuckets"]
 
+log = logging.getLogger("reactive.backends.nats")  # one logger for the whole backend
+
 _STREAM_NAME_IN_USE: Final = 10058
 _NANOS: Final = 1_000_000_000
 _SOURCE_WAIT: Final = 10.0
+# The source consumer's flow-control window: what it sends before the partitioned stream
+# confirms it stored it (and what a new leader may send again after a node's loss).
+_SOURCE_WINDOW: Final = 10_000
 _PARTITION_COUNT: Final = re.compile(r"\{\{\s*partition\(\s*(\d+)")
 
 
@@ -125,6 +133,107 @@ async def _sourcing(backend: NatsBackend, stream: str, what: str) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _ensure_source_consumer(
+    backend: NatsBackend, origin: str, source: dict[str, Any], what: str
+) -> None:
+    """Create (or bring up to date) the durable consumer on the bucket's stream that feeds
+    the partitioned stream (durable sourcing, ADR-60, nats-server 2.14+).
+
+    It is replicated as the bucket is, so when the node leading the bucket dies the
+    consumer's new leader goes on delivering where it stood: the server's own ephemeral
+    source consumer lives on the bucket's leader only, and the partitioned stream sets it
+    up again only after a health check of 10 s and a backoff of 10 s or more (changes
+    stopped reaching the partitions for 8-45 s; ``benchmarks/source_failover.py``).
+    Acknowledged by flow control (``flow_control``: the partitioned stream answers once
+    it stored what came), filtered on the transforms' subjects.
+    """
+    consumer = source["consumer"]
+    config = {
+        "durable_name": consumer["name"],
+        "deliver_subject": consumer["deliver_subject"],
+        "deliver_policy": "all",
+        "ack_policy": "flow_control",
+        "flow_control": True,
+        "idle_heartbeat": _NANOS,  # (flow-controlled sourcing wants exactly 1 s)
+        "max_ack_pending": _SOURCE_WINDOW,
+        "max_deliver": -1,
+        "filter_subjects": [t["src"] for t in source["subject_transforms"]],
+        "description": "feeds the partitions of the reactive engines (durable sourcing)",
+    }
+    await _api(
+        backend,
+        f"CONSUMER.CREATE.{origin}.{consumer['name']}",
+        {"stream_name": origin, "config": config},
+        what,
+    )
+
+
+async def _create_stream(
+    backend: NatsBackend,
+    bucket: str,
+    stream: str,
+    source: dict[str, Any],
+    partitions: int,
+    what: str,
+) -> None:
+    config = {
+        "name": stream,
+        "retention": "workqueue",
+        "storage": "file",
+        "num_replicas": backend._replicas,
+        "subjects": [],
+        "sources": [source],
+    }
+    try:
+        await _api(backend, f"STREAM.CREATE.{stream}", config, what)
+    except BackendError as exc:
+        if not isinstance(exc.__cause__, nats.js.errors.APIError) or (
+            exc.__cause__.err_code != _STREAM_NAME_IN_USE
+        ):
+            raise
+        # Another process made it meanwhile, maybe for other key depths.
+        info = await _api(backend, f"STREAM.INFO.{stream}", None, what)
+        await _update_stream(backend, bucket, stream, info, source, partitions, what)
+
+
+async def _update_stream(
+    backend: NatsBackend,
+    bucket: str,
+    stream: str,
+    info: dict[str, Any],
+    source: dict[str, Any],
+    partitions: int,
+    what: str,
+) -> None:
+    """Check an existing partitioned stream; take in the key depths of ``source`` if
+    they changed (the changes already taken in stay; the others come from now on)."""
+    found = _partition_count(info)
+    if found is None:
+        raise BackendError(f"{what}: a stream {stream} exists and is not a partitioned bucket's")
+    if found != partitions:
+        raise PartitionCountError(bucket, found, partitions)
+    existing = info.get("config", {})
+    sources = existing.get("sources") or [{}]
+    if sources[0].get("consumer") is None:
+        # Made before durable sourcing: its position lives in the server's source state,
+        # which a durable consumer cannot be told; it is kept (and fails over slowly).
+        log.warning(
+            "%s: %s sources the bucket without a durable consumer: a node's loss stalls it "
+            "for 10 s or more; delete it while no engine runs to have it made again",
+            what,
+            stream,
+        )
+        if sources[0].get("subject_transforms") != source["subject_transforms"]:
+            transforms = source["subject_transforms"]
+            existing["sources"] = [{**sources[0], "subject_transforms": transforms}]
+            await _api(backend, f"STREAM.UPDATE.{stream}", existing, what)
+        return
+    if len(sources) != 1 or any(sources[0].get(k) != v for k, v in source.items()):
+        await _ensure_source_consumer(backend, source["name"], source, what)
+        existing["sources"] = [source]
+        await _api(backend, f"STREAM.UPDATE.{stream}", existing, what)
+
+
 class _PartitionedBuckets:
     """The partitioned-bucket part of ``NatsBackend`` (see the module's docstring)."""
 
@@ -147,37 +256,23 @@ class _PartitionedBuckets:
         stream = partitioned_stream(bucket, group)
         what = f"partition {bucket}"
         transforms = source_transforms(bucket, partitions, depths)
-        config = {
-            "name": stream,
-            "retention": "workqueue",
-            "storage": "file",
-            "num_replicas": backend._replicas,
-            "subjects": [],
-            "sources": [{"name": kv._stream, "subject_transforms": transforms}],
+        source = {
+            "name": kv._stream,
+            "subject_transforms": transforms,
+            "consumer": {
+                "name": source_consumer(bucket, group),
+                "deliver_subject": source_deliver_subject(bucket, group),
+            },
         }
         try:
-            await _api(backend, f"STREAM.CREATE.{stream}", config, what)
-        except BackendError as exc:
-            if not isinstance(exc.__cause__, nats.js.errors.APIError) or (
-                exc.__cause__.err_code != _STREAM_NAME_IN_USE
-            ):
-                raise
-            # It exists with another configuration: fine if it has this many partitions.
             info = await _api(backend, f"STREAM.INFO.{stream}", None, what)
-            found = _partition_count(info)
-            if found is None:
-                raise BackendError(
-                    f"{what}: a stream {stream} exists and is not a partitioned bucket's"
-                ) from None
-            if found != partitions:
-                raise PartitionCountError(bucket, found, partitions) from None
-            existing = info.get("config", {})
-            sources = existing.get("sources") or []
-            if [s.get("subject_transforms") for s in sources] != [transforms]:
-                # Other key depths (the workflow's patterns changed): the source takes
-                # these in from now on; the changes already taken in stay.
-                existing["sources"] = [{**sources[0], "subject_transforms": transforms}]
-                await _api(backend, f"STREAM.UPDATE.{stream}", existing, what)
+        except NotFoundError:
+            info = None
+        if info is None:
+            await _ensure_source_consumer(backend, kv._stream, source, what)
+            await _create_stream(backend, bucket, stream, source, partitions, what)
+        else:
+            await _update_stream(backend, bucket, stream, info, source, partitions, what)
         consumers = [
             {
                 "durable_name": consumer_name(p),
