@@ -16,6 +16,7 @@ import pytest
 from nats.js.api import StreamInfo
 
 from reactive.backends.nats import NatsBackend
+from reactive.backends.partitions import source_consumer
 from reactive.errors import ConflictError, TransientBackendError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -124,3 +125,44 @@ async def test_an_r3_bucket_answers_through_a_node_kill_and_restart(
     entry = await until(lambda: backend.kv_get(BUCKET, "a.1"), lambda e: e is not None)
     assert entry is not None and (entry.value, entry.revision) == (b"three", rev)
     assert await until(lambda: backend.kv_keys(BUCKET), bool) == ["a.1"]
+
+
+@pytest.mark.timeout(120)
+async def test_the_partitions_take_the_changes_through_the_loss_of_the_bucket_s_leader(
+    cluster: NatsCluster, backend: NatsBackend
+) -> None:
+    await backend.ensure_bucket(BUCKET)
+    js = backend.nc.jetstream()
+
+    async def info() -> StreamInfo:
+        return await js.stream_info(f"KV_{BUCKET}")
+
+    first = await until(info, all_current)
+    await backend.ensure_partitioned(BUCKET, 4, group="g", pin_timeout=2.0, ack_wait=4.0)
+    # What feeds the partitions is a consumer of the bucket replicated as the bucket is:
+    # its new leader goes on where it stood (the server's own source consumer lived on
+    # the bucket's leader only, and came back 10-45 s after it died).
+    feed = await js.consumer_info(f"KV_{BUCKET}", source_consumer(BUCKET, "g"))
+    assert feed.cluster is not None and len(feed.cluster.replicas or []) == 2
+    got: list[tuple[str, bytes]] = []
+
+    async def consume() -> None:
+        async with backend.consume_partitions(BUCKET, 4, group="g") as changes:
+            async for change in changes:
+                got.append((change.entry.key, change.entry.value))
+                await change.ack()
+
+    async def taken() -> list[tuple[str, bytes]]:
+        return got
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        await backend.kv_put(BUCKET, "a.1", b"one")
+        await until(taken, lambda g: ("a.1", b"one") in g)
+
+        assert first.cluster is not None and first.cluster.leader is not None
+        cluster.kill(int(first.cluster.leader.removeprefix("n")))
+        await until(lambda: backend.kv_put(BUCKET, "a.2", b"two"), lambda r: r > 0, timeout=60)
+        await until(taken, lambda g: ("a.2", b"two") in g, timeout=60)
+        assert got.count(("a.1", b"one")) == 1
+        tg.cancel_scope.cancel()

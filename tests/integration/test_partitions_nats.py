@@ -28,6 +28,9 @@ from reactive.backends.partitions import (
     partition_of,
     partitioned_stream,
     presence_consumer,
+    source_consumer,
+    source_deliver_subject,
+    source_transforms,
 )
 from reactive.backends.server import NatsServer
 from reactive.errors import ConnectionLostError
@@ -78,6 +81,82 @@ async def test_ensure_partitioned_returns_once_the_server_sources_the_bucket(
         info = await api(b, f"STREAM.INFO.{partitioned_stream(bucket)}")
         [source] = info["sources"]  # type: ignore[misc]
         assert source["active"] >= 0
+
+
+async def test_a_replicated_durable_consumer_of_the_bucket_feeds_the_partitions(
+    nats_url: str,
+) -> None:
+    # Durable sourcing (ADR-60): the position lives in a consumer of the bucket's stream,
+    # replicated as the bucket is, not in the server's ephemeral source consumer (which
+    # lives on the bucket's leader only and is set up again 10-45 s after it dies).
+    async with NatsBackend(nats_url) as b:
+        bucket = uid("pb")
+        await b.ensure_bucket(bucket)
+        await b.ensure_partitioned(bucket, N, depths={2, 3}, pin_timeout=PIN_TIMEOUT)
+        stream = partitioned_stream(bucket)
+        [source] = (await api(b, f"STREAM.INFO.{stream}"))["config"]["sources"]  # type: ignore[index]
+        assert source["consumer"] == {
+            "name": source_consumer(bucket),
+            "deliver_subject": source_deliver_subject(bucket),
+        }
+        info = await api(b, f"CONSUMER.INFO.KV_{bucket}.{source_consumer(bucket)}")
+        config = info["config"]
+        assert isinstance(config, dict)
+        assert (config["durable_name"], config["ack_policy"], config["deliver_policy"]) == (
+            source_consumer(bucket),
+            "flow_control",
+            "all",
+        )
+        assert config["filter_subjects"] == [f"$KV.{bucket}.*.*", f"$KV.{bucket}.*.*.*"]
+        # Other depths: the consumer's filters follow the stream's transforms; what was
+        # taken in is not taken again (the consumer keeps its place).
+        await b.kv_put(bucket, "a.b", b"1")
+        await wait_for(lambda: stream_messages(b, stream, 1))
+        await b.ensure_partitioned(bucket, N, depths={2}, pin_timeout=PIN_TIMEOUT)
+        info = await api(b, f"CONSUMER.INFO.KV_{bucket}.{source_consumer(bucket)}")
+        assert info["config"]["filter_subjects"] == [f"$KV.{bucket}.*.*"]  # type: ignore[index]
+        await b.kv_put(bucket, "a.b.c", b"2")  # (no longer taken in)
+        await b.kv_put(bucket, "c.d", b"3")
+        await wait_for(lambda: stream_messages(b, stream, 2))
+        subjects = [
+            (await b.nc.jetstream().get_msg(stream, seq)).subject.split(".", 3)[3] for seq in (1, 2)
+        ]
+        assert subjects == ["a.b", "c.d"]
+
+
+async def test_a_partitioned_stream_made_before_durable_sourcing_is_kept(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An earlier version's stream sources the bucket with the server's own consumer: its
+    # position cannot be handed to a durable one, so it is kept as it is, with a warning.
+    async with NatsBackend(nats_url) as b:
+        bucket = uid("pb")
+        await b.ensure_bucket(bucket)
+        stream = partitioned_stream(bucket)
+        transforms = source_transforms(bucket, N, {2})
+        await api(
+            b,
+            f"STREAM.CREATE.{stream}",
+            {
+                "name": stream,
+                "retention": "workqueue",
+                "subjects": [],
+                "sources": [{"name": f"KV_{bucket}", "subject_transforms": transforms}],
+            },
+        )
+        await b.ensure_partitioned(bucket, N, depths={2}, pin_timeout=PIN_TIMEOUT)
+        assert "without a durable consumer" in caplog.text
+        [source] = (await api(b, f"STREAM.INFO.{stream}"))["config"]["sources"]  # type: ignore[index]
+        assert "consumer" not in source
+        missing = await api(b, f"CONSUMER.INFO.KV_{bucket}.{source_consumer(bucket)}")
+        assert missing["error"]["err_code"] == 10014  # type: ignore[index]  # (not found)
+        await b.kv_put(bucket, "a.b", b"1")
+        await wait_for(lambda: stream_messages(b, stream, 1))
+
+
+async def stream_messages(b: NatsBackend, stream: str, count: int) -> bool:
+    state = (await api(b, f"STREAM.INFO.{stream}"))["state"]
+    return bool(state["messages"] >= count)  # type: ignore[index]
 
 
 async def test_the_server_places_every_key_where_partition_of_says(nats_url: str) -> None:

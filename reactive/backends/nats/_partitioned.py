@@ -12,6 +12,13 @@ The server does the partitioning and the membership (orbit.go's ``pcgroups`` sha
   1.7 KB, where one source per depth would write 100 bytes: with several sources of
   one stream, nats-server 2.15.1 lost messages of the work-queue stream once it
   deleted what was acknowledged, in every try.)
+* the source reads the bucket through a durable consumer of ``KV_<bucket>`` named as
+  the stream (durable sourcing, ADR-60, nats-server 2.14+), replicated as the bucket
+  is: a node's loss moves it to a new leader, which goes on where it stood. (The
+  server's default, an ephemeral consumer on the bucket's leader, is set up again only
+  after a health check of 10 s and a backoff: the partitions stalled 8-45 s.) It is
+  acknowledged by flow control, once the stream stored what it sent; a change of the
+  key depths pauses it until then, so nothing is sourced twice;
 * one durable per partition (``p<n>``, filter ``<n>.>``) in the pinned-client
   priority group ``engines`` (ADR-42): the server pins each partition to one of the
   processes pulling on it; the others stand by, and take over when the pinned one
@@ -31,6 +38,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Collection
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import anyio
@@ -67,6 +75,7 @@ _SOURCE_WAIT: Final = 10.0
 # The source consumer's flow-control window: what it sends before the partitioned stream
 # confirms it stored it (and what a new leader may send again after a node's loss).
 _SOURCE_WINDOW: Final = 10_000
+_SOURCE_PAUSE: Final = 30.0
 _PARTITION_COUNT: Final = re.compile(r"\{\{\s*partition\(\s*(\d+)")
 
 
@@ -229,9 +238,35 @@ async def _update_stream(
             await _api(backend, f"STREAM.UPDATE.{stream}", existing, what)
         return
     if len(sources) != 1 or any(sources[0].get(k) != v for k, v in source.items()):
-        await _ensure_source_consumer(backend, source["name"], source, what)
-        existing["sources"] = [source]
-        await _api(backend, f"STREAM.UPDATE.{stream}", existing, what)
+        async with _paused(backend, source, what):
+            await _ensure_source_consumer(backend, source["name"], source, what)
+            existing["sources"] = [source]
+            await _api(backend, f"STREAM.UPDATE.{stream}", existing, what)
+
+
+@asynccontextmanager
+async def _paused(backend: NatsBackend, source: dict[str, Any], what: str) -> AsyncIterator[None]:
+    """The source consumer paused, and what it delivered confirmed stored, for a change of
+    the stream's source: a changed source is set up again from the consumer's
+    acknowledged place, and what was delivered after it would be stored twice. (The
+    pause ends by itself after _SOURCE_PAUSE seconds should this process die here.)"""
+    origin, name = source["name"], source["consumer"]["name"]
+    until = datetime.now(UTC) + timedelta(seconds=_SOURCE_PAUSE)
+    pause = {"pause_until": until.isoformat().replace("+00:00", "Z")}
+    try:
+        await _api(backend, f"CONSUMER.PAUSE.{origin}.{name}", pause, what)
+    except NotFoundError:  # (the first time: no consumer yet)
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + _SOURCE_WAIT
+    while loop.time() < give_up:
+        info = await _api(backend, f"CONSUMER.INFO.{origin}.{name}", None, what)
+        if not info.get("num_ack_pending"):
+            break
+        await asyncio.sleep(0.05)
+    yield
+    await _api(backend, f"CONSUMER.PAUSE.{origin}.{name}", {}, what)
 
 
 class _PartitionedBuckets:
