@@ -79,6 +79,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -344,21 +345,44 @@ async def pick_victim(js: JetStreamContext) -> dict[str, Any]:
 
 
 async def kill_and_restart(
-    cluster: NatsCluster, kill: dict[str, Any], engine: EngineProcess, at: float, down: float
+    cluster: NatsCluster,
+    kill: dict[str, Any],
+    engine: EngineProcess,
+    at: float,
+    down: float,
+    js: JetStreamContext,
 ) -> None:
     """``at`` seconds after the engine's process started, SIGKILL the node named in
     ``kill``; ``down`` seconds later start it again and wait until the cluster sees it.
-    The moments (seconds since the engine's start) go into ``kill``."""
+    The moments (seconds since the engine's start) go into ``kill``, and when the bucket
+    had a leader again (``bucket_leader_at_s``: no transition can be committed before;
+    nats-server elects one 4-9 s after its leader's last heartbeat, raft.go)."""
     await asyncio.sleep(max(0.0, engine.started_mono + at - time.monotonic()))
     node = int(kill["node"].removeprefix("n"))
     cluster.kill(node)
     kill["killed_at_s"] = round(engine.since_start(), 2)
     say(f"  node {kill['node']} killed {kill['killed_at_s']}s after the engine started")
+
+    async def leader_again() -> None:
+        while True:
+            try:
+                reply = await js._nc.request(f"$JS.API.STREAM.INFO.{KV_STREAM}", b"", timeout=0.5)
+                leader = json.loads(reply.data).get("cluster", {}).get("leader")
+                if leader not in (None, kill["node"]):
+                    kill["bucket_leader_at_s"] = round(engine.since_start(), 2)
+                    kill["bucket_leader"] = leader
+                    return
+            except Exception:  # (no leader yet: no answer)
+                pass
+            await asyncio.sleep(0.1)
+
+    watcher = asyncio.create_task(leader_again())
     await asyncio.sleep(down)
     kill["restarted_at_s"] = round(engine.since_start(), 2)
     await asyncio.to_thread(cluster.restart, node, 120.0)
     kill["back_at_s"] = round(engine.since_start(), 2)
     say(f"  node {kill['node']} back {kill['back_at_s']}s after the engine started")
+    await watcher
 
 
 async def keys_in(js: JetStreamContext, bucket: str) -> int:
@@ -717,7 +741,7 @@ async def measure_restart(target: Target, tmp: Path, args: argparse.Namespace) -
         if target.kill_node:
             assert target.cluster is not None
             killer = asyncio.create_task(
-                kill_and_restart(target.cluster, kill, first_engine, args.kill_at, args.down)
+                kill_and_restart(target.cluster, kill, first_engine, args.kill_at, args.down, js)
             )
         try:
             go_took = await publish_all(
@@ -947,11 +971,16 @@ async def run(args: argparse.Namespace) -> None:
                 raise
             finally:
                 server.stop()
+                if args.keep_logs:
+                    Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
+                    for log in Path(tmp).glob("*.log"):
+                        shutil.copy(log, Path(args.keep_logs) / f"{what}-{log.name}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--what", default="a,b", help="a, b or a,b (default: a,b)")
+    parser.add_argument("--keep-logs", default="", help="copy the engines' logs into this folder")
     parser.add_argument(
         "--executions", type=int, default=1_000_000, help="(a) executions in the bucket"
     )

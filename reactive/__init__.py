@@ -60,6 +60,7 @@ from reactive.errors import (
     InvalidExecutionId,
     NotFoundError,
     ReactiveError,
+    TimedOutError,
     TransientBackendError,
 )
 
@@ -107,6 +108,7 @@ __all__ += [  # errors
     "InvalidExecutionId",
     "NotFoundError",
     "ReactiveError",
+    "TimedOutError",
     "TransientBackendError",
 ]
 

@@ -14,6 +14,7 @@ __all__ = [
     "PayloadTooLargeError",
     "ReactiveError",
     "ServerFeatureError",
+    "TimedOutError",
     "TransientBackendError",
 ]
 
@@ -50,6 +51,12 @@ class BackendError(ReactiveError):
 
 class TransientBackendError(BackendError):
     """A failure worth retrying: the server is unreachable, a request timed out."""
+
+
+class TimedOutError(TransientBackendError):
+    """A request the server did not answer in time: a node that died with it, a group of
+    servers electing its leader, a server too busy. The try already waited; the next
+    may follow at once."""
 
 
 class ConflictError(BackendError):

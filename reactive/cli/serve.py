@@ -87,6 +87,7 @@ async def _serve(
         replicas=args.replicas,
         initial_connect_attempts=max(1, args.connect_attempts),
         api_timeout=args.api_timeout,
+        ack_timeout=args.ack_timeout,
     )
     engine = Engine(
         backend,
@@ -124,7 +125,7 @@ async def _serve(
                 with anyio.CancelScope() as connecting:
                     tg.start_soon(_cancel_on, stop, connecting)
                     try:
-                        await prepare(steps, url, args.startup_timeout)
+                        await prepare(steps, url, args.startup_timeout, args.api_timeout)
                     except GaveUp as e:
                         raise CLIError(
                             f"serve gave up starting after {args.startup_timeout:g}s "
@@ -193,8 +194,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError("--replicas must be at least 1")
     if args.partitions > MAX_PARTITIONS:
         raise CLIError(f"--partitions must be at most {MAX_PARTITIONS}")
-    if not (args.pin_timeout > 0 and args.ack_wait > 0 and args.api_timeout > 0):
-        raise CLIError("--pin-timeout, --ack-wait and --api-timeout must be positive")
+    if not (
+        args.pin_timeout > 0 and args.ack_wait > 0 and args.api_timeout > 0 and args.ack_timeout > 0
+    ):
+        raise CLIError(
+            "--pin-timeout, --ack-wait, --api-timeout and --ack-timeout must be positive"
+        )
     workflows = load_targets(args.targets)
     ids = [definition_of(w).id for w in workflows]
     if len(set(ids)) != len(ids):
@@ -410,6 +415,17 @@ def add_parser(commands: Subcommands) -> None:
             "a JetStream API request (streams, consumers, pins) unanswered this long fails "
             "and is tried again: a request lost with a node that died is not waited out "
             "(default: 2)"
+        ),
+    )
+    ops.add_argument(
+        "--ack-timeout",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help=(
+            "a write (a state's compare-and-set, a publish) unanswered this long fails and "
+            "is tried again at once: a write sent while a cluster elects the bucket's new "
+            "leader is not waited out (default: 2)"
         ),
     )
     serve.set_defaults(handler=cmd_serve)

@@ -26,6 +26,17 @@ _FIRST_RETRY = 0.25  # seconds; doubled after each failure, up to _MAX_RETRY
 # (What fails at start is mostly a cluster electing leaders, over in seconds: a retry
 # each second finds the new leader within a second of its election.)
 _MAX_RETRY = 1.0
+# Each try of a step after the connection is cut short after _FIRST_TRY seconds (for
+# _SHORT_TRIES seconds, then twice as long each time, up to the backend's own request
+# timeout, for a server that is slow rather than leaderless): a request sent while a
+# group has no leader gets no answer at all, so the try that finds the new leader is the
+# one sent after its election, and a short try sends it sooner. (nats-server elects a
+# leader 4-9 s after the last one's last heartbeat.) (A node killed as the engine
+# started: the bucket's new leader came 3.6-6.6 s later, the start 1.1-3.2 s after it
+# with the full 2 s of every try; `benchmarks/restart.py --cluster --kill-node`.)
+_FIRST_TRY = 0.5
+_SHORT_TRIES = 12.0
+_AFTER_TIMEOUT = 0.05  # seconds before the next try of a step whose try timed out
 
 
 class GaveUp(Exception):
@@ -119,48 +130,102 @@ def failure_hints(url: str, step: str, error: BaseException) -> list[str]:
 
 
 async def prepare(
-    steps: list[tuple[str, Callable[[], Awaitable[None]]]], url: str, timeout: float | None
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]],
+    url: str,
+    timeout: float | None,
+    try_timeout: float = 5.0,
 ) -> None:
     """Run the setup steps, retrying transient failures with backoff (each retry logged,
     naming what failed) until ``timeout`` seconds have passed; a failure that retrying cannot
-    heal ends it at once. Raises CLIError, or GaveUp when the time is up."""
+    heal ends it at once. The connection and the server's check come first; the steps after
+    them (buckets and streams, each its own group of servers in a cluster) run side by side.
+    Each try of those is cut short after _FIRST_TRY seconds for _SHORT_TRIES seconds, then
+    after twice as long each time, up to ``try_timeout`` (the backend's request timeout).
+    Raises CLIError, or GaveUp when the time is up."""
+    import anyio
+
+    failing: dict[str, tuple[str, list[str]]] = {}  # step -> its last failure and hints
+    waiting = [name for name, _ in steps]
+    with anyio.move_on_after(timeout if timeout is not None else math.inf) as bounded:
+        for step, run in steps[:2]:
+            await _step(step, run, url, None, failing)
+            waiting.remove(step)
+        broken: list[CLIError] = []
+        async with anyio.create_task_group() as tg:
+            for step, run in steps[2:]:
+
+                async def one(step: str = step, run: Callable[[], Awaitable[None]] = run) -> None:
+                    try:
+                        await _step(step, run, url, try_timeout, failing)
+                    except CLIError as e:  # (retrying cannot heal it: the others stop too)
+                        broken.append(e)
+                        tg.cancel_scope.cancel()
+                    else:
+                        waiting.remove(step)
+
+                tg.start_soon(one)
+        if broken:
+            raise broken[0]
+    if bounded.cancelled_caught:
+        for step in waiting:
+            if step in failing:
+                last, hints = failing[step]
+                raise GaveUp(f"the last failure: {last}", hints)
+        raise GaveUp(f"still waiting for: {waiting[0] if waiting else steps[-1][0]}", [])
+
+
+async def _step(
+    step: str,
+    run: Callable[[], Awaitable[None]],
+    url: str,
+    try_timeout: float | None,
+    failing: dict[str, tuple[str, list[str]]],
+) -> None:
+    """One setup step, tried until it succeeds (see ``prepare``); its failures go into
+    ``failing``. ``try_timeout`` None: tries are not cut short (the connection)."""
+    import time
+
     import anyio
 
     from reactive.errors import BackendError, TransientBackendError
 
-    last = ""
-    last_hints: list[str] = []
-    last_step = steps[0][0]
-    with anyio.move_on_after(timeout if timeout is not None else math.inf) as bounded:
-        for step, run in steps:
-            last_step, last, last_hints = step, "", []
-            retry = 0
-            delay = _FIRST_RETRY
-            while True:
-                try:
-                    await run()
-                    break
-                except TransientBackendError as e:
-                    retry += 1
-                    last, last_hints = _failure_text(url, step, e), failure_hints(url, step, e)
-                    log.warning(
-                        "not started yet: %s%s; retrying retry=%d in=%gs",
-                        last,
-                        f" ({last_hints[0]})" if last_hints else "",
-                        retry,
-                        delay,
-                    )
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, _MAX_RETRY)
-                except BackendError as e:
-                    raise CLIError(
-                        f"cannot start on {url}: {_failure_text(url, step, e)}",
-                        failure_hints(url, step, e),
-                    ) from e
-    if bounded.cancelled_caught:
-        if last:  # (of the step it was at)
-            raise GaveUp(f"the last failure: {last}", last_hints)
-        raise GaveUp(f"still waiting for: {last_step}", [])
+    retry = 0
+    delay = _FIRST_RETRY
+    began = time.monotonic()
+    cut = _FIRST_TRY
+    while True:
+        limit = None if try_timeout is None else min(cut, try_timeout)
+        try:
+            with anyio.fail_after(limit):
+                await run()
+            failing.pop(step, None)
+            return
+        except TimeoutError as e:  # (this try cut short: no answer yet)
+            retry += 1
+            last = f"{step}: no answer in {limit:g}s"
+            failing[step] = (last, failure_hints(url, step, e))
+            log.warning("not started yet: %s; retrying retry=%d", last, retry)
+            if time.monotonic() - began > _SHORT_TRIES:
+                cut *= 2
+            await anyio.sleep(_AFTER_TIMEOUT)
+        except TransientBackendError as e:
+            retry += 1
+            last, hints = _failure_text(url, step, e), failure_hints(url, step, e)
+            failing[step] = (last, hints)
+            log.warning(
+                "not started yet: %s%s; retrying retry=%d in=%gs",
+                last,
+                f" ({hints[0]})" if hints else "",
+                retry,
+                delay,
+            )
+            await anyio.sleep(delay)
+            delay = min(delay * 2, _MAX_RETRY)
+        except BackendError as e:
+            raise CLIError(
+                f"cannot start on {url}: {_failure_text(url, step, e)}",
+                failure_hints(url, step, e),
+            ) from e
 
 
 async def start_engine(engine: Any, url: str, timeout: float | None) -> None:

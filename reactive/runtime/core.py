@@ -14,14 +14,14 @@ from reactive.codecs import decode
 from reactive.dsl.context import RuleContext
 from reactive.dsl.definition import RuleDef, WorkflowDef
 from reactive.dsl.state import ExecutionState
-from reactive.errors import DecodeError, TransientBackendError
+from reactive.errors import DecodeError, TimedOutError, TransientBackendError
 from reactive.runtime.metrics import EngineMetrics, fast_child
 from reactive.runtime.registry import BoundWorkflow, Registry
 from reactive.runtime.schedules import timer_message
 from reactive.runtime.timers import Timers
 from reactive.runtime.tracing import Tracing
 
-__all__ = ["DONE", "Options", "Runtime", "log", "within"]
+__all__ = ["DONE", "Options", "Runtime", "backoff", "log", "within"]
 
 log = logging.getLogger("reactive")
 
@@ -94,6 +94,17 @@ class Options:
         self.partitions = partitions
         self.ack_wait = ack_wait
         self.pin_timeout = pin_timeout
+
+
+def backoff(e: TransientBackendError, failures: int, first: float, cap: float) -> float:
+    """How long to wait before trying again after ``failures`` transient failures in a row,
+    the last one ``e``: ``first``, doubled with each failure up to ``cap``; but only
+    ``first`` after a request the server did not answer: that try waited its whole
+    timeout already, and the answer is due as soon as the server (a cluster's new leader,
+    elected 4-9 s after a node died) is back."""
+    if isinstance(e, TimedOutError):
+        return first
+    return min(first * 2.0**failures, cap)
 
 
 class Runtime:
@@ -172,7 +183,7 @@ class Runtime:
         target = (bound.definition.id, bucket, key)
         n = self.retries.get(target, 0)
         self.retries[target] = n + 1
-        delay = min(0.1 * 2**n, 10.0)
+        delay = backoff(e, n, 0.1, 10.0)
         log.warning("transient failure on %s/%s (%s); retrying in %.1fs", bucket, key, e, delay)
         self.timers.schedule(self.clock.now() + delay, target)
 

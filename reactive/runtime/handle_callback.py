@@ -18,7 +18,7 @@ from reactive.dsl.context import RuleContext, new_context
 from reactive.dsl.state import ParentLink, Status
 from reactive.errors import ConflictError, DecodeError, TransientBackendError
 from reactive.runtime.children import cancel_child
-from reactive.runtime.core import Runtime, log
+from reactive.runtime.core import Runtime, backoff, log
 from reactive.runtime.decide import FOREVER
 from reactive.runtime.events import CallbackArrival, Committed
 from reactive.runtime.failures import cancelled
@@ -79,7 +79,7 @@ class CallbackHandler:
                 with contextlib.ExitStack() as spans:
                     outcome = await self._apply(bound, ev.execution_id, env, ev, fresh, spans)
         except TransientBackendError as e:
-            delay = min(0.2 * 2 ** max(msg.num_delivered - 1, 0), 30.0)
+            delay = backoff(e, max(msg.num_delivered - 1, 0), 0.2, 30.0)
             log.warning(
                 "transient failure handling callback %s (%s); redelivery in %.1fs",
                 msg.subject,

@@ -17,7 +17,7 @@ from reactive.dsl.definition import ActionType, RuleDef, TriggerMode
 from reactive.dsl.state import ExecutionState, Status
 from reactive.errors import ConflictError, DecodeError, TransientBackendError
 from reactive.runtime.claims import Claims
-from reactive.runtime.core import Runtime, log, within
+from reactive.runtime.core import Runtime, backoff, log, within
 from reactive.runtime.decide import FOREVER, hold_until
 from reactive.runtime.events import Committed, MessageArrival
 from reactive.runtime.registry import BoundWorkflow
@@ -102,7 +102,7 @@ class MessageHandler:
                 await rt.settle(msg, "term")
                 return
         except TransientBackendError as e:
-            delay = min(0.2 * 2 ** max(msg.num_delivered - 1, 0), 30.0)
+            delay = backoff(e, max(msg.num_delivered - 1, 0), 0.2, 30.0)
             log.warning(
                 "transient failure handling %s (%s); redelivery in %.1fs", msg.subject, e, delay
             )

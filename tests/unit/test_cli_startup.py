@@ -13,7 +13,7 @@ import pytest
 from reactive import Engine as RealEngine
 from reactive import ExecutionState, MemoryBackend, RuleContext, Workflow, rule
 from reactive.cli.common import CLIError
-from reactive.cli.startup import GaveUp, start_engine
+from reactive.cli.startup import GaveUp, prepare, start_engine
 from reactive.errors import BackendError, TransientBackendError
 
 pytestmark = pytest.mark.anyio
@@ -99,3 +99,53 @@ async def test_an_engine_whose_start_failed_half_way_is_ready_after_the_retry() 
         assert engine.ready
     finally:
         await engine.stop()
+
+
+async def test_a_setup_step_that_gets_no_answer_is_tried_again_soon(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A request sent while a group has no leader is never answered: the try is cut short
+    # and sent again, so the start follows the election closely instead of waiting out
+    # the request timeout; the other buckets and streams do not wait for it.
+    calls: list[str] = []
+
+    def step(name: str, silent: int) -> Any:
+        async def run() -> None:
+            calls.append(name)
+            if calls.count(name) <= silent:
+                await anyio.sleep_forever()
+
+        return run
+
+    steps = [
+        ("connect", step("connect", 0)),
+        ("check", step("check", 0)),
+        ("ensure bucket B", step("bucket", 2)),
+        ("ensure stream S", step("stream", 0)),
+    ]
+    with anyio.fail_after(30):
+        await prepare(steps, "nats://x", timeout=60.0, try_timeout=2.0)
+    assert calls == ["connect", "check", "bucket", "stream", "bucket", "bucket"]
+    cuts = [r.getMessage() for r in caplog.records if "no answer" in r.getMessage()]
+    assert cuts == [
+        "not started yet: ensure bucket B: no answer in 0.5s; retrying retry=1",
+        "not started yet: ensure bucket B: no answer in 0.5s; retrying retry=2",
+    ]
+    # What stays unanswered until the startup timeout is named when serve gives up.
+    with pytest.raises(GaveUp, match=r"ensure bucket B: no answer in 0\.5s"):
+        await prepare(
+            [*steps[:2], ("ensure bucket B", step("b2", 99)), ("ensure stream S", step("s2", 0))],
+            "nats://x",
+            timeout=0.8,
+        )
+
+    # A failure retrying cannot heal ends the start at once, the other steps with it.
+    async def broken() -> None:
+        raise BackendError("stream S exists with limits retention")
+
+    with anyio.fail_after(30), pytest.raises(CLIError, match="limits retention"):
+        await prepare(
+            [*steps[:2], ("ensure bucket B", step("b3", 99)), ("ensure stream S", broken)],
+            "nats://x",
+            timeout=60.0,
+        )

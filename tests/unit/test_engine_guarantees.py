@@ -25,6 +25,7 @@ from reactive import (
     MemoryBackend,
     RuleContext,
     Status,
+    TimedOutError,
     TransientBackendError,
     Workflow,
     WorkflowCompletionEvent,
@@ -110,6 +111,7 @@ class FaultyBackend(MemoryBackend):
         self.after_publish: dict[str, Hook] = {}
         self.after_write: Hook | None = None
         self.failing_writes = 0  # the next N writes to a state bucket raise TransientBackendError
+        self.failure: type[TransientBackendError] = TransientBackendError  # (or a subclass)
         self.failed_writes = 0
         self.on_settle: Callable[[_Recorded], Any] | None = None
         self.settled: list[tuple[str, str, int, Any]] = []
@@ -130,7 +132,7 @@ class FaultyBackend(MemoryBackend):
         if bucket in self.state_buckets and self.failing_writes > 0:
             self.failing_writes -= 1
             self.failed_writes += 1
-            raise TransientBackendError(f"injected failure writing to {bucket}")
+            raise self.failure(f"injected failure writing to {bucket}")
 
     async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
         await self._fault(bucket)
@@ -1726,6 +1728,41 @@ async def test_transient_failures_in_a_row_back_off_doubling() -> None:
         assert gaps == [0.1, 0.2, 0.4]
         st = te.state(Send, "s1")
         assert (st.status, st.sent) == (Status.COMPLETED, 1)
+
+
+async def test_writes_the_server_did_not_answer_are_tried_again_without_backing_off() -> None:
+    # A try that timed out waited its whole timeout already (a cluster electing the
+    # bucket's new leader): the next follows at the first delay, not a doubled one.
+    clock = ManualClock()
+    backend = FaultyBackend(clock, state_buckets=("SEND", "REVIEWS"))
+    backend.failure = TimedOutError
+    failed_at: list[float] = []
+    fault = backend._fault
+
+    async def recording(bucket: str) -> None:
+        before = backend.failed_writes
+        try:
+            await fault(bucket)
+        finally:
+            if backend.failed_writes > before:
+                failed_at.append(clock.now())
+
+    backend._fault = recording  # type: ignore[method-assign]
+    async with TestEngine(Send, clock=clock, backend=backend) as te:
+        backend.failing_writes = 4
+        await te.trigger_kv(Send, "s1", Sender(id="s1", workflow_id="send", status=Status.RUNNING))
+        await te.advance(3)
+        gaps = [round(later - earlier, 3) for earlier, later in itertools.pairwise(failed_at)]
+        assert gaps == [0.1, 0.1, 0.1]
+        assert te.state(Send, "s1").status == Status.COMPLETED
+    async with TestEngine(Reviews, clock=clock, backend=backend) as te:
+        backend.failing_writes = 3  # (a message's redeliveries: nak(0.2 s) each time)
+        await te.trigger_message("plans.submitted", Submitted(plan_id="p1", plan="x"))
+        for _ in range(3):
+            await te.advance(0.2)
+        settled = [(how, n) for how, s, n, _ in backend.settled if s == "plans.submitted"]
+        assert settled == [("nak", 1), ("nak", 2), ("nak", 3), ("ack", 4)]
+        assert te.state(Reviews, "p1").notes == ["accepted"]
 
 
 async def test_stream_message_is_acked_only_after_its_effects_are_committed(

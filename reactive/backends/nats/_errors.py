@@ -4,7 +4,7 @@ Everything nats-py raises is translated at the backend's boundary (``_mapped``):
 
 * a lost compare-and-set (``KeyWrongLastSequenceError``, API codes 10071 and
   10164, creating a key that exists) becomes :class:`~reactive.errors.ConflictError`;
-* timeouts, no responders, a closed / reconnecting / draining connection and a
+* timeouts (:class:`~reactive.errors.TimedOutError`), no responders, a closed / reconnecting / draining connection and a
   503 from JetStream become :class:`~reactive.errors.TransientBackendError`;
 * a missing bucket or stream becomes :class:`~reactive.errors.NotFoundError`;
 * any other nats-py error becomes :class:`~reactive.errors.BackendError`.
@@ -29,6 +29,7 @@ from reactive.errors import (
     ConflictError,
     NotFoundError,
     PayloadTooLargeError,
+    TimedOutError,
     TransientBackendError,
 )
 from reactive.subjects import MAX_STORED_KEY_LENGTH, MAX_SUBJECT_LENGTH, preview
@@ -70,6 +71,8 @@ def _translate(exc: BaseException, what: str) -> BackendError | None:
         if isinstance(exc, nats.js.errors.NotFoundError):
             return NotFoundError(f"{what}: not found ({exc})")
         return BackendError(f"{what}: {exc}")
+    if isinstance(exc, TimeoutError):
+        return TimedOutError(f"{what}: {type(exc).__name__}: {exc}")
     if isinstance(exc, _TRANSIENT_ERRORS):
         return TransientBackendError(f"{what}: {type(exc).__name__}: {exc}")
     if isinstance(exc, nats.errors.Error):
