@@ -42,7 +42,7 @@ from reactive.cli.common import (
 from reactive.cli.embedded import DEFAULT_NATS_PORT, PORT_FILE, start_embedded
 from reactive.cli.logfmt import configure_logging
 from reactive.cli.metrics_server import MetricsServer
-from reactive.cli.startup import GaveUp, prepare, setup_steps, start_engine
+from reactive.cli.startup import GaveUp, prepare, setup_steps, start_engine, startup_failure
 from reactive.cli.ui import add_ui_args, ui_server
 
 if TYPE_CHECKING:
@@ -149,6 +149,9 @@ async def _serve(
                 started = time.monotonic()
                 with anyio.move_on_after(30.0) as waiting:
                     while not engine.ready and not stop.is_set():
+                        broken = startup_failure(engine, url)
+                        if broken is not None:
+                            raise broken
                         await anyio.sleep(0.02)
                 if waiting.cancelled_caught:
                     log.warning(

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from reactive import Engine, NatsBackend
     from reactive.compiled import WorkflowDef
 
-__all__ = ["GaveUp", "failure_hints", "prepare", "setup_steps"]
+__all__ = ["GaveUp", "failure_hints", "prepare", "setup_steps", "start_engine", "startup_failure"]
 
 log = logging.getLogger("reactive.serve")
 
@@ -52,9 +52,11 @@ def setup_steps(
 ) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
     """What the engine needs from NATS before it starts, each step named, in order.
 
-    The connection, the meta bucket, every bucket and stream the workflows use: the calls
-    the engine's own start makes, done here first so a transient failure is retried (they
-    are idempotent and cached, so the engine's start repeats none of the slow ones).
+    The connection, the meta bucket, every bucket the workflows use: the calls the
+    engine's own start makes, done here first so a transient failure is retried (they
+    are idempotent and cached, so the engine's start repeats none of the slow ones). The
+    streams are made by the triggers that consume them, each retrying on its own once the
+    engine started (``Engine.start(wait=False)``).
     """
     steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
         (f"connect to NATS at {url}", backend.start),
@@ -62,20 +64,12 @@ def setup_steps(
         (f"ensure bucket {engine.meta_bucket}", lambda: backend.ensure_bucket(engine.meta_bucket)),
     ]
     buckets = {d.bucket: None for d in workflows}
-    streams: dict[str, list[str]] = {}
     for d in workflows:
         for r in d.rules:
             if r.bucket:
                 buckets[r.bucket] = None
-            if r.stream and r.subject:
-                streams.setdefault(r.stream, []).append(r.subject)
-        if d.has_async:
-            streams.setdefault(engine.callback_stream, []).append(f"{engine.callback_prefix}.>")
     for bucket in buckets:
         steps.append((f"ensure bucket {bucket}", partial(backend.ensure_bucket, bucket)))
-    for stream, subjects in streams.items():
-        wanted = list(dict.fromkeys(subjects))
-        steps.append((f"ensure stream {stream}", partial(backend.ensure_stream, stream, wanted)))
     return steps
 
 
@@ -202,9 +196,14 @@ async def _step(
             return
         except TimeoutError as e:  # (this try cut short: no answer yet)
             retry += 1
-            last = f"{step}: no answer in {limit:g}s"
-            failing[step] = (last, failure_hints(url, step, e))
-            log.warning("not started yet: %s; retrying retry=%d", last, retry)
+            last, hints = f"{step}: no answer in {limit:g}s", failure_hints(url, step, e)
+            failing[step] = (last, hints)
+            log.warning(
+                "not started yet: %s%s; retrying retry=%d",
+                last,
+                f" ({hints[0]})" if hints else "",
+                retry,
+            )
             if time.monotonic() - began > _SHORT_TRIES:
                 cut *= 2
             await anyio.sleep(_AFTER_TIMEOUT)
@@ -229,9 +228,10 @@ async def _step(
 
 
 async def start_engine(engine: Any, url: str, timeout: float | None) -> None:
-    """``engine.start()``, retried with backoff while it fails for a transient reason (a
-    request to a server that has just died, a cluster electing a leader) until ``timeout``
-    seconds have passed. Raises CLIError (GaveUp when the time is up)."""
+    """``engine.start(wait=False)``, retried with backoff while it fails for a transient
+    reason (a request to a server that has just died, a cluster electing a leader) until
+    ``timeout`` seconds have passed. Raises CLIError (GaveUp when the time is up). The
+    triggers then start on their own (``startup_failure``)."""
     import time
 
     import anyio
@@ -243,7 +243,7 @@ async def start_engine(engine: Any, url: str, timeout: float | None) -> None:
     retry = 0
     while True:
         try:
-            await engine.start()
+            await engine.start(wait=False)
             return
         except TransientBackendError as e:
             if time.monotonic() + delay > give_up:
@@ -256,6 +256,19 @@ async def start_engine(engine: Any, url: str, timeout: float | None) -> None:
             raise CLIError(
                 f"cannot start the workflows on {url}: {e}", failure_hints(url, "start", e)
             ) from e
+
+
+def startup_failure(engine: Any, url: str) -> CLIError | None:
+    """A failure that keeps one of the engine's triggers from running and that retrying
+    cannot heal (a stream made otherwise than it needs), as serve ends with it."""
+    from reactive.errors import TransientBackendError
+
+    for what, error in engine.startup_failures.items():
+        if not isinstance(error, TransientBackendError):
+            return CLIError(
+                f"cannot start the {what} on {url}: {error}", failure_hints(url, what, error)
+            )
+    return None
 
 
 def _failure_text(url: str, step: str, error: BaseException) -> str:

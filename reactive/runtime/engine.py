@@ -33,7 +33,7 @@ from reactive.codecs import decode, encode, encode_json
 from reactive.dsl.definition import WorkflowDef
 from reactive.dsl.state import ExecutionState
 from reactive.dsl.workflow import Workflow, definition_of
-from reactive.errors import DecodeError, ReactiveError
+from reactive.errors import BackendError, DecodeError, ReactiveError
 from reactive.runtime.claims import Claims
 from reactive.runtime.core import Options, Runtime
 from reactive.runtime.events import (
@@ -221,8 +221,15 @@ class Engine:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def start(self) -> None:
-        """Start the backend (if needed), the workers, the timers and every trigger."""
+    async def start(self, *, wait: bool = True) -> None:
+        """Start the backend (if needed), the workers, the timers and every trigger.
+
+        With ``wait`` (the default) it returns once every trigger runs (``ready``), and
+        fails (stopping what it started) with the first failure of one that could not
+        start. Without, it returns once the meta bucket and the workflows' buckets are
+        there and the triggers are started: each makes its own stream and retries on its
+        own (``ready`` says when all run; ``startup_failures`` what keeps one from it).
+        """
         if self.running:
             return
         stack = AsyncExitStack()
@@ -243,6 +250,8 @@ class Engine:
             self.running = True
             for bound in list(self.registry.workflows.values()):
                 await self.triggers.start_for(bound)
+            if wait:
+                await self.triggers.wait_ready()
         except BaseException:
             # The workers and timers already started run until cancelled: cancel them, or
             # leaving the task group would wait for them forever.
@@ -275,6 +284,12 @@ class Engine:
         """A burst (a replay, say) has drained: drop what it cached (see Shards)."""
         self.registry.forget_matches()
         self.store.after_burst()
+
+    @property
+    def startup_failures(self) -> dict[str, BackendError]:
+        """What keeps each trigger that has not run yet from running (by the trigger's
+        name: ``subscription to orders.new``), while it retries."""
+        return dict(self.triggers.failures)
 
     @property
     def idle(self) -> bool:

@@ -6,9 +6,9 @@ subject, one durable callback consumer per workflow with async rules, one durabl
 timer consumer per workflow (the schedules in NATS that have fired: deadlines,
 task timeouts, cooldown ends, grace periods; see ``schedules``), and the
 process's own timers (the claim sweep, retries). Each is supervised: a failure is
-retried with backoff. Messages that cannot be routed (undecodable, an invalid
-execution id, a state key that raises) are terminated and counted here, before
-they reach a worker.
+retried with backoff. Each makes what it consumes (its stream; the workflow's
+announcement has a task of its own too), so one whose group of servers has no leader
+yet (a node that died) holds up no other. Messages go to their workers by ``routing``.
 """
 
 from __future__ import annotations
@@ -22,39 +22,37 @@ import anyio
 from anyio.abc import TaskGroup
 
 from reactive.backends.base import (
-    InboundMessage,
     KVEntry,
     PartitionedConsumer,
     PartitionedMessage,
 )
 from reactive.backends.partitions import key_depths, partition_of
-from reactive.codecs import decode, encode_json
+from reactive.codecs import encode_json
 from reactive.dsl.definition import TriggerMode
 from reactive.dsl.schedule import (
     RUN_PREFIX,
     SCHEDULE_PREFIX,
     schedule_headers_of,
     schedule_subject,
-    scheduled_run,
 )
 from reactive.errors import (
     BackendError,
     ConnectionLostError,
-    DecodeError,
     InvalidExecutionId,
     PartitionCountError,
+    TransientBackendError,
 )
 from reactive.meta import describe_workflow, workflow_key
-from reactive.runtime.core import Runtime, log
+from reactive.runtime.core import Runtime, backoff, log
 from reactive.runtime.events import (
     SWEEP_TARGET,
     CallbackArrival,
     KVChange,
-    MessageArrival,
     SweepDue,
     TimerDue,
 )
 from reactive.runtime.registry import BoundWorkflow, Subscription
+from reactive.runtime.routing import route_message
 from reactive.runtime.schedules import TIMER_PREFIX, due_at, due_filter, parse_due
 from reactive.runtime.shards import KeyOrder, Shards
 from reactive.subjects import MAX_KEY_LENGTH, preview, validate_execution_id
@@ -79,14 +77,20 @@ class Triggers:
         self._callbacks_started: set[str] = set()
         self._timers_started: set[str] = set()
         self._timer_stream_ready = False
+        self._announced: set[str] = set()
         self.ready_count = 0
         self.expected_ready = 0
+        # The failure of each trigger that has not run yet (by its name), while it retries.
+        self.failures: dict[str, BackendError] = {}
+        self._changed = anyio.Event()
 
     def stop(self) -> None:
         self.tg = None
         # (A start that failed half-way left triggers begun and never set up: the next
         # start counts its own, or the engine would never be ready.)
         self.ready_count = self.expected_ready = 0
+        self.failures.clear()
+        self._announced.clear()
         self.partitions.clear()
         self._partitions_started.clear()
         self._sub_started.clear()
@@ -112,20 +116,17 @@ class Triggers:
             self._timer_stream_ready = True
 
     async def start_for(self, bound: BoundWorkflow) -> None:
-        """Announce a workflow, make its buckets and streams, and start its triggers."""
+        """Make a workflow's buckets, and start its triggers (each makes its own stream)."""
         assert self.tg is not None
-        rt, opts = self.rt, self.rt.options
+        rt = self.rt
         d = bound.definition
         await self.backend.ensure_bucket(d.bucket)
-        # Announce the workflow in the meta bucket, so tools can find it without its code.
-        await self.backend.kv_put(
-            opts.meta_bucket,
-            workflow_key(d.id),
-            encode_json(describe_workflow(d, opts.callback_prefix)),
-        )
         for r in d.rules:
             if r.bucket:
                 await self.backend.ensure_bucket(r.bucket)
+        if d.id not in self._announced:
+            self._announced.add(d.id)
+            self._start(f"announcement of {d.id}", functools.partial(self._run_announce, bound))
         # One set of partitions per workflow and bucket, however many of its rules watch it.
         for bucket in dict.fromkeys(r.bucket for r in d.rules if r.mode is TriggerMode.STATE):
             if (d.id, bucket) not in self._partitions_started:
@@ -137,39 +138,43 @@ class Triggers:
         for key, sub in rt.registry.subscriptions.items():
             if sub.bound is bound and key not in self._sub_started:
                 self._sub_started.add(key)
-                stream = sub.stream
-                if sub.scheduled:
-                    await self.ensure_timer_stream()  # (its runs are stored there)
-                    stream = opts.timer_stream
-                elif stream:
-                    await self.backend.ensure_stream(stream, [sub.subject])
                 self._start(
                     f"subscription to {sub.subject}",
-                    functools.partial(self._run_subscription, sub, stream),
+                    functools.partial(self._run_subscription, sub),
                 )
         # (Every workflow's: its cancellations come there too, as any callback does.)
         if d.id not in self._callbacks_started:
             self._callbacks_started.add(d.id)
-            await self.backend.ensure_stream(opts.callback_stream, [f"{opts.callback_prefix}.>"])
             self._start(
                 f"callback consumer for {d.id}", functools.partial(self._run_callbacks, bound)
             )
         if d.id not in self._timers_started:
-            await self.ensure_timer_stream()
-            # Its scheduled rules' schedules (those of rules it no longer has are removed).
-            await self.backend.sync_schedules(
-                opts.timer_stream,
-                f"{SCHEDULE_PREFIX}.{d.id}.",
-                {
-                    schedule_subject(d.id, r.id): schedule_headers_of(
-                        d.id, r.id, r.schedule, r.schedule_tz
-                    )
-                    for r in d.rules
-                    if r.schedule
-                },
-            )
             self._timers_started.add(d.id)
             self._start(f"timer consumer for {d.id}", functools.partial(self._run_timers, bound))
+
+    async def _run_announce(self, bound: BoundWorkflow, opened: Callable[[], None]) -> None:
+        """Announce the workflow in the meta bucket, so tools can find it without its code."""
+        opts = self.rt.options
+        d = bound.definition
+        await self.backend.kv_put(
+            opts.meta_bucket,
+            workflow_key(d.id),
+            encode_json(describe_workflow(d, opts.callback_prefix)),
+        )
+        opened()
+        await anyio.sleep_forever()
+
+    async def wait_ready(self) -> None:
+        """Until every trigger started is running; raise the failure of one that has not
+        run yet (the start fails with it: ``Engine.start``)."""
+        while self.ready_count < self.expected_ready:
+            if self.failures:
+                raise next(iter(self.failures.values()))
+            await self._changed.wait()
+
+    def _changes(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
 
     # ------------------------------------------------------------------ supervision
 
@@ -180,17 +185,20 @@ class Triggers:
 
         ``run`` calls the function it is given once its subscription is open: the
         first time, the trigger counts as ready (``Engine.ready``); each time, the
-        backoff starts over.
+        backoff starts over. A failure before the first time is kept in ``failures``
+        until then (``wait_ready``, serve's start).
         """
         first = True
-        backoff = 0.1
+        failed = 0
 
         def opened() -> None:
-            nonlocal first, backoff
+            nonlocal first, failed
             if first:
                 self.ready_count += 1
+                self.failures.pop(what, None)
                 first = False
-            backoff = 0.1
+                self._changes()
+            failed = 0
 
         while True:
             try:
@@ -198,9 +206,17 @@ class Triggers:
             except ConnectionLostError:
                 raise  # nothing to retry on: the engine stops, with this error
             except BackendError as e:
-                log.warning("%s failed (%s); retrying in %.1fs", what, e, backoff)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                if first:
+                    self.failures[what] = e
+                    self._changes()
+                delay = (
+                    backoff(e, failed, 0.1, 5.0)
+                    if isinstance(e, TransientBackendError)
+                    else min(0.1 * 2.0**failed, 5.0)
+                )
+                failed += 1
+                log.warning("%s failed (%s); retrying in %.1fs", what, e, delay)
+                await anyio.sleep(delay)
 
     def _start(self, what: str, run: Callable[[Callable[[], None]], Awaitable[None]]) -> None:
         assert self.tg is not None
@@ -351,6 +367,19 @@ class Triggers:
         durable = f"reactive_timer_{d.id}".replace("-", "_")
         buckets = {d.bucket, *(r.bucket for r in d.rules if r.bucket)}
         clock = rt.clock
+        await self.ensure_timer_stream()
+        # Its scheduled rules' schedules (those of rules it no longer has are removed).
+        await self.backend.sync_schedules(
+            rt.options.timer_stream,
+            f"{SCHEDULE_PREFIX}.{d.id}.",
+            {
+                schedule_subject(d.id, r.id): schedule_headers_of(
+                    d.id, r.id, r.schedule, r.schedule_tz
+                )
+                for r in d.rules
+                if r.schedule
+            },
+        )
         async with self.backend.consume(
             rt.options.timer_stream, durable, due_filter(d.id), ack_wait=rt.options.ack_wait
         ) as messages:
@@ -374,9 +403,13 @@ class Triggers:
 
     # ------------------------------------------------------------------ messages
 
-    async def _run_subscription(
-        self, sub: Subscription, stream: str | None, opened: Callable[[], None]
-    ) -> None:
+    async def _run_subscription(self, sub: Subscription, opened: Callable[[], None]) -> None:
+        stream = sub.stream
+        if sub.scheduled:
+            await self.ensure_timer_stream()  # (its runs are stored there)
+            stream = self.rt.options.timer_stream
+        elif stream:
+            await self.backend.ensure_stream(stream, [sub.subject])
         if stream:
             cm = self.backend.consume(
                 stream, sub.durable, sub.subject, ack_wait=self.rt.options.ack_wait
@@ -386,62 +419,15 @@ class Triggers:
         async with cm as messages:
             opened()
             async for msg in messages:
-                await self._route_message(sub, msg)
-
-    async def _route_message(self, sub: Subscription, msg: InboundMessage) -> None:
-        """Decode a message once per message type and find its executions; then queue it
-        for the worker of its (first) execution, or of its subject."""
-        rt = self.rt
-        d = sub.bound.definition
-        if msg.num_delivered > 1:
-            rt.metric(rt.metrics.redeliveries, d.id).inc()
-        decoded: dict[Any, Any] = {}
-        try:
-            for r in sub.rules:
-                if r.message_type not in decoded:
-                    decoded[r.message_type] = (
-                        scheduled_run(r.id, r.schedule, msg.time, msg.headers, rt.clock.now())
-                        if r.schedule
-                        else decode(r.message_type, msg.data)
-                    )
-        except DecodeError as e:
-            rt.metric(rt.metrics.poison_messages, d.id, "message").inc()
-            log.warning("terminating undecodable message on %s for %s: %s", msg.subject, d.id, e)
-            await rt.settle(msg, "term")
-            return
-        shard = msg.subject
-        keyed: dict[str, str] = {}
-        for r in sub.rules:
-            if r.state_key is not None:
-                try:
-                    exec_id = validate_execution_id(r.state_key(decoded[r.message_type]))
-                except InvalidExecutionId as e:
-                    rt.metric(rt.metrics.invalid_ids, d.id).inc()
-                    log.warning("terminating message on %s for %s: %s", msg.subject, d.id, e)
-                    await rt.settle(msg, "term")
-                    return
-                except Exception as e:
-                    rt.metric(rt.metrics.poison_messages, d.id, "state_key").inc()
-                    log.warning(
-                        "terminating message on %s: state_key of %s.%s failed: %r",
-                        msg.subject,
-                        d.id,
-                        r.id,
-                        e,
-                    )
-                    await rt.settle(msg, "term")
-                    return
-                keyed[r.id] = exec_id
-                shard = d.key(exec_id)
-        full = self.shards.enqueue(shard, MessageArrival(sub, msg, decoded, keyed))
-        if full is not None:
-            await full
+                await route_message(self.rt, self.shards, sub, msg)
 
     async def _run_callbacks(self, bound: BoundWorkflow, opened: Callable[[], None]) -> None:
         rt = self.rt
         d = bound.definition
         durable = f"reactive_cb_{d.id}".replace("-", "_")
         prefix = f"{rt.options.callback_prefix}.{d.id}."
+        opts = rt.options
+        await self.backend.ensure_stream(opts.callback_stream, [f"{opts.callback_prefix}.>"])
         async with self.backend.consume(
             rt.options.callback_stream, durable, prefix + ">", ack_wait=rt.options.ack_wait
         ) as messages:

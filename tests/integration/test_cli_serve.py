@@ -255,7 +255,7 @@ def test_a_jetstream_call_that_times_out_at_start_is_retried(tmp_path: Path) -> 
         served = Serve(tmp_path / "data", silent.port, WORKFLOWS, nats=("--nats-url", url))
         try:
             line = served.wait_for_log(
-                "level=warning", "retrying", "ensure bucket REACTIVE_META", "TimeoutError"
+                "level=warning", "retrying", "ensure bucket REACTIVE_META", "no answer in 0.5s"
             )
             assert "did not answer" in line  # the hint: JetStream, not the connection
             code, _ = served.terminate()  # a signal ends the retries at once

@@ -268,7 +268,7 @@ async def test_memory_backend_refuses_values_and_messages_over_its_max_payload()
 
 
 class _FailingStreams(MemoryBackend):
-    async def ensure_stream(self, name: str, subjects: list[str]) -> None:
+    async def ensure_stream(self, name: str, subjects: list[str], **options: bool) -> None:
         raise PayloadTooLargeError(f"refused: {name}")  # any error while triggers start
 
 

@@ -113,7 +113,7 @@ class NatsBackend(_PartitionedBuckets):
         self._ack_timeout = ack_timeout
         self._api_timeout = api_timeout
         self._kvs: dict[str, KeyValue] = {}
-        self._kv_locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, asyncio.Lock] = {}  # (per bucket; "stream <name>" per stream)
         self._streams = _StreamCache(publish_stream_cache_ttl)
         self._open: set[_KVWatch | _PullConsumer | _PartitionPuller | Subscription] = set()
         self._replies: _Replies | None = None
@@ -187,7 +187,7 @@ class NatsBackend(_PartitionedBuckets):
     async def ensure_bucket(self, bucket: str) -> None:
         if bucket in self._kvs:
             return
-        lock = self._kv_locks.setdefault(bucket, asyncio.Lock())
+        lock = self._locks.setdefault(bucket, asyncio.Lock())
         async with lock:
             if bucket in self._kvs:
                 return
@@ -358,7 +358,10 @@ class NatsBackend(_PartitionedBuckets):
         schedules: bool = False,
     ) -> None:
         js = self._conn.jetstream()
-        await _ensure_stream(js, name, subjects, self._replicas, work_queue, schedules)
+        # (One at a time per stream: each adds its subjects to those it read; two at once,
+        # a subscription's and another's of the same stream, would keep only one's.)
+        async with self._locks.setdefault(f"stream {name}", asyncio.Lock()):
+            await _ensure_stream(js, name, subjects, self._replicas, work_queue, schedules)
         self._streams.forget(subjects)
 
     async def sync_schedules(
