@@ -245,11 +245,21 @@ async def _retried(what: str, call: Any) -> Any:
     raise RuntimeError(f"reading {what} from NATS failed: {last!r}")
 
 
-async def _states(js: Any) -> dict[str, dict[str, Any]]:
+async def _states(js: Any, expect_keys: bool = False) -> dict[str, dict[str, Any]]:
+    """Every execution's state. ``expect_keys``: the bucket has keys, so "no keys" is a
+    read that failed (nats-py's ``keys()`` says so when its watch's first answer, right
+    after a node came back, counts nothing pending: once in 9 cluster runs here), read
+    again, not every execution lost."""
     kv = await _retried("the SOAK bucket", lambda: js.key_value("SOAK"))
-    try:
-        keys = await _retried("the SOAK keys", kv.keys)
-    except nats.js.errors.NoKeysError:
+    for _ in range(40 if expect_keys else 1):
+        try:
+            keys = await _retried("the SOAK keys", kv.keys)
+            break
+        except nats.js.errors.NoKeysError:
+            await asyncio.sleep(0.25)
+    else:
+        if expect_keys:
+            raise RuntimeError("reading the SOAK keys from NATS: no keys, 40 times")
         return {}
     out = {}
     for key in keys:
@@ -450,7 +460,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                         break
                 await asyncio.sleep(0.5)
             took = time.monotonic() - started
-            states = await _states(js)
+            states = await _states(js, expect_keys=bool(states))
             events = Counter(e["execution_id"] for e in await _stored(js, "SOAK_EVENTS"))
             if args.cluster:  # the requests the engines stored, besides those the worker saw
                 for req in await _stored(js, "SOAK_WORK"):
