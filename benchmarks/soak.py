@@ -50,6 +50,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -109,6 +110,7 @@ class Engines:
                 str(port),
                 "--log-level",
                 "warning",
+                *SERVE_ARGS,
             ],
             cwd=REPO,
             env=env,
@@ -537,12 +539,18 @@ def _longest(stalls: list[dict[str, Any]]) -> float | None:
     return max(found) if found else None
 
 
+SERVE_ARGS: list[str] = []  # more options for every engine's serve (--serve-args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", type=int, default=3)
     parser.add_argument("--executions", type=int, default=300)
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--serve-args", default="", help="more options for every engine's serve ('--ack-wait 4')"
+    )
     parser.add_argument(
         "--deadline",
         type=float,
@@ -565,6 +573,7 @@ def main() -> None:
         help="with --cluster: SIGKILL one random node during the load, restart it seconds later",
     )
     args = parser.parse_args()
+    SERVE_ARGS.extend(shlex.split(args.serve_args))
     if args.kill_node and not args.cluster:
         parser.error("--kill-node needs --cluster")
     if args.short:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Generator, Hashable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Final
 
 from reactive.backends.base import Backend, InboundMessage
 from reactive.clock import Clock
@@ -21,7 +21,7 @@ from reactive.runtime.schedules import timer_message
 from reactive.runtime.timers import Timers
 from reactive.runtime.tracing import Tracing
 
-__all__ = ["DONE", "Options", "Runtime", "backoff", "log", "within"]
+__all__ = ["DONE", "RETRY_CAP", "Options", "Runtime", "backoff", "log", "within"]
 
 log = logging.getLogger("reactive")
 
@@ -96,15 +96,22 @@ class Options:
         self.pin_timeout = pin_timeout
 
 
-def backoff(e: TransientBackendError, failures: int, first: float, cap: float) -> float:
+def backoff(e: TransientBackendError, failures: int, first: float) -> float:
     """How long to wait before trying again after ``failures`` transient failures in a row,
-    the last one ``e``: ``first``, doubled with each failure up to ``cap``; but only
+    the last one ``e``: ``first``, doubled with each failure up to RETRY_CAP; but only
     ``first`` after a request the server did not answer: that try waited its whole
     timeout already, and the answer is due as soon as the server (a cluster's new leader,
     elected 4-9 s after a node died) is back."""
     if isinstance(e, TimedOutError):
         return first
-    return min(first * 2.0**failures, cap)
+    return min(first * 2.0**failures, RETRY_CAP)
+
+
+# The longest wait between two tries after transient failures. A cluster that lost a node
+# answers "no responders" for a group until it has elected the group's new leader, 4-9 s
+# later: a wait doubled up to 30 s (as it was) made a message wait 25 s more after that,
+# where a try every 2 s at most finds the leader within 2 s of its election.
+RETRY_CAP: Final = 2.0
 
 
 class Runtime:
@@ -183,8 +190,17 @@ class Runtime:
         target = (bound.definition.id, bucket, key)
         n = self.retries.get(target, 0)
         self.retries[target] = n + 1
-        delay = backoff(e, n, 0.1, 10.0)
-        log.warning("transient failure on %s/%s (%s); retrying in %.1fs", bucket, key, e, delay)
+        delay = backoff(e, n, 0.1)
+        # (Warned once per failure in a row; the tries after it, every RETRY_CAP at most,
+        # are debug: a cluster electing a leader fails every in-flight key for seconds.)
+        log.log(
+            logging.WARNING if n == 0 else logging.DEBUG,
+            "transient failure on %s/%s (%s); retrying in %.1fs",
+            bucket,
+            key,
+            e,
+            delay,
+        )
         self.timers.schedule(self.clock.now() + delay, target)
 
     async def set_timer(

@@ -9,6 +9,7 @@ acknowledged once the transition it makes is committed.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import msgspec
@@ -79,8 +80,9 @@ class CallbackHandler:
                 with contextlib.ExitStack() as spans:
                     outcome = await self._apply(bound, ev.execution_id, env, ev, fresh, spans)
         except TransientBackendError as e:
-            delay = backoff(e, max(msg.num_delivered - 1, 0), 0.2, 30.0)
-            log.warning(
+            delay = backoff(e, max(msg.num_delivered - 1, 0), 0.2)
+            log.log(
+                logging.WARNING if msg.num_delivered <= 1 else logging.DEBUG,
                 "transient failure handling callback %s (%s); redelivery in %.1fs",
                 msg.subject,
                 e,

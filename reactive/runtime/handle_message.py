@@ -7,6 +7,7 @@ it back for redelivery with backoff, and one that cannot succeed is terminated.
 
 from __future__ import annotations
 
+import logging
 import operator
 import uuid
 from typing import Any
@@ -102,9 +103,13 @@ class MessageHandler:
                 await rt.settle(msg, "term")
                 return
         except TransientBackendError as e:
-            delay = backoff(e, max(msg.num_delivered - 1, 0), 0.2, 30.0)
-            log.warning(
-                "transient failure handling %s (%s); redelivery in %.1fs", msg.subject, e, delay
+            delay = backoff(e, max(msg.num_delivered - 1, 0), 0.2)
+            log.log(
+                logging.WARNING if msg.num_delivered <= 1 else logging.DEBUG,
+                "transient failure handling %s (%s); redelivery in %.1fs",
+                msg.subject,
+                e,
+                delay,
             )
             await rt.settle(msg, "nak", delay)
             return

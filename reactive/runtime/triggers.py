@@ -210,7 +210,7 @@ class Triggers:
                     self.failures[what] = e
                     self._changes()
                 delay = (
-                    backoff(e, failed, 0.1, 5.0)
+                    backoff(e, failed, 0.1)
                     if isinstance(e, TransientBackendError)
                     else min(0.1 * 2.0**failed, 5.0)
                 )

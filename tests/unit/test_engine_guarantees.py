@@ -1721,11 +1721,13 @@ async def test_transient_failures_in_a_row_back_off_doubling() -> None:
 
     backend._fault = recording  # type: ignore[method-assign]
     async with TestEngine(Send, clock=clock, backend=backend) as te:
-        backend.failing_writes = 4
+        backend.failing_writes = 7
         await te.trigger_kv(Send, "s1", Sender(id="s1", workflow_id="send", status=Status.RUNNING))
-        await te.advance(3)
+        await te.advance(10)
         gaps = [round(later - earlier, 3) for earlier, later in itertools.pairwise(failed_at)]
-        assert gaps == [0.1, 0.2, 0.4]
+        # (Up to RETRY_CAP, 2 s: a cluster electing a leader answers "no responders" for
+        # seconds, and a try every 2 s at most finds the new leader soon after.)
+        assert gaps == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0]
         st = te.state(Send, "s1")
         assert (st.status, st.sent) == (Status.COMPLETED, 1)
 
