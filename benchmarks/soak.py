@@ -51,6 +51,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,12 +59,14 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import nats
 from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -189,7 +192,15 @@ class Worker:
         while True:
             try:
                 if sub is None:
-                    sub = await self.js.pull_subscribe("soak.work", durable="worker", stream=stream)
+                    sub = await self.js.pull_subscribe(
+                        "soak.work",
+                        durable="worker",
+                        stream=stream,
+                        # (A request whose answer a node's loss kept from going out comes
+                        # again after this, as the engine's own messages do: nats-py's
+                        # default, 30 s, made the soak's longest waits the harness's.)
+                        config=ConsumerConfig(ack_wait=6.0),
+                    )
                 msgs = await sub.fetch(64, timeout=1.0)
             except nats.errors.TimeoutError:
                 continue
@@ -270,6 +281,50 @@ async def _states(js: Any, expect_keys: bool = False) -> dict[str, dict[str, Any
         except nats.js.errors.NotFoundError:  # deleted since the listing
             continue
         out[key.split(".", 1)[1]] = json.loads(entry.value or b"{}")
+    return out
+
+
+async def _forensics(js: Any, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """For executions that did not complete: the revision of their state, and whether that
+    change is in the partitioned stream (unacknowledged), with where the consumers stand."""
+    from reactive.backends.partitions import partition_of, partitioned_stream, source_consumer
+
+    out: dict[str, dict[str, Any]] = {}
+    part = partitioned_stream("SOAK", "soak")
+    with contextlib.suppress(Exception):
+        info = await js.stream_info(part)
+        n = next(
+            int(t.dest.split("(", 1)[1].split(",", 1)[0])
+            for src in info.config.sources or []
+            for t in src.subject_transforms or []
+        )
+        feed = await js.consumer_info("KV_SOAK", source_consumer("SOAK", "soak"))
+        bucket = await js.stream_info("KV_SOAK")
+        common = {
+            "bucket_last_seq": bucket.state.last_seq,
+            "feed_delivered": feed.delivered.stream_seq,
+            "feed_ack_floor": feed.ack_floor.stream_seq,
+            "part_msgs": info.state.messages,
+        }
+        for i in ids:
+            key = f"soak.{i}"
+            p = partition_of(key, n)
+            entry = await js.get_last_msg("KV_SOAK", f"$KV.SOAK.{key}")
+            pending = None
+            with contextlib.suppress(Exception):
+                got = await js.get_last_msg(part, f"{p}.$KV.SOAK.{key}")
+                pending = got.headers.get("Nats-Stream-Source") if got.headers else "?"
+            pc = await js.consumer_info(part, f"p{p}")
+            out[i] = {
+                **common,
+                "revision": entry.seq,
+                "partition": p,
+                "in_partition": pending,
+                "partition_delivered": pc.delivered.stream_seq,
+                "partition_ack_floor": pc.ack_floor.stream_seq,
+                "partition_pending": pc.num_pending,
+                "partition_ack_pending": pc.num_ack_pending,
+            }
     return out
 
 
@@ -378,7 +433,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     engine_kills: list[dict[str, Any]] = []
     published: dict[str, float] = {}  # execution id -> when its start was first sent
     node_kills: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="reactive-soak-") as tmp:
+    forensics: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="reactive-soak-") as tmp, _kept(args.keep_logs, tmp):
         cluster: NatsCluster | None = None
         server: NatsServer | None = None
         if args.cluster:
@@ -468,6 +524,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 for req in await _stored(js, "SOAK_WORK"):
                     worker.tasks.setdefault(req["execution_id"], set()).add(req["task_id"])
             streams = await _replicas(js)
+            unfinished = [i for i, st in states.items() if st.get("status") != "completed"]
+            forensics = await _forensics(js, unfinished[:5]) if unfinished else {}
         finally:
             for task in (engine_killer, node_killer):
                 if task is not None and not task.done():
@@ -523,6 +581,17 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "kill_stalls": kill_stalls,
         "node_kill_stalls": node_stalls,
         "examples": {"lost": lost[:5], "stuck": stuck[:5], "doubled": doubled[:5]},
+        # Where each stuck one stands: its phase, status and the rules it went through.
+        "stuck_at": {
+            i: {
+                "phase": states[i].get("phase"),
+                "status": states[i].get("status"),
+                "timeline": [e["rule_id"] for e in states[i].get("timeline", [])],
+                "tasks": sorted(worker.tasks.get(i, ())),
+                **forensics.get(i, {}),
+            }
+            for i in stuck[:5]
+        },
     }
     if args.cluster:
         # Every stream and bucket, the engines' and the soak's, at the replicas asked for.
@@ -542,12 +611,25 @@ def _longest(stalls: list[dict[str, Any]]) -> float | None:
 SERVE_ARGS: list[str] = []  # more options for every engine's serve (--serve-args)
 
 
+@contextlib.contextmanager
+def _kept(folder: str, tmp: str) -> Iterator[None]:
+    """Copy the engines' logs into ``folder`` (if given) when the run ends."""
+    try:
+        yield
+    finally:
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            for log in Path(tmp).glob("*.log"):
+                shutil.copy(log, Path(folder) / log.name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", type=int, default=3)
     parser.add_argument("--executions", type=int, default=300)
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--keep-logs", default="", help="copy the engines' logs here")
     parser.add_argument(
         "--serve-args", default="", help="more options for every engine's serve ('--ack-wait 4')"
     )

@@ -88,6 +88,19 @@ class KeyOrder:
         else:
             spans.append([revision, revision])
 
+    def unchain(self, k: tuple[str, str, str], base: int, revision: int) -> None:
+        """``revision``'s evaluation right after its commit did not complete: its echo is
+        to be evaluated, not skipped (``chain`` undone)."""
+        spans = self.chained.get(k)
+        if not spans or spans[-1][1] != revision:
+            return
+        if spans[-1][0] == revision:
+            spans.pop()
+            if not spans:
+                del self.chained[k]
+        else:
+            spans[-1][1] = base
+
 
 class Shards:
     """The workers and their inboxes."""
@@ -212,6 +225,7 @@ class Shards:
         match_kv = self.rt.registry.match_kv
         evaluate = self.evaluate
         owns = self.owns
+        retries = self.rt.retries
         hops = 0
         while fresh:
             c = fresh.pop(0)
@@ -232,6 +246,12 @@ class Shards:
                 continue  # terminal: nothing to evaluate, only its echo to skip
             for bound, rules in matches:
                 await evaluate(bound, rules, c.bucket, c.key, c.revision, c.value, "kv", fresh)
+                if retries and (bound.definition.id, c.bucket, c.key) in retries:
+                    # It failed (this process retries it): its echo is evaluated when it
+                    # comes. Skipped as seen, it could be acknowledged after a retry that
+                    # "completed" on a stale read (a new leader's) had cleared the retry,
+                    # and the revision would never be evaluated (the cluster soak's stuck).
+                    order.unchain((bound.definition.id, c.bucket, c.key), c.base, c.revision)
         if len(chained) > _CHAINED_MAX:
             chained.clear()  # echoes forgotten: evaluating twice is harmless
 

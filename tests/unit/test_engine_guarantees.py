@@ -7,8 +7,10 @@ publish, say), and a new ``Engine`` on the same backend and clock takes over.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -35,6 +37,7 @@ from reactive import (
     rule,
 )
 from reactive.backends.base import InboundMessage
+from reactive.backends.partitions import partition_of
 from reactive.clock import ManualClock
 from reactive.conditions import phase_is
 from reactive.runtime.metrics import EngineMetrics
@@ -1765,6 +1768,107 @@ async def test_writes_the_server_did_not_answer_are_tried_again_without_backing_
         settled = [(how, n) for how, s, n, _ in backend.settled if s == "plans.submitted"]
         assert settled == [("nak", 1), ("nak", 2), ("nak", 3), ("ack", 4)]
         assert te.state(Reviews, "p1").notes == ["accepted"]
+
+
+class Stepping(ExecutionState):
+    pass
+
+
+class Stepper(Workflow, id="stepper", state=Stepping):
+    @rule(on_subject="jobs.start", state_key=lambda m: m["id"], message=dict, mutate=True)
+    def start(self, ctx: RuleContext[Stepping, dict[str, str]]) -> None:
+        ctx.state.phase = "stepping"
+
+    @rule(watch_kv=True, when=phase_is("stepping"), mutate=True)
+    def step(self, ctx: RuleContext[Stepping, None]) -> None:
+        ctx.state.phase = "stepped"
+
+
+class _HeldPartitions:
+    """A partitioned consumer whose changes wait while ``backend.held``."""
+
+    def __init__(self, inner: Any, backend: StaleAfterFailover) -> None:
+        self._inner, self._backend = inner, backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __aiter__(self) -> _HeldPartitions:
+        return self
+
+    async def __anext__(self) -> Any:
+        change = await self._inner.__anext__()
+        while self._backend.held:  # (taken from the partition, not handed on yet)
+            await anyio.sleep(0.01)
+        return change
+
+
+class StaleAfterFailover(FaultyBackend):
+    """A cluster that lost the bucket's leader: a write fails, the new leader answers a
+    read before it has applied the latest write (no key yet), and the changes reach the
+    partitions late (``held``)."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock, state_buckets=("STEPPER",))
+        self.stale_reads = 0
+        self.held = False
+
+    async def kv_get(self, bucket: str, key: str) -> Any:
+        if bucket in self.state_buckets and self.stale_reads:
+            self.stale_reads -= 1
+            return None
+        return await super().kv_get(bucket, key)
+
+    def consume_partitions(self, *args: Any, **kwargs: Any) -> Any:
+        @contextlib.asynccontextmanager
+        async def held() -> AsyncIterator[Any]:
+            async with MemoryBackend.consume_partitions(self, *args, **kwargs) as consumer:
+                yield _HeldPartitions(consumer, self)
+
+        return held()
+
+
+async def test_a_commit_whose_next_evaluation_failed_is_evaluated_when_its_change_comes() -> None:
+    # The engine evaluates what it has just committed at once; the change's copy from the
+    # partition is then skipped as seen. When that evaluation failed, and its retry was
+    # "done" on a stale read (a new leader that had not applied the write yet: no state),
+    # skipping the copy lost the revision: the execution stayed in its phase for good (the
+    # cluster soak's stuck executions). Now the copy is evaluated.
+    clock = ManualClock()
+    backend = StaleAfterFailover(clock)
+    engine = Engine(backend, [Stepper], clock=clock)
+    await engine.start()
+    try:
+
+        def failover(key: str) -> None:
+            backend.after_write = None
+            backend.failing_writes = 1  # the step right after the start's commit
+            backend.stale_reads = 1  # and the retry's read
+
+        # First an execution whose key is in the same partition: the engine holds it.
+        assert partition_of("stepper.w6", 8) == partition_of("stepper.j1", 8)
+        await backend.publish("jobs.start", b'{"id": "w6"}')
+        with anyio.fail_after(10):
+            while (await backend.kv_get("STEPPER", "stepper.w6")) is None or json.loads(
+                backend.peek("STEPPER", "stepper.w6").value
+            )["phase"] != "stepped":
+                await anyio.sleep(0.01)
+        backend.after_write = failover
+        backend.held = True
+        await backend.publish("jobs.start", b'{"id": "j1"}')
+        with anyio.fail_after(10):
+            while backend.failed_writes < 1:
+                await anyio.sleep(0.01)
+            while backend.stale_reads or engine.rt.retries:  # the retry, due 0.1 s later
+                clock.advance(0.1)
+                await anyio.sleep(0.01)
+        assert json.loads(backend.peek("STEPPER", "stepper.j1").value)["phase"] == "stepping"
+        backend.held = False  # the copy of the start's commit comes
+        with anyio.fail_after(10):
+            while json.loads(backend.peek("STEPPER", "stepper.j1").value)["phase"] != "stepped":
+                await anyio.sleep(0.01)
+    finally:
+        await engine.stop()
 
 
 async def test_stream_message_is_acked_only_after_its_effects_are_committed(

@@ -34,6 +34,7 @@ JetStream's JSON API here (``_api``); the pulling is in ``_partition_puller``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Collection
@@ -258,15 +259,18 @@ async def _paused(backend: NatsBackend, source: dict[str, Any], what: str) -> As
     except NotFoundError:  # (the first time: no consumer yet)
         yield
         return
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + _SOURCE_WAIT
-    while loop.time() < give_up:
-        info = await _api(backend, f"CONSUMER.INFO.{origin}.{name}", None, what)
-        if not info.get("num_ack_pending"):
-            break
-        await asyncio.sleep(0.05)
-    yield
-    await _api(backend, f"CONSUMER.PAUSE.{origin}.{name}", {}, what)
+    try:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + _SOURCE_WAIT
+        while loop.time() < give_up:
+            info = await _api(backend, f"CONSUMER.INFO.{origin}.{name}", None, what)
+            if not info.get("num_ack_pending"):
+                break
+            await asyncio.sleep(0.05)
+        yield
+    finally:
+        with anyio.CancelScope(shield=True), contextlib.suppress(BackendError):
+            await _api(backend, f"CONSUMER.PAUSE.{origin}.{name}", {}, what)
 
 
 class _PartitionedBuckets:
