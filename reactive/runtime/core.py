@@ -138,6 +138,7 @@ class Runtime:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # Failures in a row per timer target, for the backoff of _retry_later.
         self.retries: dict[Hashable, int] = {}
+        self.conflicts = 0  # compare-and-sets an evaluation lost (see Shards.follow)
 
     def metric(self, metric: Any, *labels: str) -> Any:
         """A metric's child for these labels, cached: a label lookup costs a lock and a dict."""

@@ -314,7 +314,10 @@ class KVHandler:
                     state.outbox_id = f"{d.id}:{exec_id}:{revision}"
                     await self.store.write(d, bucket, key, revision, state, None, fresh)
             except ConflictError:
-                pass  # a newer revision beat us; its partition brings it, to be evaluated then
+                # A newer revision beat us; its partition brings it, to be evaluated then.
+                # (Counted: an evaluation right after a commit that conflicts leaves its
+                # echo to be evaluated, in case the "newer" one was a new leader's stale view.)
+                rt.conflicts += 1
         except TransientBackendError as e:
             failed = True
             rt.retry_later(bound, bucket, key, e)

@@ -225,7 +225,8 @@ class Shards:
         match_kv = self.rt.registry.match_kv
         evaluate = self.evaluate
         owns = self.owns
-        retries = self.rt.retries
+        rt = self.rt
+        retries = rt.retries
         hops = 0
         while fresh:
             c = fresh.pop(0)
@@ -245,13 +246,16 @@ class Shards:
             if not c.value:
                 continue  # terminal: nothing to evaluate, only its echo to skip
             for bound, rules in matches:
+                conflicts = rt.conflicts
                 await evaluate(bound, rules, c.bucket, c.key, c.revision, c.value, "kv", fresh)
-                if retries and (bound.definition.id, c.bucket, c.key) in retries:
-                    # It failed (this process retries it): its echo is evaluated when it
-                    # comes. Skipped as seen, it could be acknowledged after a retry that
-                    # "completed" on a stale read (a new leader's) had cleared the retry,
-                    # and the revision would never be evaluated (the cluster soak's stuck).
-                    order.unchain((bound.definition.id, c.bucket, c.key), c.base, c.revision)
+                target = (bound.definition.id, c.bucket, c.key)
+                if (retries and target in retries) or rt.conflicts != conflicts:
+                    # It failed (this process retries it) or lost its compare-and-set: its
+                    # echo is evaluated when it comes. Skipped as seen, it could be
+                    # acknowledged after a retry that "completed" on a stale read (a new
+                    # leader's) had cleared the retry, and the revision would never be
+                    # evaluated (the cluster soak's stuck executions).
+                    order.unchain(target, c.base, c.revision)
         if len(chained) > _CHAINED_MAX:
             chained.clear()  # echoes forgotten: evaluating twice is harmless
 

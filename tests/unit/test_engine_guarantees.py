@@ -22,6 +22,7 @@ import msgspec
 import pytest
 
 from reactive import (
+    ConflictError,
     Engine,
     ExecutionState,
     MemoryBackend,
@@ -1811,7 +1812,14 @@ class StaleAfterFailover(FaultyBackend):
     def __init__(self, clock: ManualClock) -> None:
         super().__init__(clock, state_buckets=("STEPPER",))
         self.stale_reads = 0
+        self.stale_writes = 0
         self.held = False
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
+        if bucket in self.state_buckets and self.stale_writes:
+            self.stale_writes -= 1  # (the new leader has not applied ``revision`` yet)
+            raise ConflictError(f"update {bucket}/{key}@{revision}: wrong last sequence")
+        return await super().kv_update(bucket, key, value, revision)
 
     async def kv_get(self, bucket: str, key: str) -> Any:
         if bucket in self.state_buckets and self.stale_reads:
@@ -1828,7 +1836,10 @@ class StaleAfterFailover(FaultyBackend):
         return held()
 
 
-async def test_a_commit_whose_next_evaluation_failed_is_evaluated_when_its_change_comes() -> None:
+@pytest.mark.parametrize("failure", ["transient, then a stale read", "a stale compare-and-set"])
+async def test_a_commit_whose_next_evaluation_failed_is_evaluated_when_its_change_comes(
+    failure: str,
+) -> None:
     # The engine evaluates what it has just committed at once; the change's copy from the
     # partition is then skipped as seen. When that evaluation failed, and its retry was
     # "done" on a stale read (a new leader that had not applied the write yet: no state),
@@ -1842,8 +1853,11 @@ async def test_a_commit_whose_next_evaluation_failed_is_evaluated_when_its_chang
 
         def failover(key: str) -> None:
             backend.after_write = None
-            backend.failing_writes = 1  # the step right after the start's commit
-            backend.stale_reads = 1  # and the retry's read
+            if failure == "a stale compare-and-set":
+                backend.stale_writes = 1  # the step right after the start's commit
+            else:
+                backend.failing_writes = 1  # the step right after the start's commit
+                backend.stale_reads = 1  # and the retry's read
 
         # First an execution whose key is in the same partition: the engine holds it.
         assert partition_of("stepper.w6", 8) == partition_of("stepper.j1", 8)
@@ -1857,7 +1871,11 @@ async def test_a_commit_whose_next_evaluation_failed_is_evaluated_when_its_chang
         backend.held = True
         await backend.publish("jobs.start", b'{"id": "j1"}')
         with anyio.fail_after(10):
-            while backend.failed_writes < 1:
+            while backend.failed_writes < 1 and not (
+                failure == "a stale compare-and-set"
+                and backend.after_write is None
+                and not backend.stale_writes
+            ):
                 await anyio.sleep(0.01)
             while backend.stale_reads or engine.rt.retries:  # the retry, due 0.1 s later
                 clock.advance(0.1)
