@@ -36,7 +36,8 @@ _MAX_RETRY = 1.0
 # with the full 2 s of every try; `benchmarks/restart.py --cluster --kill-node`.)
 _FIRST_TRY = 0.5
 _SHORT_TRIES = 12.0
-_AFTER_TIMEOUT = 0.05  # seconds before the next try of a step whose try timed out
+_AFTER_TIMEOUT = 0.05
+_LASTING = 5  # tries in a row a trigger's start fails the same way before serve gives up  # seconds before the next try of a step whose try timed out
 
 
 class GaveUp(Exception):
@@ -260,11 +261,13 @@ async def start_engine(engine: Any, url: str, timeout: float | None) -> None:
 
 def startup_failure(engine: Any, url: str) -> CLIError | None:
     """A failure that keeps one of the engine's triggers from running and that retrying
-    cannot heal (a stream made otherwise than it needs), as serve ends with it."""
+    does not heal (a stream made otherwise than it needs), as serve ends with it: not
+    transient, and _LASTING tries in a row. (On a cluster, what another engine has just
+    made may be "not found" for a moment: one try is not enough to tell.)"""
     from reactive.errors import TransientBackendError
 
-    for what, error in engine.startup_failures.items():
-        if not isinstance(error, TransientBackendError):
+    for what, (error, tries) in engine.startup_failures.items():
+        if not isinstance(error, TransientBackendError) and tries >= _LASTING:
             return CLIError(
                 f"cannot start the {what} on {url}: {error}", failure_hints(url, what, error)
             )

@@ -217,6 +217,22 @@ class Runtime:
         if self.retries:
             self.retries.pop((workflow_id, bucket, key), None)
 
+    async def redeliver_later(
+        self, msg: InboundMessage, e: TransientBackendError, what: str
+    ) -> None:
+        """Hand a message back after a transient failure handling it, backing off with its
+        deliveries (``backoff``); the first failure in a row is a warning."""
+        delay = backoff(e, max(msg.num_delivered - 1, 0), 0.2)
+        log.log(
+            logging.WARNING if msg.num_delivered <= 1 else logging.DEBUG,
+            "transient failure handling %s%s (%s); redelivery in %.1fs",
+            what,
+            msg.subject,
+            e,
+            delay,
+        )
+        await self.settle(msg, "nak", delay)
+
     async def settle(self, msg: InboundMessage, how: str, delay: float = 0.0) -> None:
         """Acknowledge, terminate or hand back (after ``delay``) a message; never raises."""
         try:

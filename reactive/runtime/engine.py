@@ -286,10 +286,11 @@ class Engine:
         self.store.after_burst()
 
     @property
-    def startup_failures(self) -> dict[str, BackendError]:
-        """What keeps each trigger that has not run yet from running (by the trigger's
-        name: ``subscription to orders.new``), while it retries."""
-        return dict(self.triggers.failures)
+    def startup_failures(self) -> dict[str, tuple[BackendError, int]]:
+        """What keeps each trigger that has not run yet from running, and how many of its
+        tries in a row failed (by the trigger's name: ``subscription to orders.new``)."""
+        t = self.triggers
+        return {what: (e, t.failed_tries.get(what, 1)) for what, e in t.failures.items()}
 
     @property
     def idle(self) -> bool:

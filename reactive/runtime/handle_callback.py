@@ -9,7 +9,6 @@ acknowledged once the transition it makes is committed.
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any
 
 import msgspec
@@ -19,7 +18,7 @@ from reactive.dsl.context import RuleContext, new_context
 from reactive.dsl.state import ParentLink, Status
 from reactive.errors import ConflictError, DecodeError, TransientBackendError
 from reactive.runtime.children import cancel_child
-from reactive.runtime.core import Runtime, backoff, log
+from reactive.runtime.core import Runtime, log
 from reactive.runtime.decide import FOREVER
 from reactive.runtime.events import CallbackArrival, Committed
 from reactive.runtime.failures import cancelled
@@ -80,15 +79,7 @@ class CallbackHandler:
                 with contextlib.ExitStack() as spans:
                     outcome = await self._apply(bound, ev.execution_id, env, ev, fresh, spans)
         except TransientBackendError as e:
-            delay = backoff(e, max(msg.num_delivered - 1, 0), 0.2)
-            log.log(
-                logging.WARNING if msg.num_delivered <= 1 else logging.DEBUG,
-                "transient failure handling callback %s (%s); redelivery in %.1fs",
-                msg.subject,
-                e,
-                delay,
-            )
-            await rt.settle(msg, "nak", delay)
+            await rt.redeliver_later(msg, e, "callback ")
             return
         except Exception:
             log.exception("error handling callback on %s", msg.subject)

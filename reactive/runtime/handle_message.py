@@ -7,7 +7,6 @@ it back for redelivery with backoff, and one that cannot succeed is terminated.
 
 from __future__ import annotations
 
-import logging
 import operator
 import uuid
 from typing import Any
@@ -18,7 +17,7 @@ from reactive.dsl.definition import ActionType, RuleDef, TriggerMode
 from reactive.dsl.state import ExecutionState, Status
 from reactive.errors import ConflictError, DecodeError, TransientBackendError
 from reactive.runtime.claims import Claims
-from reactive.runtime.core import Runtime, backoff, log, within
+from reactive.runtime.core import Runtime, log, within
 from reactive.runtime.decide import FOREVER, hold_until
 from reactive.runtime.events import Committed, MessageArrival
 from reactive.runtime.registry import BoundWorkflow
@@ -103,15 +102,7 @@ class MessageHandler:
                 await rt.settle(msg, "term")
                 return
         except TransientBackendError as e:
-            delay = backoff(e, max(msg.num_delivered - 1, 0), 0.2)
-            log.log(
-                logging.WARNING if msg.num_delivered <= 1 else logging.DEBUG,
-                "transient failure handling %s (%s); redelivery in %.1fs",
-                msg.subject,
-                e,
-                delay,
-            )
-            await rt.settle(msg, "nak", delay)
+            await rt.redeliver_later(msg, e, "")
             return
         except DecodeError as e:
             rt.metric(rt.metrics.state_decode_errors, d.id).inc()

@@ -82,6 +82,7 @@ class Triggers:
         self.expected_ready = 0
         # The failure of each trigger that has not run yet (by its name), while it retries.
         self.failures: dict[str, BackendError] = {}
+        self.failed_tries: dict[str, int] = {}  # (of those: how many tries in a row failed)
         self._changed = anyio.Event()
 
     def stop(self) -> None:
@@ -90,6 +91,7 @@ class Triggers:
         # start counts its own, or the engine would never be ready.)
         self.ready_count = self.expected_ready = 0
         self.failures.clear()
+        self.failed_tries.clear()
         self._announced.clear()
         self.partitions.clear()
         self._partitions_started.clear()
@@ -196,6 +198,7 @@ class Triggers:
             if first:
                 self.ready_count += 1
                 self.failures.pop(what, None)
+                self.failed_tries.pop(what, None)
                 first = False
                 self._changes()
             failed = 0
@@ -208,6 +211,7 @@ class Triggers:
             except BackendError as e:
                 if first:
                     self.failures[what] = e
+                    self.failed_tries[what] = failed + 1
                     self._changes()
                 delay = (
                     backoff(e, failed, 0.1)

@@ -280,3 +280,31 @@ def test_serve_refuses_a_server_too_old_for_what_the_engine_uses(tmp_path: Path)
     assert "needs nats-server 2.12.0 or later" in err, err
     assert "retrying" not in err  # not something a retry heals
     assert "Traceback" not in err
+
+
+def test_serve_ends_naming_a_stream_it_cannot_use(tmp_path: Path) -> None:
+    # The timer stream exists with limits retention (made by hand, say): the timer consumer
+    # cannot start however often it tries, so serve ends with the reason (a trigger's start
+    # is retried a few times first: on a cluster, what another engine has just made can be
+    # "not found" for a moment).
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    with NatsServer(port=port, data_dir=tmp_path / "store"):
+        import asyncio
+
+        import nats
+
+        async def make() -> None:
+            nc = await nats.connect(url)
+            await nc.jetstream().add_stream(name="REACTIVE_TIMERS", subjects=["elsewhere.>"])
+            await nc.close()
+
+        asyncio.run(make())
+        served = Serve(tmp_path / "data", free_port(), WORKFLOWS, nats=("--nats-url", url))
+        code = _exit_code(served)
+    assert code == 1, served.stderr
+    errors = [line for line in served.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, served.stderr
+    assert errors[0].startswith("error: cannot start the timer consumer for "), errors
+    assert "REACTIVE_TIMERS exists with limits retention" in errors[0], errors
+    assert "Traceback" not in served.stderr

@@ -134,6 +134,8 @@ async def test_an_engine_works_while_one_of_its_streams_cannot_be_made_yet() -> 
                 await anyio.sleep(0.01)
             assert not engine.ready
             assert list(engine.startup_failures) == ["callback consumer for items"]
+            error, tries = engine.startup_failures["callback consumer for items"]
+            assert isinstance(error, TimedOutError) and tries >= 1
             backend.healed = True
             await engine.wait_ready(timeout=10.0)
             assert engine.startup_failures == {}

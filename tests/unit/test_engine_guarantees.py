@@ -165,6 +165,23 @@ class FaultyBackend(MemoryBackend):
             yield recorded()
 
 
+def record_failures(backend: FaultyBackend, clock: ManualClock) -> list[float]:
+    """The moments (on ``clock``) of the backend's injected write failures, from now on."""
+    failed_at: list[float] = []
+    fault = backend._fault
+
+    async def recording(bucket: str) -> None:
+        before = backend.failed_writes
+        try:
+            await fault(bucket)
+        finally:
+            if backend.failed_writes > before:
+                failed_at.append(clock.now())
+
+    backend._fault = recording  # type: ignore[method-assign]
+    return failed_at
+
+
 async def kill(engine: Engine) -> NoReturn:
     """The process dies here: every task of the engine, the calling one included, is cancelled."""
     assert engine._tg is not None
@@ -1712,18 +1729,7 @@ async def test_transient_failures_in_a_row_back_off_doubling() -> None:
     # Retries come from the timer: each failure in a row doubles the delay before the next.
     clock = ManualClock()
     backend = FaultyBackend(clock, state_buckets=("SEND",))
-    failed_at: list[float] = []
-    fault = backend._fault
-
-    async def recording(bucket: str) -> None:
-        before = backend.failed_writes
-        try:
-            await fault(bucket)
-        finally:
-            if backend.failed_writes > before:
-                failed_at.append(clock.now())
-
-    backend._fault = recording  # type: ignore[method-assign]
+    failed_at = record_failures(backend, clock)
     async with TestEngine(Send, clock=clock, backend=backend) as te:
         backend.failing_writes = 7
         await te.trigger_kv(Send, "s1", Sender(id="s1", workflow_id="send", status=Status.RUNNING))
@@ -1742,18 +1748,7 @@ async def test_writes_the_server_did_not_answer_are_tried_again_without_backing_
     clock = ManualClock()
     backend = FaultyBackend(clock, state_buckets=("SEND", "REVIEWS"))
     backend.failure = TimedOutError
-    failed_at: list[float] = []
-    fault = backend._fault
-
-    async def recording(bucket: str) -> None:
-        before = backend.failed_writes
-        try:
-            await fault(bucket)
-        finally:
-            if backend.failed_writes > before:
-                failed_at.append(clock.now())
-
-    backend._fault = recording  # type: ignore[method-assign]
+    failed_at = record_failures(backend, clock)
     async with TestEngine(Send, clock=clock, backend=backend) as te:
         backend.failing_writes = 4
         await te.trigger_kv(Send, "s1", Sender(id="s1", workflow_id="send", status=Status.RUNNING))
