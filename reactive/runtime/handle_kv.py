@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
-from reactive.backends.base import InboundMessage
+from reactive.backends.base import InboundMessage, KVEntry
 from reactive.codecs import decode, decoder_for
 from reactive.dsl.context import RuleContext, new_context
 from reactive.dsl.definition import RuleDef
@@ -31,6 +31,10 @@ from reactive.runtime.transition import TERMINAL, start_timers, utc
 from reactive.runtime.writer import Writer
 
 __all__ = ["KVHandler"]
+
+# How soon a change whose compare-and-set lost, with nothing newer there, is evaluated again.
+_RECHECK: Final = 0.5
+_RECHECKS: Final = 5
 
 _PENDING = Status.PENDING
 
@@ -72,12 +76,35 @@ class KVHandler:
             if entry.operation != "PUT":
                 await self.on_delete(bound, rules, entry.bucket, entry.key, entry.revision, "kv")
             else:
+                conflicts = self.rt.conflicts
                 await self.evaluate(
                     bound, rules, entry.bucket, entry.key, entry.revision, entry.value, "kv",
                     fresh, stale,
                 )  # fmt: skip
+                if (
+                    self.rt.conflicts != conflicts
+                    and ev.msg is not None
+                    and not await self._superseded(entry, ev.msg.num_delivered)
+                ):
+                    # Its compare-and-set lost, yet no newer revision is there: a new
+                    # leader's view that lags (or a read that does). Evaluated again soon,
+                    # rather than acknowledged and lost.
+                    await self.rt.settle(ev.msg, "nak", _RECHECK)
+                    return
         if ev.msg is not None:
             await self._settle(ev.msg, bound, entry.bucket, entry.key)
+
+    async def _superseded(self, entry: KVEntry, deliveries: int) -> bool:
+        """Whether the key has a revision newer than ``entry``'s (a failed read: no). A key
+        read as gone counts as superseded from the _RECHECKS-th delivery on (deleted, or a
+        lagging view for that long)."""
+        try:
+            current = await self.rt.backend.kv_get(entry.bucket, entry.key)
+        except TransientBackendError:
+            return False
+        if current is None:
+            return deliveries >= _RECHECKS
+        return current.revision > entry.revision
 
     async def _settle(
         self, msg: InboundMessage, bound: BoundWorkflow, bucket: str, key: str

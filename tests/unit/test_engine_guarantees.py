@@ -1884,6 +1884,27 @@ async def test_a_commit_whose_next_evaluation_failed_is_evaluated_when_its_chang
         await engine.stop()
 
 
+async def test_a_change_whose_compare_and_set_a_stale_view_refused_is_evaluated_again() -> None:
+    # A change from the partition (written by someone else): its evaluation's
+    # compare-and-set is refused although no newer revision is there (a new leader that
+    # has not applied it yet). Acknowledged, the revision would be lost; it comes again.
+    clock = ManualClock()
+    backend = StaleAfterFailover(clock)
+    engine = Engine(backend, [Stepper], clock=clock)
+    await engine.start()
+    try:
+        backend.stale_writes = 1
+        first = {"id": "j2", "workflow_id": "stepper", "phase": "stepping", "status": "running"}
+        await backend.kv_create("STEPPER", "stepper.j2", json.dumps(first).encode())
+        with anyio.fail_after(10):
+            while json.loads(backend.peek("STEPPER", "stepper.j2").value)["phase"] != "stepped":
+                clock.advance(0.1)
+                await anyio.sleep(0.01)
+        assert backend.stale_writes == 0
+    finally:
+        await engine.stop()
+
+
 async def test_stream_message_is_acked_only_after_its_effects_are_committed(
     metrics: EngineMetrics,
 ) -> None:
