@@ -592,6 +592,15 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             }
             for i in stuck[:5]
         },
+        # And why each doubled one counts as doubled.
+        "doubled_at": {
+            i: {
+                "timeline": [e["rule_id"] for e in states[i].get("timeline", [])],
+                "completion_events": events[i],
+                "tasks": sorted(worker.tasks.get(i, ())),
+            }
+            for i in doubled[:5]
+        },
     }
     if args.cluster:
         # Every stream and bucket, the engines' and the soak's, at the replicas asked for.
