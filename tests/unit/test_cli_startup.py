@@ -180,7 +180,7 @@ async def test_a_setup_step_that_gets_no_answer_is_tried_again_soon(
         await prepare(
             [*steps[:2], ("ensure bucket B", step("b2", 99)), ("ensure stream S", step("s2", 0))],
             "nats://x",
-            timeout=0.8,
+            timeout=3.0,  # (several tries cut at 0.5 s in it, each failing the same way)
         )
 
     # A failure retrying cannot heal ends the start at once, the other steps with it.
