@@ -133,6 +133,12 @@ class KVHandler:
             except TransientBackendError as e:
                 rt.retry_later(bound, bucket, key, e)
             else:
+                if current is None and ev.msg is not None and ev.msg.num_delivered < _RECHECKS:
+                    # No state for a timer set on one: deleted, or a view that lags (a new
+                    # leader's). Acknowledged, a lagging view would lose the timer for good:
+                    # it comes again first (0.5 s later, _RECHECKS times in all).
+                    await rt.settle(ev.msg, "nak", _RECHECK)
+                    return
                 if current is None:
                     rt.succeeded(ev.workflow_id, bucket, key)
                 else:

@@ -1905,6 +1905,37 @@ async def test_a_change_whose_compare_and_set_a_stale_view_refused_is_evaluated_
         await engine.stop()
 
 
+class Waiter(Workflow, id="waiter", state=Stepping):
+    @rule(on_subject="waits.start", state_key=lambda m: m["id"], message=dict, mutate=True)
+    def start(self, ctx: RuleContext[Stepping, dict[str, str]]) -> None:
+        ctx.state.phase = "awaiting"
+
+    @rule(watch_kv=True, when=phase_is("awaiting"), after="1m", mutate=True)
+    def late(self, ctx: RuleContext[Stepping, None]) -> None:
+        ctx.state.phase = "late"
+
+
+async def test_a_timer_that_finds_no_state_on_a_lagging_view_comes_again() -> None:
+    # The timer fires while the bucket's new leader has not applied the state yet: the
+    # read finds no key. Acknowledged then, the timer would be gone for good.
+    clock = ManualClock()
+    backend = StaleAfterFailover(clock)
+    backend.state_buckets = {"WAITER"}
+    engine = Engine(backend, [Waiter], clock=clock)
+    await engine.start()
+    try:
+        await backend.publish("waits.start", b'{"id": "w1"}')
+        await settle(backend, engine)
+        assert json.loads(backend.peek("WAITER", "waiter.w1").value)["phase"] == "awaiting"
+        backend.stale_reads = 1
+        await advance(clock, backend, [engine], 61)
+        await advance(clock, backend, [engine], 1)
+        assert backend.stale_reads == 0  # (the timer's first read was the stale one)
+        assert json.loads(backend.peek("WAITER", "waiter.w1").value)["phase"] == "late"
+    finally:
+        await engine.stop()
+
+
 async def test_stream_message_is_acked_only_after_its_effects_are_committed(
     metrics: EngineMetrics,
 ) -> None:
