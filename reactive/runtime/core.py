@@ -138,7 +138,9 @@ class Runtime:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # Failures in a row per timer target, for the backoff of _retry_later.
         self.retries: dict[Hashable, int] = {}
-        self.conflicts = 0  # compare-and-sets an evaluation lost (see Shards.follow)
+        # Keys (workflow, bucket, key) whose evaluation lost its compare-and-set, until the
+        # caller of that evaluation looks (Shards.follow, KVHandler.on_change).
+        self.conflicted: set[Hashable] = set()
 
     def metric(self, metric: Any, *labels: str) -> Any:
         """A metric's child for these labels, cached: a label lookup costs a lock and a dict."""

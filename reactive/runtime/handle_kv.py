@@ -32,7 +32,8 @@ from reactive.runtime.writer import Writer
 
 __all__ = ["KVHandler"]
 
-# How soon a change whose compare-and-set lost, with nothing newer there, is evaluated again.
+# How soon a change whose compare-and-set lost with nothing newer there, or a fired timer
+# that found no state, comes again; and how many times a key read as gone does.
 _RECHECK: Final = 0.5
 _RECHECKS: Final = 5
 
@@ -76,21 +77,24 @@ class KVHandler:
             if entry.operation != "PUT":
                 await self.on_delete(bound, rules, entry.bucket, entry.key, entry.revision, "kv")
             else:
-                conflicts = self.rt.conflicts
+                conflicted = self.rt.conflicted  # (empty but in a failover)
+                target = (bound.definition.id, entry.bucket, entry.key)
+                if conflicted:
+                    conflicted.discard(target)
                 await self.evaluate(
                     bound, rules, entry.bucket, entry.key, entry.revision, entry.value, "kv",
                     fresh, stale,
                 )  # fmt: skip
-                if (
-                    self.rt.conflicts != conflicts
-                    and ev.msg is not None
-                    and not await self._superseded(entry, ev.msg.num_delivered)
-                ):
-                    # Its compare-and-set lost, yet no newer revision is there: a new
-                    # leader's view that lags (or a read that does). Evaluated again soon,
-                    # rather than acknowledged and lost.
-                    await self.rt.settle(ev.msg, "nak", _RECHECK)
-                    return
+                if conflicted and target in conflicted:
+                    conflicted.discard(target)
+                    if ev.msg is not None and not await self._superseded(
+                        entry, ev.msg.num_delivered
+                    ):
+                        # Its compare-and-set lost, yet no newer revision is there: a new
+                        # leader's view that lags (or a read that does). Evaluated again
+                        # soon, rather than acknowledged and lost.
+                        await self.rt.settle(ev.msg, "nak", _RECHECK)
+                        return
         if ev.msg is not None:
             await self._settle(ev.msg, bound, entry.bucket, entry.key)
 
@@ -348,9 +352,8 @@ class KVHandler:
                     await self.store.write(d, bucket, key, revision, state, None, fresh)
             except ConflictError:
                 # A newer revision beat us; its partition brings it, to be evaluated then.
-                # (Counted: an evaluation right after a commit that conflicts leaves its
-                # echo to be evaluated, in case the "newer" one was a new leader's stale view.)
-                rt.conflicts += 1
+                # (Noted for the caller: a "newer" one may be a new leader's lagging view.)
+                rt.conflicted.add((d.id, bucket, key))
         except TransientBackendError as e:
             failed = True
             rt.retry_later(bound, bucket, key, e)

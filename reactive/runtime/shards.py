@@ -225,8 +225,8 @@ class Shards:
         match_kv = self.rt.registry.match_kv
         evaluate = self.evaluate
         owns = self.owns
-        rt = self.rt
-        retries = rt.retries
+        retries = self.rt.retries
+        conflicted = self.rt.conflicted
         hops = 0
         while fresh:
             c = fresh.pop(0)
@@ -246,10 +246,12 @@ class Shards:
             if not c.value:
                 continue  # terminal: nothing to evaluate, only its echo to skip
             for bound, rules in matches:
-                conflicts = rt.conflicts
-                await evaluate(bound, rules, c.bucket, c.key, c.revision, c.value, "kv", fresh)
                 target = (bound.definition.id, c.bucket, c.key)
-                if (retries and target in retries) or rt.conflicts != conflicts:
+                if conflicted:
+                    conflicted.discard(target)
+                await evaluate(bound, rules, c.bucket, c.key, c.revision, c.value, "kv", fresh)
+                if (retries and target in retries) or (conflicted and target in conflicted):
+                    conflicted.discard(target)
                     # It failed (this process retries it) or lost its compare-and-set: its
                     # echo is evaluated when it comes. Skipped as seen, it could be
                     # acknowledged after a retry that "completed" on a stale read (a new
