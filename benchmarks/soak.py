@@ -243,6 +243,21 @@ class Worker:
             await self._answer(req, ack)
 
 
+async def _add_stream(js: Any, name: str, subject: str, replicas: int) -> None:
+    """Add one of the soak's streams; a fresh cluster whose meta leader does not yet know
+    every node's resources answers "no suitable peers for placement" for a moment (one
+    run in six here): asked again, for up to 10 s."""
+    for _ in range(40):
+        try:
+            await js.add_stream(name=name, subjects=[subject], num_replicas=replicas)
+            return
+        except nats.js.errors.BadRequestError as e:
+            if e.err_code != 10005:
+                raise
+            await asyncio.sleep(0.25)
+    await js.add_stream(name=name, subjects=[subject], num_replicas=replicas)
+
+
 async def _retried(what: str, call: Any) -> Any:
     """``await call()``, again through a failover's timeouts; gives up loudly, never quietly
     (a read that failed must not count as a lost execution or a missing event)."""
@@ -454,9 +469,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         engine_killer: asyncio.Task[None] | None = None
         try:
             js = nc.jetstream()
-            await js.add_stream(name="SOAK_EVENTS", subjects=["soak.done"], num_replicas=replicas)
+            await _add_stream(js, "SOAK_EVENTS", "soak.done", replicas)
             if args.cluster:
-                await js.add_stream(name="SOAK_WORK", subjects=["soak.work"], num_replicas=3)
+                await _add_stream(js, "SOAK_WORK", "soak.work", 3)
             worker = Worker(nc, "SOAK_WORK" if args.cluster else None)
             if args.short:
                 worker.held = []
