@@ -198,8 +198,9 @@ class Worker:
                         stream=stream,
                         # (A request whose answer a node's loss kept from going out comes
                         # again after this, as the engine's own messages do: nats-py's
-                        # default, 30 s, made the soak's longest waits the harness's.)
-                        config=ConsumerConfig(ack_wait=6.0),
+                        # default, 30 s, made the soak's longest waits the harness's.
+                        # While it tries to answer, it keeps the request in progress.)
+                        config=ConsumerConfig(ack_wait=3.0),
                     )
                 msgs = await sub.fetch(64, timeout=1.0)
             except nats.errors.TimeoutError:
@@ -221,7 +222,7 @@ class Worker:
 
     async def _answer(self, req: dict[str, Any], ack: Msg | None) -> None:
         body = json.dumps({"task_id": req["task_id"], "answer": f"a{req['n']}"}).encode()
-        for _ in range(50):
+        for i in range(50):
             try:
                 await self.js.publish(
                     req["callback_subject"],
@@ -230,6 +231,9 @@ class Worker:
                 )
                 break
             except Exception:  # the server is busy: the request is answered a moment later
+                if ack is not None and i % 10 == 9:
+                    with contextlib.suppress(Exception):
+                        await ack.in_progress()
                 await asyncio.sleep(0.1)
         else:
             return  # not acknowledged: the stream delivers it again

@@ -269,11 +269,23 @@ class Backend(Protocol):
         ...
 
     def consume(
-        self, stream: str, durable: str, filter_subject: str, *, ack_wait: float = 30.0
+        self,
+        stream: str,
+        durable: str,
+        filter_subject: str,
+        *,
+        ack_wait: float = 30.0,
+        keep_alive: bool = False,
     ) -> AbstractAsyncContextManager[AsyncIterator[InboundMessage]]:
         """A durable consumer on ``stream``, shared by every process using the same ``durable`` name.
 
-        The backend supervises the fetch loop and recreates it after a server restart.
+        The backend supervises the fetch loop and recreates it after a server restart. A
+        message not settled (ack, nak, term) within ``ack_wait`` seconds comes again;
+        with ``keep_alive`` only once this context has ended (or its process died, or
+        stalled that long): while it is open, the messages it took and has not settled
+        are kept in progress (``in_progress``) every third of ``ack_wait``, so a short
+        ack wait hands a dead process's messages on soon without sending a slow one's
+        again.
         """
         ...
 
@@ -306,7 +318,7 @@ class Backend(Protocol):
         ...
 
     def consume_partitions(
-        self, bucket: str, partitions: int, *, group: str = ""
+        self, bucket: str, partitions: int, *, group: str = "", keep_alive: bool = False
     ) -> AbstractAsyncContextManager[PartitionedConsumer]:
         """The changes of the partitions this process holds, for as long as the context is open.
 
@@ -316,7 +328,7 @@ class Backend(Protocol):
         up. A partition moves when its member's context ends (at once) or when its
         member stops pulling (after ``pin_timeout``: it died, or did not read for that
         long); what that member took and did not acknowledge comes to the next one
-        after ``ack_wait``. Around a move the old member's unacknowledged changes may
+        after ``ack_wait`` (``keep_alive``: as for ``consume``). Around a move the old member's unacknowledged changes may
         overlap the new member's first ones: handle each change idempotently.
 
         A key's changes are first delivered in revision order; one overwritten before

@@ -402,11 +402,12 @@ def add_parser(commands: Subcommands) -> None:
     ops.add_argument(
         "--ack-wait",
         type=float,
-        default=6.0,
+        default=3.0,
         metavar="SECONDS",
         help=(
-            "a message an engine took and did not acknowledge comes again after this long "
-            "(default: 6)"
+            "a message an engine took and did not acknowledge comes again this long after "
+            "the engine died or stalled; a live engine keeps what it works on in progress "
+            "(default: 3)"
         ),
     )
     ops.add_argument(

@@ -79,7 +79,7 @@ class Options:
         timer_stream: str,
         max_deliver: int,
         partitions: int = 8,
-        ack_wait: float = 6.0,
+        ack_wait: float = 3.0,
         pin_timeout: float = 4.0,
     ) -> None:
         self.instance_id = instance_id

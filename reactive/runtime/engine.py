@@ -95,8 +95,10 @@ class Engine:
     into ``partitions`` (8; the first engine's number stays), each processed by one
     of the engines that run the workflow at a time. An engine that stops pulling for
     ``pin_timeout`` seconds (4: it died) loses its partitions to the others, and a
-    message it took and did not acknowledge comes again after ``ack_wait`` (6; also
-    for the callback, timer and subject consumers the engine creates).
+    message it took and did not acknowledge comes again ``ack_wait`` seconds (3; also
+    for the callback, timer and subject consumers the engine creates) after it died:
+    while it lives, it keeps what it holds in progress (``+WPI`` every third of
+    ``ack_wait``), however long the message waits in its queues.
     """
 
     def __init__(
@@ -116,7 +118,7 @@ class Engine:
         sweep_interval: float = 30.0,
         max_deliver: int = 20,
         partitions: int = 8,
-        ack_wait: float = 6.0,
+        ack_wait: float = 3.0,
         pin_timeout: float = 4.0,
         metrics: EngineMetrics | None = None,
         instance_id: str | None = None,

@@ -20,7 +20,7 @@ from reactive.dsl.definition import RuleDef
 from reactive.dsl.state import ExecutionState, Status
 from reactive.errors import ConflictError, TransientBackendError
 from reactive.runtime.claims import Claims
-from reactive.runtime.core import DONE, Runtime, log, within
+from reactive.runtime.core import DONE, RETRY_CAP, Runtime, log, within
 from reactive.runtime.decide import FOREVER, select, tick
 from reactive.runtime.events import Committed, KVChange, TimerDue
 from reactive.runtime.registry import BoundWorkflow
@@ -36,6 +36,10 @@ __all__ = ["KVHandler"]
 # that found no state, comes again; and how many times a key read as gone does.
 _RECHECK: Final = 0.5
 _RECHECKS: Final = 5
+# A change whose evaluation fails is handed back to come again this long after at the
+# soonest (the ack wait, if longer): this process retries it meanwhile, a try every
+# RETRY_CAP at most, so the change comes again only if this process is gone.
+_HANDED_BACK: Final = 3 * RETRY_CAP
 
 _PENDING = Status.PENDING
 
@@ -115,10 +119,10 @@ class KVHandler:
     ) -> None:
         """Acknowledge a change or a timer once evaluated. While its evaluation fails, this
         process retries it (``Runtime.retry_later``) and hands the message back to come
-        again after ``ack_wait``, in case this process is gone by then."""
+        again later (``_HANDED_BACK``), in case this process is gone by then."""
         rt = self.rt
         if rt.retries and rt.retries.get((bound.definition.id, bucket, key)):
-            await rt.settle(msg, "nak", rt.options.ack_wait)
+            await rt.settle(msg, "nak", max(rt.options.ack_wait, _HANDED_BACK))
         else:
             await rt.settle(msg, "ack")
 

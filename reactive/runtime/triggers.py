@@ -295,7 +295,9 @@ class Triggers:
         metrics = self.rt.metrics
         held = metrics.partitions_held.labels(wf, bucket)
         members = metrics.partition_members.labels(wf, bucket)
-        async with self.backend.consume_partitions(bucket, n, group=wf) as consumer:
+        async with self.backend.consume_partitions(
+            bucket, n, group=wf, keep_alive=True
+        ) as consumer:
             self.partitions[(wf, bucket)] = (consumer, n)
             held.set_function(lambda: len(consumer.held))
             members.set_function(lambda: consumer.members)
@@ -385,7 +387,11 @@ class Triggers:
             },
         )
         async with self.backend.consume(
-            rt.options.timer_stream, durable, due_filter(d.id), ack_wait=rt.options.ack_wait
+            rt.options.timer_stream,
+            durable,
+            due_filter(d.id),
+            ack_wait=rt.options.ack_wait,
+            keep_alive=True,
         ) as messages:
             opened()
             async for msg in messages:
@@ -416,7 +422,7 @@ class Triggers:
             await self.backend.ensure_stream(stream, [sub.subject])
         if stream:
             cm = self.backend.consume(
-                stream, sub.durable, sub.subject, ack_wait=self.rt.options.ack_wait
+                stream, sub.durable, sub.subject, ack_wait=self.rt.options.ack_wait, keep_alive=True
             )
         else:
             cm = self.backend.subscribe(sub.subject, queue=sub.queue)
@@ -433,7 +439,11 @@ class Triggers:
         opts = rt.options
         await self.backend.ensure_stream(opts.callback_stream, [f"{opts.callback_prefix}.>"])
         async with self.backend.consume(
-            rt.options.callback_stream, durable, prefix + ">", ack_wait=rt.options.ack_wait
+            rt.options.callback_stream,
+            durable,
+            prefix + ">",
+            ack_wait=rt.options.ack_wait,
+            keep_alive=True,
         ) as messages:
             opened()
             async for msg in messages:

@@ -1064,11 +1064,11 @@ class DeafToTimers(NatsBackend):
     as good as dead for them (however long the test takes to stop it)."""
 
     def consume(
-        self, stream: str, durable: str, filter_subject: str, *, ack_wait: float = 30.0
+        self, stream: str, durable: str, filter_subject: str, **kwargs: Any
     ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Any]]:
         if stream == "REACTIVE_TIMERS":
             return _nothing_ever()
-        return super().consume(stream, durable, filter_subject, ack_wait=ack_wait)
+        return super().consume(stream, durable, filter_subject, **kwargs)
 
 
 @asynccontextmanager
@@ -1319,9 +1319,9 @@ class DyingBackend:
 
     @asynccontextmanager
     async def consume(
-        self, stream: str, durable: str, filter_subject: str, *, ack_wait: float = 30.0
+        self, stream: str, durable: str, filter_subject: str, **kwargs: Any
     ) -> AsyncIterator[AsyncIterator[Any]]:
-        async with self.inner.consume(stream, durable, filter_subject, ack_wait=ack_wait) as msgs:
+        async with self.inner.consume(stream, durable, filter_subject, **kwargs) as msgs:
             yield self._recorded(msgs)
 
     async def _recorded(self, msgs: AsyncIterator[Any]) -> AsyncIterator[Any]:

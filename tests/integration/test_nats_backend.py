@@ -319,3 +319,62 @@ async def test_start_fails_fast_without_server() -> None:
     b = NatsBackend(f"nats://127.0.0.1:{free_port()}", initial_connect_attempts=1)
     with anyio.fail_after(10), pytest.raises(TransientBackendError):
         await b.start()
+
+
+# -- keep_alive: what a live process holds is not sent again -------------------------------
+
+
+class _Progress:
+    """The ``+WPI`` a consumer's messages get, seen on the wire (``$JS.ACK.<stream>.<durable>``)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.seen: list[str] = []
+        self.enough = anyio.Event()
+
+    async def on_ack(self, msg: nats.aio.msg.Msg) -> None:
+        if msg.data == b"+WPI":
+            self.seen.append(msg.subject)
+            if len(self.seen) >= self.count:
+                self.enough.set()
+
+
+async def test_keep_alive_holds_a_message_past_its_ack_wait_until_the_context_ends(
+    nats_url: str,
+) -> None:
+    async with NatsBackend(nats_url) as b:
+        stream, subject = await _stream_with(b)
+        await b.publish(subject, b"slow", msg_id="s1")
+        # Four +WPI a third of the ack wait apart: held past the ack wait (3 s) and more.
+        progress = _Progress(4)
+        sub = await b.nc.subscribe(f"$JS.ACK.{stream}.slow.>", cb=progress.on_ack)
+        try:
+            async with b.consume(stream, "slow", subject, ack_wait=3.0, keep_alive=True) as msgs:
+                first = await recv(msgs)
+                with anyio.fail_after(30):
+                    await progress.enough.wait()
+                info = await b.nc.jetstream().consumer_info(stream, "slow")
+                assert (info.num_redelivered, info.num_ack_pending) == (0, 1)
+                assert first.num_delivered == 1
+            # The context ended without settling it (as a process that dies): it comes
+            # again, an ack wait after the last +WPI.
+            async with b.consume(stream, "slow", subject, ack_wait=3.0) as msgs:
+                again = await recv(msgs, timeout=20)
+                assert (again.num_delivered, again.data) == (2, b"slow")
+                await again.ack()
+        finally:
+            await sub.unsubscribe()
+
+
+async def test_keep_alive_sends_nothing_for_what_is_settled_at_once(nats_url: str) -> None:
+    async with NatsBackend(nats_url) as b:
+        stream, subject = await _stream_with(b)
+        for i in range(20):
+            await b.publish(subject, str(i).encode())
+        async with b.consume(stream, "quick", subject, ack_wait=3.0, keep_alive=True) as msgs:
+            consumer = cast(Any, msgs)
+            for _ in range(20):
+                await (await recv(msgs)).ack()
+            keeper = consumer._keeper
+            assert len(keeper) == 0  # settled: no longer held
+            assert await keeper.tick() == 0 and await keeper.tick() == 0

@@ -387,3 +387,39 @@ async def test_a_later_ensure_replaces_the_timeouts(nats_url: str) -> None:
             )["config"]
             assert config["ack_wait"] == 7_000_000_000  # type: ignore[index]
             assert config["priority_timeout"] == 2_500_000_000  # type: ignore[index]
+
+
+async def test_keep_alive_holds_a_change_past_its_ack_wait_until_the_member_leaves(
+    nats_url: str,
+) -> None:
+    async with NatsBackend(nats_url) as b:
+        bucket = await partitioned(b, ack_wait=3.0, pin_timeout=30.0)
+        stream = partitioned_stream(bucket)
+        await b.kv_put(bucket, "wf.slow", b"v1")
+        wpis: list[str] = []
+        enough = anyio.Event()
+
+        async def on_ack(msg: nats.aio.msg.Msg) -> None:
+            if msg.data == b"+WPI":
+                wpis.append(msg.subject)
+                if len(wpis) >= 4:  # a third of the ack wait apart: held past it, and more
+                    enough.set()
+
+        sub = await b.nc.subscribe(f"$JS.ACK.{stream}.>", cb=on_ack)
+        try:
+            async with b.consume_partitions(bucket, N, keep_alive=True) as changes:
+                first = await anext(aiter(changes))
+                with anyio.fail_after(30):
+                    await enough.wait()
+                p = partition_of("wf.slow", N)
+                info = await api(b, f"CONSUMER.INFO.{stream}.{consumer_name(p)}")
+                assert (info["num_redelivered"], info["num_ack_pending"]) == (0, 1)
+                assert first.num_delivered == 1
+            # It left without acknowledging: the next member gets it an ack wait later.
+            async with b.consume_partitions(bucket, N) as changes:
+                with anyio.fail_after(20):
+                    again = await anext(aiter(changes))
+                assert (again.entry.key, again.num_delivered) == ("wf.slow", 2)
+                await again.ack()
+        finally:
+            await sub.unsubscribe()

@@ -154,9 +154,9 @@ class FaultyBackend(MemoryBackend):
 
     @asynccontextmanager
     async def consume(
-        self, stream: str, durable: str, filter_subject: str, *, ack_wait: float = 30.0
+        self, stream: str, durable: str, filter_subject: str, **kwargs: Any
     ) -> AsyncIterator[AsyncIterator[InboundMessage]]:
-        async with super().consume(stream, durable, filter_subject, ack_wait=ack_wait) as reader:
+        async with super().consume(stream, durable, filter_subject, **kwargs) as reader:
 
             async def recorded() -> AsyncIterator[InboundMessage]:
                 async for msg in reader:

@@ -155,8 +155,8 @@ class Dying(MemoryBackend):
         self.delivered: set[int] = set()
         self.died = anyio.Event()
 
-    def consume_partitions(self, bucket: str, partitions: int, *, group: str = "") -> Any:
-        inner = super().consume_partitions(bucket, partitions, group=group)
+    def consume_partitions(self, bucket: str, partitions: int, **kwargs: Any) -> Any:
+        inner = super().consume_partitions(bucket, partitions, **kwargs)
         backend = self
 
         class Recording:

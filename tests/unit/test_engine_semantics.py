@@ -480,9 +480,9 @@ async def test_one_partitioned_consumer_per_bucket_however_many_rules_watch_it()
     opened: list[tuple[str, str]] = []
     original = backend.consume_partitions
 
-    def counting(bucket: str, partitions: int, *, group: str = ""):  # type: ignore[no-untyped-def]
+    def counting(bucket: str, partitions: int, *, group: str = "", **kwargs):  # type: ignore[no-untyped-def]
         opened.append((bucket, group))
-        return original(bucket, partitions, group=group)
+        return original(bucket, partitions, group=group, **kwargs)
 
     backend.consume_partitions = counting  # type: ignore[method-assign]
     async with Engine(backend, [Many]) as engine:

@@ -498,3 +498,31 @@ def test_kv_matches_a_model_and_a_watch_sees_every_change(
         assert await b.kv_keys("s") == sorted(k for k, v in model.items() if not v[2])
 
     anyio.run(main)
+
+
+async def test_keep_alive_holds_what_an_open_context_took_until_it_ends() -> None:
+    clock = ManualClock()
+    b = MemoryBackend(clock=clock)
+    await b.ensure_stream("EV", ["ev.>"])
+    await b.publish("ev.a", b"slow")
+    await b.publish("ev.b", b"quick")
+    async with b.consume("EV", "d", ">", ack_wait=10, keep_alive=True) as c:
+        slow = await recv(c)
+        quick = await recv(c)
+        await quick.nak(0)  # handed back: no longer held, so it comes again
+        again = await recv(c)
+        assert (again.data, again.num_delivered) == (b"quick", 2)
+        await again.ack()
+        clock.advance(100)  # ten ack waits: held, as the NATS backend's +WPI keeps it
+        assert b.idle()
+        await nothing(c)
+        assert slow.num_delivered == 1
+    # The context ended with it unsettled (as a process that dies): it comes again an
+    # ack wait after it was last kept.
+    async with b.consume("EV", "d", ">", ack_wait=10) as c:
+        clock.advance(9.9)
+        await nothing(c)
+        clock.advance(0.1)
+        later = await recv(c)
+        assert (later.data, later.num_delivered) == (b"slow", 2)
+        await later.ack()

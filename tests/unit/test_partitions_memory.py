@@ -127,3 +127,20 @@ async def test_close_ends_the_members_iterators() -> None:
                 await b.close()
     assert sorted(ended) == [1, 2]
     assert cast(MemoryBackend, b)._partition_sets["KVPART_b"].members == []
+
+
+async def test_keep_alive_holds_what_a_member_took_until_it_leaves() -> None:
+    b, clock = await made(ack_wait=10.0)
+    await b.kv_put("b", "wf.e1", b"v")
+    async with b.consume_partitions("b", 4, keep_alive=True) as c:
+        first = await recv(c)
+        clock.advance(100)  # held, as the NATS backend's +WPI keeps it
+        assert b.idle()
+        await nothing(c)
+        assert first.num_delivered == 1
+    async with b.consume_partitions("b", 4) as c:
+        clock.advance(9.9)
+        await nothing(c)
+        clock.advance(0.1)
+        again = await recv(c)
+        assert (again.entry.key, again.num_delivered) == ("wf.e1", 2)

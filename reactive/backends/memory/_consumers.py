@@ -3,7 +3,10 @@
 A durable persists across consume contexts and shares its messages between every
 open context; a message not acknowledged within ``ack_wait``, or nak'ed with a
 delay, is delivered again when the clock gets there, so a ``ManualClock`` drives
-redelivery deterministically. So do message schedules: a consumer fires its stream's
+redelivery deterministically; a message taken by a context opened with ``keep_alive``
+is kept in progress while that context is open and the message not settled (as the
+NATS backend's ``+WPI`` does), so it comes again only after the context ends. So do
+message schedules: a consumer fires its stream's
 schedules that are due before it looks for messages, and a waiting reader wakes when
 the next one is due. On a work-queue stream an acknowledged (or terminated) message
 is removed.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Mapping
+from typing import Protocol
 
 import anyio
 import anyio.lowlevel
@@ -27,16 +31,24 @@ from reactive.subjects import matches_pattern
 __all__ = ["_Consumer", "_ConsumerReader"]
 
 
+class _Holder(Protocol):
+    """A consume context that keeps what it took in progress while it is open."""
+
+    @property
+    def closed(self) -> bool: ...
+
+
 class _Pending:
     """A delivered, not yet acknowledged (nor terminated) message of a consumer."""
 
-    __slots__ = ("deadline", "delivered", "stored", "token")
+    __slots__ = ("deadline", "delivered", "holder", "stored", "token")
 
     def __init__(self, stored: _StoredMessage) -> None:
         self.stored = stored
         self.delivered = 0  # deliveries so far
         self.deadline = 0.0  # when it becomes due for (re)delivery
         self.token = 0  # identifies the live heap entry; older entries are stale
+        self.holder: _Holder | None = None  # the keep-alive context that took it, if any
 
 
 _tokens = itertools.count(1)
@@ -106,14 +118,34 @@ class _Consumer:
                 return due
         return deadline
 
+    def _keep(self, now: float) -> None:
+        """What is due again but held by an open keep-alive context: in progress still."""
+        timers = self.timers
+        while timers:
+            deadline, seq, token = timers[0]
+            if deadline > now:
+                return
+            p = self.pending.get(seq)
+            if p is None or p.token != token:
+                heapq.heappop(timers)
+                continue
+            holder = p.holder
+            if holder is None or holder.closed:
+                return
+            heapq.heappop(timers)
+            self._schedule(p, now + self.ack_wait)
+
     def has_deliverable(self, now: float) -> bool:
+        self._keep(now)
         if self.stream.schedule_heap:
             self.stream.fire_due(now)
         deadline = self.next_deadline()
         return (deadline is not None and deadline <= now) or self._peek_new() is not None
 
-    def take(self, now: float) -> _ConsumerMessage | None:
-        """Hand out the next deliverable message: due redeliveries first, then new ones."""
+    def take(self, now: float, holder: _Holder | None = None) -> _ConsumerMessage | None:
+        """Hand out the next deliverable message: due redeliveries first, then new ones;
+        ``holder``: the keep-alive context taking it."""
+        self._keep(now)
         if self.stream.schedule_heap:
             self.stream.fire_due(now)
         deadline = self.next_deadline()
@@ -127,6 +159,7 @@ class _Consumer:
             self.next_index += 1
             p = self.pending[stored.sequence] = _Pending(stored)
         p.delivered += 1
+        p.holder = holder
         self._schedule(p, now + self.ack_wait)
         return _ConsumerMessage(self, p.stored, p.delivered)
 
@@ -148,6 +181,7 @@ class _Consumer:
     def nak(self, seq: int, delay: float, now: float) -> None:
         p = self.pending.get(seq)
         if p is not None:
+            p.holder = None
             self._schedule(p, now + max(0.0, delay))
             self.signal.fire()  # readers may need an earlier wake-up
 
@@ -213,11 +247,12 @@ class _ConsumerMessage:
 class _ConsumerReader:
     """The iterator of one consume context: pulls from the shared durable."""
 
-    __slots__ = ("_consumer", "closed")
+    __slots__ = ("_consumer", "_holder", "closed")
 
-    def __init__(self, consumer: _Consumer) -> None:
+    def __init__(self, consumer: _Consumer, keep_alive: bool = False) -> None:
         self._consumer = consumer
         self.closed = False
+        self._holder: _Holder | None = self if keep_alive else None
 
     def __aiter__(self) -> _ConsumerReader:
         return self
@@ -231,7 +266,7 @@ class _ConsumerReader:
                 raise StopAsyncIteration
             # Take the event before looking, so a change made after the look wakes us.
             woken = consumer.signal.event()
-            msg = consumer.take(clock.now())
+            msg = consumer.take(clock.now(), self._holder)
             if msg is not None:
                 return msg
             deadline = consumer.next_wake()

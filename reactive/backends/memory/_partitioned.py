@@ -27,7 +27,7 @@ import anyio
 import anyio.lowlevel
 
 from reactive.backends.base import KVEntry, PartitionedConsumer, PartitionedMessage
-from reactive.backends.memory._consumers import _Consumer, _ConsumerMessage
+from reactive.backends.memory._consumers import _Consumer, _ConsumerMessage, _Holder
 from reactive.backends.memory._kv import _Watcher
 from reactive.backends.memory._queue import _Queue, _Signal
 from reactive.backends.memory._streams import _StoredMessage, _Stream
@@ -173,7 +173,9 @@ class _PartitionSet:
 
     # -- delivery -------------------------------------------------------------------
 
-    def take(self, member: _Member, now: float) -> PartitionedMessage | None:
+    def take(
+        self, member: _Member, now: float, holder: _Holder | None = None
+    ) -> PartitionedMessage | None:
         """The next message for ``member``: from its partitions, round robin, pinning a
         free partition with something to deliver if ``member`` is whom it goes to."""
         n = self.partitions
@@ -190,7 +192,7 @@ class _PartitionSet:
                 self.signal.fire()
             elif owner is not member:
                 continue
-            msg = consumer.take(now)
+            msg = consumer.take(now, holder)
             if msg is not None:
                 member.cursor = p + 1
                 return _PartitionedMessage(msg)
@@ -289,12 +291,13 @@ class _Source(_Queue[KVEntry]):
 class _PartitionReader:
     """One member: the iterator of one ``consume_partitions`` context."""
 
-    __slots__ = ("_set", "closed", "member")
+    __slots__ = ("_holder", "_set", "closed", "member")
 
-    def __init__(self, target: _PartitionSet) -> None:
+    def __init__(self, target: _PartitionSet, keep_alive: bool = False) -> None:
         self._set = target
         self.member = target.join()
         self.closed = False
+        self._holder: _Holder | None = self if keep_alive else None
 
     @property
     def held(self) -> frozenset[int]:
@@ -319,7 +322,7 @@ class _PartitionReader:
                 raise StopAsyncIteration
             # Take the event before looking, so a change made after the look wakes us.
             woken = s.signal.event()
-            msg = s.take(self.member, clock.now())
+            msg = s.take(self.member, clock.now(), self._holder)
             if msg is not None:
                 return msg
             deadline = s.next_deadline()
@@ -381,13 +384,13 @@ class _PartitionedBuckets:
         b.watchers.append(watcher)
 
     def consume_partitions(
-        self, bucket: str, partitions: int, *, group: str = ""
+        self, bucket: str, partitions: int, *, group: str = "", keep_alive: bool = False
     ) -> AbstractAsyncContextManager[PartitionedConsumer]:
-        return self._consume_partitions(bucket, partitions, group)
+        return self._consume_partitions(bucket, partitions, group, keep_alive)
 
     @asynccontextmanager
     async def _consume_partitions(
-        self, bucket: str, partitions: int, group: str
+        self, bucket: str, partitions: int, group: str, keep_alive: bool
     ) -> AsyncIterator[PartitionedConsumer]:
         cast("MemoryBackend", self)._check_open()
         check_partitions(partitions)
@@ -397,7 +400,7 @@ class _PartitionedBuckets:
                 f"bucket {bucket!r} is not partitioned (call ensure_partitioned first)"
             )
         _check_count(bucket, target, partitions)
-        reader = _PartitionReader(target)
+        reader = _PartitionReader(target, keep_alive)
         readers = self._partition_readers
         readers.add(reader)
         try:

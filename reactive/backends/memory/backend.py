@@ -438,7 +438,13 @@ class MemoryBackend(_PartitionedBuckets):
 
     @asynccontextmanager
     async def consume(
-        self, stream: str, durable: str, filter_subject: str, *, ack_wait: float = 30.0
+        self,
+        stream: str,
+        durable: str,
+        filter_subject: str,
+        *,
+        ack_wait: float = 30.0,
+        keep_alive: bool = False,
     ) -> AsyncIterator[AsyncIterator[InboundMessage]]:
         self._check_open()
         s = self._stream(stream)
@@ -464,7 +470,7 @@ class MemoryBackend(_PartitionedBuckets):
             # the delivery position and pending set are kept.
             consumer.filter_subject = filter_subject
             consumer.ack_wait = ack_wait
-        reader = _ConsumerReader(consumer)
+        reader = _ConsumerReader(consumer, keep_alive)
         consumer.readers += 1
         self._readers.add(reader)
         try:

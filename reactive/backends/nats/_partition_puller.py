@@ -43,6 +43,7 @@ from nats.aio.subscription import Subscription
 from reactive.backends.base import KVEntry, Operation, PartitionedMessage
 from reactive.backends.nats._errors import _mapped
 from reactive.backends.nats._jsapi import _api
+from reactive.backends.nats._keeper import _Keeper
 from reactive.backends.nats._pull_consumer import _JetStreamMessage
 from reactive.backends.nats._supervised import _Supervised
 from reactive.backends.partitions import (
@@ -86,8 +87,10 @@ class _PartitionedMessage(_JetStreamMessage):
 
     __slots__ = ("entry", "partition")
 
-    def __init__(self, msg: Msg, partition: int, bucket: str, cut: int) -> None:
-        super().__init__(msg)
+    def __init__(
+        self, msg: Msg, partition: int, bucket: str, cut: int, keeper: _Keeper | None
+    ) -> None:
+        super().__init__(msg, keeper)
         headers = self._headers
         op = headers.get("KV-Operation")
         self.partition = partition
@@ -110,7 +113,9 @@ class _PartitionedMessage(_JetStreamMessage):
 class _PartitionPuller(_Supervised):
     """The iterator of one ``consume_partitions`` context, and the task that pulls for it."""
 
-    def __init__(self, backend: NatsBackend, bucket: str, info: _SetInfo) -> None:
+    def __init__(
+        self, backend: NatsBackend, bucket: str, info: _SetInfo, keep_alive: bool = False
+    ) -> None:
         super().__init__(backend)
         n = info.partitions
         self._info = info
@@ -150,6 +155,7 @@ class _PartitionPuller(_Supervised):
         self._task: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        self._keeper = _Keeper(info.ack_wait) if keep_alive else None
 
     # -- what the engine sees -------------------------------------------------------
 
@@ -190,6 +196,8 @@ class _PartitionPuller(_Supervised):
         """Subscribe (errors reach the caller) and start pulling."""
         await self._subscribe()
         self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._keeper is not None:
+            self._keeper.start()
 
     def _subscribed(self) -> bool:
         return self._sub is not None
@@ -235,6 +243,8 @@ class _PartitionPuller(_Supervised):
                 await task
         held = sorted(self.held)
         self._pins = [None] * self._n
+        if self._keeper is not None:
+            await self._keeper.stop()
         await self._unsubscribe()
         buffered, self._buffer = list(self._buffer), deque()
         for msg in buffered:
@@ -280,7 +290,10 @@ class _PartitionPuller(_Supervised):
             if self._remaining[p] <= 0:
                 self._req[p] = 0  # the pull has brought all it asked for
                 self._wake.set()
-        self._buffer.append(_PartitionedMessage(msg, p, self._bucket, self._cuts[p]))
+        keeper = self._keeper
+        if keeper is not None:
+            keeper.hold(msg)
+        self._buffer.append(_PartitionedMessage(msg, p, self._bucket, self._cuts[p], keeper))
         self._buffered[p] += 1
         self._arrived.set()
 
@@ -312,7 +325,10 @@ class _PartitionPuller(_Supervised):
         mine = [m for m in self._buffer if m.partition == p]
         self._buffer = deque(m for m in self._buffer if m.partition != p)
         self._buffered[p] = 0
+        keeper = self._keeper
         for msg in mine:
+            if keeper is not None:
+                keeper.release(msg._msg)
             with contextlib.suppress(Exception):
                 await msg._msg.nak()
 

@@ -348,17 +348,17 @@ class _PartitionedBuckets:
         await _sourcing(backend, stream, what)
 
     def consume_partitions(
-        self, bucket: str, partitions: int, *, group: str = ""
+        self, bucket: str, partitions: int, *, group: str = "", keep_alive: bool = False
     ) -> AbstractAsyncContextManager[PartitionedConsumer]:
-        return self._consume_partitions(bucket, partitions, group)
+        return self._consume_partitions(bucket, partitions, group, keep_alive)
 
     @asynccontextmanager
     async def _consume_partitions(
-        self, bucket: str, partitions: int, group: str
+        self, bucket: str, partitions: int, group: str, keep_alive: bool
     ) -> AsyncIterator[PartitionedConsumer]:
         backend = cast("NatsBackend", self)
         info = await _set_info(backend, bucket, partitions, group)
-        puller = _PartitionPuller(backend, bucket, info)
+        puller = _PartitionPuller(backend, bucket, info, keep_alive)
         await puller.open()
         backend._open.add(puller)
         try:

@@ -22,6 +22,7 @@ from nats.js import JetStreamContext, api
 
 from reactive.backends.base import InboundMessage
 from reactive.backends.nats._errors import _mapped
+from reactive.backends.nats._keeper import _Keeper
 from reactive.backends.nats._supervised import _Supervised
 
 if TYPE_CHECKING:
@@ -40,12 +41,14 @@ class _JetStreamMessage:
 
     On the hot path (a change from a partition is one of these): its metadata (parsed
     from the reply subject) is read only when asked for, and an ack is one publish.
+    Settled, it is no longer kept in progress by its context's ``_Keeper`` (if any).
     """
 
-    __slots__ = ("_headers", "_meta", "_msg")
+    __slots__ = ("_headers", "_keeper", "_meta", "_msg")
 
-    def __init__(self, msg: Msg) -> None:
+    def __init__(self, msg: Msg, keeper: _Keeper | None = None) -> None:
         self._msg = msg
+        self._keeper = keeper
         self._meta: Msg.Metadata | None = None
         # (nats-py makes a dict of its own for each message: no copy needed.)
         self._headers: Mapping[str, str] = msg.headers or _NO_HEADERS
@@ -90,6 +93,8 @@ class _JetStreamMessage:
         if msg._ackd:
             return
         msg._ackd = True  # (as nats-py's own ack marks it: a nak or term after it is a no-op)
+        if self._keeper is not None:
+            self._keeper.release(msg)
         try:
             await msg._client.publish(msg.reply, b"")
         except Exception as exc:
@@ -98,10 +103,14 @@ class _JetStreamMessage:
 
     async def nak(self, delay: float) -> None:
         delay = max(float(delay), _MIN_NAK_DELAY)
+        if self._keeper is not None:
+            self._keeper.release(self._msg)
         with _mapped(f"nak {self.subject}"), contextlib.suppress(nats.errors.MsgAlreadyAckdError):
             await self._msg.nak(delay=delay)
 
     async def term(self) -> None:
+        if self._keeper is not None:
+            self._keeper.release(self._msg)
         with _mapped(f"term {self.subject}"), contextlib.suppress(nats.errors.MsgAlreadyAckdError):
             await self._msg.term()
 
@@ -126,6 +135,7 @@ class _PullConsumer(_Supervised):
         durable: str,
         filter_subject: str,
         ack_wait: float,
+        keep_alive: bool = False,
     ) -> None:
         super().__init__(backend)
         self._stream = stream
@@ -135,6 +145,7 @@ class _PullConsumer(_Supervised):
         self._ack_wait = ack_wait
         self._sub: JetStreamContext.PullSubscription | None = None
         self._buffer: deque[Msg] = deque()
+        self._keeper = _Keeper(ack_wait) if keep_alive else None
 
     def _config(self) -> api.ConsumerConfig:
         return api.ConsumerConfig(
@@ -148,6 +159,8 @@ class _PullConsumer(_Supervised):
 
     async def open(self) -> None:
         await self._subscribe()
+        if self._keeper is not None:
+            self._keeper.start()
 
     def _subscribed(self) -> bool:
         return self._sub is not None
@@ -178,6 +191,8 @@ class _PullConsumer(_Supervised):
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._keeper is not None:
+            await self._keeper.stop()
         # Hand fetched-but-unseen messages back at once so other members can take them.
         buffered, self._buffer = list(self._buffer), deque()
         for msg in buffered:
@@ -192,7 +207,7 @@ class _PullConsumer(_Supervised):
         backend = self._backend
         while True:
             if self._buffer:
-                return _JetStreamMessage(self._buffer.popleft())
+                return _JetStreamMessage(self._buffer.popleft(), self._keeper)
             # (After a reconnect it is re-created: nats-py issue 504, pull subscriptions
             # do not recover by themselves.)
             if not await self._ready():
@@ -224,6 +239,10 @@ class _PullConsumer(_Supervised):
                 continue
             self._backoff.reset()
             self._buffer.extend(msgs)
+            keeper = self._keeper
+            if keeper is not None:
+                for msg in msgs:
+                    keeper.hold(msg)
 
     async def _unhealthy(self, sub: JetStreamContext.PullSubscription) -> bool:
         now = time.monotonic()

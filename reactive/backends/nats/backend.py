@@ -433,15 +433,21 @@ class NatsBackend(_PartitionedBuckets):
                 await sub.unsubscribe()
 
     def consume(
-        self, stream: str, durable: str, filter_subject: str, *, ack_wait: float = 30.0
+        self,
+        stream: str,
+        durable: str,
+        filter_subject: str,
+        *,
+        ack_wait: float = 30.0,
+        keep_alive: bool = False,
     ) -> AbstractAsyncContextManager[AsyncIterator[InboundMessage]]:
-        return self._consume(stream, durable, filter_subject, ack_wait)
+        return self._consume(stream, durable, filter_subject, ack_wait, keep_alive)
 
     @asynccontextmanager
     async def _consume(
-        self, stream: str, durable: str, filter_subject: str, ack_wait: float
+        self, stream: str, durable: str, filter_subject: str, ack_wait: float, keep_alive: bool
     ) -> AsyncIterator[AsyncIterator[InboundMessage]]:
-        consumer = _PullConsumer(self, stream, durable, filter_subject, ack_wait)
+        consumer = _PullConsumer(self, stream, durable, filter_subject, ack_wait, keep_alive)
         await consumer.open()
         self._open.add(consumer)
         try:
