@@ -153,6 +153,7 @@ class Dying(MemoryBackend):
         super().__init__(clock=clock)
         self.engine: Engine | None = None
         self.delivered: set[int] = set()
+        self.deliveries: list[int] = []  # each message's num_delivered, as taken
         self.died = anyio.Event()
 
     def consume_partitions(self, bucket: str, partitions: int, **kwargs: Any) -> Any:
@@ -174,6 +175,7 @@ class Dying(MemoryBackend):
                     async def __anext__(self) -> Any:
                         msg = await consumer.__anext__()
                         backend.delivered.add(msg.entry.revision)
+                        backend.deliveries.append(msg.num_delivered)
                         return msg
 
                 return Reader()
@@ -220,3 +222,38 @@ async def test_a_change_evaluated_right_after_its_commit_is_not_lost_with_the_en
         await te.advance(10)  # (what the dead engine had taken comes again after ack_wait)
         st = te.state(Counter3, "c1")
         assert (st.status, st.step) == (Status.COMPLETED, 3)
+
+
+class Holding(Dying):
+    """The engine's write of ``step == 1`` waits until the test lets it go."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock)
+        self.waiting = anyio.Event()
+        self.go = anyio.Event()
+
+    async def kv_update(
+        self, bucket: str, key: str, value: bytes, revision: int, *, ttl: float | None = None
+    ) -> int:
+        if b'"step":1' in value and not self.go.is_set():
+            self.waiting.set()
+            await self.go.wait()
+        return await MemoryBackend.kv_update(self, bucket, key, value, revision, ttl=ttl)
+
+
+async def test_a_live_engine_keeps_the_change_it_works_on_however_long_it_takes() -> None:
+    # The change it evaluates is held past twenty ack waits (the engine's write waits):
+    # kept in progress (keep_alive), it is not sent again, to this engine or another.
+    clock = ManualClock()
+    backend = Holding(clock)
+    async with Engine(backend, [Counter3], clock=clock, instance_id="a") as a:
+        await a.start_execution(Counter3, "c1", Counted())
+        with anyio.fail_after(5):
+            await backend.waiting.wait()
+        clock.advance(60)
+        await anyio.wait_all_tasks_blocked()
+        backend.go.set()
+        with anyio.fail_after(5):
+            st = await a.wait_for(Counter3, "c1")
+        assert (st.status, st.step) == (Status.COMPLETED, 3)
+    assert backend.deliveries and set(backend.deliveries) == {1}
