@@ -179,6 +179,23 @@ class BackendContract(PartitionContract):
         await backend.ensure_bucket(bucket)  # idempotent
         assert await backend.kv_get(bucket, "k") is None
 
+    async def test_a_read_from_the_leader_sees_what_a_read_sees(self, backend: Backend) -> None:
+        bucket = await self.new_bucket(backend)
+        assert await backend.kv_get(bucket, "a", leader=True) is None
+        r1 = await backend.kv_create(bucket, "a", b"1")
+        entry = await backend.kv_get(bucket, "a", leader=True)
+        assert entry == KVEntry(bucket=bucket, key="a", value=b"1", revision=r1, operation="PUT")
+        assert entry == await backend.kv_get(bucket, "a")
+        await backend.kv_put(bucket, "b", b"")
+        empty = await backend.kv_get(bucket, "b", leader=True)
+        assert empty is not None and empty.value == b""
+        await backend.kv_delete(bucket, "a")  # a delete marker is no entry
+        assert await backend.kv_get(bucket, "a", leader=True) is None
+        with self.invalid_key():
+            await backend.kv_get(bucket, "bad key", leader=True)
+        with pytest.raises(NotFoundError):
+            await backend.kv_get(uid("missing"), "a", leader=True)
+
     async def test_create_update_and_conflicts(self, backend: Backend) -> None:
         bucket = await self.new_bucket(backend)
         r1 = await backend.kv_create(bucket, "a", b"1")

@@ -175,8 +175,14 @@ class Backend(Protocol):
         """Create the KV bucket if it does not exist."""
         ...
 
-    async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
-        """The latest revision of ``key``, or None when absent, deleted or purged."""
+    async def kv_get(self, bucket: str, key: str, *, leader: bool = False) -> KVEntry | None:
+        """The latest revision of ``key``, or None when absent, deleted or purged.
+
+        A read may be answered by any replica of the bucket, one that lags behind its
+        leader by a moment (or, just restarted, by more): ``leader`` reads what the
+        leader has, for a decision that no later compare-and-set would catch (that a
+        key is gone, that a message is stale).
+        """
         ...
 
     # ``ttl`` on a write: the server removes the value that many seconds (at least one)

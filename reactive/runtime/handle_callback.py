@@ -118,16 +118,21 @@ class CallbackHandler:
         d = bound.definition
         key = d.key(exec_id)
         bucket = d.bucket
+        leader = False  # (a replica may lag: "unknown" or "ended" is read from the leader)
         for _ in range(rt.options.conflict_retries):
-            entry = await rt.backend.kv_get(bucket, key)
-            if entry is None:
-                rt.metric(rt.metrics.unknown_executions, d.id).inc()
-                log.info("ignoring a cancellation of unknown execution %s", key)
+            entry = await rt.backend.kv_get(bucket, key, leader=leader)
+            state = decode(d.state_type, entry.value) if entry is not None else None
+            if state is None or state.status in TERMINAL:
+                if not leader:
+                    leader = True
+                    continue
+                if state is None:
+                    rt.metric(rt.metrics.unknown_executions, d.id).inc()
+                    log.info("ignoring a cancellation of unknown execution %s", key)
+                else:
+                    log.info("ignoring a cancellation of %s: it ended (%s)", key, state.status)
                 return "stale"
-            state = decode(d.state_type, entry.value)
-            if state.status in TERMINAL:
-                log.info("ignoring a cancellation of %s: it ended (%s)", key, state.status)
-                return "stale"
+            assert entry is not None
             now = self.clock.now()
             ctx: RuleContext[Any, Any] = new_context(
                 state, None, d.id, exec_id, key, bucket, entry.revision, "cancel", now
@@ -163,11 +168,19 @@ class CallbackHandler:
         # The waiting state this engine committed, if it still has it: a write based on it
         # is checked by the compare-and-set; anything else is decided on a fresh read.
         parked = self.store.take_parked(bucket, key)
+        leader = False  # (a replica may lag: "unknown" or "stale" is read from the leader)
         for _ in range(rt.options.conflict_retries):
             now = self.clock.now()
             cached, parked = parked, None
-            entry = cached if cached is not None else await rt.backend.kv_get(bucket, key)
+            entry = (
+                cached
+                if cached is not None
+                else await rt.backend.kv_get(bucket, key, leader=leader)
+            )
             if entry is None:
+                if not leader:
+                    leader = True
+                    continue
                 rt.metric(rt.metrics.callbacks_received, d.id, "", "unknown").inc()
                 log.info("ignoring callback for unknown execution %s", key)
                 return "stale"
@@ -216,8 +229,9 @@ class CallbackHandler:
                 or not env.task_id
                 or state.pending_task_id != env.task_id
             ):
-                if cached is not None:
-                    continue  # read it again before calling the callback stale
+                if cached is not None or not leader:
+                    leader = cached is None
+                    continue  # read it again (from the leader) before calling the callback stale
                 rt.metric(rt.metrics.callbacks_received, d.id, state.pending_rule_id, "stale").inc()
                 log.info("ignoring stale or duplicate callback task=%s for %s", env.task_id, key)
                 return "stale"

@@ -103,11 +103,12 @@ class KVHandler:
             await self._settle(ev.msg, bound, entry.bucket, entry.key)
 
     async def _superseded(self, entry: KVEntry, deliveries: int) -> bool:
-        """Whether the key has a revision newer than ``entry``'s (a failed read: no). A key
-        read as gone counts as superseded from the _RECHECKS-th delivery on (deleted, or a
-        lagging view for that long)."""
+        """Whether the key has a revision newer than ``entry``'s (a failed read: no), as
+        the bucket's leader has it (a replica may lag: it would tell of no key at all). A
+        key read as gone counts as superseded from the _RECHECKS-th delivery on (deleted,
+        or a new leader's view that lags for that long)."""
         try:
-            current = await self.rt.backend.kv_get(entry.bucket, entry.key)
+            current = await self.rt.backend.kv_get(entry.bucket, entry.key, leader=True)
         except TransientBackendError:
             return False
         if current is None:
@@ -137,7 +138,9 @@ class KVHandler:
         bucket, key = ev.bucket, ev.key
         if bound is not None:
             try:
-                current = await rt.backend.kv_get(bucket, key)
+                # (From the leader: a replica's lagging view would evaluate an older
+                # revision, and the timer would be acknowledged after its lost compare-and-set.)
+                current = await rt.backend.kv_get(bucket, key, leader=True)
             except TransientBackendError as e:
                 rt.retry_later(bound, bucket, key, e)
             else:

@@ -378,3 +378,34 @@ async def test_keep_alive_sends_nothing_for_what_is_settled_at_once(nats_url: st
             keeper = consumer._keeper
             assert len(keeper) == 0  # settled: no longer held
             assert await keeper.tick() == 0 and await keeper.tick() == 0
+
+
+async def test_a_read_from_the_leader_asks_the_api_only_the_leader_answers(nats_url: str) -> None:
+    # A direct get goes to a queue group of every replica; the message get API is
+    # answered by the stream's leader alone.
+    async with NatsBackend(nats_url) as b:
+        bucket = uid("b")
+        await b.ensure_bucket(bucket)
+        rev = await b.kv_put(bucket, "k", b"v")
+        asked: list[str] = []
+
+        async def seen(msg: nats.aio.msg.Msg) -> None:
+            asked.append(msg.subject)
+
+        sub = await b.nc.subscribe(f"$JS.API.*.*.KV_{bucket}.>", cb=seen)
+        api = await b.nc.subscribe(f"$JS.API.STREAM.MSG.GET.KV_{bucket}", cb=seen)
+        try:
+            await b.nc.flush()
+            entry = await b.kv_get(bucket, "k", leader=True)
+            assert entry is not None and (entry.value, entry.revision) == (b"v", rev)
+            assert await b.kv_get(bucket, "k") == entry
+            with anyio.fail_after(10):
+                while len(asked) < 2:
+                    await anyio.sleep(0.01)
+            assert asked == [
+                f"$JS.API.STREAM.MSG.GET.KV_{bucket}",
+                f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.k",
+            ]
+        finally:
+            await sub.unsubscribe()
+            await api.unsubscribe()

@@ -1808,6 +1808,7 @@ class StaleAfterFailover(FaultyBackend):
         super().__init__(clock, state_buckets=("STEPPER",))
         self.stale_reads = 0
         self.stale_writes = 0
+        self.lagging_replica = False
         self.held = False
 
     async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
@@ -1816,10 +1817,12 @@ class StaleAfterFailover(FaultyBackend):
             raise ConflictError(f"update {bucket}/{key}@{revision}: wrong last sequence")
         return await super().kv_update(bucket, key, value, revision)
 
-    async def kv_get(self, bucket: str, key: str) -> Any:
+    async def kv_get(self, bucket: str, key: str, *, leader: bool = False) -> Any:
         if bucket in self.state_buckets and self.stale_reads:
             self.stale_reads -= 1
             return None
+        if bucket in self.state_buckets and self.lagging_replica and not leader:
+            return None  # (a replica, just restarted, that has not caught up)
         return await super().kv_get(bucket, key)
 
     def consume_partitions(self, *args: Any, **kwargs: Any) -> Any:
@@ -1903,6 +1906,48 @@ async def test_a_change_whose_compare_and_set_a_stale_view_refused_is_evaluated_
         assert backend.stale_writes == 0
     finally:
         await engine.stop()
+
+
+async def test_a_replica_that_lags_does_not_make_a_refused_change_count_as_superseded() -> None:
+    # Its compare-and-set is refused (a new leader that lags) more times than a key read
+    # as gone is believed, and every read a replica answers finds no key (one that was
+    # just restarted and answers while 90 % caught up). Whether a newer revision is there
+    # is read from the leader: the change is evaluated again until it commits.
+    clock = ManualClock()
+    backend = StaleAfterFailover(clock)
+    engine = Engine(backend, [Stepper], clock=clock)
+    await engine.start()
+    try:
+        backend.stale_writes = 7
+        backend.lagging_replica = True
+        first = {"id": "j3", "workflow_id": "stepper", "phase": "stepping", "status": "running"}
+        await backend.kv_create("STEPPER", "stepper.j3", json.dumps(first).encode())
+        with anyio.fail_after(10):
+            while json.loads(backend.peek("STEPPER", "stepper.j3").value)["phase"] != "stepped":
+                clock.advance(0.1)
+                await anyio.sleep(0.01)
+        assert backend.stale_writes == 0
+    finally:
+        await engine.stop()
+
+
+async def test_a_callback_read_on_a_lagging_replica_is_not_dropped(metrics: EngineMetrics) -> None:
+    # The answer comes to an engine that did not commit the wait (it reads the state), and
+    # the replica that answers its read has no key yet: "unknown execution" is read from
+    # the leader before the answer is dropped.
+    clock = ManualClock()
+    backend = StaleAfterFailover(clock)
+    backend.state_buckets = {"REVIEWS"}
+    async with TestEngine(Reviews, clock=clock, backend=backend, metrics=metrics) as te:
+        await te.trigger_message("plans.submitted", Submitted(plan_id="p1"))
+        assert te.state(Reviews, "p1").status is Status.WAITING
+        te.engine.store.take_parked("REVIEWS", "reviews.p1")  # (as another engine's)
+        backend.lagging_replica = True
+        await te.callback(Reviews, "p1", {"verdict": "approved"})
+        backend.lagging_replica = False
+        st = te.state(Reviews, "p1")
+        assert (st.phase, st.status) == ("done", Status.COMPLETED)
+        assert count(metrics.callbacks_received, "reviews", "", "unknown") == 0
 
 
 class Waiter(Workflow, id="waiter", state=Stepping):

@@ -198,8 +198,8 @@ class MemoryBackend(_PartitionedBuckets):
             k for k, e in b.latest.items() if e.operation == "PUT" and matches_pattern(k, pattern)
         )
 
-    async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
-        b = self._bucket(bucket)
+    async def kv_get(self, bucket: str, key: str, *, leader: bool = False) -> KVEntry | None:
+        b = self._bucket(bucket)  # (one copy, the leader's: no replica lags here)
         entry = b.latest.get(key)
         if entry is None:
             _check_key(key)  # (a key that is stored was checked when it was first written)

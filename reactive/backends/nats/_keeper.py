@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Final
 
 from nats.aio.msg import Msg
 
 __all__ = ["_Keeper"]
+
+log = logging.getLogger("reactive.backends.nats")  # one logger for the whole backend
 
 _WPI: Final = b"+WPI"
 
@@ -67,7 +70,10 @@ class _Keeper:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._period)
-            await self.tick()
+            try:
+                await self.tick()
+            except Exception:  # (never expected: the held messages would come again)
+                log.exception("keeping held messages in progress failed")
 
     async def tick(self) -> int:
         """One period: ``+WPI`` for what arrived before the last one and is still held.
@@ -77,8 +83,8 @@ class _Keeper:
         held = self._held
         sent = 0
         for reply, (msg, arrived) in list(held.items()):
-            if msg._ackd:  # settled through nats-py directly (a nak or term of its own)
-                del held[reply]
+            if msg._ackd:  # settled (perhaps while this tick was sending)
+                held.pop(reply, None)
             elif arrived < before:
                 # (Not connected: the server has it until the ack wait; nothing to do.)
                 with contextlib.suppress(Exception):

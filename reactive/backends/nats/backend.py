@@ -213,8 +213,10 @@ class NatsBackend(_PartitionedBuckets):
                         kv = await js.key_value(bucket)  # created meanwhile by someone else
             self._kvs[bucket] = kv
 
-    async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
+    async def kv_get(self, bucket: str, key: str, *, leader: bool = False) -> KVEntry | None:
         kv = self._kvs.get(bucket) or await self._kv(bucket)
+        if leader:
+            return await self._leader_get(kv, bucket, key)
         if kv._direct:
             return await self._direct_get(kv, bucket, key)
         with _mapped(f"get {bucket}/{key}"):
@@ -290,6 +292,21 @@ class NatsBackend(_PartitionedBuckets):
         except (KeyError, ValueError):
             raise BackendError(f"get {bucket}/{key}: a reply without Nats-Sequence") from None
         return KVEntry(bucket=bucket, key=key, value=msg.data, revision=revision)
+
+    async def _leader_get(self, kv: KeyValue, bucket: str, key: str) -> KVEntry | None:
+        """The key's last message as the stream's leader has it: JetStream's message get
+        API, which only the leader answers (a direct get goes to any replica, and a
+        follower answers once it is 90 % caught up)."""
+        _check_key("get", bucket, key)
+        js = self._conn.jetstream()
+        with _mapped(f"get {bucket}/{key} from its leader"):
+            try:
+                msg = await js.get_last_msg(kv._stream, f"{kv._pre}{key}")
+            except nats.js.errors.NotFoundError:
+                return None
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            return None
+        return KVEntry(bucket=bucket, key=key, value=msg.data or b"", revision=int(msg.seq or 0))
 
     async def kv_create(
         self, bucket: str, key: str, value: bytes, *, ttl: float | None = None
