@@ -453,14 +453,7 @@ class MemoryBackend(_PartitionedBuckets):
         if reason is not None:
             raise ValueError(reason)
         consumer = self._consumers.get((stream, durable))
-        if s.work_queue:
-            for other in s.consumers:
-                if other is not consumer and subjects_overlap(other.filter_subject, filter_subject):
-                    raise BackendError(
-                        f"consume {stream}/{durable}: filtered consumer not unique on workqueue "
-                        f"stream (10100): {filter_subject!r} overlaps {other.durable}'s "
-                        f"{other.filter_subject!r}"
-                    )
+        _check_unique(s, consumer, durable, filter_subject)
         if consumer is None:
             consumer = _Consumer(s, durable, filter_subject, ack_wait, self.clock)
             self._consumers[(stream, durable)] = consumer
@@ -488,3 +481,18 @@ if TYPE_CHECKING:
 
     def _conforms(backend: MemoryBackend) -> Backend:
         return backend
+
+
+def _check_unique(
+    s: _Stream, consumer: _Consumer | None, durable: str, filter_subject: str
+) -> None:
+    """A work queue refuses a consumer whose filter overlaps another's, as the server does."""
+    if not s.work_queue:
+        return
+    for other in s.consumers:
+        if other is not consumer and subjects_overlap(other.filter_subject, filter_subject):
+            raise BackendError(
+                f"consume {s.name}/{durable}: filtered consumer not unique on workqueue "
+                f"stream (10100): {filter_subject!r} overlaps {other.durable}'s "
+                f"{other.filter_subject!r}"
+            )

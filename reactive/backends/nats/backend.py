@@ -27,13 +27,14 @@ from reactive.backends.nats._connection import _Backoff, _Connection
 from reactive.backends.nats._core_subscriber import _CoreIterator
 from reactive.backends.nats._errors import _check_key, _check_size, _check_subject, _mapped
 from reactive.backends.nats._features import check_server
+from reactive.backends.nats._gets import _direct_get, _leader_get
 from reactive.backends.nats._kv_watch import _KVWatch, _list_keys, _to_entry
 from reactive.backends.nats._partition_puller import _PartitionPuller
 from reactive.backends.nats._partitioned import _PartitionedBuckets
 from reactive.backends.nats._pull_consumer import _PullConsumer
 from reactive.backends.nats._replies import _Replies
 from reactive.backends.nats._streams import _ensure_stream, _StreamCache, _sync_schedules
-from reactive.errors import BackendError, ConflictError, TransientBackendError
+from reactive.errors import ConflictError, TransientBackendError
 
 if TYPE_CHECKING:
     from reactive.backends.base import Backend
@@ -216,9 +217,9 @@ class NatsBackend(_PartitionedBuckets):
     async def kv_get(self, bucket: str, key: str, *, leader: bool = False) -> KVEntry | None:
         kv = self._kvs.get(bucket) or await self._kv(bucket)
         if leader:
-            return await self._leader_get(kv, bucket, key)
+            return await _leader_get(self, kv, bucket, key)
         if kv._direct:
-            return await self._direct_get(kv, bucket, key)
+            return await _direct_get(self, kv, bucket, key)
         with _mapped(f"get {bucket}/{key}"):
             try:
                 entry = await kv.get(key)
@@ -266,47 +267,6 @@ class NatsBackend(_PartitionedBuckets):
         with _mapped(what):
             ack = await replies.publish(kv._pre + key, value, headers)
         return ack.seq
-
-    async def _direct_get(self, kv: KeyValue, bucket: str, key: str) -> KVEntry | None:
-        """The key's last message by JetStream's direct get: the raw message, no JSON."""
-        _check_key("get", bucket, key)
-        replies = self._replies or await self._reply_inbox()
-        subject = f"{self._conn.jetstream()._prefix}.DIRECT.GET.{kv._stream}.{kv._pre}{key}"
-        with _mapped(f"get {bucket}/{key}"):
-            msg = await replies.request(subject, b"", None)
-        headers = msg.headers or {}
-        if not msg.data:
-            status = headers.get("Status")
-            if status == "404":
-                return None
-            if status == "503":
-                raise TransientBackendError(f"get {bucket}/{key}: no responders (503)")
-            if status:
-                raise BackendError(
-                    f"get {bucket}/{key}: {status} {headers.get('Description', '')}".rstrip()
-                )
-        if headers.get("KV-Operation") in ("DEL", "PURGE"):
-            return None
-        try:
-            revision = int(headers["Nats-Sequence"])
-        except (KeyError, ValueError):
-            raise BackendError(f"get {bucket}/{key}: a reply without Nats-Sequence") from None
-        return KVEntry(bucket=bucket, key=key, value=msg.data, revision=revision)
-
-    async def _leader_get(self, kv: KeyValue, bucket: str, key: str) -> KVEntry | None:
-        """The key's last message as the stream's leader has it: JetStream's message get
-        API, which only the leader answers (a direct get goes to any replica, and a
-        follower answers once it is 90 % caught up)."""
-        _check_key("get", bucket, key)
-        js = self._conn.jetstream()
-        with _mapped(f"get {bucket}/{key} from its leader"):
-            try:
-                msg = await js.get_last_msg(kv._stream, f"{kv._pre}{key}")
-            except nats.js.errors.NotFoundError:
-                return None
-        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-            return None
-        return KVEntry(bucket=bucket, key=key, value=msg.data or b"", revision=int(msg.seq or 0))
 
     async def kv_create(
         self, bucket: str, key: str, value: bytes, *, ttl: float | None = None
