@@ -33,9 +33,10 @@ from reactive.runtime.writer import Writer
 __all__ = ["KVHandler"]
 
 # How soon a change whose compare-and-set lost with nothing newer there, or a fired timer
-# that found no state, comes again; and how many times a key read as gone does.
+# that found no state, comes again; and how many deliveries a key the leader reads as
+# gone gets (about 10 s: a new leader that lags, or a key that is really gone).
 _RECHECK: Final = 0.5
-_RECHECKS: Final = 5
+_RECHECKS: Final = 20
 # A change whose evaluation fails is handed back to come again this long after at the
 # soonest (the ack wait, if longer): this process retries it meanwhile, a try every
 # RETRY_CAP at most, so the change comes again only if this process is gone.
@@ -147,7 +148,7 @@ class KVHandler:
                 if current is None and ev.msg is not None and ev.msg.num_delivered < _RECHECKS:
                     # No state for a timer set on one: deleted, or a view that lags (a new
                     # leader's). Acknowledged, a lagging view would lose the timer for good:
-                    # it comes again first (0.5 s later, _RECHECKS times in all).
+                    # it comes again first (0.5 s later, up to _RECHECKS deliveries).
                     await rt.settle(ev.msg, "nak", _RECHECK)
                     return
                 if current is None:

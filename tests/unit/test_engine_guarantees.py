@@ -38,7 +38,7 @@ from reactive import (
     rule,
 )
 from reactive.backends.base import InboundMessage
-from reactive.backends.partitions import partition_of
+from reactive.backends.partitions import partition_of, partitioned_stream
 from reactive.clock import ManualClock
 from reactive.conditions import phase_is
 from reactive.runtime.metrics import EngineMetrics
@@ -1927,6 +1927,28 @@ async def test_a_replica_that_lags_does_not_make_a_refused_change_count_as_super
                 clock.advance(0.1)
                 await anyio.sleep(0.01)
         assert backend.stale_writes == 0
+    finally:
+        await engine.stop()
+
+
+async def test_a_refused_change_whose_key_is_gone_is_acknowledged_in_the_end() -> None:
+    # Every compare-and-set is refused and the leader reads no key: gone (or a leader that
+    # lags, for this long). It is evaluated again for a while (20 deliveries, 0.5 s
+    # apart), then acknowledged: it does not come back for ever.
+    clock = ManualClock()
+    backend = StaleAfterFailover(clock)
+    engine = Engine(backend, [Stepper], clock=clock)
+    await engine.start()
+    try:
+        backend.stale_writes = backend.stale_reads = 1000
+        first = {"id": "j4", "workflow_id": "stepper", "phase": "stepping", "status": "running"}
+        await backend.kv_create("STEPPER", "stepper.j4", json.dumps(first).encode())
+        consumers = backend._partition_sets[partitioned_stream("STEPPER", "stepper")].consumers
+        with anyio.fail_after(10):
+            while backend.stale_writes == 1000 or any(c.pending for c in consumers):
+                clock.advance(0.1)
+                await anyio.sleep(0.01)
+        assert 1000 - backend.stale_writes == 20
     finally:
         await engine.stop()
 
