@@ -1887,25 +1887,42 @@ async def test_a_commit_whose_next_evaluation_failed_is_evaluated_when_its_chang
         await engine.stop()
 
 
+@contextlib.asynccontextmanager
+async def _stepper(**faults: Any) -> AsyncIterator[tuple[ManualClock, StaleAfterFailover]]:
+    """An engine running ``Stepper`` on a ``StaleAfterFailover`` with ``faults`` set."""
+    clock = ManualClock()
+    backend = StaleAfterFailover(clock)
+    for name, value in faults.items():
+        setattr(backend, name, value)
+    engine = Engine(backend, [Stepper], clock=clock)
+    await engine.start()
+    try:
+        yield clock, backend
+    finally:
+        await engine.stop()
+
+
+async def _stepping(backend: MemoryBackend, exec_id: str) -> None:
+    """Written by someone else: a change the engine takes from its partition."""
+    first = {"id": exec_id, "workflow_id": "stepper", "phase": "stepping", "status": "running"}
+    await backend.kv_create("STEPPER", f"stepper.{exec_id}", json.dumps(first).encode())
+
+
+async def _until_stepped(clock: ManualClock, backend: MemoryBackend, exec_id: str) -> None:
+    with anyio.fail_after(10):
+        while json.loads(backend.peek("STEPPER", f"stepper.{exec_id}").value)["phase"] != "stepped":
+            clock.advance(0.1)
+            await anyio.sleep(0.01)
+
+
 async def test_a_change_whose_compare_and_set_a_stale_view_refused_is_evaluated_again() -> None:
     # A change from the partition (written by someone else): its evaluation's
     # compare-and-set is refused although no newer revision is there (a new leader that
     # has not applied it yet). Acknowledged, the revision would be lost; it comes again.
-    clock = ManualClock()
-    backend = StaleAfterFailover(clock)
-    engine = Engine(backend, [Stepper], clock=clock)
-    await engine.start()
-    try:
-        backend.stale_writes = 1
-        first = {"id": "j2", "workflow_id": "stepper", "phase": "stepping", "status": "running"}
-        await backend.kv_create("STEPPER", "stepper.j2", json.dumps(first).encode())
-        with anyio.fail_after(10):
-            while json.loads(backend.peek("STEPPER", "stepper.j2").value)["phase"] != "stepped":
-                clock.advance(0.1)
-                await anyio.sleep(0.01)
+    async with _stepper(stale_writes=1) as (clock, backend):
+        await _stepping(backend, "j2")
+        await _until_stepped(clock, backend, "j2")
         assert backend.stale_writes == 0
-    finally:
-        await engine.stop()
 
 
 async def test_a_replica_that_lags_does_not_make_a_refused_change_count_as_superseded() -> None:
@@ -1913,44 +1930,24 @@ async def test_a_replica_that_lags_does_not_make_a_refused_change_count_as_super
     # as gone is believed, and every read a replica answers finds no key (one that was
     # just restarted and answers while 90 % caught up). Whether a newer revision is there
     # is read from the leader: the change is evaluated again until it commits.
-    clock = ManualClock()
-    backend = StaleAfterFailover(clock)
-    engine = Engine(backend, [Stepper], clock=clock)
-    await engine.start()
-    try:
-        backend.stale_writes = 7
-        backend.lagging_replica = True
-        first = {"id": "j3", "workflow_id": "stepper", "phase": "stepping", "status": "running"}
-        await backend.kv_create("STEPPER", "stepper.j3", json.dumps(first).encode())
-        with anyio.fail_after(10):
-            while json.loads(backend.peek("STEPPER", "stepper.j3").value)["phase"] != "stepped":
-                clock.advance(0.1)
-                await anyio.sleep(0.01)
+    async with _stepper(stale_writes=7, lagging_replica=True) as (clock, backend):
+        await _stepping(backend, "j3")
+        await _until_stepped(clock, backend, "j3")
         assert backend.stale_writes == 0
-    finally:
-        await engine.stop()
 
 
 async def test_a_refused_change_whose_key_is_gone_is_acknowledged_in_the_end() -> None:
     # Every compare-and-set is refused and the leader reads no key: gone (or a leader that
     # lags, for this long). It is evaluated again for a while (20 deliveries, 0.5 s
     # apart), then acknowledged: it does not come back for ever.
-    clock = ManualClock()
-    backend = StaleAfterFailover(clock)
-    engine = Engine(backend, [Stepper], clock=clock)
-    await engine.start()
-    try:
-        backend.stale_writes = backend.stale_reads = 1000
-        first = {"id": "j4", "workflow_id": "stepper", "phase": "stepping", "status": "running"}
-        await backend.kv_create("STEPPER", "stepper.j4", json.dumps(first).encode())
+    async with _stepper(stale_writes=1000, stale_reads=1000) as (clock, backend):
+        await _stepping(backend, "j4")
         consumers = backend._partition_sets[partitioned_stream("STEPPER", "stepper")].consumers
         with anyio.fail_after(10):
             while backend.stale_writes == 1000 or any(c.pending for c in consumers):
                 clock.advance(0.1)
                 await anyio.sleep(0.01)
         assert 1000 - backend.stale_writes == 20
-    finally:
-        await engine.stop()
 
 
 async def test_a_callback_read_on_a_lagging_replica_is_not_dropped(metrics: EngineMetrics) -> None:

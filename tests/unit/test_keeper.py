@@ -30,12 +30,17 @@ class _Msg:
         self._ackd = False
 
 
+def _held(*replies: str) -> tuple[_Client, _Keeper, list[_Msg]]:
+    """A keeper (3 s ack wait) holding a message for each of ``replies``."""
+    client, keeper = _Client(), _Keeper(3.0)
+    msgs = [_Msg(client, reply) for reply in replies]
+    for msg in msgs:
+        keeper.hold(msg)  # type: ignore[arg-type]
+    return client, keeper, msgs
+
+
 async def test_a_held_message_gets_in_progress_from_its_second_period_on() -> None:
-    client = _Client()
-    keeper = _Keeper(3.0)
-    old, settled = _Msg(client, "r.old"), _Msg(client, "r.settled")
-    keeper.hold(old)  # type: ignore[arg-type]
-    keeper.hold(settled)  # type: ignore[arg-type]
+    client, keeper, (_, settled) = _held("r.old", "r.settled")
     assert await keeper.tick() == 0  # (arrived in this period: nothing yet)
     late = _Msg(client, "r.late")
     keeper.hold(late)  # type: ignore[arg-type]
@@ -48,11 +53,7 @@ async def test_a_held_message_gets_in_progress_from_its_second_period_on() -> No
 
 
 async def test_a_message_settled_while_a_period_sends_is_dropped_once() -> None:
-    client = _Client()
-    keeper = _Keeper(3.0)
-    first, second = _Msg(client, "r.1"), _Msg(client, "r.2")
-    keeper.hold(first)  # type: ignore[arg-type]
-    keeper.hold(second)  # type: ignore[arg-type]
+    client, keeper, (_, second) = _held("r.1", "r.2")
     await keeper.tick()
 
     def ack_second() -> None:  # acknowledged while the +WPI of the first goes out
