@@ -34,9 +34,12 @@ __all__ = ["KVHandler"]
 
 # How soon a change whose compare-and-set lost with nothing newer there, or a fired timer
 # that found no state, comes again; and how many deliveries a key the leader reads as
-# gone gets (about 10 s: a new leader that lags, or a key that is really gone).
+# gone gets: a refused change about 10 s (a new leader that lags, or a key really gone:
+# rare, after a refused compare-and-set); a fired timer 2.5 s (a key removed by its
+# retention before its deadline fires is common, and the leader's view lags briefly).
 _RECHECK: Final = 0.5
 _RECHECKS: Final = 20
+_TIMER_RECHECKS: Final = 5
 # A change whose evaluation fails is handed back to come again this long after at the
 # soonest (the ack wait, if longer): this process retries it meanwhile, a try every
 # RETRY_CAP at most, so the change comes again only if this process is gone.
@@ -145,10 +148,14 @@ class KVHandler:
             except TransientBackendError as e:
                 rt.retry_later(bound, bucket, key, e)
             else:
-                if current is None and ev.msg is not None and ev.msg.num_delivered < _RECHECKS:
+                if (
+                    current is None
+                    and ev.msg is not None
+                    and ev.msg.num_delivered < _TIMER_RECHECKS
+                ):
                     # No state for a timer set on one: deleted, or a view that lags (a new
                     # leader's). Acknowledged, a lagging view would lose the timer for good:
-                    # it comes again first (0.5 s later, up to _RECHECKS deliveries).
+                    # it comes again first (0.5 s later, up to _TIMER_RECHECKS deliveries).
                     await rt.settle(ev.msg, "nak", _RECHECK)
                     return
                 if current is None:
