@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Protocol, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -28,7 +28,9 @@ from reactive.backends.memory._streams import _StoredMessage, _Stream
 from reactive.clock import Clock
 from reactive.subjects import matches_pattern
 
-__all__ = ["_Consumer", "_ConsumerReader"]
+__all__ = ["_Consumer", "_ConsumerReader", "_next"]
+
+T = TypeVar("T")
 
 
 class _Holder(Protocol):
@@ -258,29 +260,44 @@ class _ConsumerReader:
         return self
 
     async def __anext__(self) -> InboundMessage:
-        await anyio.lowlevel.checkpoint_if_cancelled()
         consumer = self._consumer
-        clock = consumer.clock
-        while True:
-            if self.closed:
-                raise StopAsyncIteration
-            # Take the event before looking, so a change made after the look wakes us.
-            woken = consumer.signal.event()
-            msg = consumer.take(clock.now(), self._holder)
-            if msg is not None:
-                return msg
-            deadline = consumer.next_wake()
-            if deadline is None:
-                await woken.wait()
-                continue
-            # Wait for whichever comes first: a change to the consumer (new message,
-            # nak, ack, close) or the clock reaching the next redelivery or schedule.
-            async with anyio.create_task_group() as tg:
+        holder = self._holder
+        return await _next(
+            self, consumer.signal, consumer.clock, lambda now: consumer.take(now, holder),
+            consumer.next_wake,
+        )  # fmt: skip
 
-                async def timer(deadline: float = deadline) -> None:
-                    await clock.sleep_until(deadline)
-                    tg.cancel_scope.cancel()
 
-                tg.start_soon(timer)
-                await woken.wait()
+async def _next(
+    reader: _Holder,
+    signal: _Signal,
+    clock: Clock,
+    take: Callable[[float], T | None],
+    next_wake: Callable[[], float | None],
+) -> T:
+    """A reader's next message: what ``take`` hands out now, or the first one after a
+    change (``signal``: a new message, a nak, an ack, a close) or the clock reaching
+    ``next_wake`` (a redelivery or a schedule). StopAsyncIteration once ``reader`` is
+    closed."""
+    await anyio.lowlevel.checkpoint_if_cancelled()
+    while True:
+        if reader.closed:
+            raise StopAsyncIteration
+        # Take the event before looking, so a change made after the look wakes us.
+        woken = signal.event()
+        msg = take(clock.now())
+        if msg is not None:
+            return msg
+        deadline = next_wake()
+        if deadline is None:
+            await woken.wait()
+            continue
+        async with anyio.create_task_group() as tg:
+
+            async def timer(deadline: float = deadline) -> None:
+                await clock.sleep_until(deadline)
                 tg.cancel_scope.cancel()
+
+            tg.start_soon(timer)
+            await woken.wait()
+            tg.cancel_scope.cancel()

@@ -23,11 +23,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, cast
 
-import anyio
-import anyio.lowlevel
-
 from reactive.backends.base import KVEntry, PartitionedConsumer, PartitionedMessage
-from reactive.backends.memory._consumers import _Consumer, _ConsumerMessage, _Holder
+from reactive.backends.memory._consumers import _Consumer, _ConsumerMessage, _Holder, _next
 from reactive.backends.memory._kv import _Watcher
 from reactive.backends.memory._queue import _Queue, _Signal
 from reactive.backends.memory._streams import _StoredMessage, _Stream
@@ -314,30 +311,10 @@ class _PartitionReader:
         return self
 
     async def __anext__(self) -> PartitionedMessage:
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        s = self._set
-        clock = s.clock
-        while True:
-            if self.closed:
-                raise StopAsyncIteration
-            # Take the event before looking, so a change made after the look wakes us.
-            woken = s.signal.event()
-            msg = s.take(self.member, clock.now(), self._holder)
-            if msg is not None:
-                return msg
-            deadline = s.next_deadline()
-            if deadline is None:
-                await woken.wait()
-                continue
-            async with anyio.create_task_group() as tg:
-
-                async def timer(deadline: float = deadline) -> None:
-                    await clock.sleep_until(deadline)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(timer)
-                await woken.wait()
-                tg.cancel_scope.cancel()
+        s, member, holder = self._set, self.member, self._holder
+        return await _next(
+            self, s.signal, s.clock, lambda now: s.take(member, now, holder), s.next_deadline
+        )
 
 
 class _PartitionedBuckets:
