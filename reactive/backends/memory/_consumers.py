@@ -262,6 +262,11 @@ class _ConsumerReader:
     async def __anext__(self) -> InboundMessage:
         consumer = self._consumer
         holder = self._holder
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if not self.closed:  # (the common case, at once: no closure, no second coroutine)
+            msg = consumer.take(consumer.clock.now(), holder)
+            if msg is not None:
+                return msg
         return await _next(
             self, consumer.signal, consumer.clock, lambda now: consumer.take(now, holder),
             consumer.next_wake,

@@ -23,6 +23,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, cast
 
+import anyio.lowlevel
+
 from reactive.backends.base import KVEntry, PartitionedConsumer, PartitionedMessage
 from reactive.backends.memory._consumers import _Consumer, _ConsumerMessage, _Holder, _next
 from reactive.backends.memory._kv import _Watcher
@@ -312,6 +314,11 @@ class _PartitionReader:
 
     async def __anext__(self) -> PartitionedMessage:
         s, member, holder = self._set, self.member, self._holder
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if not self.closed:  # (the common case, at once: no closure, no second coroutine)
+            msg = s.take(member, s.clock.now(), holder)
+            if msg is not None:
+                return msg
         return await _next(
             self, s.signal, s.clock, lambda now: s.take(member, now, holder), s.next_deadline
         )
