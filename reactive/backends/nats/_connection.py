@@ -28,9 +28,11 @@ log = logging.getLogger("reactive.backends.nats")  # one logger for the whole ba
 
 
 class _Backoff:
-    """Exponential backoff: 0.1 s doubling up to 5 s."""
+    """Exponential backoff: 0.1 s doubling up to 2 s (as the runtime's RETRY_CAP: a
+    consumer or watch that failed while a cluster elected a leader is made again
+    within 2 s of the election; up to 5 s it could wait 5 s more)."""
 
-    def __init__(self, initial: float = 0.1, maximum: float = 5.0) -> None:
+    def __init__(self, initial: float = 0.1, maximum: float = 2.0) -> None:
         self.initial = initial
         self.maximum = maximum
         self._next = initial
