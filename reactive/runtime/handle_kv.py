@@ -142,9 +142,9 @@ class KVHandler:
         bucket, key = ev.bucket, ev.key
         if bound is not None:
             try:
-                # (From the leader: a replica's lagging view would evaluate an older
-                # revision, and the timer would be acknowledged after its lost compare-and-set.)
-                current = await rt.backend.kv_get(bucket, key, leader=True)
+                current = await rt.backend.kv_get(bucket, key)
+                if current is None:  # (a replica that lags would have the timer dropped)
+                    current = await rt.backend.kv_get(bucket, key, leader=True)
             except TransientBackendError as e:
                 rt.retry_later(bound, bucket, key, e)
             else:
@@ -164,9 +164,20 @@ class KVHandler:
                     rules = [
                         r for b, rs in rt.registry.match_kv(bucket, key) if b is bound for r in rs
                     ]
+                    target = (ev.workflow_id, bucket, key)
+                    conflicted = rt.conflicted
+                    if conflicted:
+                        conflicted.discard(target)
                     await self.evaluate(
                         bound, rules, bucket, key, current.revision, current.value, "timer", fresh
                     )
+                    if conflicted and target in conflicted:
+                        conflicted.discard(target)
+                        if ev.msg is not None and ev.msg.num_delivered < _RECHECKS:
+                            # Its compare-and-set lost: to a newer revision, or the revision
+                            # read was a lagging replica's. Evaluated again on a new read.
+                            await rt.settle(ev.msg, "nak", _RECHECK)
+                            return
         if ev.msg is not None and bound is not None:
             await self._settle(ev.msg, bound, bucket, key)
         elif ev.msg is not None:

@@ -1855,7 +1855,7 @@ async def test_a_commit_whose_next_evaluation_failed_is_evaluated_when_its_chang
                 backend.stale_writes = 1  # the step right after the start's commit
             else:
                 backend.failing_writes = 1  # the step right after the start's commit
-                backend.stale_reads = 1  # and the retry's read
+                backend.stale_reads = 2  # and the retry's read, checked with a leader that lags
 
         # First an execution whose key is in the same partition: the engine holds it.
         assert partition_of("stepper.w6", 8) == partition_of("stepper.j1", 8)
@@ -1991,11 +1991,33 @@ async def test_a_timer_that_finds_no_state_on_a_lagging_view_comes_again() -> No
         await backend.publish("waits.start", b'{"id": "w1"}')
         await settle(backend, engine)
         assert json.loads(backend.peek("WAITER", "waiter.w1").value)["phase"] == "awaiting"
-        backend.stale_reads = 1
+        backend.stale_reads = 2  # (the new leader lags: a replica's read and the leader's)
         await advance(clock, backend, [engine], 61)
         await advance(clock, backend, [engine], 1)
-        assert backend.stale_reads == 0  # (the timer's first read was the stale one)
+        assert backend.stale_reads == 0  # (the timer's first reads were the stale ones)
         assert json.loads(backend.peek("WAITER", "waiter.w1").value)["phase"] == "late"
+    finally:
+        await engine.stop()
+
+
+async def test_a_timer_whose_compare_and_set_lost_comes_again() -> None:
+    # The fired timer's evaluation is refused its compare-and-set (the revision it read
+    # was a lagging replica's, or a new leader's view): acknowledged then, the timer
+    # would be gone for good. It comes again and is evaluated on a new read.
+    clock = ManualClock()
+    backend = StaleAfterFailover(clock)
+    backend.state_buckets = {"WAITER"}
+    engine = Engine(backend, [Waiter], clock=clock)
+    await engine.start()
+    try:
+        await backend.publish("waits.start", b'{"id": "w2"}')
+        await settle(backend, engine)
+        assert json.loads(backend.peek("WAITER", "waiter.w2").value)["phase"] == "awaiting"
+        backend.stale_writes = 1
+        await advance(clock, backend, [engine], 61)
+        await advance(clock, backend, [engine], 1)
+        assert backend.stale_writes == 0  # (the timer's first write was refused)
+        assert json.loads(backend.peek("WAITER", "waiter.w2").value)["phase"] == "late"
     finally:
         await engine.stop()
 
