@@ -1979,9 +1979,9 @@ class Waiter(Workflow, id="waiter", state=Stepping):
         ctx.state.phase = "late"
 
 
-async def test_a_timer_that_finds_no_state_on_a_lagging_view_comes_again() -> None:
-    # The timer fires while the bucket's new leader has not applied the state yet: the
-    # read finds no key. Acknowledged then, the timer would be gone for good.
+async def _timer_fires_with(**faults: int) -> StaleAfterFailover:
+    """A ``Waiter`` execution whose ``after="1m"`` timer fires with ``faults`` set; the
+    backend once every fault was met and the timer's evaluation is done."""
     clock = ManualClock()
     backend = StaleAfterFailover(clock)
     backend.state_buckets = {"WAITER"}
@@ -1991,35 +1991,30 @@ async def test_a_timer_that_finds_no_state_on_a_lagging_view_comes_again() -> No
         await backend.publish("waits.start", b'{"id": "w1"}')
         await settle(backend, engine)
         assert json.loads(backend.peek("WAITER", "waiter.w1").value)["phase"] == "awaiting"
-        backend.stale_reads = 2  # (the new leader lags: a replica's read and the leader's)
+        for name, value in faults.items():
+            setattr(backend, name, value)
         await advance(clock, backend, [engine], 61)
         await advance(clock, backend, [engine], 1)
-        assert backend.stale_reads == 0  # (the timer's first reads were the stale ones)
-        assert json.loads(backend.peek("WAITER", "waiter.w1").value)["phase"] == "late"
+        assert not any(getattr(backend, name) for name in faults)  # (each fault was met)
+        return backend
     finally:
         await engine.stop()
+
+
+async def test_a_timer_that_finds_no_state_on_a_lagging_view_comes_again() -> None:
+    # The timer fires while the bucket's new leader has not applied the state yet: the
+    # reads (a replica's, then the leader's) find no key. Acknowledged then, the timer
+    # would be gone for good.
+    backend = await _timer_fires_with(stale_reads=2)
+    assert json.loads(backend.peek("WAITER", "waiter.w1").value)["phase"] == "late"
 
 
 async def test_a_timer_whose_compare_and_set_lost_comes_again() -> None:
     # The fired timer's evaluation is refused its compare-and-set (the revision it read
     # was a lagging replica's, or a new leader's view): acknowledged then, the timer
     # would be gone for good. It comes again and is evaluated on a new read.
-    clock = ManualClock()
-    backend = StaleAfterFailover(clock)
-    backend.state_buckets = {"WAITER"}
-    engine = Engine(backend, [Waiter], clock=clock)
-    await engine.start()
-    try:
-        await backend.publish("waits.start", b'{"id": "w2"}')
-        await settle(backend, engine)
-        assert json.loads(backend.peek("WAITER", "waiter.w2").value)["phase"] == "awaiting"
-        backend.stale_writes = 1
-        await advance(clock, backend, [engine], 61)
-        await advance(clock, backend, [engine], 1)
-        assert backend.stale_writes == 0  # (the timer's first write was refused)
-        assert json.loads(backend.peek("WAITER", "waiter.w2").value)["phase"] == "late"
-    finally:
-        await engine.stop()
+    backend = await _timer_fires_with(stale_writes=1)
+    assert json.loads(backend.peek("WAITER", "waiter.w1").value)["phase"] == "late"
 
 
 async def test_stream_message_is_acked_only_after_its_effects_are_committed(
