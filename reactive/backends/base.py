@@ -334,8 +334,9 @@ class Backend(Protocol):
         up. A partition moves when its member's context ends (at once) or when its
         member stops pulling (after ``pin_timeout``: it died, or did not read for that
         long); what that member took and did not acknowledge comes to the next one
-        after ``ack_wait`` (``keep_alive``: as for ``consume``). Around a move the old member's unacknowledged changes may
-        overlap the new member's first ones: handle each change idempotently.
+        after ``ack_wait`` (``keep_alive``: as for ``consume``). Around a move the old
+        member's unacknowledged changes may overlap the new member's first ones: handle
+        each change idempotently.
 
         A key's changes are first delivered in revision order; one overwritten before
         the server took it in comes only as the newer revision (the bucket keeps one
