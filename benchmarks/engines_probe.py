@@ -67,8 +67,18 @@ def main() -> None:
     k = args.engines
     with tempfile.TemporaryDirectory(prefix="reactive-probe-") as tmp:
         run = subprocess.Popen(
-            [sys.executable, str(HERE / "engines.py"), "--engines", str(k), "--rounds", "1"]
-            + ["--warm", "3000", "--n", "40000"],
+            [
+                sys.executable,
+                str(HERE / "engines.py"),
+                "--engines",
+                str(k),
+                "--rounds",
+                "1",
+                "--warm",
+                "3000",
+                "--n",
+                "40000",
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -82,15 +92,38 @@ def main() -> None:
         seconds = str(args.seconds)
         spies = [
             subprocess.Popen(
-                ["py-spy", "record", "-p", str(p), "-d", seconds, "-r", "100", "--nonblocking"]
-                + ["-f", "raw", "-o", f"{tmp}/{p}.raw"],
+                [
+                    "py-spy",
+                    "record",
+                    "-p",
+                    str(p),
+                    "-d",
+                    seconds,
+                    "-r",
+                    "100",
+                    "--nonblocking",
+                    "-f",
+                    "raw",
+                    "-o",
+                    f"{tmp}/{p}.raw",
+                ],
                 stdout=subprocess.DEVNULL,
             )
             for p in pids
         ]
         perf = subprocess.run(
-            ["perf", "stat", "-x,", "-e", "task-clock,context-switches"]
-            + ["-p", ",".join(map(str, pids)), "--", "sleep", seconds],
+            [
+                "perf",
+                "stat",
+                "-x,",
+                "-e",
+                "task-clock,context-switches",
+                "-p",
+                ",".join(map(str, pids)),
+                "--",
+                "sleep",
+                seconds,
+            ],
             capture_output=True,
             text=True,
         ).stderr
@@ -118,9 +151,9 @@ def main() -> None:
         print(f"sampled {args.seconds:g} s at {rate:.0f} transitions/s: engine CPU {cpu:.0f} µs")
         print(f"  and {switches:.3f} context switches per transition (K={k}, summed)")
     total = sum(parts.values())
-    for name, n in parts.most_common():
-        per = n / transitions * 1000 if transitions else 0.0
-        print(f"  {n / total * 100:5.1f} %  {per:6.1f} samples / 1,000 transitions  {name}")
+    for name, count in parts.most_common():
+        per = count / transitions * 1000 if transitions else 0.0
+        print(f"  {count / total * 100:5.1f} %  {per:6.1f} samples / 1,000 transitions  {name}")
 
 
 if __name__ == "__main__":
