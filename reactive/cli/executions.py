@@ -279,17 +279,22 @@ def check_start(info: WorkflowInfo, raw: bytes, exec_id: str | None) -> tuple[st
 
 
 def start_action(
-    backend: Backend, info: WorkflowInfo, exec_id: str | None, value: bytes
+    backend: Backend, info: WorkflowInfo, exec_id: str | None, value: bytes, meta_bucket: str
 ) -> tuple[str, Callable[[], Awaitable[None]]]:
     """Where a start goes, and the coroutine that does it: publish ``value`` on the start
-    subject, or write it as the first state of ``exec_id`` (CLIError if it exists)."""
+    subject (its stream given the subject as engines give it, through ``meta_bucket``), or
+    write it as the first state of ``exec_id`` (CLIError if it exists)."""
     from reactive.errors import ConflictError
+    from reactive.meta.streams import ensure_shared_stream
 
     if info.start_subject:
 
         async def publish() -> None:
             if info.start_stream:
-                await backend.ensure_stream(info.start_stream, [info.start_subject])
+                await backend.ensure_bucket(meta_bucket)
+                await ensure_shared_stream(
+                    backend, meta_bucket, info.start_stream, [info.start_subject]
+                )
             await backend.publish(
                 info.start_subject, value, msg_id=f"reactive-cli-start-{uuid.uuid4().hex}"
             )

@@ -188,7 +188,7 @@ async def _start(args: argparse.Namespace, out: Out) -> int:
             value = encode_json(state)
         else:
             exec_id, value = check_start(info, raw, exec_id)
-        where, action = start_action(backend, info, exec_id, value)
+        where, action = start_action(backend, info, exec_id, value, args.meta_bucket)
 
         if exec_id is None:
             await action()

@@ -43,6 +43,7 @@ from reactive.errors import (
     TransientBackendError,
 )
 from reactive.meta import describe_workflow, workflow_key
+from reactive.meta.streams import ensure_shared_stream
 from reactive.runtime.core import Runtime, backoff, log
 from reactive.runtime.events import (
     SWEEP_TARGET,
@@ -419,7 +420,9 @@ class Triggers:
             await self.ensure_timer_stream()  # (its runs are stored there)
             stream = self.rt.options.timer_stream
         elif stream:
-            await self.backend.ensure_stream(stream, [sub.subject])
+            await ensure_shared_stream(
+                self.backend, self.rt.options.meta_bucket, stream, [sub.subject]
+            )
         if stream:
             cm = self.backend.consume(
                 stream, sub.durable, sub.subject, ack_wait=self.rt.options.ack_wait, keep_alive=True

@@ -373,7 +373,9 @@ def create_app(config: UIConfig) -> Starlette:
             if info.start_subject:
                 exec_id = None  # the start rule names the execution from the message
             exec_id, value = check_start(info, raw.encode(), exec_id)
-            where, action = start_action(config.backend, info, exec_id, value)
+            where, action = start_action(
+                config.backend, info, exec_id, value, config.index.meta_bucket
+            )
             await action()
         except CLIError as e:
             return _start_page(request, info, raw, fields.get("id", ""), e, status=400)

@@ -138,16 +138,20 @@ class FaultyBackend(MemoryBackend):
             self.failed_writes += 1
             raise self.failure(f"injected failure writing to {bucket}")
 
-    async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
+    async def kv_create(
+        self, bucket: str, key: str, value: bytes, *, ttl: float | None = None
+    ) -> int:
         await self._fault(bucket)
-        rev = await super().kv_create(bucket, key, value)
+        rev = await super().kv_create(bucket, key, value, ttl=ttl)
         if bucket in self.state_buckets:
             await _call(self.after_write, key)
         return rev
 
-    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
+    async def kv_update(
+        self, bucket: str, key: str, value: bytes, revision: int, *, ttl: float | None = None
+    ) -> int:
         await self._fault(bucket)
-        rev = await super().kv_update(bucket, key, value, revision)
+        rev = await super().kv_update(bucket, key, value, revision, ttl=ttl)
         if bucket in self.state_buckets:
             await _call(self.after_write, key)
         return rev
@@ -1811,11 +1815,13 @@ class StaleAfterFailover(FaultyBackend):
         self.lagging_replica = False
         self.held = False
 
-    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
+    async def kv_update(
+        self, bucket: str, key: str, value: bytes, revision: int, *, ttl: float | None = None
+    ) -> int:
         if bucket in self.state_buckets and self.stale_writes:
             self.stale_writes -= 1  # (the new leader has not applied ``revision`` yet)
             raise ConflictError(f"update {bucket}/{key}@{revision}: wrong last sequence")
-        return await super().kv_update(bucket, key, value, revision)
+        return await super().kv_update(bucket, key, value, revision, ttl=ttl)
 
     async def kv_get(self, bucket: str, key: str, *, leader: bool = False) -> Any:
         if bucket in self.state_buckets and self.stale_reads:
