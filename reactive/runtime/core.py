@@ -138,6 +138,9 @@ class Runtime:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # Failures in a row per timer target, for the backoff of _retry_later.
         self.retries: dict[Hashable, int] = {}
+        # The changes and timers whose evaluation failed, kept in progress (the consumer's
+        # keep_alive) while this process retries their key; handed back once it succeeds.
+        self.held: dict[Hashable, list[InboundMessage]] = {}
         # Keys (workflow, bucket, key) whose evaluation lost its compare-and-set, until the
         # caller of that evaluation looks (Shards.follow, KVHandler.on_change).
         self.conflicted: set[Hashable] = set()
@@ -214,10 +217,21 @@ class Runtime:
         m = timer_message(workflow_id, kind, bucket, key, at)
         await self.backend.publish(m.subject, m.data, headers=m.headers)
 
-    def succeeded(self, workflow_id: str, bucket: str, key: str) -> None:
-        """An evaluation of the key completed: its next failure backs off from the start."""
+    def hold(self, workflow_id: str, bucket: str, key: str, msg: InboundMessage) -> None:
+        """Keep ``msg`` (a change or a timer of the key, whose evaluation failed) unsettled
+        while this process retries the key: in progress while it lives, so it comes to
+        another engine only once the ack wait has passed after this one's death."""
+        self.held.setdefault((workflow_id, bucket, key), []).append(msg)
+
+    async def succeeded(self, workflow_id: str, bucket: str, key: str) -> None:
+        """An evaluation of the key completed: its next failure backs off from the start,
+        and what was held while it failed comes again now, to be evaluated as it is."""
+        target = (workflow_id, bucket, key)
         if self.retries:
-            self.retries.pop((workflow_id, bucket, key), None)
+            self.retries.pop(target, None)
+        if self.held:
+            for msg in self.held.pop(target, ()):
+                await self.settle(msg, "nak")
 
     async def redeliver_later(
         self, msg: InboundMessage, e: TransientBackendError, what: str

@@ -281,6 +281,7 @@ class Engine:
         self._stack = None
         self.shards.stop()
         self.triggers.stop()
+        self.rt.held.clear()  # (their consumers are closed: they come again after the ack wait)
 
     def _after_burst(self) -> None:
         """A burst (a replay, say) has drained: drop what it cached (see Shards)."""

@@ -20,7 +20,7 @@ from reactive.dsl.definition import RuleDef
 from reactive.dsl.state import ExecutionState, Status
 from reactive.errors import ConflictError, TransientBackendError
 from reactive.runtime.claims import Claims
-from reactive.runtime.core import DONE, RETRY_CAP, Runtime, log, within
+from reactive.runtime.core import DONE, Runtime, log, within
 from reactive.runtime.decide import FOREVER, select, tick
 from reactive.runtime.events import Committed, KVChange, TimerDue
 from reactive.runtime.registry import BoundWorkflow
@@ -40,10 +40,6 @@ __all__ = ["KVHandler"]
 _RECHECK: Final = 0.5
 _RECHECKS: Final = 20
 _TIMER_RECHECKS: Final = 5
-# A change whose evaluation fails is handed back to come again this long after at the
-# soonest (the ack wait, if longer): this process retries it meanwhile, a try every
-# RETRY_CAP at most, so the change comes again only if this process is gone.
-_HANDED_BACK: Final = 3 * RETRY_CAP
 
 _PENDING = Status.PENDING
 
@@ -123,19 +119,21 @@ class KVHandler:
         self, msg: InboundMessage, bound: BoundWorkflow, bucket: str, key: str
     ) -> None:
         """Acknowledge a change or a timer once evaluated. While its evaluation fails, this
-        process retries it (``Runtime.retry_later``) and hands the message back to come
-        again later (``_HANDED_BACK``), in case this process is gone by then."""
+        process retries the key (``Runtime.retry_later``) and holds the message in progress
+        (``Runtime.hold``): it comes again once a retry succeeds, or, if this process dies,
+        to the partition's next owner an ack wait after the death."""
         rt = self.rt
-        if rt.retries and rt.retries.get((bound.definition.id, bucket, key)):
-            await rt.settle(msg, "nak", max(rt.options.ack_wait, _HANDED_BACK))
+        wf = bound.definition.id
+        if rt.retries and rt.retries.get((wf, bucket, key)):
+            rt.hold(wf, bucket, key, msg)
         else:
             await rt.settle(msg, "ack")
 
     async def on_timer(self, ev: TimerDue, fresh: list[Committed]) -> None:
         """A timer of the key: evaluate its latest revision (a missing key: nothing to do).
 
-        A timer from NATS is acknowledged once that is done, or handed back to come
-        again if it failed (a transient failure: so it is not lost with this process).
+        A timer from NATS is acknowledged once that is done, or held in progress while
+        this process retries a transient failure (``_settle``): not lost with the process.
         """
         rt = self.rt
         bound = rt.registry.workflows.get(ev.workflow_id)
@@ -159,7 +157,7 @@ class KVHandler:
                     await rt.settle(ev.msg, "nak", _RECHECK)
                     return
                 if current is None:
-                    rt.succeeded(ev.workflow_id, bucket, key)
+                    await rt.succeeded(ev.workflow_id, bucket, key)
                 else:
                     rules = [
                         r for b, rs in rt.registry.match_kv(bucket, key) if b is bound for r in rs
@@ -210,7 +208,7 @@ class KVHandler:
         except TransientBackendError as e:
             rt.retry_later(bound, bucket, key, e)
         else:
-            rt.succeeded(d.id, bucket, key)
+            await rt.succeeded(d.id, bucket, key)
 
     def evaluate(
         self,
@@ -387,8 +385,8 @@ class KVHandler:
             failed = True  # (not a transient failure: counted by no backoff)
             raise
         finally:
-            if rt.retries and not failed:
-                rt.retries.pop((d.id, bucket, key), None)  # it completed: back off from 0 again
+            if (rt.retries or rt.held) and not failed:
+                await rt.succeeded(d.id, bucket, key)  # it completed: back off from 0 again
 
     async def _publishers_only(
         self,

@@ -14,10 +14,19 @@ import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
-from reactive import ExecutionState, MemoryBackend, RuleContext, Status, Workflow, rule
+from reactive import (
+    ExecutionState,
+    MemoryBackend,
+    RuleContext,
+    Status,
+    Workflow,
+    definition_of,
+    rule,
+)
 from reactive.backends.partitions import partition_of
 from reactive.clock import ManualClock
 from reactive.conditions import condition
+from reactive.errors import TransientBackendError
 from reactive.runtime.engine import Engine
 from reactive.runtime.metrics import EngineMetrics
 from reactive.testing import TestEngine
@@ -257,3 +266,71 @@ async def test_a_live_engine_keeps_the_change_it_works_on_however_long_it_takes(
             st = await a.wait_for(Counter3, "c1")
         assert (st.status, st.step) == (Status.COMPLETED, 3)
     assert backend.deliveries and set(backend.deliveries) == {1}
+
+
+COUNTERS = definition_of(Counter3).bucket
+
+
+class Failing(Dying):
+    """Every write of an execution's state fails (a transient failure) while ``failing``."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock)
+        self.failing = True
+        self.failures = 0
+
+    async def kv_update(
+        self, bucket: str, key: str, value: bytes, revision: int, *, ttl: float | None = None
+    ) -> int:
+        if self.failing and bucket == COUNTERS:
+            self.failures += 1
+            raise TransientBackendError(f"update {bucket}/{key}: injected")
+        return await MemoryBackend.kv_update(self, bucket, key, value, revision, ttl=ttl)
+
+
+async def test_a_change_whose_evaluation_fails_is_held_while_retried_then_comes_again() -> None:
+    # While this engine retries the key (a try every 2 s at most), the change stays in
+    # progress: not sent again however long the failure lasts. Once a try succeeds, the
+    # change comes again at once and is evaluated as it is.
+    clock = ManualClock()
+    backend = Failing(clock)
+    async with Engine(backend, [Counter3], clock=clock, instance_id="a") as a:
+        await a.start_execution(Counter3, "c1", Counted())
+        with anyio.fail_after(5):
+            while not backend.failures:
+                await anyio.sleep(0)
+        for _ in range(30):  # 30 s of failing, one second at a time
+            clock.advance(1)
+            await anyio.wait_all_tasks_blocked()
+        assert backend.failures >= 10
+        assert set(backend.deliveries) == {1}  # the change was not handed back meanwhile
+        backend.failing = False
+        clock.advance(2)  # the next try
+        with anyio.fail_after(5):
+            st = await a.wait_for(Counter3, "c1")
+        assert (st.status, st.step) == (Status.COMPLETED, 3)
+        with anyio.fail_after(5):
+            while 2 not in backend.deliveries:  # the held change, again, after the retry
+                await anyio.sleep(0)
+    assert max(backend.deliveries) == 2
+
+
+async def test_an_engine_that_dies_retrying_leaves_the_change_to_the_next_an_ack_wait_later() -> (
+    None
+):
+    clock = ManualClock()
+    backend = Failing(clock)
+    a = Engine(backend, [Counter3], clock=clock, instance_id="a")
+    await a.start()
+    await a.start_execution(Counter3, "c1", Counted())
+    with anyio.fail_after(5):
+        while not backend.failures:
+            await anyio.sleep(0)
+    clock.advance(0.5)  # a retry or two, still failing
+    await anyio.wait_all_tasks_blocked()
+    await a.stop()  # (as a death: nothing is settled on the way out)
+    backend.failing = False
+    async with TestEngine(Counter3, clock=clock, backend=backend, instance_id="b") as b:
+        await b.advance(3.1)  # the ack wait (3 s) after the death; handed back, it was 6 s
+        st = b.state(Counter3, "c1")
+        assert (st.status, st.step) == (Status.COMPLETED, 3)
