@@ -20,6 +20,7 @@ import nats
 import pytest
 from backend_contract import BackendContract, recv, uid
 from nats.js.api import ConsumerInfo
+from pace import watched_loop
 
 from reactive.backends.base import Backend, InboundMessage, KVEntry
 from reactive.backends.nats import NatsBackend
@@ -345,20 +346,25 @@ async def test_keep_alive_holds_a_message_past_its_ack_wait_until_the_context_en
     async with NatsBackend(nats_url) as b:
         stream, subject = await _stream_with(b)
         await b.publish(subject, b"slow", msg_id="s1")
-        # Four +WPI a third of the ack wait apart: held past the ack wait (3 s) and more.
+        # Four +WPI a third of the ack wait apart: held past the ack wait (6 s) and more.
         progress = _Progress(4)
         sub = await b.nc.subscribe(f"$JS.ACK.{stream}.slow.>", cb=progress.on_ack)
         try:
-            async with b.consume(stream, "slow", subject, ack_wait=3.0, keep_alive=True) as msgs:
+            async with (
+                watched_loop() as loop,
+                b.consume(stream, "slow", subject, ack_wait=6.0, keep_alive=True) as msgs,
+            ):
                 first = await recv(msgs)
-                with anyio.fail_after(30):
+                with anyio.fail_after(60):
                     await progress.enough.wait()
                 info = await b.nc.jetstream().consumer_info(stream, "slow")
+                # (A +WPI sent over 4 s late, the process not scheduled, proves nothing.)
+                loop.judge(3.0, "a message kept past its ack wait")
                 assert (info.num_redelivered, info.num_ack_pending) == (0, 1)
                 assert first.num_delivered == 1
             # The context ended without settling it (as a process that dies): it comes
             # again, an ack wait after the last +WPI.
-            async with b.consume(stream, "slow", subject, ack_wait=3.0) as msgs:
+            async with b.consume(stream, "slow", subject, ack_wait=6.0) as msgs:
                 again = await recv(msgs, timeout=20)
                 assert (again.num_delivered, again.data) == (2, b"slow")
                 await again.ack()

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 import anyio
 import nats
 import pytest
+from pace import watched_loop
 from partition_contract import Member, N, keys_per_partition, uid, wait_for
 
 from reactive.backends.nats import NatsBackend
@@ -393,7 +394,7 @@ async def test_keep_alive_holds_a_change_past_its_ack_wait_until_the_member_leav
     nats_url: str,
 ) -> None:
     async with NatsBackend(nats_url) as b:
-        bucket = await partitioned(b, ack_wait=3.0, pin_timeout=30.0)
+        bucket = await partitioned(b, ack_wait=6.0, pin_timeout=30.0)
         stream = partitioned_stream(bucket)
         await b.kv_put(bucket, "wf.slow", b"v1")
         wpis: list[str] = []
@@ -407,12 +408,17 @@ async def test_keep_alive_holds_a_change_past_its_ack_wait_until_the_member_leav
 
         sub = await b.nc.subscribe(f"$JS.ACK.{stream}.>", cb=on_ack)
         try:
-            async with b.consume_partitions(bucket, N, keep_alive=True) as changes:
+            async with (
+                watched_loop() as loop,
+                b.consume_partitions(bucket, N, keep_alive=True) as changes,
+            ):
                 first = await anext(aiter(changes))
-                with anyio.fail_after(30):
+                with anyio.fail_after(60):
                     await enough.wait()
                 p = partition_of("wf.slow", N)
                 info = await api(b, f"CONSUMER.INFO.{stream}.{consumer_name(p)}")
+                # (A +WPI sent over 4 s late, the process not scheduled, proves nothing.)
+                loop.judge(3.0, "a change kept past its ack wait")
                 assert (info["num_redelivered"], info["num_ack_pending"]) == (0, 1)
                 assert first.num_delivered == 1
             # It left without acknowledging: the next member gets it an ack wait later.
