@@ -8,7 +8,9 @@
   rule that does not write state (its claim for a revision or message, its cooldown
   and count), and ``pend.<…>`` beside it while a claimed message is being published;
 * ``cool.<workflow>.<rule>``: a :class:`CooldownClaim`, a workflow-wide cooldown;
-* ``out.<bucket>.<key>``: the id of the last outbox of that execution that went out.
+* ``out.<bucket>.<key>``: the id of the last outbox of that execution that went out;
+* ``streams.<stream>``: the subjects processes asked a stream to keep
+  (:mod:`reactive.meta.streams`), so two adding at once do not drop each other's.
 
 The engine and the command line both read it from here.
 """
