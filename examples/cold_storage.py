@@ -223,16 +223,17 @@ async def run_demo(
 ) -> None:
     """Run the simulated sensors against a running engine, wait for the expected alerts, print them.
 
-    After the expected alerts it listens ``linger`` seconds more, to show that
-    the cooldown held back the repeats.
+    Once every sensor has written all its readings and the expected alerts have come,
+    it listens ``linger`` seconds more, to show that the cooldown held back the repeats.
     """
     await engine.wait_ready(timeout)
     alerts: list[Alert] = []
     async with anyio.create_task_group() as tg:
         await tg.start(collect_alerts, backend, alerts)
-        for unit_id, readings in DEMO_READINGS.items():
-            out(f"sensor {unit_id}: {len(readings)} readings")
-            tg.start_soon(sensor, backend, unit_id, readings)
+        async with anyio.create_task_group() as sensors:
+            for unit_id, readings in DEMO_READINGS.items():
+                out(f"sensor {unit_id}: {len(readings)} readings")
+                sensors.start_soon(sensor, backend, unit_id, readings)
         with anyio.fail_after(timeout):
             while not EXPECTED_ALERTS <= {(a.unit_id, a.metric) for a in alerts}:
                 await anyio.sleep(0.01)

@@ -526,19 +526,21 @@ class BackendContract(PartitionContract):
         stream = await self.new_timer_stream(backend)
         now = self.wall(backend)
         target = f"{stream}.due.k1"
-        await backend.publish(
-            f"{stream}.at.k1", b"first", headers=schedule_headers(now + 0.5, target)
-        )
-        await backend.publish(
-            f"{stream}.at.k1", b"second", headers=schedule_headers(now + 0.7, target)
-        )
-        assert await self.stored(backend, stream) == 1  # one pending per schedule subject
-        async with backend.consume(stream, "timers", f"{stream}.due.>") as msgs:
-            await self.advance(backend, 0.7)
-            msg = await recv(msgs)
-            assert msg.data == b"second"  # the first never fires
-            await msg.ack()
-            await self.assert_done(backend, stream, "timers", deliveries=1)
+        # (The second is published before the first's time: unless this process stalls.)
+        async with self.paced(0.4, "a schedule replaced before its time"):
+            await backend.publish(
+                f"{stream}.at.k1", b"first", headers=schedule_headers(now + 0.5, target)
+            )
+            await backend.publish(
+                f"{stream}.at.k1", b"second", headers=schedule_headers(now + 0.7, target)
+            )
+            assert await self.stored(backend, stream) == 1  # one pending per schedule subject
+            async with backend.consume(stream, "timers", f"{stream}.due.>") as msgs:
+                await self.advance(backend, 0.7)
+                msg = await recv(msgs)
+                assert msg.data == b"second"  # the first never fires
+                await msg.ack()
+                await self.assert_done(backend, stream, "timers", deliveries=1)
 
     async def test_a_schedule_whose_time_has_passed_fires_at_once(self, backend: Backend) -> None:
         stream = await self.new_timer_stream(backend)
@@ -781,7 +783,7 @@ class BackendContract(PartitionContract):
         stream, subject = await self.new_stream(backend)
         await backend.publish(subject, b"poison")
         await backend.publish(subject, b"fine")
-        async with backend.consume(stream, "termer", subject, ack_wait=0.5) as msgs:
+        async with backend.consume(stream, "termer", subject, ack_wait=30.0) as msgs:
             poison = await recv(msgs)
             await poison.term()
             fine = await recv(msgs)
@@ -792,7 +794,10 @@ class BackendContract(PartitionContract):
     async def test_an_unacked_message_comes_again_after_ack_wait(self, backend: Backend) -> None:
         stream, subject = await self.new_stream(backend)
         await backend.publish(subject, b"slow", msg_id="s1")
-        async with backend.consume(stream, "slowpoke", subject, ack_wait=1.0) as msgs:
+        async with (
+            self.paced(0.8, "a redelivery acknowledged within a 1 s ack wait"),
+            backend.consume(stream, "slowpoke", subject, ack_wait=1.0) as msgs,
+        ):
             first = await recv(msgs)
             assert first.num_delivered == 1
             await self.advance(backend, 1.0)
@@ -802,6 +807,10 @@ class BackendContract(PartitionContract):
             await self.assert_done(backend, stream, "slowpoke", deliveries=2)
 
     async def test_a_durable_persists_across_consume_contexts(self, backend: Backend) -> None:
+        async with self.paced(0.8, "messages acknowledged within a 1 s ack wait"):
+            await self._a_durable_persists_across_consume_contexts(backend)
+
+    async def _a_durable_persists_across_consume_contexts(self, backend: Backend) -> None:
         stream, subject = await self.new_stream(backend)
         for i in range(3):
             await backend.publish(subject, str(i).encode())

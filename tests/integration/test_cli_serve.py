@@ -92,6 +92,7 @@ def _serve_once(data_dir: Path) -> str:
     return url
 
 
+@pytest.mark.timeout(300)  # (subprocesses one after another: a slow machine)
 def test_the_embedded_server_keeps_its_url_across_restarts(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     # The first serve may not take the default port (4222): a restart must come back on the
@@ -103,6 +104,7 @@ def test_the_embedded_server_keeps_its_url_across_restarts(tmp_path: Path) -> No
     assert _serve_once(data_dir) == first
 
 
+@pytest.mark.timeout(300)  # (subprocesses one after another: a slow machine)
 def test_a_restart_refuses_to_move_when_its_port_is_taken(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     port = free_port()
@@ -201,6 +203,7 @@ class _SilentHandler(socketserver.StreamRequestHandler):
                     self.wfile.write(b"PONG\r\n")
 
 
+@pytest.mark.timeout(300)  # (subprocesses one after another: a slow machine)
 def test_serve_waits_for_the_server_and_its_jetstream_at_start(tmp_path: Path) -> None:
     port = free_port()
     url = f"nats://127.0.0.1:{port}"

@@ -16,7 +16,7 @@ import pytest
 from nats.js.api import StreamInfo
 
 from reactive.backends.nats import NatsBackend
-from reactive.backends.partitions import source_consumer
+from reactive.backends.partitions import partitioned_stream, source_consumer
 from reactive.errors import ConflictError, TransientBackendError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -89,7 +89,7 @@ def all_current(info: StreamInfo) -> bool:
     )
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(240)  # (a slow machine: starts, elections, a restart)
 async def test_an_r3_bucket_answers_through_a_node_kill_and_restart(
     cluster: NatsCluster, backend: NatsBackend
 ) -> None:
@@ -127,7 +127,7 @@ async def test_an_r3_bucket_answers_through_a_node_kill_and_restart(
     assert await until(lambda: backend.kv_keys(BUCKET), bool) == ["a.1"]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 async def test_the_partitions_take_the_changes_through_the_loss_of_the_bucket_s_leader(
     cluster: NatsCluster, backend: NatsBackend
 ) -> None:
@@ -164,5 +164,10 @@ async def test_the_partitions_take_the_changes_through_the_loss_of_the_bucket_s_
         cluster.kill(int(first.cluster.leader.removeprefix("n")))
         await until(lambda: backend.kv_put(BUCKET, "a.2", b"two"), lambda r: r > 0, timeout=60)
         await until(taken, lambda g: ("a.2", b"two") in g, timeout=60)
-        assert got.count(("a.1", b"one")) == 1
+        # Nothing was sourced twice: the partitions took one message per revision of the
+        # bucket. (a.1 may be delivered twice: an acknowledgement that died with the node
+        # is redelivered; that is at least once, not a second copy.)
+        part = await js.stream_info(partitioned_stream(BUCKET, "g"))
+        assert part.state.last_seq == (await info()).state.last_seq
+        assert got.count(("a.1", b"one")) >= 1
         tg.cancel_scope.cancel()

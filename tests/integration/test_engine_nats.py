@@ -49,7 +49,7 @@ from reactive.runtime.metrics import REGISTRY
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
-WAIT = 10.0  # upper bound for anything that should happen "soon"
+WAIT = 30.0  # upper bound for anything that should happen "soon" (a hang, not a pace)
 
 
 # ---------------------------------------------------------------------------
@@ -375,7 +375,7 @@ async def test_async_callback_parks_first_ignores_stale_and_duplicate_and_fails_
     failures = await Inbox.open(nc, d.on_fail)
     stale = {"workflow": d.id, "status": "stale"}
 
-    async with engine_on(nats_url, [flow]) as engine:
+    async with engine_on(nats_url, [flow], ack_wait=30.0) as engine:
         await engine.start_execution(flow, "ok", CbState(phase="ask", value="v1"))
         req = await requests.next()
         assert req["value"] == "v1"
@@ -478,7 +478,7 @@ async def test_a_result_of_the_wrong_shape_fails_the_task_at_once(
     js = nc.jetstream()
     requests = await Inbox.open(nc, f"{d.id}.request")
     failures = await Inbox.open(nc, d.on_fail)
-    async with engine_on(nats_url, [flow]) as engine:
+    async with engine_on(nats_url, [flow], ack_wait=30.0) as engine:
         await engine.start_execution(flow, "bad", CbState(phase="ask", value="v"))
         req = await requests.next()
         # "answer" must be a string.
@@ -1570,8 +1570,8 @@ async def test_two_engines_every_transition_and_effect_happens_once(
     turns = TakeTurns(2)
     spies = [DyingBackend(NatsBackend(nats_url, fetch_batch=4), turns=turns) for _ in range(2)]
     async with (
-        engine_on(nats_url, [flow], backend=spies[0]) as a,
-        engine_on(nats_url, [flow], backend=spies[1]),
+        engine_on(nats_url, [flow], backend=spies[0], ack_wait=30.0) as a,
+        engine_on(nats_url, [flow], backend=spies[1], ack_wait=30.0),
     ):
         for i, exec_id in enumerate(ids):
             await js.publish(f"{d.id}.start", dumps({"id": exec_id, "n": i}))
@@ -1760,7 +1760,7 @@ async def test_bad_input_is_terminated_counted_and_does_not_block_the_rest(
     d = definition_of(flow)
     js = nc.jetstream()
     await Responder(nc, f"{d.id}.work", lambda req: {"answer": "ok"}).start()
-    async with engine_on(nats_url, [flow]) as engine:
+    async with engine_on(nats_url, [flow], ack_wait=30.0) as engine:
         kv = await js.key_value(d.bucket)
         # An execution whose state cannot be decoded, and one of the wrong shape.
         broken = {

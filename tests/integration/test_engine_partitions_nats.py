@@ -72,8 +72,9 @@ async def test_two_engines_split_the_partitions_and_evaluate_each_change_once(
     ma, mb = EngineMetrics(CollectorRegistry()), EngineMetrics(CollectorRegistry())
     keys = [f"ent.k{i}" for i in range(64)]
     async with (
-        engine_on(nats_url, [flow], metrics=ma) as a,
-        engine_on(nats_url, [flow], metrics=mb) as b,
+        # (Long ack wait and pin timeout: a stalled process must not move what it holds.)
+        engine_on(nats_url, [flow], metrics=ma, ack_wait=30.0, pin_timeout=60.0) as a,
+        engine_on(nats_url, [flow], metrics=mb, ack_wait=30.0, pin_timeout=60.0) as b,
     ):
         kv = await nc.jetstream().key_value(bucket)
         # Changes until the two hold four partitions each (none holds more than its share).
@@ -104,10 +105,12 @@ async def test_a_starting_engine_resumes_from_the_changes_not_acknowledged(
 ) -> None:
     seen: Counter[tuple[str, int]] = Counter()
     flow, bucket = watcher(seen)
-    async with engine_on(nats_url, [flow]):
+    async with engine_on(nats_url, [flow]) as engine:
         kv = await nc.jetstream().key_value(bucket)
         first = {key: await kv.put(key, b"{}") for key in ("ent.a", "ent.b", "ent.c")}
         await eventually(lambda: len(seen) == 3, what="three evaluated")
+        # (Acknowledged before it stops: a change in hand at the stop is handed back.)
+        await eventually(lambda: engine.idle, what="the engine done with what it took")
     # Written while no engine runs: the next one takes these changes up, and only them.
     later = {key: await kv.put(key, b"{}") for key in ("ent.b", "ent.d")}
     async with engine_on(nats_url, [flow]):

@@ -119,7 +119,7 @@ async def test_too_long_execution_id_is_terminated_and_the_engine_stays_connecte
     d = flow.__reactive__  # type: ignore[attr-defined]
     js = nc.jetstream()
     await summarizer(nc, flow)
-    async with engine_on(nats_url, [flow]) as engine:
+    async with engine_on(nats_url, [flow], ack_wait=30.0) as engine:
         conn = engine.backend.nc  # type: ignore[attr-defined]
         before = metric("reactive_invalid_execution_ids_total", workflow=d.id)
         await js.publish(f"{d.id}.upload", dumps({"doc_id": "d" * 4096, "size": 1}))
@@ -168,6 +168,9 @@ async def test_too_long_watched_key_is_skipped_and_counted_and_the_engine_keeps_
                 what="the long key counted",
             )
             await eventually(lambda: len(alerts) >= 1, what="the alert for ent.ok")
+            # (Acknowledged before the engine stops: one stopped in the middle of it would
+            # hand the change back, and the next engine would alert again.)
+            await eventually(lambda: engine.idle, what="the engine done with what it took")
             assert engine.backend.nc is conn and conn.is_connected  # type: ignore[attr-defined]
             assert conn.stats["reconnects"] == 0
     await nc.flush()

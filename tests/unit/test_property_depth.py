@@ -145,6 +145,7 @@ def test_a_restart_after_an_outage_times_out_what_passed_its_deadline() -> None:
         machine.host.close()
 
 
+@pytest.mark.timeout(300)  # (a nested pytest run: a slow machine)
 def test_coverage_is_reported_through_hypothesis_statistics(tmp_path: Path) -> None:
     test = tmp_path / "test_reviews.py"
     test.write_text(

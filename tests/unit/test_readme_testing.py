@@ -57,6 +57,7 @@ def pytest_run(cwd: Path, *files: str) -> str:
     ).stdout
 
 
+@pytest.mark.timeout(600)  # (a nested pytest run: a slow machine)
 def test_the_one_line_test_and_the_complete_example_pass(tmp_path: Path) -> None:
     assert BUGGY != EXAMPLE and "TestOrders = workflow_test(Orders)" in SHORT
     (tmp_path / "test_orders.py").write_text(EXAMPLE)
@@ -73,6 +74,7 @@ def test_the_one_line_test_and_the_complete_example_pass(tmp_path: Path) -> None
             assert shown.group(1) in out, (shown.group(1), out)
 
 
+@pytest.mark.timeout(600)  # (a nested pytest run: a slow machine)
 def test_a_forgotten_compensation_fails_with_the_steps_that_make_it(tmp_path: Path) -> None:
     (tmp_path / "test_orders.py").write_text(BUGGY)
     out = pytest_run(tmp_path, "test_orders.py")
