@@ -6,6 +6,7 @@ bucket gets every change."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -233,32 +234,50 @@ async def test_a_change_evaluated_right_after_its_commit_is_not_lost_with_the_en
         assert (st.status, st.step) == (Status.COMPLETED, 3)
 
 
-class Holding(Dying):
-    """The engine's write of ``step == 1`` waits until the test lets it go."""
+COUNTERS = definition_of(Counter3).bucket
 
-    def __init__(self, clock: ManualClock) -> None:
+
+class Interfering(Dying):
+    """The engine's writes wait for the test (``hold``: the write of ``step == 1`` waits
+    until ``go``), or fail (``failing``: every write of an execution's state raises a
+    transient failure while it is set)."""
+
+    def __init__(self, clock: ManualClock, *, hold: bool = False, failing: bool = False) -> None:
         super().__init__(clock)
         self.waiting = anyio.Event()
         self.go = anyio.Event()
+        if not hold:
+            self.go.set()
+        self.failing = failing
+        self.failures = 0
 
     async def kv_update(
         self, bucket: str, key: str, value: bytes, revision: int, *, ttl: float | None = None
     ) -> int:
+        if self.failing and bucket == COUNTERS:
+            self.failures += 1
+            raise TransientBackendError(f"update {bucket}/{key}: injected")
         if b'"step":1' in value and not self.go.is_set():
             self.waiting.set()
             await self.go.wait()
         return await MemoryBackend.kv_update(self, bucket, key, value, revision, ttl=ttl)
 
 
+async def start_c1(engine: Engine, reached: Callable[[], object]) -> None:
+    """Start the execution c1, and wait until ``reached()`` (the backend has its write)."""
+    await engine.start_execution(Counter3, "c1", Counted())
+    with anyio.fail_after(5):
+        while not reached():
+            await anyio.sleep(0)
+
+
 async def test_a_live_engine_keeps_the_change_it_works_on_however_long_it_takes() -> None:
     # The change it evaluates is held past twenty ack waits (the engine's write waits):
     # kept in progress (keep_alive), it is not sent again, to this engine or another.
     clock = ManualClock()
-    backend = Holding(clock)
+    backend = Interfering(clock, hold=True)
     async with Engine(backend, [Counter3], clock=clock, instance_id="a") as a:
-        await a.start_execution(Counter3, "c1", Counted())
-        with anyio.fail_after(5):
-            await backend.waiting.wait()
+        await start_c1(a, backend.waiting.is_set)
         clock.advance(60)
         await anyio.wait_all_tasks_blocked()
         backend.go.set()
@@ -268,37 +287,14 @@ async def test_a_live_engine_keeps_the_change_it_works_on_however_long_it_takes(
     assert backend.deliveries and set(backend.deliveries) == {1}
 
 
-COUNTERS = definition_of(Counter3).bucket
-
-
-class Failing(Dying):
-    """Every write of an execution's state fails (a transient failure) while ``failing``."""
-
-    def __init__(self, clock: ManualClock) -> None:
-        super().__init__(clock)
-        self.failing = True
-        self.failures = 0
-
-    async def kv_update(
-        self, bucket: str, key: str, value: bytes, revision: int, *, ttl: float | None = None
-    ) -> int:
-        if self.failing and bucket == COUNTERS:
-            self.failures += 1
-            raise TransientBackendError(f"update {bucket}/{key}: injected")
-        return await MemoryBackend.kv_update(self, bucket, key, value, revision, ttl=ttl)
-
-
 async def test_a_change_whose_evaluation_fails_is_held_while_retried_then_comes_again() -> None:
     # While this engine retries the key (a try every 2 s at most), the change stays in
     # progress: not sent again however long the failure lasts. Once a try succeeds, the
     # change comes again at once and is evaluated as it is.
     clock = ManualClock()
-    backend = Failing(clock)
+    backend = Interfering(clock, failing=True)
     async with Engine(backend, [Counter3], clock=clock, instance_id="a") as a:
-        await a.start_execution(Counter3, "c1", Counted())
-        with anyio.fail_after(5):
-            while not backend.failures:
-                await anyio.sleep(0)
+        await start_c1(a, lambda: backend.failures)
         for _ in range(30):  # 30 s of failing, one second at a time
             clock.advance(1)
             await anyio.wait_all_tasks_blocked()
@@ -319,13 +315,10 @@ async def test_an_engine_that_dies_retrying_leaves_the_change_to_the_next_an_ack
     None
 ):
     clock = ManualClock()
-    backend = Failing(clock)
+    backend = Interfering(clock, failing=True)
     a = Engine(backend, [Counter3], clock=clock, instance_id="a")
     await a.start()
-    await a.start_execution(Counter3, "c1", Counted())
-    with anyio.fail_after(5):
-        while not backend.failures:
-            await anyio.sleep(0)
+    await start_c1(a, lambda: backend.failures)
     clock.advance(0.5)  # a retry or two, still failing
     await anyio.wait_all_tasks_blocked()
     await a.stop()  # (as a death: nothing is settled on the way out)
