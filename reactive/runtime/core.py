@@ -233,6 +233,13 @@ class Runtime:
             for msg in self.held.pop(target, ()):
                 await self.settle(msg, "nak")
 
+    async def hand_back_held(self) -> None:
+        """The engine stops: what it holds while retrying goes to the next owner now."""
+        held, self.held = self.held, {}
+        for msgs in held.values():
+            for msg in msgs:
+                await self.settle(msg, "nak")
+
     async def redeliver_later(
         self, msg: InboundMessage, e: TransientBackendError, what: str
     ) -> None:

@@ -265,10 +265,13 @@ class Engine:
             raise
 
     async def stop(self) -> None:
-        """Stop every trigger and worker. Unacknowledged messages are redelivered later."""
+        """Stop every trigger and worker. What is in hand, queued or held while a retry goes
+        on is handed back (redelivered now); what else is unacknowledged comes again later."""
         if not self.running:
             return
         self.running = False
+        with anyio.move_on_after(2.0, shield=True):  # (as the workers hand theirs back)
+            await self.rt.hand_back_held()
         stack, self._stack = self._stack, None
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
@@ -281,7 +284,7 @@ class Engine:
         self._stack = None
         self.shards.stop()
         self.triggers.stop()
-        self.rt.held.clear()  # (their consumers are closed: they come again after the ack wait)
+        self.rt.held.clear()  # (a start that failed: they come again after the ack wait)
 
     def _after_burst(self) -> None:
         """A burst (a replay, say) has drained: drop what it cached (see Shards)."""
