@@ -25,6 +25,7 @@ is not put back unless a process asks for it again.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Iterable
 from typing import Final
@@ -35,6 +36,8 @@ from reactive.backends.base import Backend
 from reactive.errors import BackendError, ConflictError, DecodeError, TransientBackendError
 
 __all__ = ["StreamSubjects", "ensure_shared_stream", "stream_subjects_key"]
+
+log = logging.getLogger("reactive")
 
 _KEY_SAFE: Final = re.compile(r"[-_=A-Za-z0-9]{1,200}")
 KEPT_FOR: Final = 600.0  # seconds the set outlives its last change
@@ -67,7 +70,9 @@ async def ensure_shared_stream(
     another process adds at the same time (see the module's docstring).
 
     A subject the stream cannot take (one another stream has) is taken out of the set
-    again before the error is raised, so it does not fail every later process's start.
+    again before the error is raised, so it does not fail every later process's start;
+    and where the stream refuses the set for a subject another process asked for, this
+    process's subjects are added alone.
     """
     ours = set(subjects)
     key = stream_subjects_key(stream)
@@ -91,13 +96,33 @@ async def ensure_shared_stream(
             added |= ours - kept
         try:
             await backend.ensure_stream(stream, sorted(wanted))
+        except TransientBackendError:
+            raise
         except BackendError as exc:
-            if added and not isinstance(exc, TransientBackendError):
+            if wanted - ours and await _ours_alone(backend, stream, ours, exc):
+                return
+            if added:
                 await _withdraw(backend, meta_bucket, key, added)
             raise
         again = await backend.kv_get(meta_bucket, key, leader=True)
         if again is not None and again.revision == revision:
             return
+
+
+async def _ours_alone(backend: Backend, stream: str, ours: set[str], refused: BackendError) -> bool:
+    """Whether the stream takes this process's subjects alone, when it refused the whole
+    set: a subject another process asked for (one that died before it took it out again)
+    must not fail this process's start."""
+    try:
+        await backend.ensure_stream(stream, sorted(ours))
+    except BackendError:
+        return False
+    log.warning(
+        "stream %s refused a subject another process asked of it (%s); this process's are kept",
+        stream,
+        refused,
+    )
+    return True
 
 
 async def _withdraw(backend: Backend, meta_bucket: str, key: str, subjects: set[str]) -> None:

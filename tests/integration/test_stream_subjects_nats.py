@@ -130,3 +130,23 @@ async def test_a_subject_the_stream_cannot_take_is_taken_out_of_the_set(nats_url
         # The bad subject does not fail the next process that adds a good one.
         await ensure_shared_stream(b, meta, f"MINE_{tag}", [f"mine{tag}.b"])
         assert await _subjects(nats_url, f"MINE_{tag}") == {f"mine{tag}.a", f"mine{tag}.b"}
+
+
+async def test_a_bad_subject_another_process_left_in_the_set_does_not_fail_this_one(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    meta, mine = f"META_{tag}", f"MINE_{tag}"
+    async with NatsBackend(nats_url) as b:
+        await b.ensure_bucket(meta)
+        await b.ensure_stream(f"OTHER_{tag}", [f"taken{tag}.>"])
+        # A process added a subject another stream has, and died before taking it out.
+        left = StreamSubjects([f"taken{tag}.x"])
+        await b.kv_put(meta, stream_subjects_key(mine), msgspec.json.encode(left))
+        with caplog.at_level("WARNING", logger="reactive"):
+            await ensure_shared_stream(b, meta, mine, [f"mine{tag}.a"])
+        assert await _subjects(nats_url, mine) == {f"mine{tag}.a"}
+        assert f"stream {mine} refused a subject another process asked of it" in caplog.text
+        # This process's own bad subject still fails it.
+        with pytest.raises(BackendError):
+            await ensure_shared_stream(b, meta, mine, [f"taken{tag}.y"])
