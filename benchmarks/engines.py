@@ -35,9 +35,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,21 @@ async def _kill_mid_window(
     log["back_at_s"] = round(time.monotonic() - t0, 2)
 
 
+def _engine_messages(port: int) -> tuple[int, int]:
+    """Messages the server took from and delivered to the engines' connections so far
+    (``connz`` on its monitoring port: the connections named ``reactive``)."""
+    url = f"http://127.0.0.1:{port}/connz?state=all&limit=100000"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        conns: list[dict[str, Any]] = json.load(reply)["connections"]
+    mine = [c for c in conns if c.get("name") == "reactive"]
+    return sum(c["in_msgs"] for c in mine), sum(c["out_msgs"] for c in mine)
+
+
+def _messages(r: dict[str, Any]) -> str:
+    m = r.get("messages_per_transition")
+    return f"; messages per transition: {m[0]:.2f} to the server, {m[1]:.2f} from it" if m else ""
+
+
 async def measure(
     url: str,
     server_pid: int | None,
@@ -112,6 +129,7 @@ async def measure(
     replicas: int = 1,
     cluster: NatsCluster | None = None,
     down: float = 3.0,
+    monitor_port: int = 0,
 ) -> dict[str, Any]:
     names = run._names(f"k{k}c{c}")
     await _create_bucket(url, names["bucket"], replicas)
@@ -129,12 +147,14 @@ async def measure(
         for child in children:
             await child.mark()
         window = run.CpuWindow(server_pid, None)
+        msgs_before = _engine_messages(monitor_port) if monitor_port else (0, 0)
         if cluster is not None:
             killer = asyncio.create_task(
                 _kill_mid_window(cluster, harness, names["bucket"], n, down, kill)
             )
         stats = await harness.drive("m", n, c)
         stats.update(window.stop())
+        msgs_after = _engine_messages(monitor_port) if monitor_port else (0, 0)
         results = [await child.stop() for child in children]
         if killer is not None:
             await killer  # the node is back before the next K
@@ -151,11 +171,16 @@ async def measure(
         await _cleanup(url, names)
     cpu = sum(r.get("cpu_s", 0.0) for r in results)
     transitions = stats["transitions"]
+    if monitor_port and transitions:
+        # What the server took from the engines and delivered to them, per transition.
+        taken, delivered = (b - a for a, b in zip(msgs_before, msgs_after, strict=True))
+        stats["messages"] = (taken / transitions, delivered / transitions)
     out = {
         "engines": k,
         "transitions_per_s": transitions / stats["elapsed_s"],
         "engine_cpu_us_per_transition": 1e6 * cpu / transitions if transitions else float("nan"),
         "cpu_per_engine_s": [round(r.get("cpu_s", 0.0), 3) for r in results],
+        "messages_per_transition": stats.get("messages"),
     }
     if cluster is not None:
         # Each completed execution committed its 3 transitions once (compare-and-set); the
@@ -189,7 +214,8 @@ async def main(args: argparse.Namespace) -> None:
                 "the figures include the failover"
             )
     else:
-        server = NatsServer()
+        # (--monitor-port: the server's monitoring endpoint, for engines_probe.py's connz.)
+        server = NatsServer(extra_args=["-m", str(args.monitor_port)] if args.monitor_port else [])
         server.start()
         url, server_pid, replicas = server.url, server.pid, 1
     try:
@@ -206,6 +232,7 @@ async def main(args: argparse.Namespace) -> None:
                     replicas,
                     cluster if args.kill_node else None,
                     args.down,
+                    args.monitor_port,
                 )
                 base = base or r
                 kill = ""
@@ -223,7 +250,7 @@ async def main(args: argparse.Namespace) -> None:
                     f"({r['transitions_per_s'] / base['transitions_per_s']:.2f}x K=1), "
                     f"engine CPU {r['engine_cpu_us_per_transition']:6.0f} µs/transition summed "
                     f"({r['engine_cpu_us_per_transition'] / base['engine_cpu_us_per_transition']:.2f}x K=1), "
-                    f"per engine {r['cpu_per_engine_s']}{kill}",
+                    f"per engine {r['cpu_per_engine_s']}{kill}{_messages(r)}",
                     flush=True,
                 )
     finally:
@@ -247,6 +274,12 @@ if __name__ == "__main__":
         help="with --cluster: SIGKILL a node in the middle of each measured window, restart it",
     )
     p.add_argument("--down", type=float, default=3.0, help="seconds the node stays down")
+    p.add_argument(
+        "--monitor-port",
+        type=int,
+        default=0,
+        help="the server's monitoring port: also count the engines' messages (one server only)",
+    )
     parsed = p.parse_args()
     if parsed.kill_node and not parsed.cluster:
         p.error("--kill-node needs --cluster")

@@ -16,20 +16,30 @@ a few seconds, then samples them together for ``--seconds``:
   1,000 transitions, so K=1 and K=4 compare part by part. ``selectors`` is mostly an
   idle ``epoll_wait`` (py-spy's ``--nonblocking`` cannot tell it from work).
 
+* each engine's ``/proc`` counters over the same seconds, summed: user and system CPU,
+  and voluntary context switches (the process blocked: each one a wait in ``epoll_wait``
+  with nothing to do) against involuntary ones (it was preempted), per transition;
+* and ``engines.py`` (given ``--monitor-port``) counts the messages the server took from
+  the engines and delivered to them over the whole measured window (``connz``), per
+  transition, so K=1 and K=4 can be seen to move the same messages.
+
 Needs ``perf`` and ``py-spy`` (``benchmarks/requirements.txt``). RESULTS.md's figures
-for K=4 against K=1 ("Session 8") come from here.
+for K=4 against K=1 ("Session 8", "Session 9") come from here.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from reactive.backends.server import free_port
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,6 +62,22 @@ def _engines() -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def _proc(pids: list[int]) -> list[float]:
+    """User and system CPU seconds, voluntary and involuntary context switches, summed."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = [0.0, 0.0, 0.0, 0.0]
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = Path(f"/proc/{pid}/status").read_text()
+        switches = [
+            int(re.search(rf"^{kind}_ctxt_switches:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+            for kind in ("voluntary", "nonvoluntary")
+        ]
+        for i, v in enumerate((int(fields[11]) / tick, int(fields[12]) / tick, *switches)):
+            total[i] += v
+    return total
+
+
 def _part(frame: str) -> str:
     m = re.search(r"\((.*?):\d+\)", frame)
     path = m.group(1) if m else frame
@@ -65,6 +91,7 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=6.0, help="seconds of load first")
     args = parser.parse_args()
     k = args.engines
+    monitor = free_port()
     with tempfile.TemporaryDirectory(prefix="reactive-probe-") as tmp:
         run = subprocess.Popen(
             [
@@ -78,6 +105,8 @@ def main() -> None:
                 "3000",
                 "--n",
                 "40000",
+                "--monitor-port",
+                str(monitor),
             ],
             stdout=subprocess.PIPE,
             text=True,
@@ -90,6 +119,7 @@ def main() -> None:
         time.sleep(args.settle)
         pids = _engines()
         seconds = str(args.seconds)
+        proc_before = _proc(pids)
         spies = [
             subprocess.Popen(
                 [
@@ -127,6 +157,7 @@ def main() -> None:
             capture_output=True,
             text=True,
         ).stderr
+        proc_after = _proc(pids)
         if any(spy.wait() for spy in spies):
             sys.exit("py-spy failed (above)")
         report, _ = run.communicate()
@@ -150,6 +181,15 @@ def main() -> None:
         switches = counters.get("context-switches", 0.0) / transitions
         print(f"sampled {args.seconds:g} s at {rate:.0f} transitions/s: engine CPU {cpu:.0f} µs")
         print(f"  and {switches:.3f} context switches per transition (K={k}, summed)")
+        # (/proc is read around perf's and py-spy's seconds: a little more.)
+        user, system, voluntary, involuntary = (
+            (b - a) / transitions for a, b in zip(proc_before, proc_after, strict=True)
+        )
+        print(
+            f"  /proc: user {user * 1e6:.0f} µs, system {system * 1e6:.1f} µs, "
+            f"voluntary switches {voluntary:.3f}, involuntary {involuntary:.3f} per transition"
+        )
+
     total = sum(parts.values())
     for name, count in parts.most_common():
         per = count / transitions * 1000 if transitions else 0.0
