@@ -10,7 +10,11 @@ driven by run.py's harness against one embedded nats-server; K ``engine`` conten
 (benchmarks/scenarios/engine_nats.py) serve it together. For each K it prints the
 transitions per second, the engine CPU per transition summed over the K processes,
 and both as ratios to K=1 measured in the same round. The machine's core count is
-printed: K engines can only run faster than one where there are cores for them.
+printed (and how many are about free: the cores less the load average): K engines can
+only run faster than one where there are cores for them. At the end it says, round by
+round, which of issue 11's targets were met: K=2 and K=4 at 0.9x one engine's throughput
+or more, K=4 at 1.25x its CPU or less, and, where about 8 cores or more are free, K=4 at
+3x its throughput or more (not judged on fewer).
 
 ``--cluster`` runs it against a 3-node nats-server cluster (benchmarks/cluster.py): the
 bucket, and every bucket and stream the engines make (``--replicas 3``), have 3 replicas;
@@ -199,8 +203,13 @@ async def measure(
 
 async def main(args: argparse.Namespace) -> None:
     ks = [int(x) for x in args.engines.split(",")]
-    cores = os.cpu_count() or 1
-    print(f"cores: {cores}; engines: {ks}; {args.n} executions at c={args.c}, {args.rounds} rounds")
+    cores = len(os.sched_getaffinity(0))
+    free = max(0.0, cores - os.getloadavg()[0])
+    print(
+        f"cores: {cores} (about {free:.1f} free); engines: {ks}; {args.n} executions at "
+        f"c={args.c}, {args.rounds} rounds"
+    )
+    ratios: dict[int, list[tuple[float, float]]] = {}  # K: (throughput, CPU) against K=1
     cluster: NatsCluster | None = None
     server: NatsServer | None = None
     if args.cluster:
@@ -235,6 +244,12 @@ async def main(args: argparse.Namespace) -> None:
                     args.monitor_port,
                 )
                 base = base or r
+                ratios.setdefault(k, []).append(
+                    (
+                        r["transitions_per_s"] / base["transitions_per_s"],
+                        r["engine_cpu_us_per_transition"] / base["engine_cpu_us_per_transition"],
+                    )
+                )
                 kill = ""
                 if args.kill_node:
                     nk = r["node_kill"]
@@ -258,6 +273,29 @@ async def main(args: argparse.Namespace) -> None:
             cluster.stop()
         if server is not None:
             server.stop()
+    if ks[0] == 1 and not args.kill_node:
+        _targets(ratios, free)
+
+
+def _targets(ratios: dict[int, list[tuple[float, float]]], free: float) -> None:
+    """Issue 11's targets, round by round: K=2 and K=4 at 0.9x one engine's throughput or
+    more; K=4's CPU at 1.25x or less; and with 8 free cores or more, K=4 at 3x or more."""
+
+    def verdict(k: int, what: str, values: list[float], ok: Any) -> None:
+        shown = ", ".join(f"{v:.2f}x" for v in values)
+        met = sum(1 for v in values if ok(v))
+        print(f"  K={k} {what}: {shown}: met in {met} of {len(values)} rounds")
+
+    print("targets (issue 11), each round against its own K=1:")
+    for k in (2, 4):
+        if k in ratios:
+            verdict(k, "throughput >= 0.9x", [t for t, _ in ratios[k]], lambda v: v >= 0.9)
+    if 4 in ratios:
+        verdict(4, "CPU <= 1.25x", [c for _, c in ratios[4]], lambda v: v <= 1.25)
+        if free >= 8:
+            verdict(4, "throughput >= 3x", [t for t, _ in ratios[4]], lambda v: v >= 3.0)
+        else:
+            print(f"  K=4 throughput >= 3x: not judged here, about {free:.1f} free cores (needs 8)")
 
 
 if __name__ == "__main__":
